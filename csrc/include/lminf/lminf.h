@@ -1,0 +1,14 @@
+// lminf: LM-Infinite attention for C++ inference pipelines. Include this one header for the
+// whole public API:
+//   status.h            Status, the error type every entry point returns (nothing throws)
+//   dtype.h             element types (float32, bfloat16, float16)
+//   lambda_attention.h  Λ-attention kernels over raw strided pointers (CPU and CUDA)
+//   ring_kv_cache.h     the ring-buffer cache layout and its append kernels
+//   kv_cache.h          KVCache: one layer's cache with append, chunk attention and decode
+#pragma once
+
+#include "lminf/dtype.h"
+#include "lminf/kv_cache.h"
+#include "lminf/lambda_attention.h"
+#include "lminf/ring_kv_cache.h"
+#include "lminf/status.h"

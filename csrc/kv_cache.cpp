@@ -1,0 +1,286 @@
+#include "lminf/kv_cache.h"
+
+#include <cmath>
+#include <sstream>
+#include <utility>
+
+#include "lminf/lambda_attention.h"
+#include "lminf/ring_kv_cache.h"
+#include "memory.h"
+
+namespace lminf {
+namespace {
+
+template <typename... Parts>
+Status invalid(const char* function, const Parts&... parts) {
+  std::ostringstream message;
+  message << "KVCache::" << function << ": ";
+  (message << ... << parts);
+  return Status::InvalidArgument(message.str());
+}
+
+// Errors of the kernels' own checks keep their code and gain the name of the KVCache call.
+Status in_call(const char* function, const Status& status) {
+  if (status.ok()) return status;
+  return {status.code(), std::string("KVCache::") + function + ": " + status.message()};
+}
+
+size_t round_up(size_t bytes) {
+  const size_t a = detail::kAllocationAlignment;
+  return (bytes + a - 1) / a * a;
+}
+
+Status check_shape(const char* function, const KVCacheShape& s) {
+  if (s.dtype != DType::kFloat32 && s.dtype != DType::kBFloat16 && s.dtype != DType::kFloat16)
+    return invalid(function, "shape.dtype must be float32, bfloat16 or float16");
+  if (s.batch < 1) return invalid(function, "shape.batch must be >= 1, got ", s.batch);
+  if (s.n_heads_kv < 1) return invalid(function, "shape.n_heads_kv must be >= 1, got ", s.n_heads_kv);
+  if (s.head_dim < 1) return invalid(function, "shape.head_dim must be >= 1, got ", s.head_dim);
+  if (s.n_global < 0) return invalid(function, "shape.n_global must be >= 0, got ", s.n_global);
+  if (s.n_local < 1) return invalid(function, "shape.n_local must be >= 1, got ", s.n_local);
+  return Status::Ok();
+}
+
+Status check_memory(const char* function, MemoryKind memory) {
+  if (memory != MemoryKind::kHost && memory != MemoryKind::kCuda)
+    return invalid(function, "memory must be MemoryKind::kHost or MemoryKind::kCuda");
+  return Status::Ok();
+}
+
+int64_t slots(const KVCacheShape& s) { return s.n_global + s.n_local; }
+
+}  // namespace
+
+KVCache::KVCache(KVCache&& other) noexcept { *this = std::move(other); }
+
+KVCache& KVCache::operator=(KVCache&& other) noexcept {
+  if (this != &other) {
+    release();
+    shape_ = other.shape_;
+    memory_ = other.memory_;
+    storage_ = std::exchange(other.storage_, KVCacheStorage{});
+    owns_storage_ = std::exchange(other.owns_storage_, false);
+    n_seen_ = std::exchange(other.n_seen_, 0);
+  }
+  return *this;
+}
+
+KVCache::~KVCache() { release(); }
+
+void KVCache::release() {
+  // The library allocates the four buffers as one block that starts at keys.
+  if (owns_storage_) detail::deallocate(memory_, storage_.keys);
+  storage_ = KVCacheStorage{};
+  owns_storage_ = false;
+  n_seen_ = 0;
+}
+
+size_t KVCache::slot_bytes(const KVCacheShape& shape) {
+  return static_cast<size_t>(shape.batch * shape.n_heads_kv * slots(shape) * shape.head_dim) *
+         dtype_size(shape.dtype);
+}
+
+size_t KVCache::position_bytes(const KVCacheShape& shape) {
+  return static_cast<size_t>(slots(shape)) * sizeof(int64_t);
+}
+
+size_t KVCache::storage_bytes() const {
+  if (storage_.keys == nullptr) return 0;
+  return 2 * slot_bytes(shape_) + position_bytes(shape_) + sizeof(int64_t);
+}
+
+Status KVCache::allocate(const KVCacheShape& shape, MemoryKind memory, KVCache* cache) {
+  if (Status s = check_shape("allocate", shape); !s.ok()) return s;
+  if (Status s = check_memory("allocate", memory); !s.ok()) return s;
+  if (cache == nullptr) return invalid("allocate", "cache must not be null");
+
+  // One block: keys | values | slot_positions | next_position, each aligned.
+  const size_t kv_bytes = round_up(slot_bytes(shape));
+  const size_t total = 2 * kv_bytes + round_up(position_bytes(shape)) + sizeof(int64_t);
+  void* block = nullptr;
+  if (Status s = detail::allocate(memory, total, &block); !s.ok()) return in_call("allocate", s);
+  char* bytes = static_cast<char*>(block);
+  KVCacheStorage storage;
+  storage.keys = bytes;
+  storage.values = bytes + kv_bytes;
+  storage.slot_positions = reinterpret_cast<int64_t*>(bytes + 2 * kv_bytes);
+  storage.next_position =
+      reinterpret_cast<int64_t*>(bytes + 2 * kv_bytes + round_up(position_bytes(shape)));
+
+  // Empty slots are never attended, but zeroed keys and values keep every byte a kernel may
+  // load defined (and reproducible).
+  KVCache fresh;
+  fresh.shape_ = shape;
+  fresh.memory_ = memory;
+  fresh.storage_ = storage;
+  fresh.owns_storage_ = true;
+  Status s = detail::fill_bytes(memory, block, 0, 2 * kv_bytes, nullptr);
+  if (s.ok()) s = fresh.reset();
+  if (s.ok()) s = detail::synchronize(memory, nullptr);
+  if (!s.ok()) return in_call("allocate", s);
+  *cache = std::move(fresh);
+  return Status::Ok();
+}
+
+Status KVCache::wrap(const KVCacheShape& shape, MemoryKind memory, const KVCacheStorage& storage,
+                     KVCache* cache) {
+  if (Status s = check_shape("wrap", shape); !s.ok()) return s;
+  if (Status s = check_memory("wrap", memory); !s.ok()) return s;
+  if (cache == nullptr) return invalid("wrap", "cache must not be null");
+  if (storage.keys == nullptr) return invalid("wrap", "storage.keys must not be null");
+  if (storage.values == nullptr) return invalid("wrap", "storage.values must not be null");
+  if (storage.slot_positions == nullptr)
+    return invalid("wrap", "storage.slot_positions must not be null");
+  if (storage.next_position == nullptr)
+    return invalid("wrap", "storage.next_position must not be null");
+  KVCache wrapped;
+  wrapped.shape_ = shape;
+  wrapped.memory_ = memory;
+  wrapped.storage_ = storage;
+  Status s = wrapped.reset();
+  if (s.ok()) s = detail::synchronize(memory, nullptr);
+  if (!s.ok()) return in_call("wrap", s);
+  *cache = std::move(wrapped);
+  return Status::Ok();
+}
+
+Status KVCache::reset(const Launch& launch) {
+  if (storage_.keys == nullptr) return invalid("reset", "the cache holds no storage");
+  // Every byte 0xff makes each int64 slot position -1, the mark of an empty slot.
+  Status s = detail::fill_bytes(memory_, storage_.slot_positions, 0xff, position_bytes(shape_),
+                                launch.stream);
+  if (s.ok()) s = detail::fill_bytes(memory_, storage_.next_position, 0, sizeof(int64_t), launch.stream);
+  if (!s.ok()) return in_call("reset", s);
+  n_seen_ = 0;
+  return Status::Ok();
+}
+
+size_t KVCache::attention_workspace_bytes(const AttentionConfig& attention,
+                                          int64_t n_tokens) const {
+  if (memory_ != MemoryKind::kCuda) return 0;
+  LambdaAttentionParams params;
+  params.dtype = shape_.dtype;
+  params.batch = shape_.batch;
+  params.n_heads_q = attention.n_heads_q;
+  params.n_heads_kv = shape_.n_heads_kv;
+  params.n_queries = n_tokens;
+  params.head_dim = shape_.head_dim;
+  params.cache_len = slots(shape_);
+  params.n_global = shape_.n_global;
+  params.n_local = shape_.n_local;
+  return lambda_attention_cuda_workspace_size(params);
+}
+
+Status KVCache::append(const void* k, const void* v, int64_t n_tokens, const Launch& launch) {
+  if (storage_.keys == nullptr) return invalid("append", "the cache holds no storage");
+  const int64_t d = shape_.head_dim, n_slots = slots(shape_);
+  RingCacheAppendParams p;
+  p.dtype = shape_.dtype;
+  p.cache_k = storage_.keys;
+  p.cache_k_row_stride = d;
+  p.cache_k_head_stride = n_slots * d;
+  p.cache_k_batch_stride = shape_.n_heads_kv * n_slots * d;
+  p.cache_v = storage_.values;
+  p.cache_v_row_stride = p.cache_k_row_stride;
+  p.cache_v_head_stride = p.cache_k_head_stride;
+  p.cache_v_batch_stride = p.cache_k_batch_stride;
+  p.cache_positions = storage_.slot_positions;
+  p.k = k;
+  p.k_row_stride = d;
+  p.k_head_stride = n_tokens * d;
+  p.k_batch_stride = shape_.n_heads_kv * n_tokens * d;
+  p.v = v;
+  p.v_row_stride = p.k_row_stride;
+  p.v_head_stride = p.k_head_stride;
+  p.v_batch_stride = p.k_batch_stride;
+  p.start_position = storage_.next_position;
+  p.batch = shape_.batch;
+  p.n_heads_kv = shape_.n_heads_kv;
+  p.n_new = n_tokens;
+  p.head_dim = d;
+  p.n_global = shape_.n_global;
+  p.n_local = shape_.n_local;
+
+  const bool on_cuda = memory_ == MemoryKind::kCuda;
+  if (Status s = on_cuda ? ring_cache_append_cuda(p, launch.stream) : ring_cache_append_cpu(p);
+      !s.ok()) {
+    return in_call("append", s);
+  }
+  const int64_t next = n_seen_ + n_tokens;
+  if (Status s = detail::copy_from_host(memory_, storage_.next_position, &next, sizeof next,
+                                        launch.stream);
+      !s.ok()) {
+    return in_call("append", s);
+  }
+  n_seen_ = next;
+  return Status::Ok();
+}
+
+Status KVCache::attend(const AttentionConfig& attention, const void* q, const void* k,
+                       const void* v, int64_t n_tokens, void* out, const Launch& launch) const {
+  if (storage_.keys == nullptr) return invalid("attend", "the cache holds no storage");
+  const int64_t d = shape_.head_dim, n_slots = slots(shape_);
+  const int64_t hq = attention.n_heads_q, hkv = shape_.n_heads_kv;
+  LambdaAttentionParams p;
+  p.dtype = shape_.dtype;
+  p.q = q;
+  p.q_row_stride = d;
+  p.q_head_stride = n_tokens * d;
+  p.q_batch_stride = hq * n_tokens * d;
+  p.k = k;
+  p.k_row_stride = d;
+  p.k_head_stride = n_tokens * d;
+  p.k_batch_stride = hkv * n_tokens * d;
+  p.v = v;
+  p.v_row_stride = p.k_row_stride;
+  p.v_head_stride = p.k_head_stride;
+  p.v_batch_stride = p.k_batch_stride;
+  p.cache_k = storage_.keys;
+  p.cache_k_row_stride = d;
+  p.cache_k_head_stride = n_slots * d;
+  p.cache_k_batch_stride = hkv * n_slots * d;
+  p.cache_v = storage_.values;
+  p.cache_v_row_stride = p.cache_k_row_stride;
+  p.cache_v_head_stride = p.cache_k_head_stride;
+  p.cache_v_batch_stride = p.cache_k_batch_stride;
+  p.cache_positions = storage_.slot_positions;
+  p.cache_len = n_slots;
+  p.query_start = storage_.next_position;
+  p.out = out;
+  p.out_row_stride = p.q_row_stride;
+  p.out_head_stride = p.q_head_stride;
+  p.out_batch_stride = p.q_batch_stride;
+  p.inv_freq = attention.inv_freq;
+  p.rotary_dim = attention.rotary_dim;
+  p.batch = shape_.batch;
+  p.n_heads_q = hq;
+  p.n_heads_kv = hkv;
+  p.n_queries = n_tokens;
+  p.head_dim = d;
+  p.n_global = shape_.n_global;
+  p.n_local = shape_.n_local;
+  p.distance_cap = attention.distance_cap.value_or(shape_.n_local);
+  p.scale = attention.scale.value_or(1.0f / std::sqrt(static_cast<float>(d)));
+
+  if (memory_ == MemoryKind::kHost) return in_call("attend", lambda_attention_cpu(p, launch.n_threads));
+  const size_t needed = lambda_attention_cuda_workspace_size(p);
+  if (launch.workspace_bytes < needed || (needed > 0 && launch.workspace == nullptr)) {
+    return invalid("attend", "launch.workspace must hold ", needed, " bytes of device memory, got ",
+                   launch.workspace == nullptr ? 0 : launch.workspace_bytes);
+  }
+  return in_call("attend", lambda_attention_cuda(p, launch.workspace, launch.stream));
+}
+
+Status KVCache::attend_and_append(const AttentionConfig& attention, const void* q, const void* k,
+                                  const void* v, int64_t n_tokens, void* out,
+                                  const Launch& launch) {
+  if (Status s = attend(attention, q, k, v, n_tokens, out, launch); !s.ok()) return s;
+  return append(k, v, n_tokens, launch);
+}
+
+Status KVCache::decode(const AttentionConfig& attention, const void* q, const void* k,
+                       const void* v, void* out, const Launch& launch) {
+  return attend_and_append(attention, q, k, v, 1, out, launch);
+}
+
+}  // namespace lminf
