@@ -1,0 +1,379 @@
+// CPU kernel of LM-Infinite attention: flash-style tiles with an online softmax.
+//
+// Work is split into tiles of consecutive query tokens of one (batch, kv head); a tile holds
+// every query head of the GQA group, so each key block is converted, rotated and transposed
+// once and then scored against group * tile_queries rows. For each tile the kernel visits only
+// the keys the Λ mask can let through: the window (n_local + tile_queries keys) and the global
+// keys, so work grows as n_queries * (n_global + n_local) and no score matrix is ever built.
+//
+// Rotary positions are relative: a tile anchors at base = (its first query position) -
+// n_local, rotates queries by i - base and local keys by j - base (both < n_local +
+// tile_queries), so (R_{i-base} q) . (R_{j-base} k) = (R_{i-j} q) . k with only small angles.
+// Global keys beyond the window are scored unrotated against R_{distance_cap} q.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "cpu/convert.h"
+#include "cpu/rope_table.h"
+#include "cpu/simd.h"
+#include "lminf/lambda_attention.h"
+
+namespace lminf {
+namespace cpu {
+namespace {
+
+constexpr int kBlockKeys = 4 * kVecWidth;  // keys scored together: four vector registers wide
+constexpr int kKeyVecs = kBlockKeys / kVecWidth;
+constexpr int kQkRows = kVecRegisters >= 32 ? 4 : 2;  // query rows per QK register tile
+constexpr int64_t kTargetTileRows = 256;               // group * tile_queries, L2-resident
+constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+template <typename T>
+struct KeyRef {
+  int64_t position;
+  const T* k;
+  const T* v;
+};
+
+// S[r][c] = sum_d q[r][d] * kt[d][c] for a block of kBlockKeys keys; q is [rows][dp],
+// kt [dp][kBlockKeys], scores [rows][kBlockKeys].
+void score_block(const float* q, int64_t rows, int64_t dp, const float* kt, float* scores) {
+  int64_t r = 0;
+  for (; r + kQkRows <= rows; r += kQkRows) {
+    vfloat acc[kQkRows][kKeyVecs] = {};
+    for (int64_t d = 0; d < dp; ++d) {
+      vfloat key[kKeyVecs];
+      for (int v = 0; v < kKeyVecs; ++v) key[v] = vload(kt + d * kBlockKeys + v * kVecWidth);
+      for (int i = 0; i < kQkRows; ++i) {
+        const vfloat qb = vbroadcast(q[(r + i) * dp + d]);
+        for (int v = 0; v < kKeyVecs; ++v) acc[i][v] += qb * key[v];
+      }
+    }
+    for (int i = 0; i < kQkRows; ++i)
+      for (int v = 0; v < kKeyVecs; ++v)
+        vstore(scores + (r + i) * kBlockKeys + v * kVecWidth, acc[i][v]);
+  }
+  for (; r < rows; ++r) {
+    vfloat acc[kKeyVecs] = {};
+    for (int64_t d = 0; d < dp; ++d) {
+      const vfloat qb = vbroadcast(q[r * dp + d]);
+      for (int v = 0; v < kKeyVecs; ++v) acc[v] += qb * vload(kt + d * kBlockKeys + v * kVecWidth);
+    }
+    for (int v = 0; v < kKeyVecs; ++v) vstore(scores + r * kBlockKeys + v * kVecWidth, acc[v]);
+  }
+}
+
+// acc[r][:] += sum_{c < n_keys} probs[r][c] * values[c][:], with kNV vectors per row held in
+// registers across the whole block (kNV == 0: head_dim only known at run time).
+template <int kNV>
+void accumulate_values(const float* probs, int64_t rows, int n_keys, const float* values,
+                       float* acc, int64_t dp) {
+  if constexpr (kNV == 0) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int c = 0; c < n_keys; ++c) {
+        const vfloat p = vbroadcast(probs[r * kBlockKeys + c]);
+        for (int64_t d = 0; d < dp; d += kVecWidth)
+          vstore(acc + r * dp + d, vload(acc + r * dp + d) + p * vload(values + c * dp + d));
+      }
+  } else {
+    constexpr int kRows = std::max(1, std::min(4, (kVecRegisters - kNV) / kNV));
+    int64_t r = 0;
+    for (; r < rows; r += kRows) {
+      const int n_rows = static_cast<int>(std::min<int64_t>(kRows, rows - r));
+      vfloat out[kRows][kNV];
+      for (int i = 0; i < kRows; ++i)
+        for (int v = 0; v < kNV; ++v)
+          out[i][v] = i < n_rows ? vload(acc + (r + i) * dp + v * kVecWidth) : vfloat{};
+      for (int c = 0; c < n_keys; ++c) {
+        vfloat value[kNV];
+        for (int v = 0; v < kNV; ++v) value[v] = vload(values + c * dp + v * kVecWidth);
+        for (int i = 0; i < kRows; ++i) {
+          const vfloat p = vbroadcast(i < n_rows ? probs[(r + i) * kBlockKeys + c] : 0.f);
+          for (int v = 0; v < kNV; ++v) out[i][v] += p * value[v];
+        }
+      }
+      for (int i = 0; i < n_rows; ++i)
+        for (int v = 0; v < kNV; ++v) vstore(acc + (r + i) * dp + v * kVecWidth, out[i][v]);
+    }
+  }
+}
+
+// Everything one thread needs for one tile; buffers are sized once per call.
+template <typename T>
+struct TileWorkspace {
+  std::vector<float> q_local, q_global, acc, row_max, row_sum, scores, kt, values, row;
+  std::vector<KeyRef<T>> local_keys, global_keys;
+
+  TileWorkspace(int64_t max_rows, int64_t dp, int64_t max_keys)
+      : q_local(max_rows * dp), q_global(max_rows * dp), acc(max_rows * dp),
+        row_max(max_rows), row_sum(max_rows), scores(max_rows * kBlockKeys),
+        kt(dp * kBlockKeys), values(kBlockKeys * dp), row(dp) {
+    local_keys.reserve(max_keys);
+    global_keys.reserve(max_keys);
+  }
+};
+
+template <typename T>
+class LambdaAttentionCpu {
+ public:
+  explicit LambdaAttentionCpu(const LambdaAttentionParams& p)
+      : p_(p),
+        group_(p.n_heads_q / p.n_heads_kv),
+        query_start_(*p.query_start),
+        dp_(round_up(p.head_dim, kVecWidth)),
+        half_(p.rotary_dim / 2),
+        tile_queries_(std::clamp<int64_t>(kTargetTileRows / group_, 8, 128)),
+        // Largest relative offset: a query or key at most n_local + tile_queries - 1 past
+        // its tile's anchor, never beyond the last query.
+        table_(p.inv_freq, half_,
+               std::min(p.n_local, query_start_ + p.n_queries) + tile_queries_ + 1),
+        global_cos_(half_),
+        global_sin_(half_) {
+    for (int64_t f = 0; f < half_; ++f) {
+      const double angle = static_cast<double>(p.distance_cap) * p.inv_freq[f];
+      global_cos_[f] = static_cast<float>(std::cos(angle));
+      global_sin_[f] = static_cast<float>(std::sin(angle));
+    }
+  }
+
+  void run(int n_threads) {
+    const int64_t n_tiles = (p_.n_queries + tile_queries_ - 1) / tile_queries_;
+    const int64_t n_items = p_.batch * p_.n_heads_kv * n_tiles;
+    const int64_t max_keys = p_.cache_len + p_.n_local + tile_queries_ + p_.n_global;
+    const int threads = n_threads > 0 ? n_threads : omp_get_max_threads();
+#pragma omp parallel num_threads(threads)
+    {
+      TileWorkspace<T> ws(group_ * tile_queries_, dp_, max_keys);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t item = 0; item < n_items; ++item) {
+        const int64_t tile = item % n_tiles;
+        const int64_t kv_head = (item / n_tiles) % p_.n_heads_kv;
+        const int64_t b = item / (n_tiles * p_.n_heads_kv);
+        run_tile(ws, b, kv_head, tile * tile_queries_,
+                 std::min(p_.n_queries, (tile + 1) * tile_queries_));
+      }
+    }
+  }
+
+ private:
+  const T* q_row(int64_t b, int64_t h, int64_t t) const {
+    return static_cast<const T*>(p_.q) + b * p_.q_batch_stride + h * p_.q_head_stride +
+           t * p_.q_row_stride;
+  }
+  T* out_row(int64_t b, int64_t h, int64_t t) const {
+    return static_cast<T*>(p_.out) + b * p_.out_batch_stride + h * p_.out_head_stride +
+           t * p_.out_row_stride;
+  }
+  KeyRef<T> chunk_key(int64_t b, int64_t h, int64_t s) const {
+    return {query_start_ + s,
+            static_cast<const T*>(p_.k) + b * p_.k_batch_stride + h * p_.k_head_stride +
+                s * p_.k_row_stride,
+            static_cast<const T*>(p_.v) + b * p_.v_batch_stride + h * p_.v_head_stride +
+                s * p_.v_row_stride};
+  }
+  KeyRef<T> cache_key(int64_t b, int64_t h, int64_t slot) const {
+    return {p_.cache_positions[slot],
+            static_cast<const T*>(p_.cache_k) + b * p_.cache_k_batch_stride +
+                h * p_.cache_k_head_stride + slot * p_.cache_k_row_stride,
+            static_cast<const T*>(p_.cache_v) + b * p_.cache_v_batch_stride +
+                h * p_.cache_v_head_stride + slot * p_.cache_v_row_stride};
+  }
+
+  // The tile's rows are (query t0 + r / group, head kv_head * group + r % group).
+  void run_tile(TileWorkspace<T>& ws, int64_t b, int64_t kv_head, int64_t t0, int64_t t1) const {
+    const int64_t rows = (t1 - t0) * group_;
+    const int64_t first = query_start_ + t0, last = query_start_ + t1 - 1;
+    // Anchor for rotary offsets; never below -1 so offsets stay small near the stream start.
+    const int64_t base = std::max<int64_t>(first - p_.n_local, -1);
+
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = t0 + r / group_, h = kv_head * group_ + r % group_;
+      float* local = ws.q_local.data() + r * dp_;
+      float* global = ws.q_global.data() + r * dp_;
+      std::fill(local, local + dp_, 0.f);
+      row_to_float(q_row(b, h, t), local, p_.head_dim);
+      for (int64_t d = 0; d < p_.head_dim; ++d) local[d] *= p_.scale;  // fold the scale in
+      std::copy(local, local + dp_, global);
+      rotate_half_inplace(local, table_.cos_row(query_start_ + t - base),
+                          table_.sin_row(query_start_ + t - base), half_);
+      rotate_half_inplace(global, global_cos_.data(), global_sin_.data(), half_);
+    }
+    std::fill(ws.acc.begin(), ws.acc.begin() + rows * dp_, 0.f);
+    std::fill(ws.row_max.begin(), ws.row_max.begin() + rows, kMinusInf);
+    std::fill(ws.row_sum.begin(), ws.row_sum.begin() + rows, 0.f);
+
+    // Keys local to some row have first - n_local < j <= last; keys global to some row have
+    // j < n_global and last - j >= n_local. A key can be both (for different rows).
+    ws.local_keys.clear();
+    ws.global_keys.clear();
+    auto classify = [&](const KeyRef<T>& key) {
+      if (key.position > first - p_.n_local && key.position <= last) ws.local_keys.push_back(key);
+      if (key.position < p_.n_global && last - key.position >= p_.n_local)
+        ws.global_keys.push_back(key);
+    };
+    for (int64_t slot = 0; slot < p_.cache_len; ++slot)
+      if (p_.cache_positions[slot] >= 0) classify(cache_key(b, kv_head, slot));
+    for (int64_t s = std::max<int64_t>(0, t0 - p_.n_local + 1); s < t1; ++s)
+      ws.local_keys.push_back(chunk_key(b, kv_head, s));
+    for (int64_t s = 0; s < t1 && query_start_ + s < p_.n_global && t1 - 1 - s >= p_.n_local; ++s)
+      ws.global_keys.push_back(chunk_key(b, kv_head, s));
+
+    for (size_t k0 = 0; k0 < ws.global_keys.size(); k0 += kBlockKeys)
+      process_block<false>(ws, ws.global_keys.data() + k0,
+                           std::min<size_t>(kBlockKeys, ws.global_keys.size() - k0), rows, first,
+                           base);
+    for (size_t k0 = 0; k0 < ws.local_keys.size(); k0 += kBlockKeys)
+      process_block<true>(ws, ws.local_keys.data() + k0,
+                          std::min<size_t>(kBlockKeys, ws.local_keys.size() - k0), rows, first,
+                          base);
+
+    for (int64_t r = 0; r < rows; ++r) {
+      float* acc = ws.acc.data() + r * dp_;
+      const float inv = ws.row_sum[r] > 0.f ? 1.f / ws.row_sum[r] : 0.f;
+      for (int64_t d = 0; d < p_.head_dim; ++d) acc[d] *= inv;
+      row_from_float(acc, out_row(b, kv_head * group_ + r % group_, t0 + r / group_), p_.head_dim);
+    }
+  }
+
+  // One block of keys: convert (and for local keys rotate) into kt/values, score, mask,
+  // then fold into the running softmax of every row.
+  template <bool kLocal>
+  void process_block(TileWorkspace<T>& ws, const KeyRef<T>* keys, int n_keys, int64_t rows,
+                     int64_t first, int64_t base) const {
+    float* kt = ws.kt.data();
+    float* values = ws.values.data();
+    float* row = ws.row.data();
+    int64_t lowest = std::numeric_limits<int64_t>::max(), highest = -1;
+    for (int c = 0; c < kBlockKeys; ++c) {
+      if (c < n_keys) {
+        std::fill(row, row + dp_, 0.f);
+        row_to_float(keys[c].k, row, p_.head_dim);
+        if (kLocal)
+          rotate_half_inplace(row, table_.cos_row(keys[c].position - base),
+                              table_.sin_row(keys[c].position - base), half_);
+        float* value = values + c * dp_;
+        std::fill(value + p_.head_dim, value + dp_, 0.f);
+        row_to_float(keys[c].v, value, p_.head_dim);
+        lowest = std::min(lowest, keys[c].position);
+        highest = std::max(highest, keys[c].position);
+      } else {
+        std::fill(row, row + dp_, 0.f);
+      }
+      for (int64_t d = 0; d < dp_; ++d) kt[d * kBlockKeys + c] = row[d];
+    }
+
+    const float* q = kLocal ? ws.q_local.data() : ws.q_global.data();
+    float* scores = ws.scores.data();
+    score_block(q, rows, dp_, kt, scores);
+
+    // Whole-block tests first: most blocks lie entirely inside every row's band.
+    const int64_t last = first + (rows - 1) / group_;
+    const bool all_visible = n_keys == kBlockKeys &&
+                             (kLocal ? first - highest >= 0 && last - lowest < p_.n_local
+                                     : first - highest >= p_.n_local);
+    if (!all_visible) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = first + r / group_;
+        float* s = scores + r * kBlockKeys;
+        for (int c = 0; c < kBlockKeys; ++c) {
+          bool visible = false;
+          if (c < n_keys) {
+            const int64_t distance = i - keys[c].position;
+            visible = kLocal ? distance >= 0 && distance < p_.n_local : distance >= p_.n_local;
+          }
+          if (!visible) s[c] = kMinusInf;
+        }
+      }
+    }
+
+    for (int64_t r = 0; r < rows; ++r) {
+      float* s = scores + r * kBlockKeys;
+      vfloat block_max = vload(s);
+      for (int v = 1; v < kKeyVecs; ++v) {
+        const vfloat x = vload(s + v * kVecWidth);
+        block_max = x > block_max ? x : block_max;
+      }
+      const float m_block = vreduce_max(block_max);
+      const float m_old = ws.row_max[r];
+      const float m_new = std::max(m_old, m_block);
+      if (m_new == kMinusInf) {  // nothing visible to this row yet
+        std::fill(s, s + kBlockKeys, 0.f);
+        continue;
+      }
+      vfloat sum = {};
+      for (int v = 0; v < kKeyVecs; ++v) {
+        const vfloat x = vload(s + v * kVecWidth);
+        const vint visible = x > kMinusInf;
+        const vfloat e = vexp_nonpositive(x - m_new);
+        vint bits;
+        std::memcpy(&bits, &e, sizeof bits);
+        bits &= visible;
+        vfloat p;
+        std::memcpy(&p, &bits, sizeof p);
+        vstore(s + v * kVecWidth, p);
+        sum += p;
+      }
+      const float alpha = m_old == kMinusInf ? 0.f : std::exp(m_old - m_new);
+      ws.row_sum[r] = ws.row_sum[r] * alpha + vreduce_sum(sum);
+      ws.row_max[r] = m_new;
+      if (alpha != 1.f) {
+        float* acc = ws.acc.data() + r * dp_;
+        for (int64_t d = 0; d < dp_; ++d) acc[d] *= alpha;
+      }
+    }
+    accumulate(scores, rows, n_keys, values, ws.acc.data());
+  }
+
+  void accumulate(const float* probs, int64_t rows, int n_keys, const float* values,
+                  float* acc) const {
+    switch (dp_ / kVecWidth) {
+      case 1: return accumulate_values<1>(probs, rows, n_keys, values, acc, dp_);
+      case 2: return accumulate_values<2>(probs, rows, n_keys, values, acc, dp_);
+      case 3: return accumulate_values<3>(probs, rows, n_keys, values, acc, dp_);
+      case 4: return accumulate_values<4>(probs, rows, n_keys, values, acc, dp_);
+      case 5: return accumulate_values<5>(probs, rows, n_keys, values, acc, dp_);
+      case 6: return accumulate_values<6>(probs, rows, n_keys, values, acc, dp_);
+      case 7: return accumulate_values<7>(probs, rows, n_keys, values, acc, dp_);
+      case 8: return accumulate_values<8>(probs, rows, n_keys, values, acc, dp_);
+      default: return accumulate_values<0>(probs, rows, n_keys, values, acc, dp_);
+    }
+  }
+
+  const LambdaAttentionParams& p_;
+  const int64_t group_;
+  const int64_t query_start_;
+  const int64_t dp_;    // head_dim rounded up to whole vectors (zero padded)
+  const int64_t half_;  // rotary_dim / 2
+  const int64_t tile_queries_;
+  const RopeTable table_;
+  std::vector<float> global_cos_, global_sin_;  // rotation by distance_cap
+};
+
+template <typename T>
+void run_typed(const LambdaAttentionParams& params, int n_threads) {
+  LambdaAttentionCpu<T>(params).run(n_threads);
+}
+
+}  // namespace
+}  // namespace cpu
+
+Status lambda_attention_cpu(const LambdaAttentionParams& params, int n_threads) {
+  Status status = validate(params);
+  if (!status.ok()) return status;
+  if (params.batch == 0 || params.n_queries == 0) return Status::Ok();
+  switch (params.dtype) {
+    case DType::kFloat32: cpu::run_typed<float>(params, n_threads); break;
+    case DType::kBFloat16: cpu::run_typed<bf16_t>(params, n_threads); break;
+    case DType::kFloat16: cpu::run_typed<fp16_t>(params, n_threads); break;
+  }
+  return Status::Ok();
+}
+
+}  // namespace lminf

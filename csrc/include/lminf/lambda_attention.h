@@ -1,0 +1,89 @@
+// LM-Infinite (Λ-shaped) attention: the torch-free entry points.
+//
+// For a query at position i and a key at position j <= i (q, k unrotated, R_p the rotary
+// rotation by angle p * inv_freq, s the scale):
+//   local   i - j <  n_local                      score = s * (R_i q) . (R_j k)
+//   global  i - j >= n_local and j < n_global     score = s * (R_distance_cap q) . k
+//   else    masked
+// One softmax over the unmasked keys of the row; output = weights . v.
+//
+// Angles are only ever taken of small relative numbers: the kernels subtract int64 positions
+// first, so a stream at position 10^9 gives the same result as one at 10^3.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "lminf/dtype.h"
+#include "lminf/status.h"
+
+namespace lminf {
+
+// One call attends a chunk of n_queries consecutive query tokens to
+//   (a) the keys/values of the same tokens (k, v), causally, and
+//   (b) an optional cache of earlier tokens (cache_k, cache_v) whose slots carry explicit
+//       positions (for example the ring buffer of ring_kv_cache.h).
+// A whole sequence is the special case cache_len == 0, query_start == 0.
+// Strides are in elements; the last (head_dim) dimension of every tensor is contiguous.
+// All pointers refer to host memory for the CPU entry point and to device memory for CUDA.
+struct LambdaAttentionParams {
+  DType dtype = DType::kFloat32;  // element type of q, k, v, cache_k, cache_v and out
+
+  const void* q = nullptr;  // [batch, n_heads_q, n_queries, head_dim]
+  int64_t q_batch_stride = 0, q_head_stride = 0, q_row_stride = 0;
+
+  const void* k = nullptr;  // [batch, n_heads_kv, n_queries, head_dim] keys of the chunk's tokens
+  int64_t k_batch_stride = 0, k_head_stride = 0, k_row_stride = 0;
+  const void* v = nullptr;  // [batch, n_heads_kv, n_queries, head_dim] values of the chunk's tokens
+  int64_t v_batch_stride = 0, v_head_stride = 0, v_row_stride = 0;
+
+  const void* cache_k = nullptr;  // [batch, n_heads_kv, cache_len, head_dim]; null if cache_len == 0
+  int64_t cache_k_batch_stride = 0, cache_k_head_stride = 0, cache_k_row_stride = 0;
+  const void* cache_v = nullptr;  // [batch, n_heads_kv, cache_len, head_dim]; null if cache_len == 0
+  int64_t cache_v_batch_stride = 0, cache_v_head_stride = 0, cache_v_row_stride = 0;
+  // [cache_len] absolute position of each cache slot, shared by the batch; negative = empty.
+  // Every present slot must hold a position < *query_start (an earlier token).
+  const int64_t* cache_positions = nullptr;
+  int64_t cache_len = 0;
+
+  // [1] absolute position of query 0; query t sits at *query_start + t. A pointer (device
+  // memory for CUDA) so that a captured CUDA graph can advance it without re-capture.
+  const int64_t* query_start = nullptr;
+
+  void* out = nullptr;  // [batch, n_heads_q, n_queries, head_dim], written in dtype
+  int64_t out_batch_stride = 0, out_head_stride = 0, out_row_stride = 0;
+
+  const float* inv_freq = nullptr;  // [rotary_dim / 2] rotary frequencies, float32
+  int64_t rotary_dim = 0;  // even, <= head_dim; rotate_half over the first rotary_dim features
+
+  int64_t batch = 0;
+  int64_t n_heads_q = 0;   // a multiple of n_heads_kv (query head h reads kv head h / group)
+  int64_t n_heads_kv = 0;
+  int64_t n_queries = 0;
+  int64_t head_dim = 0;
+
+  int64_t n_global = 10;       // G: keys at positions < G stay visible at any distance
+  int64_t n_local = 0;         // L: keys at distance 0 .. L-1 are attended normally (>= 1)
+  int64_t distance_cap = 0;    // D: rotary distance given to global keys beyond the window
+  float scale = 0.f;           // score multiplier, usually head_dim^-0.5
+};
+
+// Checks sizes, strides and pointers (not the contents of device memory). The message names
+// the first offending field and the value it expects.
+Status validate(const LambdaAttentionParams& params);
+
+// CPU implementation: tiled, online softmax, vectorised, multi-threaded with OpenMP.
+// n_threads <= 0 uses the OpenMP default. Work grows as n_queries * (n_global + n_local).
+Status lambda_attention_cpu(const LambdaAttentionParams& params, int n_threads = 0);
+
+// Bytes of device scratch lambda_attention_cuda needs for these sizes (split-key decode
+// partials). Depends only on sizes, so a caller can allocate it once.
+size_t lambda_attention_cuda_workspace_size(const LambdaAttentionParams& params);
+
+// CUDA implementation, enqueued on `stream` (a cudaStream_t; null = default stream). No
+// allocation and no host synchronisation, so it can be captured in a CUDA graph. `workspace`
+// must hold lambda_attention_cuda_workspace_size(params) bytes of device memory. Returns
+// kUnsupported in a build without CUDA.
+Status lambda_attention_cuda(const LambdaAttentionParams& params, void* workspace, void* stream);
+
+}  // namespace lminf

@@ -1,0 +1,50 @@
+// The Python module lm_infinite._C: importing it registers the ops (static initialisers in
+// ops.cpp) and exposes what the build contains.
+#include <torch/extension.h>
+
+#include "lminf/version.h"
+
+namespace {
+
+#define LMINF_STR_(x) #x
+#define LMINF_STR(x) LMINF_STR_(x)
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = LMINF_VERSION;
+  pybind11::list backends;
+  backends.append("cpu");
+#ifdef LMINF_WITH_CUDA
+  backends.append("cuda");
+  info["cuda_version"] = LMINF_STR(LMINF_CUDA_VERSION);
+  info["cuda_archs"] = LMINF_STR(LMINF_CUDA_ARCHS);
+#else
+  info["cuda_version"] = pybind11::none();
+  info["cuda_archs"] = pybind11::none();
+#endif
+  info["backends"] = backends;
+#if defined(__clang__)
+  info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = "gcc " __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+#if defined(__AVX512F__)
+  info["cpu_isa"] = "avx512";
+#elif defined(__AVX2__)
+  info["cpu_isa"] = "avx2";
+#elif defined(__aarch64__)
+  info["cpu_isa"] = "neon";
+#else
+  info["cpu_isa"] = "baseline";
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lm-infinite compiled extension: registers torch.ops.lminf";
+  m.def("build_info", &build_info, "Version, compiled backends, compiler, CUDA version and archs");
+}

@@ -1,0 +1,40 @@
+// Turning torch tensors into the core's params structs, with argument checks that name the
+// offending argument. Shared by the CPU and CUDA registrations.
+#pragma once
+
+#include <torch/types.h>
+
+#include "lminf/lambda_attention.h"
+#include "lminf/ring_kv_cache.h"
+
+namespace lminf_ext {
+
+// Tensors a LambdaAttentionParams points into; kept alive (and, where the caller's tensor was
+// not usable as is, copied) for the duration of the kernel.
+struct AttentionInputs {
+  torch::Tensor q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, out;
+  lminf::LambdaAttentionParams params;
+};
+
+AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
+                                      const torch::Tensor& k, const torch::Tensor& v,
+                                      const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+                                      const torch::Tensor& cache_positions,
+                                      const torch::Tensor& query_start,
+                                      const torch::Tensor& inv_freq, int64_t n_global,
+                                      int64_t n_local, int64_t distance_cap, double scale);
+
+struct AppendInputs {
+  torch::Tensor k, v, start_position;
+  lminf::RingCacheAppendParams params;
+};
+
+AppendInputs make_append_inputs(const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+                                const torch::Tensor& cache_positions, const torch::Tensor& k,
+                                const torch::Tensor& v, const torch::Tensor& start_position,
+                                int64_t n_global, int64_t n_local);
+
+// Raises a c10::Error carrying the core's message when status is not ok.
+void check_status(const char* op, const lminf::Status& status);
+
+}  // namespace lminf_ext

@@ -1,0 +1,114 @@
+"""The extension's ops, with Python defaults and fake (meta) implementations.
+
+Every op is defined once in lminf_ext/ (TORCH_LIBRARY) with CPU and CUDA kernels; the fakes
+here let torch.compile and opcheck trace them without running a kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers torch.ops.lminf)
+
+__all__ = ["lambda_attention", "lambda_attention_chunk", "ring_cache_append"]
+
+
+def _position_tensor(position: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Positions travel as int64 tensors on the op's device, so that a captured CUDA graph can
+    advance them in place. A Python int is converted (int64, not float: see DESIGN.md 1)."""
+    if isinstance(position, torch.Tensor):
+        return position
+    if not isinstance(position, int) or isinstance(position, bool):
+        raise TypeError(f"position must be an int or an int64 tensor, got {type(position).__name__}")
+    return torch.tensor([position], dtype=torch.int64, device=device)
+
+
+def _defaults(q: torch.Tensor, n_local: int, distance_cap: int | None, scale: float | None):
+    distance_cap = n_local if distance_cap is None else distance_cap
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return distance_cap, scale
+
+
+def lambda_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inv_freq: torch.Tensor,
+    *,
+    n_global: int = 10,
+    n_local: int,
+    distance_cap: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """LM-Infinite attention over a whole sequence at positions 0..seq-1.
+
+    q: [batch, heads_q, seq, head_dim]; k, v: [batch, heads_kv, seq, head_dim] (heads_q a
+    multiple of heads_kv), unrotated. inv_freq: float32 [rotary_dim / 2]; RoPE acts on the
+    first rotary_dim features (rotate_half convention). distance_cap defaults to n_local,
+    scale to head_dim ** -0.5. Returns [batch, heads_q, seq, head_dim] in q's dtype.
+    """
+    distance_cap, scale = _defaults(q, n_local, distance_cap, scale)
+    return torch.ops.lminf.lambda_attention(q, k, v, inv_freq, n_global, n_local, distance_cap, scale)
+
+
+def lambda_attention_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    cache_positions: torch.Tensor,
+    query_start: int | torch.Tensor,
+    inv_freq: torch.Tensor,
+    *,
+    n_global: int = 10,
+    n_local: int,
+    distance_cap: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attend a chunk of queries at positions [query_start, query_start + seq) to the chunk's
+    own keys (k, v: [batch, heads_kv, seq, head_dim]) and to cached earlier tokens
+    (cache_k, cache_v: [batch, heads_kv, slots, head_dim]; cache_positions: int64 [slots],
+    negative = empty). query_start: int or int64 tensor [1] on q's device."""
+    distance_cap, scale = _defaults(q, n_local, distance_cap, scale)
+    query_start = _position_tensor(query_start, q.device)
+    return torch.ops.lminf.lambda_attention_chunk(
+        q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq,
+        n_global, n_local, distance_cap, scale,
+    )
+
+
+def ring_cache_append(
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    cache_positions: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start_position: int | torch.Tensor,
+    *,
+    n_global: int,
+    n_local: int,
+) -> None:
+    """Write k, v ([batch, heads_kv, seq, head_dim], positions start_position + t) into a ring
+    cache ([batch, heads_kv, n_global + n_local, head_dim]) in place, keeping the first
+    n_global tokens and the last n_local."""
+    start_position = _position_tensor(start_position, k.device)
+    torch.ops.lminf.ring_cache_append(
+        cache_k, cache_v, cache_positions, k, v, start_position, n_global, n_local
+    )
+
+
+@torch.library.register_fake("lminf::lambda_attention")
+def _(q, k, v, inv_freq, n_global, n_local, distance_cap, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("lminf::lambda_attention_chunk")
+def _(q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, n_global, n_local,
+      distance_cap, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("lminf::ring_cache_append")
+def _(cache_k, cache_v, cache_positions, k, v, start_position, n_global, n_local):
+    return None

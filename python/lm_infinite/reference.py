@@ -1,0 +1,74 @@
+"""Pure-PyTorch reference of LM-Infinite attention (DESIGN.md section 1).
+
+Written for clarity, not speed: it materialises the full query x key score matrix and
+expands K/V per query head. Tests compare every kernel against it in float64.
+
+Independence from the kernels: the kernels rotate queries and keys by positions relative to
+a per-tile anchor and never see an absolute position; this reference rotates both by their
+offset from the smallest query position, in float64, and takes the case of every
+(query, key) pair from the integer distance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["apply_rotary", "lambda_attention_reference"]
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2*len(inv_freq) features of x ([..., seq, head_dim]) by
+    positions ([seq], any real dtype) in Hugging Face's rotate_half convention."""
+    half = inv_freq.numel()
+    angles = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+def lambda_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inv_freq: torch.Tensor,
+    *,
+    n_global: int = 10,
+    n_local: int,
+    distance_cap: int | None = None,
+    scale: float | None = None,
+    query_positions: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LM-Infinite attention, computed naively.
+
+    q: [batch, heads_q, n_q, head_dim]; k, v: [batch, heads_kv, n_k, head_dim], unrotated.
+    query_positions: int64 [n_q] (default 0..n_q-1); key_positions: int64 [n_k] (default
+    0..n_k-1), a negative position marks an empty key slot. Computed in q's dtype; pass
+    float64 inputs for a reference. A row that sees no key returns zeros.
+    """
+    n_q, n_k, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    distance_cap = n_local if distance_cap is None else distance_cap
+    scale = head_dim**-0.5 if scale is None else scale
+    if query_positions is None:
+        query_positions = torch.arange(n_q, device=q.device)
+    if key_positions is None:
+        key_positions = torch.arange(n_k, device=q.device)
+    group = q.shape[1] // k.shape[1]
+    k = k.to(q.dtype).repeat_interleave(group, dim=1)
+    v = v.to(q.dtype).repeat_interleave(group, dim=1)
+
+    base = query_positions.min()
+    q_local = apply_rotary(q, query_positions - base, inv_freq)
+    k_local = apply_rotary(k, key_positions - base, inv_freq)
+    q_global = apply_rotary(q, torch.full((n_q,), distance_cap, device=q.device), inv_freq)
+    local_scores = (q_local @ k_local.transpose(-1, -2)) * scale
+    global_scores = (q_global @ k.transpose(-1, -2)) * scale
+
+    distance = query_positions[:, None] - key_positions[None, :]
+    present = (key_positions >= 0)[None, :]
+    is_local = present & (distance >= 0) & (distance < n_local)
+    is_global = present & (distance >= n_local) & (key_positions < n_global)[None, :]
+    minus_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+    scores = torch.where(is_local, local_scores, torch.where(is_global, global_scores, minus_inf))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return weights @ v
