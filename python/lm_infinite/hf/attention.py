@@ -1,0 +1,57 @@
+"""The attention function transformers calls once `enable` sets `_attn_implementation`."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+
+from .. import ops
+from .cache import LambdaCache
+
+__all__ = ["ATTENTION_NAME", "lambda_attention_forward"]
+
+# No mask function is registered under this name, so transformers builds no attention mask:
+# the op derives causality and the Λ shape from positions itself.
+ATTENTION_NAME = "lm_infinite"
+
+
+def lambda_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """LM-Infinite attention for one layer. query: [batch, heads_q, n_q, head_dim]; key, value:
+    what the cache's `update` returned, unrotated (the rotary embedding was made a no-op).
+    Returns ([batch, n_q, heads_q, head_dim], None) as transformers expects."""
+    state = module._lm_infinite
+    inv_freq = state.inv_freq_on(query.device)
+    scale = (module.scaling if scaling is None else scaling) * state.attention_scaling**2
+    settings = dict(distance_cap=state.distance_cap, scale=scale)
+    cache = state.active_cache
+    n_query, n_key = query.shape[-2], key.shape[-2]
+    if isinstance(cache, LambdaCache):
+        # key/value are this chunk's only; the ring holds everything before it.
+        out = cache.layers[module.layer_idx].attend_and_append(query, key, value, inv_freq, **settings)
+    elif n_key == n_query:
+        # No cache, or a fresh one: the whole sequence at positions 0..n-1.
+        out = ops.lambda_attention(
+            query, key, value, inv_freq, n_global=state.n_global, n_local=state.n_local, **settings
+        )
+    else:
+        # A standard cache (e.g. DynamicCache) returned every key so far, at positions
+        # 0..n_key-1: correct, but its memory grows with the stream, unlike LambdaCache.
+        past = n_key - n_query
+        positions = torch.arange(past, dtype=torch.int64, device=key.device)
+        out = ops.lambda_attention_chunk(
+            query, key[:, :, past:], value[:, :, past:], key[:, :, :past], value[:, :, :past],
+            positions, past, inv_freq, n_global=state.n_global, n_local=state.n_local, **settings,
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, lambda_attention_forward)

@@ -1,0 +1,81 @@
+"""LambdaCache: a transformers Cache that keeps, per layer, only what LM-Infinite attends to."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..cache import RingKVCache
+from .state import state_of
+
+__all__ = ["LambdaCache", "LambdaLayer"]
+
+
+class LambdaLayer(CacheLayerMixin):
+    """One layer's cache: a RingKVCache with the first n_global and the last n_local tokens,
+    keys unrotated, positions int64.
+
+    `update` does not store the chunk: LM-Infinite's chunk must attend to the cache as it was
+    *before* the chunk (storing first could evict keys the chunk's early queries still see).
+    The attention function calls `attend_and_append` instead.
+    """
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, n_global: int, n_local: int) -> None:
+        super().__init__()
+        self.n_global, self.n_local = n_global, n_local
+        self.ring: RingKVCache | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, n_heads_kv, _, head_dim = key_states.shape
+        self.ring = RingKVCache(
+            batch, n_heads_kv, head_dim, n_global=self.n_global, n_local=self.n_local,
+            dtype=key_states.dtype, device=key_states.device,
+        )
+        self.keys, self.values = self.ring.k, self.ring.v
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return key_states, value_states
+
+    def attend_and_append(self, query, key, value, inv_freq, *, distance_cap: int, scale: float):
+        return self.ring.attend_and_append(query, key, value, inv_freq, distance_cap=distance_cap, scale=scale)
+
+    def get_seq_length(self) -> int:
+        """Tokens seen, not tokens stored: the next token's position."""
+        return 0 if self.ring is None else self.ring.n_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = 0 if self.ring is None else min(self.ring.n_seen, self.n_global + self.n_local)
+        return stored + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1  # a stream of any length fits
+
+    def reset(self) -> None:
+        if self.ring is not None:
+            self.ring.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.ring is not None:
+            beam_idx = beam_idx.to(self.ring.k.device)
+            self.ring.k.copy_(self.ring.k.index_select(0, beam_idx))
+            self.ring.v.copy_(self.ring.v.index_select(0, beam_idx))
+
+
+class LambdaCache(Cache):
+    """The cache for an LM-Infinite-enabled model: G + L tokens per layer however long the
+    stream. Pass it as `past_key_values=` (or `cache=`) to the model's forward or `generate()`."""
+
+    def __init__(self, model) -> None:
+        state = state_of(model)
+        super().__init__(layers=[LambdaLayer(state.n_global, state.n_local) for _ in range(state.num_layers)])
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored keys, values and positions of all layers."""
+        return sum(layer.ring.nbytes() for layer in self.layers if layer.ring is not None)

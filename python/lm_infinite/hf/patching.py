@@ -1,0 +1,123 @@
+"""enable / disable: switch a Hugging Face model to LM-Infinite attention in place."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+from torch import nn
+
+from .attention import ATTENTION_NAME
+from .cache import LambdaCache
+from .families import decoder_of, training_length
+from .rotary import UnrotatedRotaryEmbedding
+from .state import LambdaState, state_of
+
+__all__ = ["enable", "disable", "cache_argument_name"]
+
+
+def cache_argument_name(module: nn.Module) -> str:
+    """The forward's cache keyword: `cache` from transformers 5.2x, `past_key_values` before."""
+    parameters = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"lm_infinite.enable: {name} must be an int >= {low}, got {value!r}")
+
+
+def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
+           distance_cap: int | None = None) -> nn.Module:
+    """Make `model` compute LM-Infinite attention (in place; returns the model).
+
+    n_global: leading tokens every query may see (G). n_local: the window of most recent tokens
+    (L), default the model's training length. distance_cap: the distance global tokens are
+    placed at (D), default n_local. Sequences up to n_local give the stock model's result.
+    Calling it again re-applies the new settings.
+    """
+    decoder = decoder_of(model)
+    if getattr(model, "_lm_infinite", None) is not None:
+        disable(model)
+    n_local = training_length(model.config) if n_local is None else n_local
+    distance_cap = n_local if distance_cap is None else distance_cap
+    _check_int("n_global", n_global, 0)
+    _check_int("n_local", n_local, 1)
+    _check_int("distance_cap", distance_cap, 0)
+
+    _own_config(model)
+    rotary = UnrotatedRotaryEmbedding(decoder.rotary_emb)
+    state = LambdaState(
+        n_global=n_global, n_local=n_local, distance_cap=distance_cap,
+        num_layers=len(decoder.layers), inv_freq=rotary.inv_freq,
+        attention_scaling=rotary.attention_scaling,
+    )
+    decoder.rotary_emb = rotary
+    for layer in decoder.layers:
+        layer.self_attn._lm_infinite = state
+    state.previous_attn_implementation = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    cache_name = cache_argument_name(decoder)
+    state.hooks = (
+        decoder.register_forward_pre_hook(_binder(state, decoder, cache_name), with_kwargs=True),
+        decoder.register_forward_hook(_unbinder(state), always_call=True),
+    )
+    model._lm_infinite = decoder._lm_infinite = state
+    return model
+
+
+def disable(model: nn.Module) -> nn.Module:
+    """Undo `enable`: stock rotary embedding, attention and forward again."""
+    state = state_of(model)
+    decoder = decoder_of(model)
+    decoder.rotary_emb = decoder.rotary_emb.original
+    for layer in decoder.layers:
+        del layer.self_attn._lm_infinite
+    for hook in state.hooks:
+        hook.remove()
+    model.set_attn_implementation(state.previous_attn_implementation)
+    del decoder._lm_infinite
+    if model is not decoder:
+        del model._lm_infinite
+    return model
+
+
+def _own_config(model: nn.Module) -> None:
+    """Give the model a config object of its own. Modules read `config._attn_implementation`
+    from a config shared by every model built from it; without this, enabling one model would
+    switch the others' attention too."""
+    shared = model.config
+    own = copy.deepcopy(shared)
+    for module in model.modules():
+        if getattr(module, "config", None) is shared:
+            module.config = own
+
+
+def _binder(state: LambdaState, decoder: nn.Module, cache_name: str):
+    def bind_cache(module, args, kwargs):
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            raise ValueError(
+                "lm_infinite: attention_mask has padding (zeros); LM-Infinite-enabled models take "
+                "unpadded sequences (batch sequences of equal length, or run them one by one)"
+            )
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = decoder.config.use_cache and not decoder.training
+        if cache is None and use_cache:
+            # What transformers would do with a DynamicCache, with memory that stays bounded.
+            cache = LambdaCache(decoder)
+            kwargs.pop("past_key_values", None)
+            kwargs[cache_name] = cache
+        state.active_cache = cache
+        return args, kwargs
+
+    return bind_cache
+
+
+def _unbinder(state: LambdaState):
+    def unbind_cache(module, args, output):
+        state.active_cache = None
+
+    return unbind_cache
