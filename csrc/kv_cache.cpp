@@ -173,6 +173,7 @@ size_t KVCache::attention_workspace_bytes(const AttentionConfig& attention,
 
 Status KVCache::append(const void* k, const void* v, int64_t n_tokens, const Launch& launch) {
   if (storage_.keys == nullptr) return invalid("append", "the cache holds no storage");
+  if (n_tokens < 0) return invalid("append", "n_tokens must be >= 0, got ", n_tokens);
   const int64_t d = shape_.head_dim, n_slots = slots(shape_);
   RingCacheAppendParams p;
   p.dtype = shape_.dtype;
@@ -219,6 +220,7 @@ Status KVCache::append(const void* k, const void* v, int64_t n_tokens, const Lau
 Status KVCache::attend(const AttentionConfig& attention, const void* q, const void* k,
                        const void* v, int64_t n_tokens, void* out, const Launch& launch) const {
   if (storage_.keys == nullptr) return invalid("attend", "the cache holds no storage");
+  if (n_tokens < 0) return invalid("attend", "n_tokens must be >= 0, got ", n_tokens);
   const int64_t d = shape_.head_dim, n_slots = slots(shape_);
   const int64_t hq = attention.n_heads_q, hkv = shape_.n_heads_kv;
   LambdaAttentionParams p;

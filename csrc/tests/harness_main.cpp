@@ -1,0 +1,3 @@
+#include "harness.h"
+
+int main() { return lminf_test::run_all(); }

@@ -1,0 +1,231 @@
+// Bad arguments give an error Status whose message names the argument, and change nothing:
+// outputs stay poisoned, caches keep their position.
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "harness.h"
+#include "host_tensor.h"
+#include "lminf/lminf.h"
+
+using lminf::DType;
+using lminf::KVCache;
+using lminf::Status;
+using lminf::StatusCode;
+using namespace lminf_test;
+
+namespace {
+
+void expect_error(const Status& status, StatusCode code, const std::string& names,
+                  const std::string& what) {
+  CHECK(status.code() == code) << what << ": code " << static_cast<int>(status.code())
+                               << ", message '" << status.message() << "'";
+  CHECK(status.message().find(names) != std::string::npos)
+      << what << ": message '" << status.message() << "' does not name " << names;
+}
+
+bool all_nan(const HostTensor& tensor) {
+  for (double x : tensor.to_double()) {
+    if (x == x) return false;
+  }
+  return true;
+}
+
+// A valid problem for the low-level kernel: 2 query heads over 1 kv head, 5 tokens, no cache.
+struct ValidAttention {
+  static constexpr int64_t kHeadDim = 8, kTokens = 5;
+  std::vector<float> inv_freq = rope_inv_freq(kHeadDim);
+  HostTensor q{DType::kFloat32, random_values(2 * kTokens * kHeadDim, 1)};
+  HostTensor kv{DType::kFloat32, random_values(kTokens * kHeadDim, 2)};
+  HostTensor out{DType::kFloat32, 2 * kTokens * kHeadDim};
+  int64_t query_start = 0;
+  std::vector<int64_t> cache_positions = std::vector<int64_t>(4, -1);
+
+  lminf::LambdaAttentionParams params() {
+    lminf::LambdaAttentionParams p;
+    p.q = q.data();
+    p.k = p.v = kv.data();
+    p.out = out.data();
+    p.q_row_stride = p.k_row_stride = p.v_row_stride = p.out_row_stride = kHeadDim;
+    p.q_head_stride = p.k_head_stride = p.v_head_stride = p.out_head_stride = kTokens * kHeadDim;
+    p.q_batch_stride = p.out_batch_stride = 2 * kTokens * kHeadDim;
+    p.k_batch_stride = p.v_batch_stride = kTokens * kHeadDim;
+    p.query_start = &query_start;
+    p.inv_freq = inv_freq.data();
+    p.rotary_dim = kHeadDim;
+    p.batch = 1;
+    p.n_heads_q = 2;
+    p.n_heads_kv = 1;
+    p.n_queries = kTokens;
+    p.head_dim = kHeadDim;
+    p.n_global = 1;
+    p.n_local = 3;
+    p.distance_cap = 3;
+    p.scale = 0.5f;
+    return p;
+  }
+};
+
+lminf::KVCacheShape valid_shape() {
+  lminf::KVCacheShape shape;
+  shape.n_heads_kv = 1;
+  shape.head_dim = 8;
+  shape.n_global = 1;
+  shape.n_local = 3;
+  return shape;
+}
+
+}  // namespace
+
+TEST(lambda_attention_cpu_names_the_bad_field) {
+  using Params = lminf::LambdaAttentionParams;
+  const std::vector<std::pair<std::string, std::function<void(Params&)>>> cases = {
+      {"dtype", [](Params& p) { p.dtype = static_cast<DType>(7); }},
+      {"n_heads_q", [](Params& p) { p.n_heads_q = 3; p.n_heads_kv = 2; }},
+      {"n_heads_kv", [](Params& p) { p.n_heads_kv = 0; }},
+      {"head_dim", [](Params& p) { p.head_dim = 0; }},
+      {"n_local", [](Params& p) { p.n_local = 0; }},
+      {"n_global", [](Params& p) { p.n_global = -1; }},
+      {"distance_cap", [](Params& p) { p.distance_cap = -2; }},
+      {"rotary_dim", [](Params& p) { p.rotary_dim = 5; }},
+      {"rotary_dim", [](Params& p) { p.rotary_dim = 10; }},
+      {"inv_freq", [](Params& p) { p.inv_freq = nullptr; }},
+      {"query_start", [](Params& p) { p.query_start = nullptr; }},
+      {"q", [](Params& p) { p.q = nullptr; }},
+      {"out", [](Params& p) { p.out = nullptr; }},
+      {"cache_positions", [](Params& p) { p.cache_len = 4; }},
+      {"n_queries", [](Params& p) { p.n_queries = -1; }},
+  };
+  for (const auto& [field, corrupt] : cases) {
+    ValidAttention valid;
+    Params params = valid.params();
+    corrupt(params);
+    expect_error(lminf::lambda_attention_cpu(params), StatusCode::kInvalidArgument, field, field);
+    CHECK(all_nan(valid.out)) << field << ": the output was written";
+  }
+  ValidAttention valid;
+  CHECK_OK(lminf::lambda_attention_cpu(valid.params())) << "the unmodified problem is valid";
+}
+
+TEST(ring_cache_append_cpu_names_the_bad_field) {
+  using Params = lminf::RingCacheAppendParams;
+  const std::vector<std::pair<std::string, std::function<void(Params&)>>> cases = {
+      {"n_local", [](Params& p) { p.n_local = 0; }},
+      {"n_global", [](Params& p) { p.n_global = -1; }},
+      {"n_new", [](Params& p) { p.n_new = -1; }},
+      {"start_position", [](Params& p) { p.start_position = nullptr; }},
+      {"cache_positions", [](Params& p) { p.cache_positions = nullptr; }},
+      {"k", [](Params& p) { p.k = nullptr; }},
+  };
+  for (const auto& [field, corrupt] : cases) {
+    std::vector<float> cache(4 * 8), chunk = random_values(2 * 8, 3);
+    std::vector<int64_t> positions(4, -1);
+    const int64_t start = 0;
+    Params p;
+    p.cache_k = p.cache_v = cache.data();
+    p.cache_k_row_stride = p.cache_v_row_stride = p.k_row_stride = p.v_row_stride = 8;
+    p.cache_k_head_stride = p.cache_v_head_stride = p.cache_k_batch_stride = p.cache_v_batch_stride = 32;
+    p.k_head_stride = p.v_head_stride = p.k_batch_stride = p.v_batch_stride = 16;
+    p.cache_positions = positions.data();
+    p.k = p.v = chunk.data();
+    p.start_position = &start;
+    p.batch = p.n_heads_kv = 1;
+    p.n_new = 2;
+    p.head_dim = 8;
+    p.n_global = 1;
+    p.n_local = 3;
+    corrupt(p);
+    expect_error(lminf::ring_cache_append_cpu(p), StatusCode::kInvalidArgument, field, field);
+    CHECK(positions == std::vector<int64_t>(4, -1)) << field << ": the cache was written";
+  }
+}
+
+TEST(kv_cache_creation_names_the_bad_field) {
+  using Shape = lminf::KVCacheShape;
+  const std::vector<std::pair<std::string, std::function<void(Shape&)>>> cases = {
+      {"shape.dtype", [](Shape& s) { s.dtype = static_cast<DType>(-1); }},
+      {"shape.batch", [](Shape& s) { s.batch = 0; }},
+      {"shape.n_heads_kv", [](Shape& s) { s.n_heads_kv = 0; }},
+      {"shape.head_dim", [](Shape& s) { s.head_dim = -8; }},
+      {"shape.n_global", [](Shape& s) { s.n_global = -1; }},
+      {"shape.n_local", [](Shape& s) { s.n_local = 0; }},
+  };
+  for (const auto& [field, corrupt] : cases) {
+    Shape shape = valid_shape();
+    corrupt(shape);
+    KVCache cache;
+    expect_error(KVCache::allocate(shape, lminf::MemoryKind::kHost, &cache),
+                 StatusCode::kInvalidArgument, field, "allocate " + field);
+    CHECK(cache.storage().keys == nullptr) << field;
+  }
+  expect_error(KVCache::allocate(valid_shape(), lminf::MemoryKind::kHost, nullptr),
+               StatusCode::kInvalidArgument, "cache", "allocate into null");
+  expect_error(KVCache::allocate(valid_shape(), static_cast<lminf::MemoryKind>(9), nullptr),
+               StatusCode::kInvalidArgument, "memory", "allocate in unknown memory");
+
+  std::vector<float> buffer(64);
+  std::vector<int64_t> positions(4);
+  int64_t next = 0;
+  const lminf::KVCacheStorage complete{buffer.data(), buffer.data(), positions.data(), &next};
+  const std::vector<std::pair<std::string, lminf::KVCacheStorage>> storages = {
+      {"storage.keys", {nullptr, buffer.data(), positions.data(), &next}},
+      {"storage.values", {buffer.data(), nullptr, positions.data(), &next}},
+      {"storage.slot_positions", {buffer.data(), buffer.data(), nullptr, &next}},
+      {"storage.next_position", {buffer.data(), buffer.data(), positions.data(), nullptr}},
+  };
+  for (const auto& [field, storage] : storages) {
+    KVCache cache;
+    expect_error(KVCache::wrap(valid_shape(), lminf::MemoryKind::kHost, storage, &cache),
+                 StatusCode::kInvalidArgument, field, "wrap " + field);
+  }
+  KVCache cache;
+  CHECK_OK(KVCache::wrap(valid_shape(), lminf::MemoryKind::kHost, complete, &cache));
+}
+
+TEST(kv_cache_calls_name_the_bad_argument_and_keep_the_cache) {
+  KVCache cache;
+  CHECK_OK(KVCache::allocate(valid_shape(), lminf::MemoryKind::kHost, &cache));
+  const std::vector<float> inv_freq = rope_inv_freq(8);
+  const std::vector<float> q = random_values(2 * 3 * 8, 4), kv = random_values(3 * 8, 5);
+  std::vector<float> out(q.size());
+  lminf::AttentionConfig attention;
+  attention.n_heads_q = 2;
+  attention.inv_freq = inv_freq.data();
+  attention.rotary_dim = 8;
+  CHECK_OK(cache.attend_and_append(attention, q.data(), kv.data(), kv.data(), 3, out.data()));
+
+  lminf::AttentionConfig bad = attention;
+  bad.n_heads_q = 0;
+  expect_error(cache.attend(bad, q.data(), kv.data(), kv.data(), 3, out.data()),
+               StatusCode::kInvalidArgument, "n_heads_q", "attend with 0 query heads");
+  bad = attention;
+  bad.rotary_dim = 7;
+  expect_error(cache.attend_and_append(bad, q.data(), kv.data(), kv.data(), 3, out.data()),
+               StatusCode::kInvalidArgument, "rotary_dim", "attend with odd rotary_dim");
+  bad = attention;
+  bad.distance_cap = -1;
+  expect_error(cache.decode(bad, q.data(), kv.data(), kv.data(), out.data()),
+               StatusCode::kInvalidArgument, "distance_cap", "decode with negative distance_cap");
+  expect_error(cache.attend(attention, nullptr, kv.data(), kv.data(), 3, out.data()),
+               StatusCode::kInvalidArgument, "q", "attend with null q");
+  expect_error(cache.append(kv.data(), nullptr, 3), StatusCode::kInvalidArgument, "v",
+               "append with null v");
+  expect_error(cache.append(kv.data(), kv.data(), -3), StatusCode::kInvalidArgument, "n_tokens",
+               "append a negative count");
+  expect_error(cache.attend(attention, q.data(), kv.data(), kv.data(), -1, out.data()),
+               StatusCode::kInvalidArgument, "n_tokens", "attend a negative count");
+  CHECK(cache.n_seen() == 3) << "failed calls moved the cache to " << cache.n_seen();
+  CHECK(cache.storage().slot_positions[1] == 1 && *cache.storage().next_position == 3);
+
+  KVCache empty;
+  expect_error(empty.append(kv.data(), kv.data(), 3), StatusCode::kInvalidArgument, "no storage",
+               "append to an empty cache");
+}
+
+TEST(cuda_memory_in_a_cpu_build_is_unsupported) {
+  if (LMINF_TEST_CUDA_BUILT) return;  // with CUDA built in, the outcome depends on the machine
+  KVCache cache;
+  expect_error(KVCache::allocate(valid_shape(), lminf::MemoryKind::kCuda, &cache),
+               StatusCode::kUnsupported, "CUDA", "allocate in CUDA memory");
+}
