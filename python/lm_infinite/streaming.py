@@ -1,0 +1,117 @@
+"""Streams of any length through an LM-Infinite-enabled model, in chunks, in constant memory.
+
+`generate()` re-creates position and mask tensors that grow with the text at every step; this
+loop passes each chunk with its own positions (position_ids of the chunk's length) and no mask,
+so that nothing it holds grows with the stream: the LambdaCache (G + L tokens per layer), one
+chunk of activations, and the last position's logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .hf import LambdaCache, cache_argument_name
+from .hf.families import decoder_of
+
+__all__ = ["LambdaStream"]
+
+
+class LambdaStream:
+    """One stream (batch of equal-length sequences) through an enabled model.
+
+    feed(ids) -> logits of every fed token; nll(ids) -> per-token negative log-likelihood;
+    generate(n) -> continuation tokens. Calls continue the same stream.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int = 1024) -> None:
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"LambdaStream: chunk_size must be an int >= 1, got {chunk_size!r}")
+        self.model, self.chunk_size = model, chunk_size
+        self.cache = LambdaCache(model)  # raises unless lm_infinite.enable(model) was called
+        self._decoder = decoder_of(model)
+        self._head = model.get_output_embeddings()
+        self._cache_keyword = cache_argument_name(self._decoder)
+        self._device = next(model.parameters()).device
+        # Logits at the last fed position: they predict the next token. [batch, vocab] or None.
+        self.next_logits: torch.Tensor | None = None
+
+    @property
+    def position(self) -> int:
+        """Tokens fed so far, i.e. the position of the next token."""
+        return self.cache.get_seq_length()
+
+    def _hidden_states(self, chunk: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(self.position, self.position + chunk.shape[1], device=self._device)
+        output = self._decoder(
+            input_ids=chunk.to(self._device), position_ids=positions.unsqueeze(0), use_cache=True,
+            **{self._cache_keyword: self.cache},
+        )
+        return output.last_hidden_state
+
+    def _chunks(self, input_ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, tokens] or [tokens] tensor, "
+                             f"got shape {tuple(input_ids.shape)}")
+        yield from input_ids.split(self.chunk_size, dim=1)
+
+    @torch.inference_mode()
+    def feed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Append tokens to the stream; returns their logits [batch, tokens, vocab] (float32)."""
+        pieces = []
+        for chunk in self._chunks(input_ids):
+            logits = self._head(self._hidden_states(chunk)).float()
+            self.next_logits = logits[:, -1]
+            pieces.append(logits)
+        return torch.cat(pieces, dim=1)
+
+    @torch.inference_mode()
+    def nll(self, input_ids: torch.Tensor, progress=None) -> torch.Tensor:
+        """Append tokens and return each one's negative log-likelihood given everything before
+        it in the stream: float32 [batch, tokens]; NaN for the stream's very first token, which
+        nothing predicts. Logits are never held for more than one chunk. `progress`, if given,
+        is called with the number of tokens of each chunk done (e.g. a tqdm's update)."""
+        pieces = []
+        for chunk in self._chunks(input_ids):
+            chunk = chunk.to(self._device)
+            logits = self._head(self._hidden_states(chunk)).float()
+            # Token t is predicted by the logits at t - 1: the previous chunk's last row first.
+            previous = self.next_logits
+            if previous is None:
+                previous = torch.full_like(logits[:, :1], float("nan"))
+            else:
+                previous = previous.unsqueeze(1)
+            predictors = torch.cat([previous, logits[:, :-1]], dim=1)
+            log_probs = F.log_softmax(predictors, dim=-1)
+            pieces.append(-log_probs.gather(-1, chunk.unsqueeze(-1)).squeeze(-1))
+            self.next_logits = logits[:, -1]
+            if progress is not None:
+                progress(chunk.shape[1])
+        return torch.cat(pieces, dim=1).cpu()
+
+    @torch.inference_mode()
+    def generate(self, max_new_tokens: int, *, stop_token_ids: Iterable[int] = (),
+                 temperature: float = 0.0, generator: torch.Generator | None = None) -> Iterator[int]:
+        """Continue the stream (batch 1): yields up to max_new_tokens token ids, greedy when
+        temperature is 0, else sampled. Each token is fed back before it is yielded, so the
+        stream always holds everything produced; a stop token ends the continuation."""
+        if self.next_logits is None:
+            raise ValueError("LambdaStream.generate: feed a prompt first")
+        if self.next_logits.shape[0] != 1:
+            raise ValueError("LambdaStream.generate: needs a stream of batch 1")
+        stop = set(stop_token_ids)
+        for _ in range(max_new_tokens):
+            logits = self.next_logits[0]
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            else:
+                token = int(logits.argmax())
+            self.feed(torch.tensor([[token]]))
+            yield token
+            if token in stop:
+                return
