@@ -23,6 +23,16 @@ def _position_tensor(position: int | torch.Tensor, device: torch.device) -> torc
     return torch.tensor([position], dtype=torch.int64, device=device)
 
 
+def _check_devices(op: str, **tensors: torch.Tensor) -> None:
+    """Mixed devices would otherwise reach whichever kernel the dispatcher picks first."""
+    (first_name, first), *rest = tensors.items()
+    for name, tensor in rest:
+        if tensor.device != first.device:
+            raise ValueError(
+                f"{op}: {name} must be on {first_name}'s device ({first.device}), got {tensor.device}"
+            )
+
+
 def _defaults(q: torch.Tensor, n_local: int, distance_cap: int | None, scale: float | None):
     distance_cap = n_local if distance_cap is None else distance_cap
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -47,6 +57,7 @@ def lambda_attention(
     first rotary_dim features (rotate_half convention). distance_cap defaults to n_local,
     scale to head_dim ** -0.5. Returns [batch, heads_q, seq, head_dim] in q's dtype.
     """
+    _check_devices("lambda_attention", q=q, k=k, v=v, inv_freq=inv_freq)
     distance_cap, scale = _defaults(q, n_local, distance_cap, scale)
     return torch.ops.lminf.lambda_attention(q, k, v, inv_freq, n_global, n_local, distance_cap, scale)
 
@@ -70,8 +81,10 @@ def lambda_attention_chunk(
     own keys (k, v: [batch, heads_kv, seq, head_dim]) and to cached earlier tokens
     (cache_k, cache_v: [batch, heads_kv, slots, head_dim]; cache_positions: int64 [slots],
     negative = empty). query_start: int or int64 tensor [1] on q's device."""
-    distance_cap, scale = _defaults(q, n_local, distance_cap, scale)
     query_start = _position_tensor(query_start, q.device)
+    _check_devices("lambda_attention_chunk", q=q, k=k, v=v, cache_k=cache_k, cache_v=cache_v,
+                   cache_positions=cache_positions, query_start=query_start, inv_freq=inv_freq)
+    distance_cap, scale = _defaults(q, n_local, distance_cap, scale)
     return torch.ops.lminf.lambda_attention_chunk(
         q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq,
         n_global, n_local, distance_cap, scale,
@@ -93,6 +106,8 @@ def ring_cache_append(
     cache ([batch, heads_kv, n_global + n_local, head_dim]) in place, keeping the first
     n_global tokens and the last n_local."""
     start_position = _position_tensor(start_position, k.device)
+    _check_devices("ring_cache_append", cache_k=cache_k, cache_v=cache_v,
+                   cache_positions=cache_positions, k=k, v=v, start_position=start_position)
     torch.ops.lminf.ring_cache_append(
         cache_k, cache_v, cache_positions, k, v, start_position, n_global, n_local
     )
