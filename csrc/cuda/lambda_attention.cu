@@ -1,0 +1,128 @@
+// lambda_attention_cuda: validation, the launch plan, and dispatch to the kernels.
+//
+//   bf16/fp16, head_dim 64 or 128, 16-byte aligned  -> lambda_attention_mma.cu (tensor cores)
+//     n_queries <= 16: decode mode (a KV group's query heads share a block)
+//     fewer blocks than 2 waves would fill: keys split across blocks, then lse_merge.cu
+//   anything else up to head_dim 256 (float32, odd layouts) -> lambda_attention_generic.cu
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <string>
+
+#include "common.cuh"
+#include "lambda_attention_plan.cuh"
+#include "lminf/lambda_attention.h"
+
+namespace lminf::cuda {
+namespace {
+
+constexpr int64_t kMaxSplits = 128;
+constexpr int64_t kGenericMaxHeadDim = 256;
+
+// Multiprocessor count of the current device, read once per device (no host sync, and legal
+// while a stream is being captured).
+int sm_count() {
+  static std::atomic<int> cached[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 132;
+  int count = cached[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      return 132;
+    cached[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
+bool strides_multiple_of_8(std::initializer_list<int64_t> strides) {
+  for (int64_t stride : strides)
+    if (stride % 8 != 0) return false;
+  return true;
+}
+
+// The tensor-core kernel moves rows in 16-byte pieces.
+bool tensor_core_eligible(const LambdaAttentionParams& p) {
+  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
+  if (p.head_dim != 64 && p.head_dim != 128) return false;
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out)) return false;
+  if (!strides_multiple_of_8({p.q_batch_stride, p.q_head_stride, p.q_row_stride,
+                              p.k_batch_stride, p.k_head_stride, p.k_row_stride,
+                              p.v_batch_stride, p.v_head_stride, p.v_row_stride,
+                              p.out_batch_stride, p.out_head_stride, p.out_row_stride}))
+    return false;
+  if (p.cache_len > 0) {
+    if (!aligned16(p.cache_k) || !aligned16(p.cache_v)) return false;
+    if (!strides_multiple_of_8({p.cache_k_batch_stride, p.cache_k_head_stride,
+                                p.cache_k_row_stride, p.cache_v_batch_stride,
+                                p.cache_v_head_stride, p.cache_v_row_stride}))
+      return false;
+  }
+  return true;
+}
+
+size_t round_up_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+}  // namespace
+
+AttentionPlan plan_attention(const LambdaAttentionParams& p) {
+  AttentionPlan plan;
+  if (!tensor_core_eligible(p)) return plan;  // generic: one pass, no workspace
+  plan.path = AttentionPath::kTensorCore;
+  const int64_t group = p.n_heads_q / p.n_heads_kv;
+  plan.heads_per_block = p.n_queries <= kDecodeMaxQueries ? group : 1;
+  plan.row_tiles = (plan.heads_per_block * p.n_queries + kMmaBlockRows - 1) / kMmaBlockRows;
+  const int64_t blocks = plan.row_tiles * (p.n_heads_q / plan.heads_per_block) * p.batch;
+  const int64_t target = 2 * static_cast<int64_t>(sm_count());  // two resident blocks per SM
+  if (blocks > 0 && blocks < target) {
+    // Upper bound on the key tiles a block visits: the cache, the band, one global tile.
+    const int64_t band_keys = min64(p.n_queries, p.n_local + kMmaBlockRows);
+    const int64_t key_tiles = (p.cache_len + kMmaBlockKeys - 1) / kMmaBlockKeys +
+                              (band_keys + kMmaBlockKeys - 1) / kMmaBlockKeys + 1;
+    plan.n_splits = min64(min64((target + blocks - 1) / blocks, key_tiles), kMaxSplits);
+  }
+  if (plan.n_splits > 1) {
+    const size_t partials = static_cast<size_t>(p.batch * p.n_heads_q * p.n_queries * plan.n_splits);
+    plan.partial_lse_offset = round_up_256(partials * p.head_dim * sizeof(float));
+    plan.workspace_bytes = plan.partial_lse_offset + round_up_256(partials * sizeof(float));
+  }
+  return plan;
+}
+
+}  // namespace lminf::cuda
+
+namespace lminf {
+
+size_t lambda_attention_cuda_workspace_size(const LambdaAttentionParams& params) {
+  if (!validate(params).ok()) return 0;
+  return cuda::plan_attention(params).workspace_bytes;
+}
+
+Status lambda_attention_cuda(const LambdaAttentionParams& params, void* workspace, void* stream) {
+  Status status = validate(params);
+  if (!status.ok()) return status;
+  if (params.batch == 0 || params.n_queries == 0) return Status::Ok();
+  const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  const cuda::AttentionPlan plan = cuda::plan_attention(params);
+
+  if (plan.path == cuda::AttentionPath::kGeneric) {
+    if (params.head_dim > cuda::kGenericMaxHeadDim)
+      return Status::Unsupported("lambda_attention_cuda: head_dim=" +
+                                 std::to_string(params.head_dim) +
+                                 " is not supported (at most 256)");
+    return cuda::launch_lambda_attention_generic(params, cuda_stream);
+  }
+  const int64_t grid_y = params.n_heads_q / plan.heads_per_block;
+  if (grid_y > 65535 || params.batch > 65535)
+    return Status::Unsupported("lambda_attention_cuda: batch=" + std::to_string(params.batch) +
+                               " and n_heads_q / heads per block=" + std::to_string(grid_y) +
+                               " must each be at most 65535");
+  if (plan.n_splits > 1 && workspace == nullptr)
+    return Status::InvalidArgument("lambda_attention_cuda: workspace must hold " +
+                                   std::to_string(plan.workspace_bytes) +
+                                   " bytes (lambda_attention_cuda_workspace_size), got null");
+  status = cuda::launch_lambda_attention_mma(params, plan, workspace, cuda_stream);
+  if (!status.ok() || plan.n_splits == 1) return status;
+  return cuda::launch_lse_merge(params, plan, workspace, cuda_stream);
+}
+
+}  // namespace lminf
