@@ -1,0 +1,107 @@
+// ring_cache_append_cuda: writes a chunk of keys/values into the ring-buffer cache.
+//
+// Token t of the chunk (position p = *start_position + t) goes to slot ring_slot(p). Only the
+// tokens that survive the chunk are copied: those at p < n_global, and the last n_local (an
+// earlier token with p >= n_global shares its slot with the token n_local later). Survivors
+// occupy distinct slots, so blocks never race. The grid is sized from the bound
+// n_global + n_local on survivors (the start position lives on the device); block x maps to
+// the x-th survivor or exits.
+//
+// One block per (survivor, kv head, batch row): a row of head_dim elements, in 16-byte words
+// when every row is 16-byte aligned, element by element otherwise. Block (x, 0, 0) also writes
+// the slot's position.
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "common.cuh"
+#include "lminf/ring_kv_cache.h"
+
+namespace lminf::cuda {
+namespace {
+
+constexpr int kThreads = 64;
+
+// Word: uint4 (16-byte copies) or the element's own width (uint16_t / uint32_t). Strides and
+// head_dim are in elements; kElemsPerWord elements make one Word.
+template <typename Word, int kElemsPerWord>
+__global__ void __launch_bounds__(kThreads) ring_cache_append_kernel(const RingCacheAppendParams p,
+                                                                     int element_bytes) {
+  const int64_t start = *p.start_position;
+  const int64_t n_new = p.n_new, n_global = p.n_global, n_local = p.n_local;
+  // Survivors: t in [0, n_prefix) (global positions), then t in [suffix_begin, n_new).
+  const int64_t n_prefix = max64(0, min64(n_global - start, n_new));
+  const int64_t suffix_begin = max64(n_prefix, n_new - n_local);
+  const int64_t index = blockIdx.x;
+  const int64_t t = index < n_prefix ? index : suffix_begin + (index - n_prefix);
+  if (t >= n_new) return;
+  const int64_t position = start + t;
+  const int64_t slot = position < n_global ? position : n_global + (position - n_global) % n_local;
+  const int64_t b = blockIdx.z, head = blockIdx.y;
+  if (b == 0 && head == 0 && threadIdx.x == 0) p.cache_positions[slot] = position;
+
+  const char* k_src = static_cast<const char*>(p.k) +
+                      (b * p.k_batch_stride + head * p.k_head_stride + t * p.k_row_stride) *
+                          element_bytes;
+  const char* v_src = static_cast<const char*>(p.v) +
+                      (b * p.v_batch_stride + head * p.v_head_stride + t * p.v_row_stride) *
+                          element_bytes;
+  char* k_dst = static_cast<char*>(p.cache_k) + (b * p.cache_k_batch_stride +
+                                                 head * p.cache_k_head_stride +
+                                                 slot * p.cache_k_row_stride) * element_bytes;
+  char* v_dst = static_cast<char*>(p.cache_v) + (b * p.cache_v_batch_stride +
+                                                 head * p.cache_v_head_stride +
+                                                 slot * p.cache_v_row_stride) * element_bytes;
+  const int64_t n_words = p.head_dim / kElemsPerWord;
+  // A row is at most a few iterations; unrolling only made ptxas spill around the 64-bit
+  // remainder above.
+#pragma unroll 1
+  for (int64_t w = threadIdx.x; w < n_words; w += kThreads) {
+    reinterpret_cast<Word*>(k_dst)[w] = reinterpret_cast<const Word*>(k_src)[w];
+    reinterpret_cast<Word*>(v_dst)[w] = reinterpret_cast<const Word*>(v_src)[w];
+  }
+}
+
+bool rows_16_byte_aligned(const RingCacheAppendParams& p, int element_bytes) {
+  const int64_t per_word = 16 / element_bytes;
+  for (int64_t stride : {p.k_batch_stride, p.k_head_stride, p.k_row_stride, p.v_batch_stride,
+                         p.v_head_stride, p.v_row_stride, p.cache_k_batch_stride,
+                         p.cache_k_head_stride, p.cache_k_row_stride, p.cache_v_batch_stride,
+                         p.cache_v_head_stride, p.cache_v_row_stride, p.head_dim})
+    if (stride % per_word != 0) return false;
+  return aligned16(p.k) && aligned16(p.v) && aligned16(p.cache_k) && aligned16(p.cache_v);
+}
+
+}  // namespace
+}  // namespace lminf::cuda
+
+namespace lminf {
+
+Status ring_cache_append_cuda(const RingCacheAppendParams& params, void* stream) {
+  const Status status = validate(params);
+  if (!status.ok()) return status;
+  if (params.n_new == 0 || params.batch == 0) return Status::Ok();
+  if (params.n_heads_kv > 65535 || params.batch > 65535)
+    return Status::Unsupported("ring_cache_append_cuda: batch=" + std::to_string(params.batch) +
+                               " and n_heads_kv=" + std::to_string(params.n_heads_kv) +
+                               " must each be at most 65535");
+  // Every token could survive when the chunk is short; never more than the cache holds.
+  const int64_t max_survivors = cuda::min64(params.n_new, params.n_global + params.n_local);
+  const dim3 grid(static_cast<unsigned>(max_survivors), static_cast<unsigned>(params.n_heads_kv),
+                  static_cast<unsigned>(params.batch));
+  const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  const int element_bytes = dtype_size(params.dtype);
+  if (cuda::rows_16_byte_aligned(params, element_bytes)) {
+    if (element_bytes == 2)
+      cuda::ring_cache_append_kernel<uint4, 8><<<grid, cuda::kThreads, 0, cuda_stream>>>(params, 2);
+    else
+      cuda::ring_cache_append_kernel<uint4, 4><<<grid, cuda::kThreads, 0, cuda_stream>>>(params, 4);
+  } else if (element_bytes == 2) {
+    cuda::ring_cache_append_kernel<uint16_t, 1><<<grid, cuda::kThreads, 0, cuda_stream>>>(params, 2);
+  } else {
+    cuda::ring_cache_append_kernel<uint32_t, 1><<<grid, cuda::kThreads, 0, cuda_stream>>>(params, 4);
+  }
+  return cuda::launch_status("ring_cache_append_kernel");
+}
+
+}  // namespace lminf
