@@ -1,0 +1,31 @@
+"""The `lminf` command line: ppl, passkey, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import demo, generate, passkey, ppl
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lminf", description="LM-Infinite: RoPE language models on texts far past their training length.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in (demo, ppl, passkey, generate):
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lminf` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (OSError, ValueError) as error:  # bad input: files, model, settings, text
+        print(f"lminf {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

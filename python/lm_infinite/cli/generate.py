@@ -1,0 +1,63 @@
+"""lminf generate: stream a continuation of a long prompt to stdout."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from ..eval.methods import lm_infinite_enabled
+from ..streaming import LambdaStream
+from .common import add_model_options, load, non_negative_int, positive_int, settings_from
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="continue a long prompt with LM-Infinite, streaming to stdout",
+        description="Feed the prompt in chunks (constant memory whatever its length) and print "
+                    "the continuation as it is generated.")
+    parser.add_argument("prompt", metavar="PROMPT_FILE", help="text file with the prompt ('-' for stdin)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    add_model_options(parser)
+    parser.set_defaults(run=run)
+
+
+def read_prompt(name: str) -> str:
+    if name == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {name!r} does not exist")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"the prompt in {name!r} is empty")
+    return text
+
+
+def run(args) -> int:
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    text = read_prompt(args.prompt)
+    model, tokenizer, _ = load(args)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    with lm_infinite_enabled(model, settings_from(args)):
+        stream = LambdaStream(model, chunk_size=args.chunk_size)
+        stream.feed(ids)
+        generator = torch.Generator().manual_seed(args.seed)
+        tokens, printed = [], ""
+        for token in stream.generate(args.max_new_tokens, stop_token_ids=stop,
+                                     temperature=args.temperature, generator=generator):
+            tokens.append(token)
+            # Decode the whole continuation: a character may span several tokens.
+            decoded = tokenizer.decode(tokens, skip_special_tokens=True)
+            if decoded.startswith(printed):
+                sys.stdout.write(decoded[len(printed):])
+                sys.stdout.flush()
+                printed = decoded
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation: long-text perplexity and passkey retrieval for stock, truncated and LM-Infinite."""

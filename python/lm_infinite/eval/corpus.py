@@ -1,0 +1,50 @@
+"""Long texts every Python has: pydoc's topic documentation, then the standard library's sources."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import torch
+
+__all__ = ["default_corpus_tokens", "file_tokens"]
+
+
+def _pydoc_text() -> str:
+    import pydoc_data.topics
+
+    return "\n\n".join(pydoc_data.topics.topics.values())
+
+
+def _stdlib_sources():
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.glob("*.py")):
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def default_corpus_tokens(tokenizer, n_tokens: int) -> torch.Tensor:
+    """The first n_tokens tokens (int64 [n_tokens]) of pydoc's topics (about 113K tokens for
+    SmolLM2) followed, for longer runs, by the standard library's top-level modules."""
+    pieces = [tokenizer(_pydoc_text(), return_tensors="pt").input_ids[0]]
+    total = pieces[0].numel()
+    sources = _stdlib_sources()
+    while total < n_tokens:
+        source = next(sources, None)
+        if source is None:
+            raise ValueError(f"the default corpus has only {total} tokens; asked for {n_tokens}")
+        pieces.append(tokenizer("\n\n" + source, return_tensors="pt").input_ids[0])
+        total += pieces[-1].numel()
+    return torch.cat(pieces)[:n_tokens]
+
+
+def file_tokens(paths, tokenizer) -> torch.Tensor:
+    """The tokens of the given text files, concatenated (int64 [tokens])."""
+    texts = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"text file {str(path)!r} does not exist")
+        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    text = "\n\n".join(texts)
+    if not text.strip():
+        raise ValueError(f"the text in {', '.join(map(str, paths))} is empty")
+    return tokenizer(text, return_tensors="pt").input_ids[0]

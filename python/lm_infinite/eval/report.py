@@ -1,0 +1,122 @@
+"""Tables, JSON and PNG plots of evaluation results, written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .perplexity import bucket_perplexity
+
+__all__ = ["atomic_write", "passkey_table", "perplexity_table", "plot_passkey", "plot_perplexity",
+           "write_json"]
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(temporary_path), then rename it to `path`: a reader (or a crash) never sees a
+    half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def write_json(path: str | Path, data) -> None:
+    def write(temporary):
+        with open(temporary, "w") as file:
+            json.dump(data, file, indent=1, allow_nan=True)
+            file.write("\n")
+
+    atomic_write(path, write)
+
+
+def _format_ppl(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def perplexity_table(nll: dict[str, torch.Tensor], bucket_size: int) -> str:
+    """Perplexity per position bucket, one column per method."""
+    methods = list(nll)
+    columns = {m: bucket_perplexity(nll[m], bucket_size) for m in methods}
+    lines = ["tokens          " + "".join(f"{m:>14}" for m in methods)]
+    for i, (start, end, _) in enumerate(columns[methods[0]]):
+        cells = "".join(f"{_format_ppl(columns[m][i][2]):>14}" for m in methods)
+        lines.append(f"{start:>6}-{end:<8} {cells}")
+    return "\n".join(lines)
+
+
+def _moving_average(values: torch.Tensor, width: int) -> torch.Tensor:
+    kernel = torch.ones(1, 1, width) / width
+    return torch.nn.functional.conv1d(values.double()[None, None], kernel.double())[0, 0]
+
+
+def plot_perplexity(path: str | Path, nll: dict[str, torch.Tensor], *, n_local: int, title: str,
+                    smoothing: int = 256) -> None:
+    """NLL against position (moving average), as in figure 1 of the LM-Infinite paper."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for method, values in nll.items():
+        positions = torch.arange(values.numel())
+        scored = ~torch.isnan(values)
+        values, positions = values[scored], positions[scored]
+        width = min(smoothing, values.numel())
+        axes.plot(positions[width - 1 :].numpy(), _moving_average(values, width).numpy(), label=method)
+    axes.axvline(n_local, color="gray", linestyle="--", linewidth=1, label=f"n_local = {n_local}")
+    axes.set(xlabel="token position", ylabel=f"NLL (moving average of {smoothing})", title=title)
+    axes.legend()
+    figure.tight_layout()
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+    plt.close(figure)
+
+
+def _accuracy_by(records, key) -> dict:
+    hits = defaultdict(list)
+    for record in records:
+        hits[(record["method"], record[key])].append(record["correct"])
+    return {group: sum(values) / len(values) for group, values in hits.items()}
+
+
+def passkey_table(records: list[dict]) -> str:
+    """Accuracy per prompt length, one column per method."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    lengths = list(dict.fromkeys(r["length"] for r in records))
+    accuracy = _accuracy_by(records, "length")
+    lines = ["length  " + "".join(f"{m:>14}" for m in methods)]
+    for length in lengths:
+        lines.append(f"{length:>6}  " + "".join(f"{accuracy[(m, length)]:>14.0%}" for m in methods))
+    return "\n".join(lines)
+
+
+def plot_passkey(path: str | Path, records: list[dict], *, title: str) -> None:
+    """Accuracy against prompt length, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy = _accuracy_by(records, "length")
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for method in dict.fromkeys(r["method"] for r in records):
+        lengths = sorted({length for (m, length) in accuracy if m == method})
+        axes.plot(lengths, [accuracy[(method, n)] for n in lengths], marker="o", label=method)
+    axes.set(xlabel="prompt length (tokens)", ylabel="passkey accuracy", ylim=(-0.05, 1.05), title=title)
+    axes.set_xscale("log", base=2)
+    axes.legend()
+    figure.tight_layout()
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+    plt.close(figure)

@@ -1,0 +1,132 @@
+"""The lminf command line on a tiny local model: outputs, their agreement, and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lm_infinite.hf as lminf_hf
+from lm_infinite.cli import main
+from lm_infinite.models import load_model
+from lm_infinite.streaming import LambdaStream
+from tiny_model_dir import TRAINING_LENGTH, save_tiny_model
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text("The grass is green. def f(x):\n    return x + 1\n" * 12)
+    return path
+
+
+def _run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_ppl_writes_a_table_json_and_plot_that_agree(model_dir, text_file, tmp_path, capsys):
+    out_json, out_png = tmp_path / "ppl.json", tmp_path / "ppl.png"
+    status = _run("ppl", text_file, "--model", model_dir, "--tokens", 150, "--stride", 8,
+                  "--chunk-size", 40, "--bucket", 50, "--n-global", 2, "--json", out_json,
+                  "--plot", out_png, "--no-progress")
+    assert status == 0
+    assert "perplexity on tokens 32-150" in capsys.readouterr().out
+    result = json.loads(out_json.read_text())
+    nll = {m: torch.tensor([float("nan") if x is None else x for x in v]) for m, v in result["nll"].items()}
+    assert set(nll) == {"stock", "truncated", "lm-infinite"} and result["n_tokens"] == 150
+    assert result["settings"] == {"n_global": 2, "n_local": TRAINING_LENGTH, "distance_cap": TRAINING_LENGTH}
+    # Inside the window LM-Infinite is the stock model; the truncated baseline starts after it.
+    torch.testing.assert_close(nll["lm-infinite"][1:TRAINING_LENGTH], nll["stock"][1:TRAINING_LENGTH],
+                               atol=1e-3, rtol=0)
+    assert torch.isnan(nll["truncated"][:TRAINING_LENGTH]).all()
+    assert not torch.isnan(nll["truncated"][TRAINING_LENGTH:]).any()
+    # The JSON's LM-Infinite NLL is the streaming API's.
+    model, tokenizer = load_model(model_dir)
+    ids = tokenizer(text_file.read_text(), return_tensors="pt").input_ids[:, :150]
+    stream = LambdaStream(lminf_hf.enable(model, n_global=2), chunk_size=40)
+    torch.testing.assert_close(nll["lm-infinite"][1:], stream.nll(ids)[0, 1:], atol=1e-3, rtol=0)
+    assert [row["start"] for row in result["buckets"]] == [0, 50, 100]
+    assert out_png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_passkey_reports_every_trial(model_dir, tmp_path, capsys):
+    out_json, out_png = tmp_path / "passkey.json", tmp_path / "passkey.png"
+    status = _run("passkey", "--model", model_dir, "--lengths", "160,240", "--depths", "0,1",
+                  "--max-new-tokens", 3, "--json", out_json, "--plot", out_png, "--no-progress")
+    assert status == 0
+    table = capsys.readouterr().out
+    assert "stock" in table and "lm-infinite" in table
+    trials = json.loads(out_json.read_text())["trials"]
+    assert len(trials) == 2 * 2 * 3
+    assert all(t["prompt_tokens"] <= t["length"] for t in trials)
+    assert out_png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_generate_prints_the_greedy_stream_continuation(model_dir, text_file, capsys):
+    assert _run("generate", text_file, "--model", model_dir, "--max-new-tokens", 12, "--n-local", 16) == 0
+    printed = capsys.readouterr().out
+    model, tokenizer = load_model(model_dir)
+    stream = LambdaStream(lminf_hf.enable(model, n_local=16))
+    stream.feed(tokenizer(text_file.read_text(), return_tensors="pt").input_ids)
+    tokens = list(stream.generate(12, stop_token_ids=[tokenizer.eos_token_id]))
+    assert printed == tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
+
+
+def _assert_fails(capsys, argv, message, outputs=()):
+    assert _run(*argv) == 1
+    assert message in capsys.readouterr().err
+    for path in outputs:
+        assert not Path(path).exists() and not list(Path(path).parent.glob(f".{Path(path).name}*"))
+
+
+def test_bad_input_fails_cleanly_and_writes_nothing(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    not_a_model = tmp_path / "weights.gguf"
+    not_a_model.write_bytes(b"not a gguf file at all")
+    gpt2_dir = tmp_path / "gpt2"
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=300)).save_pretrained(gpt2_dir)
+    import shutil
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, gpt2_dir / name)
+
+    cases = [
+        (["ppl", tmp_path / "missing.txt", "--model", model_dir], "missing.txt"),
+        (["ppl", empty, "--model", model_dir], "empty"),
+        (["ppl", text_file, "--model", model_dir, "--n-local", 4096], "--n-local (4096)"),
+        (["ppl", text_file, "--model", tmp_path / "no-model"], "does not exist"),
+        (["ppl", text_file, "--model", not_a_model], "is not a GGUF file"),
+        (["ppl", text_file, "--model", gpt2_dir], "llama, mistral, qwen2, qwen3, phi3"),
+        (["generate", empty, "--model", model_dir], "empty"),
+        (["passkey", "--model", model_dir, "--lengths", 20], "shorter than the prompt"),
+    ]
+    for argv, message in cases:
+        _assert_fails(capsys, argv + ["--json", out, "--no-progress"] if argv[0] == "ppl" else argv,
+                      message, outputs=[out])
+
+
+@pytest.mark.parametrize("argv", [["ppl", "--n-local", "0"], ["ppl", "--methods", "stock,bogus"],
+                                  ["passkey", "--depths", "1.5"], ["frobnicate"]])
+def test_malformed_options_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "lm_infinite.cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert all(command in done.stdout for command in ("ppl", "passkey", "generate", "demo"))
