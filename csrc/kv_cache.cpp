@@ -34,7 +34,8 @@ Status check_shape(const char* function, const KVCacheShape& s) {
   if (s.dtype != DType::kFloat32 && s.dtype != DType::kBFloat16 && s.dtype != DType::kFloat16)
     return invalid(function, "shape.dtype must be float32, bfloat16 or float16");
   if (s.batch < 1) return invalid(function, "shape.batch must be >= 1, got ", s.batch);
-  if (s.n_heads_kv < 1) return invalid(function, "shape.n_heads_kv must be >= 1, got ", s.n_heads_kv);
+  if (s.n_heads_kv < 1)
+    return invalid(function, "shape.n_heads_kv must be >= 1, got ", s.n_heads_kv);
   if (s.head_dim < 1) return invalid(function, "shape.head_dim must be >= 1, got ", s.head_dim);
   if (s.n_global < 0) return invalid(function, "shape.n_global must be >= 0, got ", s.n_global);
   if (s.n_local < 1) return invalid(function, "shape.n_local must be >= 1, got ", s.n_local);
@@ -48,6 +49,101 @@ Status check_memory(const char* function, MemoryKind memory) {
 }
 
 int64_t slots(const KVCacheShape& s) { return s.n_global + s.n_local; }
+
+// Element strides of a dense [batch, heads, rows, head_dim] tensor.
+struct DenseStrides {
+  int64_t batch, head, row;
+};
+DenseStrides dense(int64_t heads, int64_t rows, int64_t head_dim) {
+  return {heads * rows * head_dim, rows * head_dim, head_dim};
+}
+
+// The kernel's view of n_tokens new tokens (dense q, k, v, out) attending to a cache.
+LambdaAttentionParams chunk_attention_params(const KVCacheShape& shape,
+                                             const KVCacheStorage& storage,
+                                             const AttentionConfig& attention, const void* q,
+                                             const void* k, const void* v, int64_t n_tokens,
+                                             void* out) {
+  const int64_t d = shape.head_dim;
+  const DenseStrides q_strides = dense(attention.n_heads_q, n_tokens, d);
+  const DenseStrides kv_strides = dense(shape.n_heads_kv, n_tokens, d);
+  const DenseStrides cache_strides = dense(shape.n_heads_kv, slots(shape), d);
+  LambdaAttentionParams p;
+  p.dtype = shape.dtype;
+  p.q = q;
+  p.q_batch_stride = q_strides.batch;
+  p.q_head_stride = q_strides.head;
+  p.q_row_stride = q_strides.row;
+  p.k = k;
+  p.k_batch_stride = kv_strides.batch;
+  p.k_head_stride = kv_strides.head;
+  p.k_row_stride = kv_strides.row;
+  p.v = v;
+  p.v_batch_stride = kv_strides.batch;
+  p.v_head_stride = kv_strides.head;
+  p.v_row_stride = kv_strides.row;
+  p.cache_k = storage.keys;
+  p.cache_k_batch_stride = cache_strides.batch;
+  p.cache_k_head_stride = cache_strides.head;
+  p.cache_k_row_stride = cache_strides.row;
+  p.cache_v = storage.values;
+  p.cache_v_batch_stride = cache_strides.batch;
+  p.cache_v_head_stride = cache_strides.head;
+  p.cache_v_row_stride = cache_strides.row;
+  p.cache_positions = storage.slot_positions;
+  p.cache_len = slots(shape);
+  p.query_start = storage.next_position;
+  p.out = out;
+  p.out_batch_stride = q_strides.batch;
+  p.out_head_stride = q_strides.head;
+  p.out_row_stride = q_strides.row;
+  p.inv_freq = attention.inv_freq;
+  p.rotary_dim = attention.rotary_dim;
+  p.batch = shape.batch;
+  p.n_heads_q = attention.n_heads_q;
+  p.n_heads_kv = shape.n_heads_kv;
+  p.n_queries = n_tokens;
+  p.head_dim = d;
+  p.n_global = shape.n_global;
+  p.n_local = shape.n_local;
+  p.distance_cap = attention.distance_cap.value_or(shape.n_local);
+  p.scale = attention.scale.value_or(1.0f / std::sqrt(static_cast<float>(d)));
+  return p;
+}
+
+// The kernel's view of n_tokens new tokens (dense k, v) written into a cache.
+RingCacheAppendParams chunk_append_params(const KVCacheShape& shape, const KVCacheStorage& storage,
+                                          const void* k, const void* v, int64_t n_tokens) {
+  const DenseStrides kv_strides = dense(shape.n_heads_kv, n_tokens, shape.head_dim);
+  const DenseStrides cache_strides = dense(shape.n_heads_kv, slots(shape), shape.head_dim);
+  RingCacheAppendParams p;
+  p.dtype = shape.dtype;
+  p.cache_k = storage.keys;
+  p.cache_k_batch_stride = cache_strides.batch;
+  p.cache_k_head_stride = cache_strides.head;
+  p.cache_k_row_stride = cache_strides.row;
+  p.cache_v = storage.values;
+  p.cache_v_batch_stride = cache_strides.batch;
+  p.cache_v_head_stride = cache_strides.head;
+  p.cache_v_row_stride = cache_strides.row;
+  p.cache_positions = storage.slot_positions;
+  p.k = k;
+  p.k_batch_stride = kv_strides.batch;
+  p.k_head_stride = kv_strides.head;
+  p.k_row_stride = kv_strides.row;
+  p.v = v;
+  p.v_batch_stride = kv_strides.batch;
+  p.v_head_stride = kv_strides.head;
+  p.v_row_stride = kv_strides.row;
+  p.start_position = storage.next_position;
+  p.batch = shape.batch;
+  p.n_heads_kv = shape.n_heads_kv;
+  p.n_new = n_tokens;
+  p.head_dim = shape.head_dim;
+  p.n_global = shape.n_global;
+  p.n_local = shape.n_local;
+  return p;
+}
 
 }  // namespace
 
@@ -149,7 +245,8 @@ Status KVCache::reset(const Launch& launch) {
   // Every byte 0xff makes each int64 slot position -1, the mark of an empty slot.
   Status s = detail::fill_bytes(memory_, storage_.slot_positions, 0xff, position_bytes(shape_),
                                 launch.stream);
-  if (s.ok()) s = detail::fill_bytes(memory_, storage_.next_position, 0, sizeof(int64_t), launch.stream);
+  if (s.ok())
+    s = detail::fill_bytes(memory_, storage_.next_position, 0, sizeof(int64_t), launch.stream);
   if (!s.ok()) return in_call("reset", s);
   n_seen_ = 0;
   return Status::Ok();
@@ -158,50 +255,14 @@ Status KVCache::reset(const Launch& launch) {
 size_t KVCache::attention_workspace_bytes(const AttentionConfig& attention,
                                           int64_t n_tokens) const {
   if (memory_ != MemoryKind::kCuda) return 0;
-  LambdaAttentionParams params;
-  params.dtype = shape_.dtype;
-  params.batch = shape_.batch;
-  params.n_heads_q = attention.n_heads_q;
-  params.n_heads_kv = shape_.n_heads_kv;
-  params.n_queries = n_tokens;
-  params.head_dim = shape_.head_dim;
-  params.cache_len = slots(shape_);
-  params.n_global = shape_.n_global;
-  params.n_local = shape_.n_local;
-  return lambda_attention_cuda_workspace_size(params);
+  return lambda_attention_cuda_workspace_size(chunk_attention_params(
+      shape_, storage_, attention, nullptr, nullptr, nullptr, n_tokens, nullptr));
 }
 
 Status KVCache::append(const void* k, const void* v, int64_t n_tokens, const Launch& launch) {
   if (storage_.keys == nullptr) return invalid("append", "the cache holds no storage");
   if (n_tokens < 0) return invalid("append", "n_tokens must be >= 0, got ", n_tokens);
-  const int64_t d = shape_.head_dim, n_slots = slots(shape_);
-  RingCacheAppendParams p;
-  p.dtype = shape_.dtype;
-  p.cache_k = storage_.keys;
-  p.cache_k_row_stride = d;
-  p.cache_k_head_stride = n_slots * d;
-  p.cache_k_batch_stride = shape_.n_heads_kv * n_slots * d;
-  p.cache_v = storage_.values;
-  p.cache_v_row_stride = p.cache_k_row_stride;
-  p.cache_v_head_stride = p.cache_k_head_stride;
-  p.cache_v_batch_stride = p.cache_k_batch_stride;
-  p.cache_positions = storage_.slot_positions;
-  p.k = k;
-  p.k_row_stride = d;
-  p.k_head_stride = n_tokens * d;
-  p.k_batch_stride = shape_.n_heads_kv * n_tokens * d;
-  p.v = v;
-  p.v_row_stride = p.k_row_stride;
-  p.v_head_stride = p.k_head_stride;
-  p.v_batch_stride = p.k_batch_stride;
-  p.start_position = storage_.next_position;
-  p.batch = shape_.batch;
-  p.n_heads_kv = shape_.n_heads_kv;
-  p.n_new = n_tokens;
-  p.head_dim = d;
-  p.n_global = shape_.n_global;
-  p.n_local = shape_.n_local;
-
+  const RingCacheAppendParams p = chunk_append_params(shape_, storage_, k, v, n_tokens);
   const bool on_cuda = memory_ == MemoryKind::kCuda;
   if (Status s = on_cuda ? ring_cache_append_cuda(p, launch.stream) : ring_cache_append_cpu(p);
       !s.ok()) {
@@ -221,50 +282,10 @@ Status KVCache::attend(const AttentionConfig& attention, const void* q, const vo
                        const void* v, int64_t n_tokens, void* out, const Launch& launch) const {
   if (storage_.keys == nullptr) return invalid("attend", "the cache holds no storage");
   if (n_tokens < 0) return invalid("attend", "n_tokens must be >= 0, got ", n_tokens);
-  const int64_t d = shape_.head_dim, n_slots = slots(shape_);
-  const int64_t hq = attention.n_heads_q, hkv = shape_.n_heads_kv;
-  LambdaAttentionParams p;
-  p.dtype = shape_.dtype;
-  p.q = q;
-  p.q_row_stride = d;
-  p.q_head_stride = n_tokens * d;
-  p.q_batch_stride = hq * n_tokens * d;
-  p.k = k;
-  p.k_row_stride = d;
-  p.k_head_stride = n_tokens * d;
-  p.k_batch_stride = hkv * n_tokens * d;
-  p.v = v;
-  p.v_row_stride = p.k_row_stride;
-  p.v_head_stride = p.k_head_stride;
-  p.v_batch_stride = p.k_batch_stride;
-  p.cache_k = storage_.keys;
-  p.cache_k_row_stride = d;
-  p.cache_k_head_stride = n_slots * d;
-  p.cache_k_batch_stride = hkv * n_slots * d;
-  p.cache_v = storage_.values;
-  p.cache_v_row_stride = p.cache_k_row_stride;
-  p.cache_v_head_stride = p.cache_k_head_stride;
-  p.cache_v_batch_stride = p.cache_k_batch_stride;
-  p.cache_positions = storage_.slot_positions;
-  p.cache_len = n_slots;
-  p.query_start = storage_.next_position;
-  p.out = out;
-  p.out_row_stride = p.q_row_stride;
-  p.out_head_stride = p.q_head_stride;
-  p.out_batch_stride = p.q_batch_stride;
-  p.inv_freq = attention.inv_freq;
-  p.rotary_dim = attention.rotary_dim;
-  p.batch = shape_.batch;
-  p.n_heads_q = hq;
-  p.n_heads_kv = hkv;
-  p.n_queries = n_tokens;
-  p.head_dim = d;
-  p.n_global = shape_.n_global;
-  p.n_local = shape_.n_local;
-  p.distance_cap = attention.distance_cap.value_or(shape_.n_local);
-  p.scale = attention.scale.value_or(1.0f / std::sqrt(static_cast<float>(d)));
-
-  if (memory_ == MemoryKind::kHost) return in_call("attend", lambda_attention_cpu(p, launch.n_threads));
+  const LambdaAttentionParams p =
+      chunk_attention_params(shape_, storage_, attention, q, k, v, n_tokens, out);
+  if (memory_ == MemoryKind::kHost)
+    return in_call("attend", lambda_attention_cpu(p, launch.n_threads));
   const size_t needed = lambda_attention_cuda_workspace_size(p);
   if (launch.workspace_bytes < needed || (needed > 0 && launch.workspace == nullptr)) {
     return invalid("attend", "launch.workspace must hold ", needed, " bytes of device memory, got ",

@@ -7,10 +7,12 @@ namespace lminf::detail {
 
 Status allocate(MemoryKind memory, size_t bytes, void** ptr) {
   if (memory == MemoryKind::kCuda) return cuda_allocate(bytes, ptr);
-  const size_t rounded = (bytes + kAllocationAlignment - 1) / kAllocationAlignment * kAllocationAlignment;
+  const size_t rounded =
+      (bytes + kAllocationAlignment - 1) / kAllocationAlignment * kAllocationAlignment;
   *ptr = std::aligned_alloc(kAllocationAlignment, rounded);
   if (*ptr == nullptr) {
-    return {StatusCode::kOutOfMemory, "host allocation of " + std::to_string(bytes) + " bytes failed"};
+    return {StatusCode::kOutOfMemory,
+            "host allocation of " + std::to_string(bytes) + " bytes failed"};
   }
   return Status::Ok();
 }

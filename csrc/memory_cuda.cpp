@@ -17,7 +17,9 @@ cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream);
 
 }  // namespace
 
-Status cuda_allocate(size_t bytes, void** ptr) { return from_cuda(cudaMalloc(ptr, bytes), "cudaMalloc"); }
+Status cuda_allocate(size_t bytes, void** ptr) {
+  return from_cuda(cudaMalloc(ptr, bytes), "cudaMalloc");
+}
 
 void cuda_deallocate(void* ptr) { cudaFree(ptr); }
 

@@ -24,8 +24,10 @@ step "install, then examples/cpp against the installed package"
 rm -rf "$build/prefix"
 cmake --install "$build/release" --prefix "$build/prefix"
 for link in shared static; do
+  static=OFF
+  [[ $link == static ]] && static=ON
   cmake -S examples/cpp -B "$build/example-$link" -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_PREFIX_PATH="$build/prefix" -DLMINF_EXAMPLE_STATIC=$([[ $link == static ]] && echo ON || echo OFF)
+    -DCMAKE_PREFIX_PATH="$build/prefix" -DLMINF_EXAMPLE_STATIC=$static
   cmake --build "$build/example-$link" -j "$jobs"
   "$build/example-$link/stream_layers"
 done

@@ -41,7 +41,9 @@ def kv_cache_stream() -> Path:
     return build / "csrc" / "tests" / "kv_cache_stream"
 
 
-def _stream_through_cpp(tool: Path, workdir: Path, config: dict, chunks: list, tensors: dict) -> torch.Tensor:
+def _stream_through_cpp(
+    tool: Path, workdir: Path, config: dict, chunks: list, tensors: dict
+) -> torch.Tensor:
     lines = [f"{key} {value}" for key, value in config.items()]
     lines.append("chunks " + " ".join(map(str, chunks)))
     (workdir / "config.txt").write_text("\n".join(lines) + "\n")
@@ -52,14 +54,16 @@ def _stream_through_cpp(tool: Path, workdir: Path, config: dict, chunks: list, t
     return out.reshape(tensors["q"].shape)
 
 
-def _stream_through_python(config: dict, chunks: list, tensors: dict, dtype: torch.dtype) -> torch.Tensor:
+def _stream_through_python(
+    config: dict, chunks: list, tensors: dict, dtype: torch.dtype
+) -> torch.Tensor:
     cache = lm_infinite.RingKVCache(
         config["batch"], config["n_heads_kv"], config["head_dim"],
         n_global=config["n_global"], n_local=config["n_local"], dtype=dtype,
     )
     outputs, begin = [], 0
     for n in chunks:
-        part = {name: tensors[name][:, :, begin : begin + n].to(dtype).contiguous() for name in "qkv"}
+        part = {name: tensors[name][:, :, begin : begin + n].to(dtype) for name in "qkv"}
         outputs.append(cache.attend_and_append(
             part["q"], part["k"], part["v"], tensors["inv_freq"],
             distance_cap=config["distance_cap"], scale=config["scale"],

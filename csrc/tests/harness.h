@@ -29,7 +29,9 @@ inline int& failures() {
 }
 
 struct Register {
-  Register(const char* name, std::function<void()> body) { registry().push_back({name, std::move(body)}); }
+  Register(const char* name, std::function<void()> body) {
+    registry().push_back({name, std::move(body)});
+  }
 };
 
 // Collects the streamed context of one failed check and prints it when destroyed.
@@ -67,9 +69,9 @@ inline int run_all() {
 #define LMINF_CONCAT_INNER(a, b) a##b
 #define LMINF_CONCAT(a, b) LMINF_CONCAT_INNER(a, b)
 
-#define TEST(name)                                                                     \
-  static void name();                                                                  \
-  static const ::lminf_test::Register LMINF_CONCAT(register_, name){#name, &name};     \
+#define TEST(name)                                                                 \
+  static void name();                                                              \
+  static const ::lminf_test::Register LMINF_CONCAT(register_, name){#name, &name}; \
   static void name()
 
 #define CHECK(condition) \
@@ -78,7 +80,7 @@ inline int run_all() {
     ::lminf_test::Failure(__FILE__, __LINE__, #condition)
 
 // Checks that a Status is ok, printing its message otherwise.
-#define CHECK_OK(expression)                                       \
+#define CHECK_OK(expression)                                                  \
   if (const ::lminf::Status lminf_status = (expression); lminf_status.ok()) { \
-  } else                                                           \
+  } else                                                                      \
     ::lminf_test::Failure(__FILE__, __LINE__, #expression " is ok") << lminf_status.message()

@@ -51,7 +51,8 @@ void store(unsigned char* bytes, lminf::DType dtype, size_t i, float value) {
 
 HostTensor::HostTensor(lminf::DType dtype, size_t size)
     : dtype_(dtype), size_(size), bytes_(size * lminf::dtype_size(dtype)) {
-  for (size_t i = 0; i < size; ++i) store(bytes_.data(), dtype, i, std::numeric_limits<float>::quiet_NaN());
+  for (size_t i = 0; i < size; ++i)
+    store(bytes_.data(), dtype, i, std::numeric_limits<float>::quiet_NaN());
 }
 
 HostTensor::HostTensor(lminf::DType dtype, const std::vector<float>& values)
@@ -76,8 +77,8 @@ HostTensor HostTensor::slice(size_t rows, size_t row_length, size_t begin, size_
   return part;
 }
 
-void HostTensor::assign_slice(const HostTensor& part, size_t rows, size_t row_length,
-                              size_t begin, size_t count, size_t unit) {
+void HostTensor::assign_slice(const HostTensor& part, size_t rows, size_t row_length, size_t begin,
+                              size_t count, size_t unit) {
   const size_t width = lminf::dtype_size(dtype_) * unit;
   for (size_t r = 0; r < rows; ++r) {
     std::memcpy(bytes_.data() + (r * row_length + begin) * width,
@@ -85,8 +86,7 @@ void HostTensor::assign_slice(const HostTensor& part, size_t rows, size_t row_le
   }
 }
 
-void HostTensor::copy_row(const HostTensor& src, size_t src_row, size_t dst_row,
-                          size_t row_size) {
+void HostTensor::copy_row(const HostTensor& src, size_t src_row, size_t dst_row, size_t row_size) {
   const size_t width = lminf::dtype_size(dtype_) * row_size;
   std::memcpy(bytes_.data() + dst_row * width, src.bytes_.data() + src_row * width, width);
 }
@@ -117,16 +117,20 @@ double worst_error_ratio(const std::vector<double>& got, const std::vector<doubl
   double worst = 0.0;
   for (size_t i = 0; i < got.size(); ++i) {
     const double ratio = std::abs(got[i] - want[i]) / (atol + rtol * std::abs(want[i]));
-    if (!(ratio <= worst)) worst = std::isnan(ratio) ? std::numeric_limits<double>::infinity() : ratio;
+    if (!(ratio <= worst))
+      worst = std::isnan(ratio) ? std::numeric_limits<double>::infinity() : ratio;
   }
   return worst;
 }
 
 Tolerance tolerance_for(lminf::DType dtype) {
   switch (dtype) {
-    case lminf::DType::kFloat32: return {2e-6, 1e-5};
-    case lminf::DType::kBFloat16: return {1e-3, 8e-3};  // one bf16 rounding: 2^-8 relative
-    case lminf::DType::kFloat16: return {2e-4, 1e-3};   // one fp16 rounding: 2^-11 relative
+    case lminf::DType::kFloat32:
+      return {2e-6, 1e-5};
+    case lminf::DType::kBFloat16:
+      return {1e-3, 8e-3};  // one bf16 rounding: 2^-8 relative
+    case lminf::DType::kFloat16:
+      return {2e-4, 1e-3};  // one fp16 rounding: 2^-11 relative
   }
   return {0.0, 0.0};
 }

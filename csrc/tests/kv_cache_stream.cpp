@@ -29,7 +29,8 @@ namespace {
 std::vector<float> read_floats(const std::string& path, size_t count) {
   std::vector<float> values(count);
   std::ifstream file(path, std::ios::binary);
-  file.read(reinterpret_cast<char*>(values.data()), static_cast<std::streamsize>(count * sizeof(float)));
+  file.read(reinterpret_cast<char*>(values.data()),
+            static_cast<std::streamsize>(count * sizeof(float)));
   if (!file || file.peek() != EOF) {
     std::fprintf(stderr, "%s: expected exactly %zu float32 values\n", path.c_str(), count);
     std::exit(2);
@@ -92,7 +93,8 @@ int main(int argc, char** argv) {
   attention.scale = std::stof(config.at("scale"));
 
   lminf::KVCache cache;
-  if (lminf::Status s = lminf::KVCache::allocate(shape, lminf::MemoryKind::kHost, &cache); !s.ok()) {
+  if (lminf::Status s = lminf::KVCache::allocate(shape, lminf::MemoryKind::kHost, &cache);
+      !s.ok()) {
     return fail("allocate", s);
   }
   HostTensor out(shape.dtype, q.size());
@@ -104,7 +106,8 @@ int main(int argc, char** argv) {
     HostTensor chunk_out(shape.dtype, cq.size());
     const lminf::Status s =
         n == 1 ? cache.decode(attention, cq.data(), ck.data(), cv.data(), chunk_out.data())
-               : cache.attend_and_append(attention, cq.data(), ck.data(), cv.data(), n, chunk_out.data());
+               : cache.attend_and_append(attention, cq.data(), ck.data(), cv.data(), n,
+                                         chunk_out.data());
     if (!s.ok()) return fail("attention", s);
     out.assign_slice(chunk_out, q_rows, t, begin, n, d);
     begin += n;
@@ -117,6 +120,7 @@ int main(int argc, char** argv) {
   const std::vector<double> result = out.to_double();
   const std::vector<float> as_float(result.begin(), result.end());
   std::ofstream(dir + "/out.f32", std::ios::binary)
-      .write(reinterpret_cast<const char*>(as_float.data()), static_cast<std::streamsize>(as_float.size() * sizeof(float)));
+      .write(reinterpret_cast<const char*>(as_float.data()),
+             static_cast<std::streamsize>(as_float.size() * sizeof(float)));
   return 0;
 }

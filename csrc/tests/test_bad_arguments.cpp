@@ -82,7 +82,11 @@ TEST(lambda_attention_cpu_names_the_bad_field) {
   using Params = lminf::LambdaAttentionParams;
   const std::vector<std::pair<std::string, std::function<void(Params&)>>> cases = {
       {"dtype", [](Params& p) { p.dtype = static_cast<DType>(7); }},
-      {"n_heads_q", [](Params& p) { p.n_heads_q = 3; p.n_heads_kv = 2; }},
+      {"n_heads_q",
+       [](Params& p) {
+         p.n_heads_q = 3;
+         p.n_heads_kv = 2;
+       }},
       {"n_heads_kv", [](Params& p) { p.n_heads_kv = 0; }},
       {"head_dim", [](Params& p) { p.head_dim = 0; }},
       {"n_local", [](Params& p) { p.n_local = 0; }},
@@ -125,7 +129,8 @@ TEST(ring_cache_append_cpu_names_the_bad_field) {
     Params p;
     p.cache_k = p.cache_v = cache.data();
     p.cache_k_row_stride = p.cache_v_row_stride = p.k_row_stride = p.v_row_stride = 8;
-    p.cache_k_head_stride = p.cache_v_head_stride = p.cache_k_batch_stride = p.cache_v_batch_stride = 32;
+    p.cache_k_head_stride = p.cache_v_head_stride = p.cache_k_batch_stride =
+        p.cache_v_batch_stride = 32;
     p.k_head_stride = p.v_head_stride = p.k_batch_stride = p.v_batch_stride = 16;
     p.cache_positions = positions.data();
     p.k = p.v = chunk.data();

@@ -127,7 +127,8 @@ TEST(a_stream_matches_the_naive_loop_for_any_chunking) {
 TEST(chunked_and_whole_streams_agree_to_float_rounding) {
   const Stream stream(small_shape(), 4, 64, 32, 2);
   KVCache whole = allocated(stream.shape), by_token = allocated(stream.shape);
-  const double worst = worst_error_ratio(stream.run(by_token, {1}), stream.run(whole, {64}), 1e-6, 1e-5);
+  const double worst =
+      worst_error_ratio(stream.run(by_token, {1}), stream.run(whole, {64}), 1e-6, 1e-5);
   CHECK(worst <= 1.0) << "token by token vs whole: worst error / tolerance " << worst;
 }
 
@@ -137,7 +138,8 @@ TEST(distance_cap_and_scale_are_passed_through) {
   stream.attention.scale = 0.3f;
   KVCache cache = allocated(stream.shape);
   const Tolerance tol = tolerance_for(DType::kFloat32);
-  const double worst = worst_error_ratio(stream.run(cache, {9}), stream.naive(), tol.atol, tol.rtol);
+  const double worst =
+      worst_error_ratio(stream.run(cache, {9}), stream.naive(), tol.atol, tol.rtol);
   CHECK(worst <= 1.0) << "worst error / tolerance " << worst;
 }
 
@@ -198,7 +200,8 @@ TEST(memory_stays_constant_over_a_long_stream) {
   const Stream stream(shape, 4, chunk, 32, 6);
   KVCache cache = allocated(shape);
   const size_t storage = cache.storage_bytes();
-  CHECK(storage == 2 * KVCache::slot_bytes(shape) + KVCache::position_bytes(shape) + sizeof(int64_t));
+  CHECK(storage ==
+        2 * KVCache::slot_bytes(shape) + KVCache::position_bytes(shape) + sizeof(int64_t));
   HostTensor out(shape.dtype, stream.q.size());
   // The first chunk warms up what the runtime allocates once (OpenMP's thread pool).
   CHECK_OK(cache.attend_and_append(stream.attention, stream.q.data(), stream.k.data(),

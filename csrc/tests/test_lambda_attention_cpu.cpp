@@ -49,8 +49,10 @@ struct Chunk {
         q(c.dtype, random_values(c.batch * c.n_heads_q * c.n_queries * c.head_dim, seed)),
         k(c.dtype, random_values(c.batch * c.n_heads_kv * c.n_queries * c.head_dim, seed + 1)),
         v(c.dtype, random_values(c.batch * c.n_heads_kv * c.n_queries * c.head_dim, seed + 2)),
-        cache_k(c.dtype, random_values(c.batch * c.n_heads_kv * cache_len() * c.head_dim, seed + 3)),
-        cache_v(c.dtype, random_values(c.batch * c.n_heads_kv * cache_len() * c.head_dim, seed + 4)) {}
+        cache_k(c.dtype,
+                random_values(c.batch * c.n_heads_kv * cache_len() * c.head_dim, seed + 3)),
+        cache_v(c.dtype,
+                random_values(c.batch * c.n_heads_kv * cache_len() * c.head_dim, seed + 4)) {}
 
   int64_t cache_len() const { return static_cast<int64_t>(cache_positions.size()); }
 
@@ -144,7 +146,8 @@ struct Chunk {
 std::vector<int64_t> ring_positions(const Config& c, int64_t n_seen) {
   std::vector<int64_t> positions(c.n_global + c.n_local, -1);
   for (int64_t p = 0; p < n_seen; ++p) {
-    if (p < c.n_global || p >= n_seen - c.n_local) positions[lminf::ring_slot(p, c.n_global, c.n_local)] = p;
+    if (p < c.n_global || p >= n_seen - c.n_local)
+      positions[lminf::ring_slot(p, c.n_global, c.n_local)] = p;
   }
   return positions;
 }
@@ -169,21 +172,21 @@ void expect_matches_naive(const Chunk& chunk, const std::string& what) {
 
 const std::vector<Config> kWholeSequenceConfigs = {
     // batch, heads q/kv, head_dim, rotary_dim, G, L, D, n_queries
-    {1, 1, 1, 64, 64, 0, 4, 4, 1},
-    {1, 2, 2, 64, 64, 1, 2, 2, 3},         // MHA, tiny window
-    {2, 4, 2, 64, 64, 10, 5, 5, 19},       // GQA, globals outnumber the window
-    {1, 4, 2, 64, 64, 0, 7, 3, 19},        // no globals, distance_cap < n_local
-    {1, 8, 1, 128, 128, 4, 33, 40, 200},   // MQA, head_dim 128, distance_cap > n_local
-    {1, 6, 3, 40, 24, 3, 16, 16, 77},      // partial rotary
-    {1, 2, 1, 64, 64, 2, 64, 64, 50},      // n_local >= seq: plain causal attention with RoPE
-    {1, 9, 3, 64, 64, 10, 128, 128, 1177}, // SmolLM2's heads
+    {1, 1, 1, 64, 64, 0, 4, 4, 1},         {1, 2, 2, 64, 64, 1, 2, 2, 3},  // MHA, tiny window
+    {2, 4, 2, 64, 64, 10, 5, 5, 19},        // GQA, globals outnumber the window
+    {1, 4, 2, 64, 64, 0, 7, 3, 19},         // no globals, distance_cap < n_local
+    {1, 8, 1, 128, 128, 4, 33, 40, 200},    // MQA, head_dim 128, distance_cap > n_local
+    {1, 6, 3, 40, 24, 3, 16, 16, 77},       // partial rotary
+    {1, 2, 1, 64, 64, 2, 64, 64, 50},       // n_local >= seq: plain causal attention with RoPE
+    {1, 9, 3, 64, 64, 10, 128, 128, 1177},  // SmolLM2's heads
 };
 
 }  // namespace
 
 TEST(whole_sequences_match_the_naive_loop) {
   uint64_t seed = 1;
-  for (const Config& c : kWholeSequenceConfigs) expect_matches_naive(Chunk(c, 0, {}, seed += 10), "whole");
+  for (const Config& c : kWholeSequenceConfigs)
+    expect_matches_naive(Chunk(c, 0, {}, seed += 10), "whole");
 }
 
 TEST(low_precision_whole_sequences_match_the_naive_loop) {
@@ -197,9 +200,9 @@ TEST(low_precision_whole_sequences_match_the_naive_loop) {
 TEST(chunks_over_a_wrapped_ring_cache_match_the_naive_loop) {
   // n_seen tokens before the chunk: a cache still filling, one just full, one wrapped many times.
   const Config configs[] = {
-      {1, 4, 2, 64, 64, 4, 16, 16, 1},   // decode
-      {2, 4, 2, 64, 64, 4, 16, 16, 7},   // a chunk shorter than the window
-      {1, 3, 3, 32, 32, 0, 8, 5, 21},    // a chunk longer than the window, no globals
+      {1, 4, 2, 64, 64, 4, 16, 16, 1},  // decode
+      {2, 4, 2, 64, 64, 4, 16, 16, 7},  // a chunk shorter than the window
+      {1, 3, 3, 32, 32, 0, 8, 5, 21},   // a chunk longer than the window, no globals
       {1, 9, 3, 64, 64, 10, 128, 128, 64},
   };
   uint64_t seed = 100;

@@ -24,8 +24,8 @@ constexpr int64_t kTokens = kPrefillTokens + kDecodeTokens;
 
 // A value in [-1, 1) determined by its coordinates (splitmix64 of their mix).
 float synthetic(uint64_t layer, uint64_t which, uint64_t position, uint64_t head, uint64_t f) {
-  uint64_t x = ((((layer * 3 + which) * 1000003 + position) * 64 + head) * 1024 + f) +
-               0x9e3779b97f4a7c15ull;
+  uint64_t x =
+      ((((layer * 3 + which) * 1000003 + position) * 64 + head) * 1024 + f) + 0x9e3779b97f4a7c15ull;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
   x ^= x >> 31;
@@ -35,7 +35,8 @@ float synthetic(uint64_t layer, uint64_t which, uint64_t position, uint64_t head
 enum Which : uint64_t { kQuery = 0, kKey = 1, kValue = 2 };
 
 // [kHeads, n, kHeadDim] (batch 1) for the tokens at positions start .. start + n - 1.
-std::vector<float> synthetic_tokens(int64_t layer, Which which, int64_t heads, int64_t start, int64_t n) {
+std::vector<float> synthetic_tokens(int64_t layer, Which which, int64_t heads, int64_t start,
+                                    int64_t n) {
   std::vector<float> x(heads * n * kHeadDim);
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t t = 0; t < n; ++t)
@@ -82,7 +83,8 @@ std::vector<double> naive_attention(int64_t layer, int64_t head, const float* q,
   for (size_t n = 0; n < keys.size(); ++n) {
     const double w = std::exp(scores[n] - max_score);
     total += w;
-    for (int64_t f = 0; f < kHeadDim; ++f) out[f] += w * synthetic(layer, kValue, keys[n], kv_head, f);
+    for (int64_t f = 0; f < kHeadDim; ++f)
+      out[f] += w * synthetic(layer, kValue, keys[n], kv_head, f);
   }
   for (double& x : out) x /= total;
   return out;
@@ -103,10 +105,12 @@ int main() {
   shape.n_local = kLocal;
   std::vector<lminf::KVCache> caches(kLayers);
   for (lminf::KVCache& cache : caches) {
-    if (!check(lminf::KVCache::allocate(shape, lminf::MemoryKind::kHost, &cache), "allocate")) return 1;
+    if (!check(lminf::KVCache::allocate(shape, lminf::MemoryKind::kHost, &cache), "allocate"))
+      return 1;
   }
   std::vector<float> inv_freq(kHeadDim / 2);
-  for (int64_t f = 0; f < kHeadDim / 2; ++f) inv_freq[f] = static_cast<float>(std::pow(10000.0, -2.0 * f / kHeadDim));
+  for (int64_t f = 0; f < kHeadDim / 2; ++f)
+    inv_freq[f] = static_cast<float>(std::pow(10000.0, -2.0 * f / kHeadDim));
   lminf::AttentionConfig attention;
   attention.n_heads_q = kHeadsQ;
   attention.inv_freq = inv_freq.data();
@@ -127,13 +131,16 @@ int main() {
       std::vector<float> out(q.size());
       const lminf::Status status =
           n == 1 ? caches[layer].decode(attention, q.data(), k.data(), v.data(), out.data())
-                 : caches[layer].attend_and_append(attention, q.data(), k.data(), v.data(), n, out.data());
+                 : caches[layer].attend_and_append(attention, q.data(), k.data(), v.data(), n,
+                                                   out.data());
       if (!check(status, "attention")) return 1;
 
-      for (auto it = checkpoints.lower_bound(start); it != checkpoints.end() && *it < start + n; ++it) {
+      for (auto it = checkpoints.lower_bound(start); it != checkpoints.end() && *it < start + n;
+           ++it) {
         for (int64_t h = 0; h < kHeadsQ; ++h) {
           const int64_t row = h * n + (*it - start);
-          const std::vector<double> want = naive_attention(layer, h, &q[row * kHeadDim], *it, inv_freq);
+          const std::vector<double> want =
+              naive_attention(layer, h, &q[row * kHeadDim], *it, inv_freq);
           for (int64_t f = 0; f < kHeadDim; ++f) {
             max_error = std::max(max_error, std::abs(out[row * kHeadDim + f] - want[f]));
           }

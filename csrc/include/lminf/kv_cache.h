@@ -42,8 +42,8 @@ struct KVCacheShape {
 // Storage of one cache, for a cache over memory the caller owns (KVCache::wrap). All four
 // buffers live in the same MemoryKind and must outlive the cache.
 struct KVCacheStorage {
-  void* keys = nullptr;    // [batch, n_heads_kv, n_global + n_local, head_dim], dtype
-  void* values = nullptr;  // [batch, n_heads_kv, n_global + n_local, head_dim], dtype
+  void* keys = nullptr;               // [batch, n_heads_kv, n_global + n_local, head_dim], dtype
+  void* values = nullptr;             // [batch, n_heads_kv, n_global + n_local, head_dim], dtype
   int64_t* slot_positions = nullptr;  // [n_global + n_local] position held by each slot
   int64_t* next_position = nullptr;   // [1] position of the next token to arrive
 };
@@ -55,8 +55,9 @@ struct AttentionConfig {
                                     // cache's memory
   int64_t rotary_dim = 0;           // even, <= head_dim: RoPE (rotate_half) acts on the first
                                     // rotary_dim features
-  std::optional<int64_t> distance_cap;  // D, the distance given to far global keys; n_local if unset
-  std::optional<float> scale;           // score multiplier; head_dim^-0.5 if unset
+  // D, the rotary distance given to global keys beyond the window; n_local if unset.
+  std::optional<int64_t> distance_cap;
+  std::optional<float> scale;  // score multiplier; head_dim^-0.5 if unset
 };
 
 // How a call runs. Host caches read n_threads; CUDA caches read the rest.
