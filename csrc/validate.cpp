@@ -46,6 +46,17 @@ Status validate(const LambdaAttentionParams& p) {
   if (!empty && p.cache_len > 0 &&
       (p.cache_k == nullptr || p.cache_v == nullptr || p.cache_positions == nullptr))
     return invalid("cache_k, cache_v and cache_positions must not be null when cache_len > 0");
+  if (p.top_k < 0) return invalid("top_k must be >= 0, got ", p.top_k);
+  if (p.top_k > 0) {
+    if (p.top_k_distance < 0)
+      return invalid("top_k_distance must be >= 0, got ", p.top_k_distance);
+    if (p.top_k_first_row < 0)
+      return invalid("top_k_first_row must be >= 0, got ", p.top_k_first_row);
+    if (p.middle_len < 0) return invalid("middle_len must be >= 0, got ", p.middle_len);
+    if (!empty && p.middle_len > 0 &&
+        (p.middle_k == nullptr || p.middle_v == nullptr || p.middle_positions == nullptr))
+      return invalid("middle_k, middle_v and middle_positions must not be null when middle_len > 0");
+  }
   return Status::Ok();
 }
 

@@ -12,11 +12,18 @@ torch::Tensor lambda_attention_chunk_cpu(const torch::Tensor& q, const torch::Te
                                          const torch::Tensor& cache_positions,
                                          const torch::Tensor& query_start,
                                          const torch::Tensor& inv_freq, int64_t n_global,
-                                         int64_t n_local, int64_t distance_cap, double scale) {
+                                         int64_t n_local, int64_t distance_cap, double scale,
+                                         const std::optional<torch::Tensor>& middle_k,
+                                         const std::optional<torch::Tensor>& middle_v,
+                                         const std::optional<torch::Tensor>& middle_positions,
+                                         int64_t top_k, int64_t top_k_distance,
+                                         int64_t top_k_first_row) {
   const char* op = "lminf::lambda_attention_chunk";
   AttentionInputs in = make_attention_inputs(op, q, k, v, cache_k, cache_v, cache_positions,
                                              query_start, inv_freq, n_global, n_local,
                                              distance_cap, scale);
+  attach_middle_store(op, in, middle_k, middle_v, middle_positions, top_k, top_k_distance,
+                      top_k_first_row);
   check_status(op, lminf::lambda_attention_cpu(in.params));
   return in.out;
 }
@@ -56,7 +63,9 @@ TORCH_LIBRARY(lminf, m) {
   m.def(
       "lambda_attention_chunk(Tensor q, Tensor k, Tensor v, Tensor cache_k, Tensor cache_v, "
       "Tensor cache_positions, Tensor query_start, Tensor inv_freq, int n_global, int n_local, "
-      "int distance_cap, float scale) -> Tensor");
+      "int distance_cap, float scale, Tensor? middle_k=None, Tensor? middle_v=None, "
+      "Tensor? middle_positions=None, int top_k=0, int top_k_distance=0, "
+      "int top_k_first_row=0) -> Tensor");
   m.def(
       "ring_cache_append(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor(c!) cache_positions, "
       "Tensor k, Tensor v, Tensor start_position, int n_global, int n_local) -> ()");

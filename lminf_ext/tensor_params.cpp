@@ -142,6 +142,48 @@ AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
   return in;
 }
 
+void attach_middle_store(const char* op, AttentionInputs& in,
+                         const std::optional<torch::Tensor>& middle_k,
+                         const std::optional<torch::Tensor>& middle_v,
+                         const std::optional<torch::Tensor>& middle_positions, int64_t top_k,
+                         int64_t top_k_distance, int64_t top_k_first_row) {
+  TORCH_CHECK(top_k >= 0, op, ": top_k must be >= 0, got ", top_k);
+  if (top_k == 0) return;
+  TORCH_CHECK(middle_k && middle_v && middle_positions, op,
+              ": top_k > 0 needs middle_k, middle_v and middle_positions");
+  TORCH_CHECK(top_k_distance >= 0, op, ": top_k_distance must be >= 0, got ", top_k_distance);
+  TORCH_CHECK(top_k_first_row >= 0, op, ": top_k_first_row must be >= 0, got ", top_k_first_row);
+  const torch::Tensor& q = in.q;
+  check_4d(op, "middle_k", *middle_k, "[batch, heads_kv, slots, head_dim]");
+  check_like(op, "middle_k", *middle_k, q, "q");
+  check_like(op, "middle_v", *middle_v, q, "q");
+  check_dim(op, "middle_k", *middle_k, 0, q.size(0), "q.size(0), the batch");
+  check_dim(op, "middle_k", *middle_k, 1, in.k.size(1), "k.size(1), heads_kv");
+  check_dim(op, "middle_k", *middle_k, 3, q.size(3), "q.size(3), head_dim");
+  TORCH_CHECK(middle_v->sizes() == middle_k->sizes(), op, ": middle_v must have middle_k's shape ",
+              middle_k->sizes(), ", got ", middle_v->sizes());
+  const int64_t slots = middle_k->size(2);
+  TORCH_CHECK(middle_positions->scalar_type() == torch::kInt64 && middle_positions->dim() == 1 &&
+                  middle_positions->size(0) == slots,
+              op, ": middle_positions must be int64 of shape [", slots, "], got ",
+              middle_positions->scalar_type(), " of shape ", middle_positions->sizes());
+  TORCH_CHECK(middle_positions->device() == q.device(), op, ": middle_positions must be on ",
+              q.device(), ", got ", middle_positions->device());
+  in.middle_k = rows_contiguous(*middle_k);
+  in.middle_v = rows_contiguous(*middle_v);
+  in.middle_positions = middle_positions->contiguous();
+  lminf::LambdaAttentionParams& p = in.params;
+  p.middle_k = in.middle_k.data_ptr();
+  p.middle_k_batch_stride = in.middle_k.stride(0), p.middle_k_head_stride = in.middle_k.stride(1);
+  p.middle_k_row_stride = in.middle_k.stride(2);
+  p.middle_v = in.middle_v.data_ptr();
+  p.middle_v_batch_stride = in.middle_v.stride(0), p.middle_v_head_stride = in.middle_v.stride(1);
+  p.middle_v_row_stride = in.middle_v.stride(2);
+  p.middle_positions = in.middle_positions.data_ptr<int64_t>();
+  p.middle_len = slots;
+  p.top_k = top_k, p.top_k_distance = top_k_distance, p.top_k_first_row = top_k_first_row;
+}
+
 AppendInputs make_append_inputs(const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                                 const torch::Tensor& cache_positions, const torch::Tensor& k,
                                 const torch::Tensor& v, const torch::Tensor& start_position,

@@ -4,6 +4,8 @@
 
 #include <torch/types.h>
 
+#include <optional>
+
 #include "lminf/lambda_attention.h"
 #include "lminf/ring_kv_cache.h"
 
@@ -13,6 +15,7 @@ namespace lminf_ext {
 // not usable as is, copied) for the duration of the kernel.
 struct AttentionInputs {
   torch::Tensor q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, out;
+  torch::Tensor middle_k, middle_v, middle_positions;
   lminf::LambdaAttentionParams params;
 };
 
@@ -23,6 +26,14 @@ AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
                                       const torch::Tensor& query_start,
                                       const torch::Tensor& inv_freq, int64_t n_global,
                                       int64_t n_local, int64_t distance_cap, double scale);
+
+// Adds the optional top-k middle store to `in` (all three tensors given, or none when
+// top_k == 0).
+void attach_middle_store(const char* op, AttentionInputs& in,
+                         const std::optional<torch::Tensor>& middle_k,
+                         const std::optional<torch::Tensor>& middle_v,
+                         const std::optional<torch::Tensor>& middle_positions, int64_t top_k,
+                         int64_t top_k_distance, int64_t top_k_first_row);
 
 struct AppendInputs {
   torch::Tensor k, v, start_position;

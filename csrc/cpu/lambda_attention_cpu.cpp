@@ -105,16 +105,26 @@ void accumulate_values(const float* probs, int64_t rows, int n_keys, const float
   }
 }
 
+template <typename T>
+struct MiddleChoice {
+  float score;
+  const T* value;
+};
+
 // Everything one thread needs for one tile; buffers are sized once per call.
 template <typename T>
 struct TileWorkspace {
   std::vector<float> q_local, q_global, acc, row_max, row_sum, scores, kt, values, row;
   std::vector<KeyRef<T>> local_keys, global_keys;
+  std::vector<float> q_middle;        // [group][dp] queries placed at top_k_distance
+  std::vector<MiddleChoice<T>> chosen;  // [group][top_k] best middle keys so far
+  std::vector<int64_t> n_chosen;        // [group]
 
-  TileWorkspace(int64_t max_rows, int64_t dp, int64_t max_keys)
+  TileWorkspace(int64_t max_rows, int64_t dp, int64_t max_keys, int64_t group, int64_t top_k)
       : q_local(max_rows * dp), q_global(max_rows * dp), acc(max_rows * dp),
         row_max(max_rows), row_sum(max_rows), scores(max_rows * kBlockKeys),
-        kt(dp * kBlockKeys), values(kBlockKeys * dp), row(dp) {
+        kt(dp * kBlockKeys), values(kBlockKeys * dp), row(dp), q_middle(group * dp),
+        chosen(group * top_k), n_chosen(group) {
     local_keys.reserve(max_keys);
     global_keys.reserve(max_keys);
   }
@@ -135,11 +145,16 @@ class LambdaAttentionCpu {
         table_(p.inv_freq, half_,
                std::min(p.n_local, query_start_ + p.n_queries) + tile_queries_ + 1),
         global_cos_(half_),
-        global_sin_(half_) {
+        global_sin_(half_),
+        middle_cos_(half_),
+        middle_sin_(half_) {
     for (int64_t f = 0; f < half_; ++f) {
       const double angle = static_cast<double>(p.distance_cap) * p.inv_freq[f];
       global_cos_[f] = static_cast<float>(std::cos(angle));
       global_sin_[f] = static_cast<float>(std::sin(angle));
+      const double middle_angle = static_cast<double>(p.top_k_distance) * p.inv_freq[f];
+      middle_cos_[f] = static_cast<float>(std::cos(middle_angle));
+      middle_sin_[f] = static_cast<float>(std::sin(middle_angle));
     }
   }
 
@@ -150,7 +165,7 @@ class LambdaAttentionCpu {
     const int threads = n_threads > 0 ? n_threads : omp_get_max_threads();
 #pragma omp parallel num_threads(threads)
     {
-      TileWorkspace<T> ws(group_ * tile_queries_, dp_, max_keys);
+      TileWorkspace<T> ws(group_ * tile_queries_, dp_, max_keys, group_, p_.top_k);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < n_items; ++item) {
         const int64_t tile = item % n_tiles;
@@ -233,6 +248,10 @@ class LambdaAttentionCpu {
       process_block<true>(ws, ws.local_keys.data() + k0,
                           std::min<size_t>(kBlockKeys, ws.local_keys.size() - k0), rows, first,
                           base);
+
+    if (p_.top_k > 0)
+      for (int64_t t = std::max(t0, p_.top_k_first_row); t < t1; ++t)
+        attend_middle(ws, b, kv_head, t, t - t0);
 
     for (int64_t r = 0; r < rows; ++r) {
       float* acc = ws.acc.data() + r * dp_;
@@ -331,6 +350,82 @@ class LambdaAttentionCpu {
     accumulate(scores, rows, n_keys, values, ws.acc.data());
   }
 
+  // Top-k middle attention for query t (the tile's rows row_in_tile * group ..): score every
+  // candidate middle key against each head of the group, keep each head's top_k, and fold
+  // them into that head's running softmax.
+  void attend_middle(TileWorkspace<T>& ws, int64_t b, int64_t kv_head, int64_t t,
+                     int64_t row_in_tile) const {
+    const int64_t i = query_start_ + t;
+    const int64_t highest = i - p_.n_local;  // candidates: n_global <= j <= i - n_local
+    if (highest < p_.n_global) return;
+    for (int64_t g = 0; g < group_; ++g) {
+      float* q = ws.q_middle.data() + g * dp_;
+      std::fill(q, q + dp_, 0.f);
+      row_to_float(q_row(b, kv_head * group_ + g, t), q, p_.head_dim);
+      for (int64_t d = 0; d < p_.head_dim; ++d) q[d] *= p_.scale;
+      rotate_half_inplace(q, middle_cos_.data(), middle_sin_.data(), half_);
+    }
+    std::fill(ws.n_chosen.begin(), ws.n_chosen.end(), 0);
+    auto consider = [&](const T* k, const T* v) {
+      float* key = ws.row.data();
+      std::fill(key, key + dp_, 0.f);
+      row_to_float(k, key, p_.head_dim);
+      for (int64_t g = 0; g < group_; ++g) {
+        const float* q = ws.q_middle.data() + g * dp_;
+        vfloat dot = {};
+        for (int64_t d = 0; d < dp_; d += kVecWidth) dot += vload(q + d) * vload(key + d);
+        keep_if_among_best(ws.chosen.data() + g * p_.top_k, ws.n_chosen[g], {vreduce_sum(dot), v});
+      }
+    };
+    // Candidates: the middle store (tokens before the chunk) and the chunk's own early tokens.
+    for (int64_t slot = 0; slot < p_.middle_len; ++slot) {
+      const int64_t j = p_.middle_positions[slot];
+      if (j >= p_.n_global && j <= highest)
+        consider(middle_row(p_.middle_k, b, kv_head, slot, p_.middle_k_batch_stride,
+                            p_.middle_k_head_stride, p_.middle_k_row_stride),
+                 middle_row(p_.middle_v, b, kv_head, slot, p_.middle_v_batch_stride,
+                            p_.middle_v_head_stride, p_.middle_v_row_stride));
+    }
+    for (int64_t s = std::max<int64_t>(0, p_.n_global - query_start_); query_start_ + s <= highest; ++s) {
+      const KeyRef<T> key = chunk_key(b, kv_head, s);
+      consider(key.k, key.v);
+    }
+    float* value = ws.values.data();
+    for (int64_t g = 0; g < group_; ++g) {
+      const int64_t r = row_in_tile * group_ + g;
+      float* acc = ws.acc.data() + r * dp_;
+      for (int64_t c = 0; c < ws.n_chosen[g]; ++c) {
+        const MiddleChoice<T> choice = ws.chosen[g * p_.top_k + c];
+        std::fill(value, value + dp_, 0.f);
+        row_to_float(choice.value, value, p_.head_dim);
+        // One more key in the online softmax of row r.
+        const float m_new = std::max(ws.row_max[r], choice.score);
+        const float alpha = std::exp(ws.row_max[r] - m_new), weight = std::exp(choice.score - m_new);
+        ws.row_sum[r] = ws.row_sum[r] * alpha + weight;
+        ws.row_max[r] = m_new;
+        for (int64_t d = 0; d < dp_; ++d) acc[d] = acc[d] * alpha + weight * value[d];
+      }
+    }
+  }
+
+  // Keeps the top_k highest-scoring choices in best[0..count); top_k is small (a handful), so
+  // replacing the current minimum by a linear scan beats a heap.
+  void keep_if_among_best(MiddleChoice<T>* best, int64_t& count, MiddleChoice<T> candidate) const {
+    if (count < p_.top_k) {
+      best[count++] = candidate;
+      return;
+    }
+    int64_t worst = 0;
+    for (int64_t c = 1; c < count; ++c)
+      if (best[c].score < best[worst].score) worst = c;
+    if (candidate.score > best[worst].score) best[worst] = candidate;
+  }
+
+  static const T* middle_row(const void* base, int64_t b, int64_t h, int64_t slot,
+                             int64_t batch_stride, int64_t head_stride, int64_t row_stride) {
+    return static_cast<const T*>(base) + b * batch_stride + h * head_stride + slot * row_stride;
+  }
+
   void accumulate(const float* probs, int64_t rows, int n_keys, const float* values,
                   float* acc) const {
     switch (dp_ / kVecWidth) {
@@ -354,6 +449,7 @@ class LambdaAttentionCpu {
   const int64_t tile_queries_;
   const RopeTable table_;
   std::vector<float> global_cos_, global_sin_;  // rotation by distance_cap
+  std::vector<float> middle_cos_, middle_sin_;  // rotation by top_k_distance
 };
 
 template <typename T>

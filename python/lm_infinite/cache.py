@@ -6,7 +6,58 @@ import torch
 
 from . import ops
 
-__all__ = ["RingKVCache"]
+__all__ = ["MiddleStore", "RingKVCache"]
+
+
+class MiddleStore:
+    """Keys and values of every token at position >= n_global, for top-k middle attention.
+
+    The memory trade-off: top-k may pick any middle token, so an exact store grows with the
+    stream (n_heads_kv * head_dim * 2 values per token and layer). It lives beside the ring,
+    off the Λ hot path: the kernel reads it only for the rows that use top-k, and only the
+    layers that use top-k keep one. Capacity doubles when full (amortised O(1) appends).
+    """
+
+    def __init__(self, batch: int, n_heads_kv: int, head_dim: int, *, n_global: int,
+                 dtype: torch.dtype, device: torch.device | str, capacity: int = 1024) -> None:
+        self.n_global = n_global
+        self.k = torch.zeros(batch, n_heads_kv, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.positions = torch.full((capacity,), -1, dtype=torch.int64, device=device)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        skip = max(0, min(k.shape[-2], self.n_global - start))  # globals live in the ring
+        k, v = k[:, :, skip:], v[:, :, skip:]
+        n = k.shape[-2]
+        if self.length + n > self.k.shape[2]:
+            self._grow(self.length + n)
+        end = self.length + n
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.positions[self.length:end] = torch.arange(start + skip, start + skip + n,
+                                                       device=self.positions.device)
+        self.length = end
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.k.shape[2])
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+        positions = self.positions.new_full((capacity,), -1)
+        positions[: self.length] = self.positions[: self.length]
+        self.positions = positions
+
+    def views(self) -> dict:
+        """The filled part, as the op's middle_k / middle_v / middle_positions arguments."""
+        n = self.length
+        return dict(middle_k=self.k[:, :, :n], middle_v=self.v[:, :, :n],
+                    middle_positions=self.positions[:n])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.positions))
 
 
 class RingKVCache:
@@ -15,7 +66,8 @@ class RingKVCache:
     Storage is allocated once: k, v [batch, heads_kv, n_global + n_local, head_dim] and an
     int64 position per slot (-1 = empty). `n_seen` counts every token appended so far; the
     same count lives on the device in `next_position` ([1] int64) so that kernels read it
-    without a host round trip.
+    without a host round trip. With keep_middle=True a MiddleStore also keeps every token past
+    the first n_global, so that `attend` can use top-k middle attention.
     """
 
     def __init__(
@@ -28,6 +80,7 @@ class RingKVCache:
         n_local: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        keep_middle: bool = False,
     ) -> None:
         for name, value, low in (("batch", batch, 1), ("n_heads_kv", n_heads_kv, 1),
                                  ("head_dim", head_dim, 1), ("n_global", n_global, 0),
@@ -41,11 +94,18 @@ class RingKVCache:
         self.positions = torch.full((slots,), -1, dtype=torch.int64, device=device)
         self.next_position = torch.zeros(1, dtype=torch.int64, device=device)
         self.n_seen = 0
+        self.middle = (
+            MiddleStore(batch, n_heads_kv, head_dim, n_global=n_global, dtype=dtype, device=device)
+            if keep_middle else None
+        )
 
     def reset(self) -> None:
         self.positions.fill_(-1)
         self.next_position.zero_()
         self.n_seen = 0
+        if self.middle is not None:
+            self.middle = MiddleStore(*self.k.shape[:2], self.k.shape[3], n_global=self.n_global,
+                                      dtype=self.k.dtype, device=self.k.device)
 
     def attend(
         self,
@@ -56,12 +116,23 @@ class RingKVCache:
         *,
         distance_cap: int | None = None,
         scale: float | None = None,
+        top_k: int = 0,
+        top_k_distance: int | None = None,
+        top_k_first_row: int = 0,
     ) -> torch.Tensor:
         """Attention output for the next chunk (q: [batch, heads_q, seq, head_dim]; k, v its
-        keys and values), which sits right after the tokens seen so far. Does not append."""
+        keys and values), which sits right after the tokens seen so far. Does not append.
+        top_k > 0 (needs keep_middle=True): rows top_k_first_row.. also attend to their top_k
+        middle keys (see ops.lambda_attention_chunk)."""
+        middle = {}
+        if top_k > 0:
+            if self.middle is None:
+                raise ValueError("top_k > 0 needs a RingKVCache built with keep_middle=True")
+            middle = self.middle.views()
         return ops.lambda_attention_chunk(
             q, k, v, self.k, self.v, self.positions, self.next_position, inv_freq,
             n_global=self.n_global, n_local=self.n_local, distance_cap=distance_cap, scale=scale,
+            top_k=top_k, top_k_distance=top_k_distance, top_k_first_row=top_k_first_row, **middle,
         )
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -70,13 +141,16 @@ class RingKVCache:
             self.k, self.v, self.positions, k, v, self.next_position,
             n_global=self.n_global, n_local=self.n_local,
         )
+        if self.middle is not None:
+            self.middle.append(k, v, self.n_seen)
         self.next_position += k.shape[-2]
         self.n_seen += k.shape[-2]
 
-    def attend_and_append(self, q, k, v, inv_freq, *, distance_cap=None, scale=None) -> torch.Tensor:
-        out = self.attend(q, k, v, inv_freq, distance_cap=distance_cap, scale=scale)
+    def attend_and_append(self, q, k, v, inv_freq, **attend_options) -> torch.Tensor:
+        out = self.attend(q, k, v, inv_freq, **attend_options)
         self.append(k, v)
         return out
 
     def nbytes(self) -> int:
+        """Bytes of the fixed ring (the middle store, if any, is counted separately)."""
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.positions))

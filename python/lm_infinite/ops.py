@@ -76,18 +76,33 @@ def lambda_attention_chunk(
     n_local: int,
     distance_cap: int | None = None,
     scale: float | None = None,
+    middle_k: torch.Tensor | None = None,
+    middle_v: torch.Tensor | None = None,
+    middle_positions: torch.Tensor | None = None,
+    top_k: int = 0,
+    top_k_distance: int | None = None,
+    top_k_first_row: int = 0,
 ) -> torch.Tensor:
     """Attend a chunk of queries at positions [query_start, query_start + seq) to the chunk's
     own keys (k, v: [batch, heads_kv, seq, head_dim]) and to cached earlier tokens
     (cache_k, cache_v: [batch, heads_kv, slots, head_dim]; cache_positions: int64 [slots],
-    negative = empty). query_start: int or int64 tensor [1] on q's device."""
+    negative = empty). query_start: int or int64 tensor [1] on q's device.
+
+    Top-k middle attention (top_k > 0): rows top_k_first_row.. of the chunk also attend, per
+    query head, to the top_k keys of the middle store (middle_k, middle_v, middle_positions,
+    laid out like the cache) at positions in [n_global, i - n_local], scored and placed at
+    rotary distance top_k_distance (default: n_local // 2)."""
     query_start = _position_tensor(query_start, q.device)
+    middle = dict(middle_k=middle_k, middle_v=middle_v, middle_positions=middle_positions)
     _check_devices("lambda_attention_chunk", q=q, k=k, v=v, cache_k=cache_k, cache_v=cache_v,
-                   cache_positions=cache_positions, query_start=query_start, inv_freq=inv_freq)
+                   cache_positions=cache_positions, query_start=query_start, inv_freq=inv_freq,
+                   **{name: t for name, t in middle.items() if t is not None})
     distance_cap, scale = _defaults(q, n_local, distance_cap, scale)
+    top_k_distance = n_local // 2 if top_k_distance is None else top_k_distance
     return torch.ops.lminf.lambda_attention_chunk(
         q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq,
-        n_global, n_local, distance_cap, scale,
+        n_global, n_local, distance_cap, scale, middle_k, middle_v, middle_positions,
+        top_k, top_k_distance, top_k_first_row,
     )
 
 
@@ -120,7 +135,8 @@ def _(q, k, v, inv_freq, n_global, n_local, distance_cap, scale):
 
 @torch.library.register_fake("lminf::lambda_attention_chunk")
 def _(q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, n_global, n_local,
-      distance_cap, scale):
+      distance_cap, scale, middle_k=None, middle_v=None, middle_positions=None, top_k=0,
+      top_k_distance=0, top_k_first_row=0):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

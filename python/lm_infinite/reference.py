@@ -38,6 +38,12 @@ def lambda_attention_reference(
     scale: float | None = None,
     query_positions: torch.Tensor | None = None,
     key_positions: torch.Tensor | None = None,
+    middle_k: torch.Tensor | None = None,
+    middle_v: torch.Tensor | None = None,
+    middle_positions: torch.Tensor | None = None,
+    top_k: int = 0,
+    top_k_distance: int = 0,
+    top_k_first_row: int = 0,
 ) -> torch.Tensor:
     """LM-Infinite attention, computed naively.
 
@@ -45,6 +51,11 @@ def lambda_attention_reference(
     query_positions: int64 [n_q] (default 0..n_q-1); key_positions: int64 [n_k] (default
     0..n_k-1), a negative position marks an empty key slot. Computed in q's dtype; pass
     float64 inputs for a reference. A row that sees no key returns zeros.
+
+    Top-k middle attention (top_k > 0): query rows top_k_first_row.. also attend, per head,
+    to the top_k keys with positions in [n_global, i - n_local], scored
+    s * (R_top_k_distance q) . k, in the same softmax. Candidates are the given keys and the
+    middle store (middle_k, middle_v, middle_positions; earlier tokens, none by default).
     """
     n_q, n_k, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     distance_cap = n_local if distance_cap is None else distance_cap
@@ -70,5 +81,36 @@ def lambda_attention_reference(
     is_global = present & (distance >= n_local) & (key_positions < n_global)[None, :]
     minus_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
     scores = torch.where(is_local, local_scores, torch.where(is_global, global_scores, minus_inf))
+    if top_k > 0:
+        if middle_k is None:
+            middle_k, middle_v = k[:, :, :0], v[:, :, :0]
+            middle_positions = key_positions[:0]
+        else:
+            middle_k = middle_k.to(q.dtype).repeat_interleave(group, dim=1)
+            middle_v = middle_v.to(q.dtype).repeat_interleave(group, dim=1)
+        middle_scores, middle_v = _top_k_middle_scores(
+            q, query_positions, torch.cat([middle_k, k], dim=-2), torch.cat([middle_v, v], dim=-2),
+            torch.cat([middle_positions, key_positions]), inv_freq, scale,
+            n_global, n_local, top_k, top_k_distance, top_k_first_row,
+        )
+        scores, v = torch.cat([scores, middle_scores], dim=-1), torch.cat([v, middle_v], dim=-2)
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return weights @ v
+
+
+def _top_k_middle_scores(q, query_positions, middle_k, middle_v, middle_positions, inv_freq, scale,
+                         n_global, n_local, top_k, top_k_distance, top_k_first_row):
+    """Scores of the candidate keys (already one per query head) for every row: each row's
+    top_k candidates keep their score, everything else is -inf."""
+    placed = apply_rotary(q, torch.full((q.shape[-2],), top_k_distance, device=q.device), inv_freq)
+    scores = (placed @ middle_k.transpose(-1, -2)) * scale
+    row = torch.arange(q.shape[-2], device=q.device)[:, None]
+    candidate = ((middle_positions >= n_global)[None, :]
+                 & (middle_positions[None, :] <= query_positions[:, None] - n_local)
+                 & (row >= top_k_first_row))
+    minus_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+    scores = torch.where(candidate, scores, minus_inf)
+    k = min(top_k, scores.shape[-1])
+    best = scores.topk(k, dim=-1).indices
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, best, True)
+    return torch.where(chosen, scores, minus_inf), middle_v

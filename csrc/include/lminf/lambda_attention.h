@@ -7,6 +7,11 @@
 //   else    masked
 // One softmax over the unmasked keys of the row; output = weights . v.
 //
+// Optional top-k middle attention (the paper's variant for retrieval): rows t >= top_k_first_row
+// also attend, per query head, to the top_k keys at positions in [n_global, i - n_local] (the
+// keys the Λ mask hides), each scored s * (R_top_k_distance q) . k, in the same softmax.
+// Candidates are the middle store's keys (earlier tokens) and the chunk's own keys.
+//
 // Angles are only ever taken of small relative numbers: the kernels subtract int64 positions
 // first, so a stream at position 10^9 gives the same result as one at 10^3.
 #pragma once
@@ -49,6 +54,20 @@ struct LambdaAttentionParams {
   // [1] absolute position of query 0; query t sits at *query_start + t. A pointer (device
   // memory for CUDA) so that a captured CUDA graph can advance it without re-capture.
   const int64_t* query_start = nullptr;
+
+  // Optional middle store for top-k attention: [batch, n_heads_kv, middle_len, head_dim] and
+  // [middle_len] positions (negative = empty), tokens before the chunk. Only positions in
+  // [n_global, i - n_local] are candidates for query i, so the store may also hold keys that
+  // the window still covers.
+  const void* middle_k = nullptr;
+  int64_t middle_k_batch_stride = 0, middle_k_head_stride = 0, middle_k_row_stride = 0;
+  const void* middle_v = nullptr;
+  int64_t middle_v_batch_stride = 0, middle_v_head_stride = 0, middle_v_row_stride = 0;
+  const int64_t* middle_positions = nullptr;
+  int64_t middle_len = 0;
+  int64_t top_k = 0;             // middle keys per query head and row; 0 disables the variant
+  int64_t top_k_distance = 0;    // rotary distance at which the chosen middle keys are placed
+  int64_t top_k_first_row = 0;   // first query row (0-based in the chunk) that uses top-k
 
   void* out = nullptr;  // [batch, n_heads_q, n_queries, head_dim], written in dtype
   int64_t out_batch_stride = 0, out_head_stride = 0, out_row_stride = 0;

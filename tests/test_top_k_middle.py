@@ -1,0 +1,87 @@
+"""Top-k middle attention: the kernel against the float64 reference, streamed and whole."""
+
+import pytest
+import torch
+
+import lm_infinite as li
+from helpers import random_qkv, rel_error, rope_inv_freq
+
+
+def reference_chunk(q, k, v, inv_freq, start, **options):
+    """float64 reference for queries start..start+T-1 seeing every key 0..start+T-1."""
+    T = q.shape[2]
+    keys = slice(0, start + T)
+    return li.lambda_attention_reference(
+        q.double(), k[:, :, keys].double(), v[:, :, keys].double(), inv_freq,
+        query_positions=torch.arange(start, start + T), key_positions=torch.arange(start + T), **options)
+
+
+@pytest.mark.parametrize("top_k", [1, 50])
+@pytest.mark.parametrize("chunk", [1, 37])
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4)])
+def test_streamed_top_k_rows_match_reference(top_k, chunk, heads):
+    n_global, n_local, distance, n = 4, 32, 16, 120
+    q, k, v = random_qkv(2, *heads, n, 64)
+    inv_freq = rope_inv_freq(64)
+    cache = li.RingKVCache(2, heads[1], 64, n_global=n_global, n_local=n_local, keep_middle=True)
+    for start in range(0, n, chunk):
+        sl = slice(start, min(n, start + chunk))
+        T = sl.stop - start
+        out = cache.attend_and_append(q[:, :, sl], k[:, :, sl], v[:, :, sl], inv_freq,
+                                      top_k=top_k, top_k_distance=distance, top_k_first_row=T - 1)
+        ref = reference_chunk(q[:, :, sl], k, v, inv_freq, start, n_global=n_global, n_local=n_local,
+                              top_k=top_k, top_k_distance=distance, top_k_first_row=T - 1)
+        assert rel_error(out, ref) < 1e-5, start
+
+
+def test_top_k_changes_only_the_chosen_rows():
+    n_global, n_local, n = 2, 16, 100
+    q, k, v = random_qkv(1, 2, 1, n, 32)
+    inv_freq = rope_inv_freq(32)
+    empty = dict(cache_k=k[:, :, :0], cache_v=v[:, :, :0], cache_positions=torch.empty(0, dtype=torch.int64))
+    plain = li.lambda_attention(q, k, v, inv_freq, n_global=n_global, n_local=n_local)
+    store = dict(middle_k=k[:, :, :0], middle_v=v[:, :, :0], middle_positions=torch.empty(0, dtype=torch.int64))
+    with_top_k = li.lambda_attention_chunk(q, k, v, query_start=0, inv_freq=inv_freq, n_global=n_global,
+                                           n_local=n_local, top_k=4, top_k_first_row=90, **empty, **store)
+    torch.testing.assert_close(with_top_k[:, :, :90], plain[:, :, :90], rtol=0, atol=0)
+    assert (with_top_k[:, :, 90:] - plain[:, :, 90:]).abs().max() > 1e-3
+    ref = li.lambda_attention_reference(q.double(), k.double(), v.double(), inv_freq, n_global=n_global,
+                                        n_local=n_local, top_k=4, top_k_distance=n_local // 2,
+                                        top_k_first_row=90)
+    assert rel_error(with_top_k, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_top_k_low_precision(dtype):
+    n_global, n_local, n = 4, 40, 200
+    q, k, v = random_qkv(1, 6, 2, n, 64, dtype)
+    inv_freq = rope_inv_freq(64)
+    cache = li.RingKVCache(1, 2, 64, n_global=n_global, n_local=n_local, dtype=dtype, keep_middle=True)
+    cache.append(k[:, :, :-1], v[:, :, :-1])
+    out = cache.attend(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], inv_freq, top_k=5, top_k_distance=20)
+    exact = reference_chunk(q[:, :, -1:], k, v, inv_freq, n - 1, n_global=n_global, n_local=n_local,
+                            top_k=5, top_k_distance=20)
+    low = li.lambda_attention_reference(
+        q[:, :, -1:], k, v, inv_freq, query_positions=torch.tensor([n - 1]), key_positions=torch.arange(n),
+        n_global=n_global, n_local=n_local, top_k=5, top_k_distance=20)
+    assert rel_error(out, exact) <= 2 * rel_error(low, exact) + 1e-6
+
+
+def test_middle_store_grows_and_keeps_every_token_past_the_globals():
+    cache = li.RingKVCache(1, 1, 8, n_global=3, n_local=4, keep_middle=True)
+    k = torch.randn(1, 1, 5000, 8)
+    for start in range(0, 5000, 999):
+        cache.append(k[:, :, start:start + 999], k[:, :, start:start + 999])
+    views = cache.middle.views()
+    assert views["middle_positions"].tolist() == list(range(3, 5000))
+    torch.testing.assert_close(views["middle_k"], k[:, :, 3:])
+
+
+def test_top_k_needs_a_middle_store():
+    cache = li.RingKVCache(1, 1, 8, n_global=3, n_local=4)
+    x = torch.randn(1, 1, 1, 8)
+    with pytest.raises(ValueError, match="keep_middle=True"):
+        cache.attend(x, x, x, rope_inv_freq(8), top_k=2)
+    with pytest.raises(RuntimeError, match="top_k > 0 needs middle_k"):
+        li.lambda_attention_chunk(x, x, x, cache.k, cache.v, cache.positions, 0, rope_inv_freq(8),
+                                  n_global=3, n_local=4, top_k=2)
