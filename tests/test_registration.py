@@ -24,6 +24,9 @@ def chunk_samples():
     cache_k, cache_v = torch.randn(1, 3, 9, 64), torch.randn(1, 3, 9, 64)
     positions = torch.tensor([0, 1, 2, 93, 94, 95, 96, -1, 97])
     yield (q, k, v, cache_k, cache_v, positions, torch.tensor([98]), rope_inv_freq(64), 3, 5, 4, 0.1)
+    middle_k, middle_v = torch.randn(1, 3, 90, 64), torch.randn(1, 3, 90, 64)
+    yield (q, k, v, cache_k, cache_v, positions, torch.tensor([98]), rope_inv_freq(64), 3, 5, 4, 0.1,
+           middle_k, middle_v, torch.arange(3, 93), 4, 2, 6)
 
 
 def append_samples():
