@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# On the GPU machine: build, test, sanitize and benchmark the CUDA kernels in one command.
+#
+#   bash scripts/gpu_check.sh                      # every phase (about 10 minutes)
+#   bash scripts/gpu_check.sh build test           # a subset: build test sanitize bench
+#
+# Logs go to $OUT (default ./out): build.log, resource_usage.txt, pytest_cuda.log,
+# pytest_suite.log, memcheck.log, racecheck.log, bench.log and bench/ (JSON + PNG). A short
+# table is printed last. Each phase has a time limit so the whole run fits the lease; the
+# build is incremental, so a second call can run the later phases alone.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+PHASES="${*:-build test sanitize bench}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+declare -a SUMMARY
+
+# run NAME LIMIT_S LOG CMD...: runs CMD with a time limit, logs stdout+stderr, records the outcome.
+run() {
+  local name="$1" limit="$2" log="$3"
+  shift 3
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$log" 2>&1
+  local rc=$?
+  local status="ok"
+  [ $rc -eq 124 ] && status="TIMEOUT(${limit}s)"
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && status="FAILED(rc=$rc)"
+  SUMMARY+=("$(printf '%-16s %-14s %5ss  %s' "$name" "$status" "$((SECONDS - start))" "$(basename "$log")")")
+  return $rc
+}
+
+want() { [[ " $PHASES " == *" $1 "* ]]; }
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  nvcc --version | tail -1
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+} >"$OUT/device.txt" 2>&1
+
+if want build; then
+  run build 300 "$OUT/build.log" pip install --no-build-isolation --no-deps -e .
+  # Registers, spills and shared memory per kernel, as ptxas reports them for sm_90.
+  for f in csrc/cuda/*.cu; do
+    nvcc -std=c++17 -O3 --use_fast_math -gencode=arch=compute_90,code=sm_90 -Icsrc/include \
+      -c "$f" -o /dev/null --resource-usage -Xptxas -warn-spills 2>&1 |
+      grep -E "Compiling entry|registers|spill|warning" | sed -E 's/_ZN5lminf4cuda[0-9]+_GLOBAL__N__[0-9a-f_]+_cu_[0-9a-f]+//'
+  done >"$OUT/resource_usage.txt" 2>&1
+  python -c "import lm_infinite as li; print(li.build_info())" >>"$OUT/build.log" 2>&1
+fi
+
+if want test; then
+  run pytest_cuda 240 "$OUT/pytest_cuda.log" python -m pytest -q --maxfail=25 tests/test_cuda_kernels.py
+  run pytest_suite 200 "$OUT/pytest_suite.log" python -m pytest -q -m "not slow" tests \
+    --ignore=tests/test_cuda_kernels.py
+fi
+
+if want sanitize; then
+  run memcheck 150 "$OUT/memcheck.log" "$SANITIZER" --tool memcheck --error-exitcode 1 \
+    python scripts/cuda_sanitize_cases.py
+  run racecheck 200 "$OUT/racecheck.log" "$SANITIZER" --tool racecheck --error-exitcode 1 \
+    python scripts/cuda_sanitize_cases.py
+fi
+
+if want bench; then
+  run bench 300 "$OUT/bench.log" python bench/attention_gpu.py --out "$OUT/bench"
+fi
+
+echo
+echo "== $(head -2 "$OUT/device.txt" | tail -1)"
+[ -s "$OUT/resource_usage.txt" ] && { echo "== ptxas (registers / spills)"; grep -E "registers|spill" "$OUT/resource_usage.txt" | sort | uniq -c | head -12; }
+for log in pytest_cuda pytest_suite; do
+  [ -f "$OUT/$log.log" ] && echo "== $log: $(tail -1 "$OUT/$log.log")"
+done
+for log in memcheck racecheck; do
+  [ -f "$OUT/$log.log" ] && echo "== $log: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/$log.log" | tail -1)"
+done
+[ -f "$OUT/bench.log" ] && { echo "== bench"; sed -n '/^prefill, bf16/,$p' "$OUT/bench.log"; }
+echo
+echo "phase            status         time   log (in $OUT)"
+printf '%s\n' "${SUMMARY[@]}"
