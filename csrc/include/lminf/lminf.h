@@ -5,6 +5,7 @@
 //   lambda_attention.h  Λ-attention kernels over raw strided pointers (CPU and CUDA)
 //   ring_kv_cache.h     the ring-buffer cache layout and its append kernels
 //   kv_cache.h          KVCache: one layer's cache with append, chunk attention and decode
+//   version.h           LMINF_VERSION and its parts
 #pragma once
 
 #include "lminf/dtype.h"
@@ -12,3 +13,4 @@
 #include "lminf/lambda_attention.h"
 #include "lminf/ring_kv_cache.h"
 #include "lminf/status.h"
+#include "lminf/version.h"
