@@ -1,0 +1,66 @@
+// The ops' bodies, shared by every backend: check and convert the tensors, then hand the
+// params to a backend's kernel launcher (a template argument, so each registration is a plain
+// function with the schema's signature).
+#pragma once
+
+#include <optional>
+
+#include "tensor_params.h"
+
+namespace lminf_ext {
+
+using AttentionLauncher = void (*)(const char* op, AttentionInputs& inputs);
+using AppendLauncher = void (*)(const char* op, AppendInputs& inputs);
+
+template <AttentionLauncher launch>
+torch::Tensor lambda_attention_chunk(const torch::Tensor& q, const torch::Tensor& k,
+                                     const torch::Tensor& v, const torch::Tensor& cache_k,
+                                     const torch::Tensor& cache_v,
+                                     const torch::Tensor& cache_positions,
+                                     const torch::Tensor& query_start,
+                                     const torch::Tensor& inv_freq, int64_t n_global,
+                                     int64_t n_local, int64_t distance_cap, double scale,
+                                     const std::optional<torch::Tensor>& middle_k,
+                                     const std::optional<torch::Tensor>& middle_v,
+                                     const std::optional<torch::Tensor>& middle_positions,
+                                     int64_t top_k, int64_t top_k_distance,
+                                     int64_t top_k_first_row) {
+  const char* op = "lminf::lambda_attention_chunk";
+  AttentionInputs in = make_attention_inputs(op, q, k, v, cache_k, cache_v, cache_positions,
+                                             query_start, inv_freq, n_global, n_local,
+                                             distance_cap, scale);
+  attach_middle_store(op, in, middle_k, middle_v, middle_positions, top_k, top_k_distance,
+                      top_k_first_row);
+  launch(op, in);
+  return in.out;
+}
+
+template <AttentionLauncher launch>
+torch::Tensor lambda_attention(const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, const torch::Tensor& inv_freq,
+                               int64_t n_global, int64_t n_local, int64_t distance_cap,
+                               double scale) {
+  const char* op = "lminf::lambda_attention";
+  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D [batch, heads_kv, seq, head_dim], got shape ",
+              k.sizes());
+  // A whole sequence is a chunk at position 0 with an empty cache.
+  const auto no_cache = k.new_empty({k.size(0), k.size(1), 0, k.size(3)});
+  const auto no_positions = torch::empty({0}, k.options().dtype(torch::kInt64));
+  const auto start = torch::zeros({1}, k.options().dtype(torch::kInt64));
+  AttentionInputs in = make_attention_inputs(op, q, k, v, no_cache, no_cache, no_positions, start,
+                                             inv_freq, n_global, n_local, distance_cap, scale);
+  launch(op, in);
+  return in.out;
+}
+
+template <AppendLauncher launch>
+void ring_cache_append(const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+                       const torch::Tensor& cache_positions, const torch::Tensor& k,
+                       const torch::Tensor& v, const torch::Tensor& start_position,
+                       int64_t n_global, int64_t n_local) {
+  AppendInputs in = make_append_inputs(cache_k, cache_v, cache_positions, k, v, start_position,
+                                       n_global, n_local);
+  launch("lminf::ring_cache_append", in);
+}
+
+}  // namespace lminf_ext
