@@ -49,13 +49,13 @@ __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return
 // RoPE angles.
 //
 // The build uses --use_fast_math, which turns sincosf into the approximate __sinf/__cosf whose
-// error grows with the argument (about 1e-3 at 4000 radians). Rotations by up to n_local
-// positions need far better, so the reduction is done here explicitly: the angle
-// delta * inv_freq is formed in double (exactly while |delta| < 2^29: its bits and the 24 of
-// inv_freq fit in 53), reduced by pi/2 with a two-part constant, and the reduced argument (|r| <= pi/4)
-// goes through single-precision minimax polynomials (Cephes sinf/cosf, ~1 ulp). The result is
-// within ~1e-7 of the exact sin/cos for |delta| < 2^29 (and stays within a few 1e-7 well past
-// 10^9), independent of compiler flags. delta is a relative position, never an absolute one.
+// absolute error grows with the argument (roughly |x| * 2^-22). Rotations by up to n_local
+// positions need better, so the reduction is done here explicitly: the angle delta * inv_freq
+// is formed in double (exactly while |delta| < 2^29: its bits and the 24 of inv_freq fit in
+// 53), reduced by pi/2 with a two-part constant, and the reduced argument (|r| <= pi/4) goes
+// through single-precision minimax polynomials (Cephes sinf/cosf, ~1 ulp). The result is within
+// ~1e-7 of the exact sin/cos for |delta| < 2^29 (and stays within a few 1e-7 well past 10^9),
+// independent of compiler flags. delta is a relative position, never an absolute one.
 __device__ __forceinline__ void rope_sincos(int64_t delta, float inv_freq, float* cos_out,
                                             float* sin_out) {
   constexpr double kTwoOverPi = 0.63661977236758134308;

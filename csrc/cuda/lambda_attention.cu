@@ -81,7 +81,8 @@ AttentionPlan plan_attention(const LambdaAttentionParams& p) {
     plan.n_splits = min64(min64((target + blocks - 1) / blocks, key_tiles), kMaxSplits);
   }
   if (plan.n_splits > 1) {
-    const size_t partials = static_cast<size_t>(p.batch * p.n_heads_q * p.n_queries * plan.n_splits);
+    const auto partials =
+        static_cast<size_t>(p.batch * p.n_heads_q * p.n_queries * plan.n_splits);
     plan.partial_lse_offset = round_up_256(partials * p.head_dim * sizeof(float));
     plan.workspace_bytes = plan.partial_lse_offset + round_up_256(partials * sizeof(float));
   }

@@ -196,7 +196,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t idx = threadIdx.x; idx < kRows * head_dim; idx += kThreads) {
       const int64_t r = idx / head_dim, c = idx % head_dim;
       float acc = sm.out[r * ld + c] * sm.correction[r];
-      for (int key = 0; key < kKeys; ++key) acc = fmaf(sm.prob[r * kKeys + key], sm.v[key * ld + c], acc);
+      for (int key = 0; key < kKeys; ++key)
+        acc = fmaf(sm.prob[r * kKeys + key], sm.v[key * ld + c], acc);
       sm.out[r * ld + c] = acc;
     }
   }

@@ -199,7 +199,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         s_qcap[swz<D>(r, f + half)] = from_f32<T>(x2 * cap_cos[m] + x1 * cap_sin[m]);
       }
     }
-    for (int col = 2 * half + lane; col < D; col += 32) s_qcap[swz<D>(r, col)] = s_krot[swz<D>(r, col)];
+    for (int col = 2 * half + lane; col < D; col += 32)
+      s_qcap[swz<D>(r, col)] = s_krot[swz<D>(r, col)];
   }
   __syncthreads();
 
@@ -286,7 +287,8 @@ __global__ void __launch_bounds__(kThreads, 2)
             s_krot[swz<D>(r, f + half)] = from_f32<T>(x2 * c[m] + x1 * s[m]);
           }
         }
-        for (int col = 2 * half + lane; col < D; col += 32) s_krot[swz<D>(r, col)] = k_st[swz<D>(r, col)];
+        for (int col = 2 * half + lane; col < D; col += 32)
+          s_krot[swz<D>(r, col)] = k_st[swz<D>(r, col)];
         prev_delta = delta;
         have_prev = true;
       }

@@ -33,7 +33,7 @@ struct AttentionPlan {
   // Query heads whose rows one block stacks: the GQA group size in decode mode, else 1.
   // Block rows are r = head_in_pack * n_queries + t.
   int64_t heads_per_block = 1;
-  int64_t row_tiles = 0;  // blocks along the rows of one pack: ceil(heads_per_block * n_queries / 64)
+  int64_t row_tiles = 0;  // blocks along one pack's rows: ceil(heads_per_block * n_queries / 64)
   int64_t n_splits = 1;   // key ranges per row tile; > 1 writes partials merged by lse_merge
   size_t workspace_bytes = 0;
   // Workspace layout when n_splits > 1, per output row (b, head, t) and split z:

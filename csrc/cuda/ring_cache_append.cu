@@ -91,15 +91,17 @@ Status ring_cache_append_cuda(const RingCacheAppendParams& params, void* stream)
                   static_cast<unsigned>(params.batch));
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   const int element_bytes = dtype_size(params.dtype);
+  using cuda::kThreads;
+  using cuda::ring_cache_append_kernel;
   if (cuda::rows_16_byte_aligned(params, element_bytes)) {
     if (element_bytes == 2)
-      cuda::ring_cache_append_kernel<uint4, 8><<<grid, cuda::kThreads, 0, cuda_stream>>>(params, 2);
+      ring_cache_append_kernel<uint4, 8><<<grid, kThreads, 0, cuda_stream>>>(params, 2);
     else
-      cuda::ring_cache_append_kernel<uint4, 4><<<grid, cuda::kThreads, 0, cuda_stream>>>(params, 4);
+      ring_cache_append_kernel<uint4, 4><<<grid, kThreads, 0, cuda_stream>>>(params, 4);
   } else if (element_bytes == 2) {
-    cuda::ring_cache_append_kernel<uint16_t, 1><<<grid, cuda::kThreads, 0, cuda_stream>>>(params, 2);
+    ring_cache_append_kernel<uint16_t, 1><<<grid, kThreads, 0, cuda_stream>>>(params, 2);
   } else {
-    cuda::ring_cache_append_kernel<uint32_t, 1><<<grid, cuda::kThreads, 0, cuda_stream>>>(params, 4);
+    ring_cache_append_kernel<uint32_t, 1><<<grid, kThreads, 0, cuda_stream>>>(params, 4);
   }
   return cuda::launch_status("ring_cache_append_kernel");
 }
