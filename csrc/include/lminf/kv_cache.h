@@ -9,12 +9,17 @@
 //   cache.attend_and_append(attention, q, k, v, n_tokens, out);
 //
 // Conventions for every function below:
-//   * Nothing throws. Every call returns a Status; on error the cache is unchanged and the
-//     message names the offending argument.
+//   * Nothing throws. Every call returns a Status; a bad argument leaves the cache unchanged
+//     and the message names the argument.
 //   * Tensors are dense, row-major, in the cache's dtype and in the cache's memory (host
 //     memory for MemoryKind::kHost, CUDA device memory for MemoryKind::kCuda).
-//   * A cache in CUDA memory runs every call asynchronously on launch.stream; a host cache runs
-//     on the calling thread with OpenMP workers and returns when the result is written.
+//   * On a host cache, calls run on the calling thread with OpenMP workers and return when the
+//     result is written. On a CUDA cache, reset, append and attend are enqueued on
+//     launch.stream and return at once; allocate and wrap synchronise.
+//   * The cache counts tokens on the host (n_seen) and, for CUDA, copies the count to the
+//     device after each append (8 bytes, cudaMemcpyAsync). To capture a decoding loop in a
+//     CUDA graph, call the kernels of lambda_attention.h and ring_kv_cache.h directly with a
+//     position that lives and advances on the device.
 #pragma once
 
 #include <cstddef>
