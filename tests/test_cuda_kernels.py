@@ -66,6 +66,7 @@ PREFILL_CASES = [
     (1, 8, 2, 700, 128, 128, 1, 64, None),  # window = one tile: every band edge
     (3, 32, 8, 257, 128, 128, 4, 4096, None),  # window covers the sequence: causal
     (1, 2, 2, 200, 80, 64, 5, 33, 0),  # head_dim 80: generic kernel
+    (1, 4, 2, 130, 64, 6, 2, 40, None),  # rotary_dim % 4 != 0: generic kernel
     (1, 8, 1, 257, 256, 128, 2, 64, None),  # head_dim 256: generic kernel
 ]
 

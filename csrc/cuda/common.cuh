@@ -45,6 +45,15 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+// The inverse of pack2: the low and high halves of a 32-bit register as floats.
+template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t bits);
+template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t bits) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
+}
+template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t bits) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&bits));
+}
+
 // ---------------------------------------------------------------------------------------------
 // RoPE angles.
 //

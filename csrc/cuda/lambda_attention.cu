@@ -44,6 +44,7 @@ bool strides_multiple_of_8(std::initializer_list<int64_t> strides) {
 bool tensor_core_eligible(const LambdaAttentionParams& p) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
+  if (p.rotary_dim % 4 != 0) return false;  // lanes rotate frequency pairs as 32-bit words
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out)) return false;
   if (!strides_multiple_of_8({p.q_batch_stride, p.q_head_stride, p.q_row_stride,
                               p.k_batch_stride, p.k_head_stride, p.k_row_stride,

@@ -112,7 +112,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kKeySteps = BN / 16;   // k16 steps of P V
   constexpr int kNTiles = BN / 8;      // n8 tiles of S
   constexpr int kDTiles = D / 8;       // n8 tiles of O
-  constexpr int kFreqSlots = D / 64;   // rotary frequencies per lane: f = lane + 32 * m
+  // Rotations: a lane owns the frequency pair (f, f + 1), f = 2 * (lane % kLanesPerRow), and
+  // moves it as one 32-bit word; a warp covers kRowsPerPass rows at once (2 for head_dim 64).
+  constexpr int kLanesPerRow = D / 4 < 32 ? D / 4 : 32;
+  constexpr int kRowsPerPass = 32 / kLanesPerRow;
+  constexpr int kRowStep = kWarps * kRowsPerPass;  // rows between a lane's successive rows
   using Layout = SmemLayout<T, D>;
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -163,44 +167,48 @@ __global__ void __launch_bounds__(kThreads, 2)
     cp_async_commit();
   }
 
-  // Per-lane rotary constants for frequencies f = lane + 32 m < half.
+  // Per-lane rotary constants for the pair (f, f + 1). plan_attention sends rotary_dim % 4 != 0
+  // to the generic kernel, so a lane rotates both frequencies of its pair or neither.
   const int half = static_cast<int>(p.rotary_dim / 2);
-  float inv_freq[kFreqSlots], step_cos[kFreqSlots], step_sin[kFreqSlots], cap_cos[kFreqSlots],
-      cap_sin[kFreqSlots];
+  const int pair_lane = lane % kLanesPerRow;
+  const int f = 2 * pair_lane;
+  const bool rotates = f < half;
+  const int first_row = warp + kWarps * (lane / kLanesPerRow);  // the lane's first row
+  float inv_freq[2] = {0.f, 0.f}, step_cos[2], step_sin[2], cap_cos[2], cap_sin[2];
 #pragma unroll
-  for (int m = 0; m < kFreqSlots; ++m) {
-    const int f = lane + 32 * m;
-    inv_freq[m] = f < half ? p.inv_freq[f] : 0.f;
-    rope_sincos(kWarps, inv_freq[m], &step_cos[m], &step_sin[m]);
-    rope_sincos(p.distance_cap, inv_freq[m], &cap_cos[m], &cap_sin[m]);
+  for (int e = 0; e < 2; ++e) {
+    if (rotates) inv_freq[e] = p.inv_freq[f + e];
+    rope_sincos(kRowStep, inv_freq[e], &step_cos[e], &step_sin[e]);
+    rope_sincos(p.distance_cap, inv_freq[e], &cap_cos[e], &cap_sin[e]);
   }
 
   // Rotate the staged Q rows: s_krot <- R_{t - t_lo} q (local), s_qcap <- R_D q (global).
   cp_async_wait<1>();
   __syncthreads();
-  for (int r = warp; r < BM; r += kWarps) {
+  for (int r = first_row; r < BM; r += kRowStep) {
     const int64_t row = r0 + r;
     if (row >= rows_total) {  // padding row: zero (its Q was zero-filled)
-      for (int chunk = lane; chunk < kChunks; chunk += 32)
+      for (int chunk = pair_lane; chunk < kChunks; chunk += kLanesPerRow)
         *reinterpret_cast<uint4*>(s_qcap + r * D + chunk * 8) = make_uint4(0, 0, 0, 0);
       continue;
     }
-    const int64_t t_rel = row % n_q - t_lo;
-#pragma unroll
-    for (int m = 0; m < kFreqSlots; ++m) {
-      const int f = lane + 32 * m;
-      if (f < half) {
-        float c, s;
-        rope_sincos(t_rel, inv_freq[m], &c, &s);
-        const float x1 = to_f32(s_krot[swz<D>(r, f)]), x2 = to_f32(s_krot[swz<D>(r, f + half)]);
-        s_krot[swz<D>(r, f)] = from_f32<T>(x1 * c - x2 * s);
-        s_krot[swz<D>(r, f + half)] = from_f32<T>(x2 * c + x1 * s);
-        s_qcap[swz<D>(r, f)] = from_f32<T>(x1 * cap_cos[m] - x2 * cap_sin[m]);
-        s_qcap[swz<D>(r, f + half)] = from_f32<T>(x2 * cap_cos[m] + x1 * cap_sin[m]);
-      }
+    if (rotates) {
+      float c[2], s[2];
+      rope_sincos(row % n_q - t_lo, inv_freq[0], &c[0], &s[0]);
+      rope_sincos(row % n_q - t_lo, inv_freq[1], &c[1], &s[1]);
+      uint32_t* const lo = reinterpret_cast<uint32_t*>(s_krot + swz<D>(r, f));
+      uint32_t* const hi = reinterpret_cast<uint32_t*>(s_krot + swz<D>(r, f + half));
+      const float2 x1 = unpack2<T>(*lo), x2 = unpack2<T>(*hi);
+      *lo = pack2<T>(x1.x * c[0] - x2.x * s[0], x1.y * c[1] - x2.y * s[1]);
+      *hi = pack2<T>(x2.x * c[0] + x1.x * s[0], x2.y * c[1] + x1.y * s[1]);
+      *reinterpret_cast<uint32_t*>(s_qcap + swz<D>(r, f)) =
+          pack2<T>(x1.x * cap_cos[0] - x2.x * cap_sin[0], x1.y * cap_cos[1] - x2.y * cap_sin[1]);
+      *reinterpret_cast<uint32_t*>(s_qcap + swz<D>(r, f + half)) =
+          pack2<T>(x2.x * cap_cos[0] + x1.x * cap_sin[0], x2.y * cap_cos[1] + x1.y * cap_sin[1]);
     }
-    for (int col = 2 * half + lane; col < D; col += 32)
-      s_qcap[swz<D>(r, col)] = s_krot[swz<D>(r, col)];
+    for (int col = 2 * half + f; col < D; col += 2 * kLanesPerRow)  // features past rotary_dim
+      *reinterpret_cast<uint32_t*>(s_qcap + swz<D>(r, col)) =
+          *reinterpret_cast<const uint32_t*>(s_krot + swz<D>(r, col));
   }
   __syncthreads();
 
@@ -250,17 +258,18 @@ __global__ void __launch_bounds__(kThreads, 2)
                           s_v + (stage ^ 1) * Layout::kTile, s_pos + (stage ^ 1) * BN);
     cp_async_commit();
 
-    // Prepare the tile. Warp w takes rows w, w + 4, ...: consecutive positions then differ by
-    // kWarps, and the rotation of the next row is one complex multiply away. Rows outside the
-    // block's window (-n_local, t_hi - t_lo] are never local here and stay unrotated.
+    // Prepare the tile. A lane visits rows first_row, first_row + kRowStep, ...: consecutive
+    // positions then differ by kRowStep, and the next row's rotation is one complex multiply
+    // away. Rows outside the block's window (-n_local, t_hi - t_lo] are never local here and
+    // stay unrotated.
     {
       int64_t prev_delta = 0;
       bool have_prev = false;
-      float c[kFreqSlots], s[kFreqSlots];
-      for (int r = warp; r < BN; r += kWarps) {
+      float c[2], s[2];
+      for (int r = first_row; r < BN; r += kRowStep) {
         const int64_t j = pos_st[r];
         if (j < 0) {  // empty slot: its value row may hold anything, and 0 * NaN is NaN
-          for (int chunk = lane; chunk < kChunks; chunk += 32)
+          for (int chunk = pair_lane; chunk < kChunks; chunk += kLanesPerRow)
             *reinterpret_cast<uint4*>(v_st + r * D + chunk * 8) = make_uint4(0, 0, 0, 0);
           have_prev = false;
           continue;
@@ -270,25 +279,29 @@ __global__ void __launch_bounds__(kThreads, 2)
           have_prev = false;
           continue;
         }
-        const bool step = have_prev && delta == prev_delta + kWarps;
+        if (rotates) {
+          const bool step = have_prev && delta == prev_delta + kRowStep;
 #pragma unroll
-        for (int m = 0; m < kFreqSlots; ++m) {
-          const int f = lane + 32 * m;
-          if (f < half) {
+          for (int e = 0; e < 2; ++e) {
             if (step) {
-              const float next_c = c[m] * step_cos[m] - s[m] * step_sin[m];
-              s[m] = s[m] * step_cos[m] + c[m] * step_sin[m];
-              c[m] = next_c;
+              const float next_c = c[e] * step_cos[e] - s[e] * step_sin[e];
+              s[e] = s[e] * step_cos[e] + c[e] * step_sin[e];
+              c[e] = next_c;
             } else {
-              rope_sincos(delta, inv_freq[m], &c[m], &s[m]);
+              rope_sincos(delta, inv_freq[e], &c[e], &s[e]);
             }
-            const float x1 = to_f32(k_st[swz<D>(r, f)]), x2 = to_f32(k_st[swz<D>(r, f + half)]);
-            s_krot[swz<D>(r, f)] = from_f32<T>(x1 * c[m] - x2 * s[m]);
-            s_krot[swz<D>(r, f + half)] = from_f32<T>(x2 * c[m] + x1 * s[m]);
           }
+          const float2 x1 = unpack2<T>(*reinterpret_cast<const uint32_t*>(k_st + swz<D>(r, f)));
+          const float2 x2 =
+              unpack2<T>(*reinterpret_cast<const uint32_t*>(k_st + swz<D>(r, f + half)));
+          *reinterpret_cast<uint32_t*>(s_krot + swz<D>(r, f)) =
+              pack2<T>(x1.x * c[0] - x2.x * s[0], x1.y * c[1] - x2.y * s[1]);
+          *reinterpret_cast<uint32_t*>(s_krot + swz<D>(r, f + half)) =
+              pack2<T>(x2.x * c[0] + x1.x * s[0], x2.y * c[1] + x1.y * s[1]);
         }
-        for (int col = 2 * half + lane; col < D; col += 32)
-          s_krot[swz<D>(r, col)] = k_st[swz<D>(r, col)];
+        for (int col = 2 * half + f; col < D; col += 2 * kLanesPerRow)
+          *reinterpret_cast<uint32_t*>(s_krot + swz<D>(r, col)) =
+              *reinterpret_cast<const uint32_t*>(k_st + swz<D>(r, col));
         prev_delta = delta;
         have_prev = true;
       }
