@@ -7,13 +7,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
-from ..hf import cache_argument_name, disable, enable
-from ..hf.families import training_length
+from ..hf import disable, enable
+from ..hf.families import decoder_of, training_length
 
 __all__ = ["METHODS", "Settings", "lm_infinite_enabled", "stock_nll", "token_nll",
-           "truncated_window_nll"]
+           "truncated_window_nll", "whole_sequence_nll"]
 
 # stock: the unmodified model over the whole text; truncated: the stock model re-run on the
 # last n_local tokens; lm-infinite: Λ-shaped attention with the distance cap.
@@ -48,23 +47,28 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def stock_nll(model, ids: torch.Tensor, *, chunk_size: int = 2048, progress=None) -> torch.Tensor:
-    """Per-token NLL (float32 [tokens], NaN for token 0) of the stock model reading all of ids
-    ([tokens]) with a standard growing cache, chunk by chunk to bound activation memory."""
+def whole_sequence_nll(model, ids: torch.Tensor, *, rows_per_slice: int = 2048) -> torch.Tensor:
+    """Per-token NLL (float32 [tokens], NaN for token 0) from one forward over all of ids
+    ([tokens]) without a cache: the model's own causal attention kernel, with no mask tensor.
+    The vocabulary projection runs slice by slice so the logits never exist for every row."""
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
-    keyword = cache_argument_name(model)
+    ids = ids.to(device)
+    hidden = decoder_of(model)(input_ids=ids[None], use_cache=False).last_hidden_state[0, :-1]
+    head = model.get_output_embeddings()
+    targets = ids[1:]
     nll = torch.full((ids.numel(),), float("nan"))
-    previous = None
-    for start in range(0, ids.numel(), chunk_size):
-        chunk = ids[start : start + chunk_size].to(device)
-        logits = model(chunk[None], use_cache=True, **{keyword: cache}).logits[0]
-        predictors = logits[:-1] if previous is None else torch.cat([previous[None], logits[:-1]])
-        first = start + (previous is None)
-        nll[first : start + chunk.numel()] = token_nll(predictors, chunk[first - start :]).cpu()
-        previous = logits[-1]
-        if progress is not None:
-            progress(chunk.numel())
+    for start in range(0, targets.numel(), rows_per_slice):
+        end = start + rows_per_slice
+        nll[start + 1 : end + 1] = token_nll(head(hidden[start:end]), targets[start:end]).cpu()
+    return nll
+
+
+def stock_nll(model, ids: torch.Tensor, *, progress=None) -> torch.Tensor:
+    """Per-token NLL of the stock model reading all of ids ([tokens]) at once: memory and time
+    grow with the text (quadratically for the attention), hence --stock-max-tokens."""
+    nll = whole_sequence_nll(model, ids)
+    if progress is not None:
+        progress(ids.numel())
     return nll
 
 

@@ -30,7 +30,7 @@ def perplexity_run(model, ids: torch.Tensor, *, methods=METHODS, settings: Setti
     nll = {}
     for method in methods:
         if method == "stock":
-            nll[method] = stock_nll(model, ids, chunk_size=chunk_size, progress=ticker(method, ids.numel()))
+            nll[method] = stock_nll(model, ids, progress=ticker(method, ids.numel()))
         elif method == "truncated":
             nll[method] = truncated_window_nll(model, ids, window=settings.n_local, stride=stride,
                                                progress=ticker(method, ids.numel() - settings.n_local))

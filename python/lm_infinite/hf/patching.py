@@ -17,7 +17,8 @@ __all__ = ["enable", "disable", "cache_argument_name"]
 
 
 def cache_argument_name(module: nn.Module) -> str:
-    """The forward's cache keyword: `cache` from transformers 5.2x, `past_key_values` before."""
+    """The forward's cache keyword: `cache` in newer transformers (5.24), `past_key_values` in
+    older ones (5.17), where passing `cache=` would be silently ignored."""
     parameters = inspect.signature(module.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
@@ -37,13 +38,13 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     Calling it again re-applies the new settings.
     """
     decoder = decoder_of(model)
-    if getattr(model, "_lm_infinite", None) is not None:
-        disable(model)
     n_local = training_length(model.config) if n_local is None else n_local
+    _check_int("n_local", n_local, 1)
     distance_cap = n_local if distance_cap is None else distance_cap
     _check_int("n_global", n_global, 0)
-    _check_int("n_local", n_local, 1)
     _check_int("distance_cap", distance_cap, 0)
+    if getattr(model, "_lm_infinite", None) is not None:
+        disable(model)
 
     _own_config(model)
     rotary = UnrotatedRotaryEmbedding(decoder.rotary_emb)
