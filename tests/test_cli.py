@@ -81,6 +81,17 @@ def test_generate_prints_the_greedy_stream_continuation(model_dir, text_file, ca
     assert printed == tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
 
 
+def test_demo_writes_its_table_json_and_plot_in_the_working_directory(model_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _run("demo", "--model", model_dir, "--tokens", 80, "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert "perplexity on tokens 32-80: stock" in out and "lm-infinite" in out
+    result = json.loads((tmp_path / "lminf-demo.json").read_text())
+    assert set(result["nll"]) == {"stock", "lm-infinite"}
+    assert (tmp_path / "lminf-demo.png").read_bytes().startswith(PNG_MAGIC)
+
+
 def _assert_fails(capsys, argv, message, outputs=()):
     assert _run(*argv) == 1
     assert message in capsys.readouterr().err
