@@ -17,11 +17,12 @@
 // and multiplies it with the unrotated key tile, in the same pass over K/V. Per element masks
 // choose the local score, the global score or -inf; tiles strictly inside the band skip them.
 //
-// Per key tile (two barriers): wait for its cp.async group, issue the next tile's (double
-// buffer), rotate the tile's in-window keys into sKrot (a recurrence along rows, exact sincos
-// only at the first row or after a jump in position), then every warp computes
-// S = Q K^T (mma.sync m16n8k16, fragments by ldmatrix), masks, online softmax in float32 and
-// O += P V.
+// Per key tile (three barriers): once every warp is done with the previous tile, issue the
+// cp.async copies of the next one into the freed buffer (double buffering; the prologue issues
+// the first two, so decode blocks with few tiles have both in flight); wait for this tile;
+// rotate its in-window keys into s_krot (a recurrence along rows, exact sincos only at a lane's
+// first row or after a jump in position); then every warp computes S = Q K^T (mma.sync
+// m16n8k16, fragments by ldmatrix), masks, online softmax in float32 and O += P V.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -149,7 +150,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t tile_begin = tiles.count * split / n_splits;
   const int64_t tile_end = tiles.count * (split + 1) / n_splits;
 
-  // Stage the Q tile in s_krot and the first key tile in stage 0 (two cp.async groups).
+  // Stage the Q tile in s_krot and the first two key tiles in stages 0 and 1 (three cp.async
+  // groups, some possibly empty), so that both key loads are in flight from the start.
   {
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
     for (int c = threadIdx.x; c < BM * kChunks; c += kThreads) {
@@ -162,9 +164,12 @@ __global__ void __launch_bounds__(kThreads, 2)
       cp_async_16(s_krot + swz<D>(r, chunk * 8), src, valid);
     }
     cp_async_commit();
-    if (tile_begin < tile_end)
-      load_key_tile<T, D>(p, b, kv_head, qs, tiles[tile_begin], s_k, s_v, s_pos);
-    cp_async_commit();
+    for (int st = 0; st < 2; ++st) {
+      if (tile_begin + st < tile_end)
+        load_key_tile<T, D>(p, b, kv_head, qs, tiles[tile_begin + st], s_k + st * Layout::kTile,
+                            s_v + st * Layout::kTile, s_pos + st * BN);
+      cp_async_commit();
+    }
   }
 
   // Per-lane rotary constants for the pair (f, f + 1). plan_attention sends rotary_dim % 4 != 0
@@ -183,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   // Rotate the staged Q rows: s_krot <- R_{t - t_lo} q (local), s_qcap <- R_D q (global).
-  cp_async_wait<1>();
+  cp_async_wait<2>();  // the Q group
   __syncthreads();
   for (int r = first_row; r < BM; r += kRowStep) {
     const int64_t row = r0 + r;
@@ -251,12 +256,17 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t* const pos_st = s_pos + stage * BN;
     const KeyTile tile = tiles[it];
 
-    cp_async_wait<0>();
-    __syncthreads();  // tile `it` has landed; every warp is done with tile it - 1
-    if (it + 1 < tile_end)
-      load_key_tile<T, D>(p, b, kv_head, qs, tiles[it + 1], s_k + (stage ^ 1) * Layout::kTile,
-                          s_v + (stage ^ 1) * Layout::kTile, s_pos + (stage ^ 1) * BN);
-    cp_async_commit();
+    // Double buffer: tile it + 1 goes into the stage tile it - 1 used, as soon as every warp is
+    // done with it (tile it + 1 was issued by the prologue when it == tile_begin).
+    if (it > tile_begin) {
+      __syncthreads();
+      if (it + 1 < tile_end)
+        load_key_tile<T, D>(p, b, kv_head, qs, tiles[it + 1], s_k + (stage ^ 1) * Layout::kTile,
+                            s_v + (stage ^ 1) * Layout::kTile, s_pos + (stage ^ 1) * BN);
+      cp_async_commit();
+    }
+    cp_async_wait<1>();  // tile it has landed (the latest group, tile it + 1, may be in flight)
+    __syncthreads();
 
     // Prepare the tile. A lane visits rows first_row, first_row + kRowStep, ...: consecutive
     // positions then differ by kRowStep, and the next row's rotation is one complex multiply
