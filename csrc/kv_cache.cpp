@@ -255,8 +255,12 @@ Status KVCache::reset(const Launch& launch) {
 size_t KVCache::attention_workspace_bytes(const AttentionConfig& attention,
                                           int64_t n_tokens) const {
   if (memory_ != MemoryKind::kCuda) return 0;
-  return lambda_attention_cuda_workspace_size(chunk_attention_params(
-      shape_, storage_, attention, nullptr, nullptr, nullptr, n_tokens, nullptr));
+  // The size depends on the sizes and on whether the tensors are 16-byte aligned (the tensor-core
+  // path needs both, and scratch). The cache's own buffers, aligned, stand in for the caller's
+  // tensors: never read, they give the larger of the two answers.
+  return lambda_attention_cuda_workspace_size(
+      chunk_attention_params(shape_, storage_, attention, storage_.keys, storage_.keys,
+                             storage_.keys, n_tokens, storage_.values));
 }
 
 Status KVCache::append(const void* k, const void* v, int64_t n_tokens, const Launch& launch) {

@@ -98,8 +98,10 @@ class KVCache {
   static size_t slot_bytes(const KVCacheShape& shape);
   static size_t position_bytes(const KVCacheShape& shape);
 
-  // Device scratch a CUDA cache needs to attend n_tokens queries of `attention` at once.
-  // 0 for a host cache. Depends only on sizes, so one allocation can serve every layer.
+  // Device scratch a CUDA cache needs to attend n_tokens queries of `attention` at once; 0 for
+  // a host cache. It depends on sizes only, so one allocation serves every layer, but not
+  // monotonically on n_tokens (decoding splits the keys across blocks, a long chunk does not):
+  // allocate the largest over the chunk sizes the stream uses.
   size_t attention_workspace_bytes(const AttentionConfig& attention, int64_t n_tokens) const;
 
   // Forgets every token: the next token appended sits at position 0.
