@@ -19,3 +19,6 @@ write_basic_package_version_file(${PROJECT_BINARY_DIR}/lminfConfigVersion.cmake
   COMPATIBILITY SameMinorVersion)
 install(FILES ${PROJECT_BINARY_DIR}/lminfConfig.cmake ${PROJECT_BINARY_DIR}/lminfConfigVersion.cmake
   DESTINATION ${lminf_config_dir})
+
+# The build tree is a package too: -Dlminf_DIR=<build dir> finds it without an install.
+export(EXPORT lminfTargets NAMESPACE lminf:: FILE ${PROJECT_BINARY_DIR}/lminfTargets.cmake)
