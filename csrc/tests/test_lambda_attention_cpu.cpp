@@ -172,7 +172,8 @@ void expect_matches_naive(const Chunk& chunk, const std::string& what) {
 
 const std::vector<Config> kWholeSequenceConfigs = {
     // batch, heads q/kv, head_dim, rotary_dim, G, L, D, n_queries
-    {1, 1, 1, 64, 64, 0, 4, 4, 1},         {1, 2, 2, 64, 64, 1, 2, 2, 3},  // MHA, tiny window
+    {1, 1, 1, 64, 64, 0, 4, 4, 1},          // a single token
+    {1, 2, 2, 64, 64, 1, 2, 2, 3},          // MHA, tiny window
     {2, 4, 2, 64, 64, 10, 5, 5, 19},        // GQA, globals outnumber the window
     {1, 4, 2, 64, 64, 0, 7, 3, 19},         // no globals, distance_cap < n_local
     {1, 8, 1, 128, 128, 4, 33, 40, 200},    // MQA, head_dim 128, distance_cap > n_local
