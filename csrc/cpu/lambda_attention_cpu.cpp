@@ -142,8 +142,8 @@ class LambdaAttentionCpu {
         tile_queries_(std::clamp<int64_t>(kTargetTileRows / group_, 8, 128)),
         // Largest relative offset: a query or key at most n_local + tile_queries - 1 past
         // its tile's anchor, never beyond the last query.
-        table_(p.inv_freq, half_,
-               std::min(p.n_local, query_start_ + p.n_queries) + tile_queries_ + 1),
+        table_(shared_rope_table(p.inv_freq, half_,
+                                 std::min(p.n_local, query_start_ + p.n_queries) + tile_queries_ + 1)),
         global_cos_(half_),
         global_sin_(half_),
         middle_cos_(half_),
@@ -216,8 +216,8 @@ class LambdaAttentionCpu {
       row_to_float(q_row(b, h, t), local, p_.head_dim);
       for (int64_t d = 0; d < p_.head_dim; ++d) local[d] *= p_.scale;  // fold the scale in
       std::copy(local, local + dp_, global);
-      rotate_half_inplace(local, table_.cos_row(query_start_ + t - base),
-                          table_.sin_row(query_start_ + t - base), half_);
+      rotate_half_inplace(local, table_->cos_row(query_start_ + t - base),
+                          table_->sin_row(query_start_ + t - base), half_);
       rotate_half_inplace(global, global_cos_.data(), global_sin_.data(), half_);
     }
     std::fill(ws.acc.begin(), ws.acc.begin() + rows * dp_, 0.f);
@@ -270,27 +270,35 @@ class LambdaAttentionCpu {
     float* values = ws.values.data();
     float* row = ws.row.data();
     int64_t lowest = std::numeric_limits<int64_t>::max(), highest = -1;
+    const float* q = kLocal ? ws.q_local.data() : ws.q_global.data();
+    float* scores = ws.scores.data();
+    // Few rows (decode): score each key as soon as it is rotated. Many rows: transpose the
+    // block once and score it with the register-tiled kernel.
+    const bool direct = rows < kQkRows;
     for (int c = 0; c < kBlockKeys; ++c) {
+      std::fill(row, row + dp_, 0.f);
       if (c < n_keys) {
-        std::fill(row, row + dp_, 0.f);
         row_to_float(keys[c].k, row, p_.head_dim);
         if (kLocal)
-          rotate_half_inplace(row, table_.cos_row(keys[c].position - base),
-                              table_.sin_row(keys[c].position - base), half_);
+          rotate_half_inplace(row, table_->cos_row(keys[c].position - base),
+                              table_->sin_row(keys[c].position - base), half_);
         float* value = values + c * dp_;
         std::fill(value + p_.head_dim, value + dp_, 0.f);
         row_to_float(keys[c].v, value, p_.head_dim);
         lowest = std::min(lowest, keys[c].position);
         highest = std::max(highest, keys[c].position);
-      } else {
-        std::fill(row, row + dp_, 0.f);
       }
-      for (int64_t d = 0; d < dp_; ++d) kt[d * kBlockKeys + c] = row[d];
+      if (direct) {
+        for (int64_t r = 0; r < rows; ++r) {
+          vfloat dot = {};
+          for (int64_t d = 0; d < dp_; d += kVecWidth) dot += vload(q + r * dp_ + d) * vload(row + d);
+          scores[r * kBlockKeys + c] = vreduce_sum(dot);
+        }
+      } else {
+        for (int64_t d = 0; d < dp_; ++d) kt[d * kBlockKeys + c] = row[d];
+      }
     }
-
-    const float* q = kLocal ? ws.q_local.data() : ws.q_global.data();
-    float* scores = ws.scores.data();
-    score_block(q, rows, dp_, kt, scores);
+    if (!direct) score_block(q, rows, dp_, kt, scores);
 
     // Whole-block tests first: most blocks lie entirely inside every row's band.
     const int64_t last = first + (rows - 1) / group_;
@@ -447,7 +455,7 @@ class LambdaAttentionCpu {
   const int64_t dp_;    // head_dim rounded up to whole vectors (zero padded)
   const int64_t half_;  // rotary_dim / 2
   const int64_t tile_queries_;
-  const RopeTable table_;
+  const std::shared_ptr<const RopeTable> table_;
   std::vector<float> global_cos_, global_sin_;  // rotation by distance_cap
   std::vector<float> middle_cos_, middle_sin_;  // rotation by top_k_distance
 };

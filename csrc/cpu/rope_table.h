@@ -3,6 +3,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 namespace lminf::cpu {
@@ -39,7 +43,28 @@ struct RopeTable {
 
   const float* cos_row(int64_t p) const { return cos.data() + p * half; }
   const float* sin_row(int64_t p) const { return sin.data() + p * half; }
+  int64_t rows() const { return half == 0 ? 0 : static_cast<int64_t>(cos.size()) / half; }
 };
+
+// The table for (inv_freq, at least `rows` rows), reused across calls: every layer of a
+// model shares one inv_freq, so a decode step would otherwise rebuild the same table per
+// layer, which costs more than the attention itself. One entry, guarded by a mutex; callers
+// hold a shared_ptr, so replacing the entry never frees a table in use.
+inline std::shared_ptr<const RopeTable> shared_rope_table(const float* inv_freq, int64_t half,
+                                                          int64_t rows) {
+  static std::mutex mutex;
+  static std::shared_ptr<const RopeTable> cached;
+  static std::vector<float> cached_freq;
+  std::lock_guard<std::mutex> lock(mutex);
+  const bool same_freq = static_cast<int64_t>(cached_freq.size()) == half &&
+                         (half == 0 || std::memcmp(cached_freq.data(), inv_freq, half * sizeof(float)) == 0);
+  if (cached && same_freq && cached->rows() >= rows) return cached;
+  // Grow geometrically so a stream whose chunks vary in size rebuilds only a few times.
+  const int64_t new_rows = same_freq && cached ? std::max(rows, 2 * cached->rows()) : rows;
+  cached = std::make_shared<const RopeTable>(inv_freq, half, new_rows);
+  cached_freq.assign(inv_freq, inv_freq + half);
+  return cached;
+}
 
 // Hugging Face's rotate_half convention on the first 2*half features of x, in place:
 // (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
