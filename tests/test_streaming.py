@@ -37,10 +37,11 @@ def test_nll_over_several_calls_equals_whole_forward(model, chunk_size):
     assert stream.position == ids.shape[1]
 
 
-def test_feed_returns_the_whole_forward_logits(model):
-    ids = _ids(4 * N_LOCAL)
+def test_feed_returns_the_next_token_logits_of_the_whole_forward(model):
+    ids = _ids(4 * N_LOCAL, batch=2)
     stream = LambdaStream(model, chunk_size=6)
-    torch.testing.assert_close(stream.feed(ids), _whole_logits(model, ids), atol=1e-4, rtol=1e-4)
+    stream.feed(ids[:, :5])
+    torch.testing.assert_close(stream.feed(ids[:, 5:]), _whole_logits(model, ids)[:, -1], atol=1e-4, rtol=1e-4)
 
 
 def test_generate_continues_greedily_past_the_window(model):

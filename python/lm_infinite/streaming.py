@@ -22,7 +22,7 @@ __all__ = ["LambdaStream"]
 class LambdaStream:
     """One stream (batch of equal-length sequences) through an enabled model.
 
-    feed(ids) -> logits of every fed token; nll(ids) -> per-token negative log-likelihood;
+    feed(ids) -> next-token logits; nll(ids) -> per-token negative log-likelihood;
     generate(n) -> continuation tokens. Calls continue the same stream.
     """
 
@@ -61,13 +61,12 @@ class LambdaStream:
 
     @torch.inference_mode()
     def feed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Append tokens to the stream; returns their logits [batch, tokens, vocab] (float32)."""
-        pieces = []
+        """Append tokens to the stream; returns the logits that predict the next token,
+        float32 [batch, vocab] (only the last row is projected: a long prompt costs no
+        [tokens, vocab] tensor)."""
         for chunk in self._chunks(input_ids):
-            logits = self._head(self._hidden_states(chunk)).float()
-            self.next_logits = logits[:, -1]
-            pieces.append(logits)
-        return torch.cat(pieces, dim=1)
+            self.next_logits = self._head(self._hidden_states(chunk)[:, -1]).float()
+        return self.next_logits
 
     @torch.inference_mode()
     def nll(self, input_ids: torch.Tensor, progress=None) -> torch.Tensor:
