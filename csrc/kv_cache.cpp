@@ -39,6 +39,18 @@ Status check_shape(const char* function, const KVCacheShape& s) {
   if (s.head_dim < 1) return invalid(function, "shape.head_dim must be >= 1, got ", s.head_dim);
   if (s.n_global < 0) return invalid(function, "shape.n_global must be >= 0, got ", s.n_global);
   if (s.n_local < 1) return invalid(function, "shape.n_local must be >= 1, got ", s.n_local);
+  // Byte counts are products of these sizes: refuse a shape whose product would wrap around
+  // (and allocate a small buffer that the kernels then overrun).
+  int64_t bytes = 0;
+  if (__builtin_add_overflow(s.n_global, s.n_local, &bytes) ||
+      __builtin_mul_overflow(bytes, s.batch, &bytes) ||
+      __builtin_mul_overflow(bytes, s.n_heads_kv, &bytes) ||
+      __builtin_mul_overflow(bytes, s.head_dim, &bytes) ||
+      __builtin_mul_overflow(bytes, int64_t{dtype_size(s.dtype)}, &bytes)) {
+    return invalid(function,
+                   "shape: batch x n_heads_kv x (n_global + n_local) x head_dim elements "
+                   "overflow 64 bits");
+  }
   return Status::Ok();
 }
 

@@ -155,6 +155,7 @@ TEST(kv_cache_creation_names_the_bad_field) {
       {"shape.head_dim", [](Shape& s) { s.head_dim = -8; }},
       {"shape.n_global", [](Shape& s) { s.n_global = -1; }},
       {"shape.n_local", [](Shape& s) { s.n_local = 0; }},
+      {"overflow", [](Shape& s) { s.n_local = s.head_dim = int64_t{1} << 40; }},
   };
   for (const auto& [field, corrupt] : cases) {
     Shape shape = valid_shape();
