@@ -21,6 +21,7 @@ import lm_infinite as li
 BM = BN = 64  # query rows per block, keys per tile
 WARPS = 4
 F32 = np.float32
+SKIPPED = []  # cache tiles skipped without loading, over the whole run
 
 
 def rope_sincos(delta: int, inv_freq: float) -> tuple[F32, F32]:
@@ -87,6 +88,17 @@ def rotate_key_tile(k_tile, pos, q0, window_hi, p):
     return k_rot
 
 
+def cache_tile_visible(p, first, i_lo, i_hi):
+    """cache_tile_bounds.cu plus the kernel's test: can a query in [i_lo, i_hi] see a position
+    of the tile? Prefill mode only (decode visits every tile)."""
+    held = p["cache_pos"][first:first + BN]
+    held = held[held >= 0]
+    if held.size == 0:
+        return False
+    lo, hi = held.min(), held.max()
+    return bool((hi > i_lo - p["L"] and lo <= i_hi) or (lo < p["G"] and i_hi - lo >= p["L"]))
+
+
 def run_block(p, b, y, row_tile, split, heads, n_splits, out, partial_out, partial_lse):
     n_q, hq = p["n_q"], p["q"].shape[1]
     rows_total, r0, head0 = heads * n_q, row_tile * BM, y * heads
@@ -111,6 +123,15 @@ def run_block(p, b, y, row_tile, split, heads, n_splits, out, partial_out, parti
     scale_log2 = p["scale"] * 1.4426950408889634
 
     for from_cache, first in tiles:
+        prefill_mode = heads == 1 and n_q > 16
+        if from_cache and prefill_mode and not cache_tile_visible(p, first, q0, qs + t_hi):
+            # Skipped unloaded: check that the test is conservative (no pair of the block).
+            held = p["cache_pos"][first:first + BN]
+            d = (qs + np.arange(t_lo, t_hi + 1))[:, None] - held[None, :]
+            seen = (held >= 0) & (d >= 0) & ((d < p["L"]) | (held < p["G"]))
+            assert not seen.any(), (first, q0)
+            SKIPPED.append(first)
+            continue
         src_k, src_v = (p["cache_k"], p["cache_v"]) if from_cache else (p["k"], p["v"])
         n_rows = p["cache_len"] if from_cache else n_q
         pos = np.full(BN, -1, dtype=np.int64)
@@ -247,6 +268,10 @@ if __name__ == "__main__":
     case(1, 4, 2, 16, 70, 4, 100, 1000, False, 2)  # prefill mode with a cache
     case(1, 4, 4, 16, 9, 10, 200, 60, True, 4)  # cache not full: empty slots
     case(1, 2, 1, 16, 100, 10, 50, 5, False, 1)  # global keys in the cache and the chunk
+    # Prefill-mode chunks that skip cache tiles: a fresh (empty) ring, and a long chunk.
+    case(1, 2, 1, 16, 150, 4, 300, 0, False, 1)
+    case(1, 2, 1, 16, 400, 4, 200, 1000, False, 2)
+    assert SKIPPED, "no cache tile was skipped"
     # The real head dims: 16-row recurrences (128), two rows per pass (64).
     case(1, 2, 1, 128, 140, 3, 70, 0, False, 1, cache=False)
     case(1, 4, 2, 64, 3, 4, 100, 1000, True, 2, rotary_dim=32)

@@ -156,6 +156,7 @@ def check_chunk(dtype, batch, hq, hkv, dim, n_q, n_global, n_local, seen, cap=No
     (16, 32, 8, 128, 4, 300, 999),     # batch 16
     (2, 9, 3, 64, 10, 200, 150),       # cache not yet full: empty slots
     (1, 6, 6, 64, 0, 77, 5000),        # MHA, no global keys, window not a tile multiple
+    (1, 4, 2, 128, 4, 300, 0),         # a fresh ring: every slot empty (tiles skipped)
 ])
 def test_chunk_matches_reference(dtype, n_q, batch, hq, hkv, dim, n_global, n_local, seen):
     if batch * hq * n_q * (n_global + n_local + n_q) > 2e8:

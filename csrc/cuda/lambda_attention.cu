@@ -3,6 +3,7 @@
 //   bf16/fp16, head_dim 64 or 128, 16-byte aligned  -> lambda_attention_mma.cu (tensor cores)
 //     n_queries <= 16: decode mode (a KV group's query heads share a block)
 //     fewer blocks than 2 waves would fill: keys split across blocks, then lse_merge.cu
+//     prefill mode with a cache: per-tile position bounds first (cache_tile_bounds.cu)
 //   anything else up to head_dim 256 (float32, odd layouts) -> lambda_attention_generic.cu
 #include <cuda_runtime.h>
 
@@ -81,12 +82,21 @@ AttentionPlan plan_attention(const LambdaAttentionParams& p) {
                               (band_keys + kMmaBlockKeys - 1) / kMmaBlockKeys + 1;
     plan.n_splits = min64(min64((target + blocks - 1) / blocks, key_tiles), kMaxSplits);
   }
+  const int64_t cache_tiles = (p.cache_len + kMmaBlockKeys - 1) / kMmaBlockKeys;
+  plan.skip_cache_tiles = p.n_queries > kDecodeMaxQueries && cache_tiles > 0 &&
+                          cache_tiles <= kMaxSkippableCacheTiles;
+  size_t bytes = 0;
   if (plan.n_splits > 1) {
     const auto partials =
         static_cast<size_t>(p.batch * p.n_heads_q * p.n_queries * plan.n_splits);
     plan.partial_lse_offset = round_up_256(partials * p.head_dim * sizeof(float));
-    plan.workspace_bytes = plan.partial_lse_offset + round_up_256(partials * sizeof(float));
+    bytes = plan.partial_lse_offset + round_up_256(partials * sizeof(float));
   }
+  if (plan.skip_cache_tiles) {
+    plan.cache_tile_bounds_offset = bytes;
+    bytes += round_up_256(static_cast<size_t>(cache_tiles) * 2 * sizeof(int64_t));
+  }
+  plan.workspace_bytes = bytes;
   return plan;
 }
 
@@ -122,10 +132,14 @@ Status lambda_attention_cuda(const LambdaAttentionParams& params, void* workspac
     return Status::Unsupported("lambda_attention_cuda: batch=" + std::to_string(params.batch) +
                                " and n_heads_q / heads per block=" + std::to_string(grid_y) +
                                " must each be at most 65535");
-  if (plan.n_splits > 1 && workspace == nullptr)
+  if (plan.workspace_bytes > 0 && workspace == nullptr)
     return Status::InvalidArgument("lambda_attention_cuda: workspace must hold " +
                                    std::to_string(plan.workspace_bytes) +
                                    " bytes (lambda_attention_cuda_workspace_size), got null");
+  if (plan.skip_cache_tiles) {
+    status = cuda::launch_cache_tile_bounds(params, plan, workspace, cuda_stream);
+    if (!status.ok()) return status;
+  }
   status = cuda::launch_lambda_attention_mma(params, plan, workspace, cuda_stream);
   if (!status.ok() || plan.n_splits == 1) return status;
   return cuda::launch_lse_merge(params, plan, workspace, cuda_stream);

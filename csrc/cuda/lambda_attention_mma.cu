@@ -51,12 +51,14 @@ template <typename T, int D> struct SmemLayout {
   // q_cap [BM][D]: R_D q, the global-branch queries, for the whole kernel.
   // k_rot [BN][D]: keys rotated by j - q0; at the start, the Q staging tile.
   // k, v [2][BN][D]: the double-buffered raw tiles; pos [2][BN]: their key positions.
+  // visible [kMaxSkippableCacheTiles]: whether any query of the block can see a cache tile.
   static constexpr size_t kQCap = 0;
   static constexpr size_t kKRot = kQCap + kTile * sizeof(T);
   static constexpr size_t kK = kKRot + kTile * sizeof(T);
   static constexpr size_t kV = kK + 2 * kTile * sizeof(T);
   static constexpr size_t kPos = kV + 2 * kTile * sizeof(T);
-  static constexpr size_t kBytes = kPos + 2 * BN * sizeof(int64_t);
+  static constexpr size_t kVisible = kPos + 2 * BN * sizeof(int64_t);
+  static constexpr size_t kBytes = kVisible + kMaxSkippableCacheTiles;
 };
 
 // Issues the cp.async copies of one key tile (keys, values, positions) into stage buffers.
@@ -107,7 +109,8 @@ __device__ __forceinline__ void load_key_tile(const LambdaAttentionParams& p, in
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2)
     lambda_attention_mma_kernel(const LambdaAttentionParams p, const AttentionPlan plan,
-                                float* partial_out, float* partial_lse) {
+                                float* partial_out, float* partial_lse,
+                                const int64_t* cache_tile_bounds) {
   constexpr int kChunks = D / 8;       // 16-byte chunks per row
   constexpr int kKSteps = D / 16;      // k16 steps of Q K^T
   constexpr int kKeySteps = BN / 16;   // k16 steps of P V
@@ -126,6 +129,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* const s_k = reinterpret_cast<T*>(smem + Layout::kK);
   T* const s_v = reinterpret_cast<T*>(smem + Layout::kV);
   int64_t* const s_pos = reinterpret_cast<int64_t*>(smem + Layout::kPos);
+  uint8_t* const s_visible = smem + Layout::kVisible;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n_splits = plan.n_splits;
@@ -149,6 +153,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   const TileList<BN> tiles(p, qs, t_lo, t_hi);
   const int64_t tile_begin = tiles.count * split / n_splits;
   const int64_t tile_end = tiles.count * (split + 1) / n_splits;
+  // Tiles to load and compute: all but the cache tiles found invisible (see below).
+  const auto tile_needed = [&](KeyTile tile) {
+    return !tile.from_cache || cache_tile_bounds == nullptr || s_visible[tile.first / BN] != 0;
+  };
 
   // Stage the Q tile in s_krot and the first two key tiles in stages 0 and 1 (three cp.async
   // groups, some possibly empty), so that both key loads are in flight from the start.
@@ -164,8 +172,20 @@ __global__ void __launch_bounds__(kThreads, 2)
       cp_async_16(s_krot + swz<D>(r, chunk * 8), src, valid);
     }
     cp_async_commit();
+    if (cache_tile_bounds != nullptr) {
+      // A cache tile is visible if some query i in [i_lo, i_hi] could see some position in its
+      // [lo, hi] locally (i - j in [0, n_local)) or as a global key (j < n_global, i - j >=
+      // n_local): a conservative test, exact for the empty tiles of a fresh ring.
+      const int64_t i_lo = qs + t_lo, i_hi = qs + t_hi;
+      for (int64_t tile = threadIdx.x; tile < tiles.cache_tiles; tile += kThreads) {
+        const int64_t lo = cache_tile_bounds[2 * tile], hi = cache_tile_bounds[2 * tile + 1];
+        s_visible[tile] = hi >= 0 && ((hi > i_lo - p.n_local && lo <= i_hi) ||
+                                      (lo < p.n_global && i_hi - lo >= p.n_local));
+      }
+      __syncthreads();
+    }
     for (int st = 0; st < 2; ++st) {
-      if (tile_begin + st < tile_end)
+      if (tile_begin + st < tile_end && tile_needed(tiles[tile_begin + st]))
         load_key_tile<T, D>(p, b, kv_head, qs, tiles[tile_begin + st], s_k + st * Layout::kTile,
                             s_v + st * Layout::kTile, s_pos + st * BN);
       cp_async_commit();
@@ -260,11 +280,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     // done with it (tile it + 1 was issued by the prologue when it == tile_begin).
     if (it > tile_begin) {
       __syncthreads();
-      if (it + 1 < tile_end)
+      if (it + 1 < tile_end && tile_needed(tiles[it + 1]))
         load_key_tile<T, D>(p, b, kv_head, qs, tiles[it + 1], s_k + (stage ^ 1) * Layout::kTile,
                             s_v + (stage ^ 1) * Layout::kTile, s_pos + (stage ^ 1) * BN);
       cp_async_commit();
     }
+    if (!tile_needed(tile)) continue;  // never loaded; the same in every thread
     cp_async_wait<1>();  // tile it has landed (the latest group, tile it + 1, may be in flight)
     __syncthreads();
 
@@ -480,14 +501,19 @@ Status launch(const LambdaAttentionParams& params, const AttentionPlan& plan, vo
                       cudaGetErrorString(error));
   float* partial_out = nullptr;
   float* partial_lse = nullptr;
+  const int64_t* cache_tile_bounds = nullptr;
   if (plan.n_splits > 1) {
     partial_out = static_cast<float*>(workspace);
     partial_lse = reinterpret_cast<float*>(static_cast<char*>(workspace) + plan.partial_lse_offset);
   }
+  if (plan.skip_cache_tiles)
+    cache_tile_bounds = reinterpret_cast<const int64_t*>(static_cast<char*>(workspace) +
+                                                         plan.cache_tile_bounds_offset);
   const dim3 grid(static_cast<unsigned>(plan.row_tiles * plan.n_splits),
                   static_cast<unsigned>(params.n_heads_q / plan.heads_per_block),
                   static_cast<unsigned>(params.batch));
-  kernel<<<grid, kThreads, kSmem, stream>>>(params, plan, partial_out, partial_lse);
+  kernel<<<grid, kThreads, kSmem, stream>>>(params, plan, partial_out, partial_lse,
+                                            cache_tile_bounds);
   return launch_status("lambda_attention_mma_kernel");
 }
 

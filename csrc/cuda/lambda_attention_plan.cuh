@@ -24,6 +24,11 @@ inline constexpr int kMmaWarps = 4;
 inline constexpr int kMmaBlockRows = 16 * kMmaWarps;
 inline constexpr int kMmaBlockKeys = 64;
 
+// Prefill-mode blocks skip cache tiles no query of theirs can see, from per-tile position
+// bounds (cache_tile_bounds.cu), for caches of up to this many 64-slot tiles (one byte of
+// shared memory each).
+inline constexpr int64_t kMaxSkippableCacheTiles = 1024;
+
 // Queries per call up to which the tensor-core kernel runs in decode mode: all query heads
 // of a KV group share a block (they read the same keys), and keys are split across blocks.
 inline constexpr int64_t kDecodeMaxQueries = 16;
@@ -35,12 +40,16 @@ struct AttentionPlan {
   int64_t heads_per_block = 1;
   int64_t row_tiles = 0;  // blocks along one pack's rows: ceil(heads_per_block * n_queries / 64)
   int64_t n_splits = 1;   // key ranges per row tile; > 1 writes partials merged by lse_merge
+  bool skip_cache_tiles = false;  // run cache_tile_bounds first; blocks skip invisible tiles
   size_t workspace_bytes = 0;
-  // Workspace layout when n_splits > 1, per output row (b, head, t) and split z:
-  //   partial_out [rows][n_splits][head_dim] float32, each split's output normalised by its
-  //   own softmax sum; partial_lse [rows][n_splits] float32, its log2-sum-exp (-inf if the
-  //   split saw no key).
+  // Workspace regions (byte offsets):
+  //   when n_splits > 1, per output row (b, head, t) and split z:
+  //     partial_out [rows][n_splits][head_dim] float32 at 0, each split's output normalised by
+  //     its own softmax sum; partial_lse [rows][n_splits] float32, its log2-sum-exp (-inf if
+  //     the split saw no key);
+  //   when skip_cache_tiles: [cache tiles][2] int64, the min and max position of each tile.
   size_t partial_lse_offset = 0;
+  size_t cache_tile_bounds_offset = 0;
 };
 
 // Chooses the path and the split for these sizes on the current device.
@@ -51,6 +60,8 @@ Status launch_lambda_attention_mma(const LambdaAttentionParams& params, const At
                                    void* workspace, cudaStream_t stream);
 Status launch_lambda_attention_generic(const LambdaAttentionParams& params,
                                        cudaStream_t stream);
+Status launch_cache_tile_bounds(const LambdaAttentionParams& params, const AttentionPlan& plan,
+                                void* workspace, cudaStream_t stream);
 Status launch_lse_merge(const LambdaAttentionParams& params, const AttentionPlan& plan,
                         const void* workspace, cudaStream_t stream);
 
