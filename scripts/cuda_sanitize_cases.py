@@ -34,13 +34,14 @@ def main():
         out = li.lambda_attention(q, k, v, f, n_global=3, n_local=70)
         print(dtype, dim, "prefill err", check(out, q, k, v, f, 3e-2, n_global=3, n_local=70))
 
-        # Streaming through the ring: a 90-token prompt, then decode steps (split-key kernel
-        # and merge for 16-bit dtypes) until the window has wrapped.
+        # Streaming through the ring until the window has wrapped: a 90-token prompt against
+        # the empty ring (cache tiles skipped), decode-mode chunks of 6 (split keys, merge) and
+        # prefill-mode chunks of 24 and 30 against a full ring.
         cache = li.RingKVCache(1, 2, dim, n_global=3, n_local=70, dtype=dtype, device=DEV)
-        outs = [cache.attend_and_append(q[:, :, :90], k[:, :, :90], v[:, :, :90], f)]
-        for t in range(90, 150, 6):
-            outs.append(cache.attend_and_append(q[:, :, t:t + 6], k[:, :, t:t + 6],
-                                                v[:, :, t:t + 6], f))
+        outs = []
+        for t, size in ((0, 90), (90, 6), (96, 24), (120, 6), (126, 24)):
+            sl = slice(t, t + size)
+            outs.append(cache.attend_and_append(q[:, :, sl], k[:, :, sl], v[:, :, sl], f))
         out = torch.cat(outs, 2)
         print(dtype, dim, "stream err", check(out, q, k, v, f, 3e-2, n_global=3, n_local=70))
     torch.cuda.synchronize()
