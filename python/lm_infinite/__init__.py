@@ -1,5 +1,7 @@
 """lm-infinite: LM-Infinite (Λ-shaped attention with a distance cap) for RoPE language models."""
 
+import torch as _torch  # noqa: F401  (libtorch must be loaded before the extension _C)
+
 from ._version import __version__
 from .build import build_info
 from .cache import RingKVCache
