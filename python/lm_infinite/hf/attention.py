@@ -27,7 +27,8 @@ def lambda_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """LM-Infinite attention for one layer. query: [batch, heads_q, n_q, head_dim]; key, value:
     what the cache's `update` returned, unrotated (the rotary embedding was made a no-op).
-    Returns ([batch, n_q, heads_q, head_dim], None) as transformers expects."""
+    Returns ([batch, n_q, heads_q, head_dim], None) as transformers expects; attention weights
+    are never materialised. For inference: `dropout` is not applied."""
     state = module._lm_infinite
     inv_freq = state.inv_freq_on(query.device)
     scale = (module.scaling if scaling is None else scaling) * state.attention_scaling**2
