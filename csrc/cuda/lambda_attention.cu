@@ -105,7 +105,11 @@ AttentionPlan plan_attention(const LambdaAttentionParams& p) {
 namespace lminf {
 
 size_t lambda_attention_cuda_workspace_size(const LambdaAttentionParams& params) {
-  if (!validate(params).ok()) return 0;
+  // Sizes only: callers size the workspace before they have the tensors (null pointers are
+  // fine here; misaligned ones later only select a path that needs less).
+  if (params.n_heads_kv < 1 || params.n_heads_q % params.n_heads_kv != 0 || params.head_dim < 1 ||
+      params.batch < 1 || params.n_queries < 1)
+    return 0;
   return cuda::plan_attention(params).workspace_bytes;
 }
 
