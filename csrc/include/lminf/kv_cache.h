@@ -27,6 +27,7 @@
 #include <optional>
 
 #include "lminf/dtype.h"
+#include "lminf/export.h"
 #include "lminf/status.h"
 
 namespace lminf {
@@ -74,7 +75,7 @@ struct Launch {
   size_t workspace_bytes = 0;
 };
 
-class KVCache {
+class LMINF_API KVCache {
  public:
   // An empty cache that holds nothing; every call on it returns an error.
   KVCache() = default;

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "lminf/dtype.h"
+#include "lminf/export.h"
 #include "lminf/status.h"
 
 namespace lminf {
@@ -89,20 +90,20 @@ struct LambdaAttentionParams {
 
 // Checks sizes, strides and pointers (not the contents of device memory). The message names
 // the first offending field and the value it expects.
-Status validate(const LambdaAttentionParams& params);
+LMINF_API Status validate(const LambdaAttentionParams& params);
 
 // CPU implementation: tiled, online softmax, vectorised, multi-threaded with OpenMP.
 // n_threads <= 0 uses the OpenMP default. Work grows as n_queries * (n_global + n_local).
-Status lambda_attention_cpu(const LambdaAttentionParams& params, int n_threads = 0);
+LMINF_API Status lambda_attention_cpu(const LambdaAttentionParams& params, int n_threads = 0);
 
 // Bytes of device scratch lambda_attention_cuda needs for these sizes (split-key decode
 // partials). Depends only on sizes, so a caller can allocate it once.
-size_t lambda_attention_cuda_workspace_size(const LambdaAttentionParams& params);
+LMINF_API size_t lambda_attention_cuda_workspace_size(const LambdaAttentionParams& params);
 
 // CUDA implementation, enqueued on `stream` (a cudaStream_t; null = default stream). No
 // allocation and no host synchronisation, so it can be captured in a CUDA graph. `workspace`
 // must hold lambda_attention_cuda_workspace_size(params) bytes of device memory. Returns
 // kUnsupported in a build without CUDA.
-Status lambda_attention_cuda(const LambdaAttentionParams& params, void* workspace, void* stream);
+LMINF_API Status lambda_attention_cuda(const LambdaAttentionParams& params, void* workspace, void* stream);
 
 }  // namespace lminf

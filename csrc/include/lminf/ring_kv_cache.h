@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "lminf/dtype.h"
+#include "lminf/export.h"
 #include "lminf/status.h"
 
 namespace lminf {
@@ -46,11 +47,11 @@ struct RingCacheAppendParams {
 };
 
 // Checks sizes, strides and pointers; the message names the offending field.
-Status validate(const RingCacheAppendParams& params);
+LMINF_API Status validate(const RingCacheAppendParams& params);
 
-Status ring_cache_append_cpu(const RingCacheAppendParams& params);
+LMINF_API Status ring_cache_append_cpu(const RingCacheAppendParams& params);
 
 // Enqueued on `stream` (a cudaStream_t); kUnsupported in a build without CUDA.
-Status ring_cache_append_cuda(const RingCacheAppendParams& params, void* stream);
+LMINF_API Status ring_cache_append_cuda(const RingCacheAppendParams& params, void* stream);
 
 }  // namespace lminf
