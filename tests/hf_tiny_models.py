@@ -73,10 +73,14 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     from lm_infinite.reference import lambda_attention_reference
 
     state = module._lm_infinite
+    top_k = {}
+    if state.uses_top_k(module.layer_idx):
+        top_k = dict(top_k=state.top_k, top_k_distance=state.top_k_distance,
+                     top_k_first_row=state.top_k_first_row(query.shape[-2]))
     out = lambda_attention_reference(
         query.double(), key.double(), value.double(), state.inv_freq, n_global=state.n_global,
         n_local=state.n_local, distance_cap=state.distance_cap,
-        scale=scaling * state.attention_scaling**2,
+        scale=scaling * state.attention_scaling**2, **top_k,
     )
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .hf import LambdaCache, cache_argument_name
 from .hf.families import decoder_of
+from .hf.state import state_of
 
 __all__ = ["LambdaStream"]
 
@@ -64,8 +65,16 @@ class LambdaStream:
         """Append tokens to the stream; returns the logits that predict the next token,
         float32 [batch, vocab] (only the last row is projected: a long prompt costs no
         [tokens, vocab] tensor)."""
-        for chunk in self._chunks(input_ids):
-            self.next_logits = self._head(self._hidden_states(chunk)[:, -1]).float()
+        chunks = list(self._chunks(input_ids))
+        state = state_of(self.model)
+        for i, chunk in enumerate(chunks):
+            # Top-k middle attention (if enabled) serves the prompt's last token only, so the
+            # result does not depend on how the prompt was chunked.
+            state.top_k_active = i == len(chunks) - 1
+            try:
+                self.next_logits = self._head(self._hidden_states(chunk)[:, -1]).float()
+            finally:
+                state.top_k_active = True
         return self.next_logits
 
     @torch.inference_mode()

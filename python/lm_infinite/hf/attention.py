@@ -35,21 +35,29 @@ def lambda_attention_forward(
     settings = dict(distance_cap=state.distance_cap, scale=scale)
     cache = state.active_cache
     n_query, n_key = query.shape[-2], key.shape[-2]
+    if state.uses_top_k(module.layer_idx):
+        settings.update(top_k=state.top_k, top_k_distance=state.top_k_distance,
+                        top_k_first_row=state.top_k_first_row(n_query))
     if isinstance(cache, LambdaCache):
         # key/value are this chunk's only; the ring holds everything before it.
         out = cache.layers[module.layer_idx].attend_and_append(query, key, value, inv_freq, **settings)
-    elif n_key == n_query:
+    elif n_key == n_query and "top_k" not in settings:
         # No cache, or a fresh one: the whole sequence at positions 0..n-1.
         out = ops.lambda_attention(
             query, key, value, inv_freq, n_global=state.n_global, n_local=state.n_local, **settings
         )
     else:
         # A standard cache (e.g. DynamicCache) returned every key so far, at positions
-        # 0..n_key-1: correct, but its memory grows with the stream, unlike LambdaCache.
+        # 0..n_key-1: correct, but its memory grows with the stream, unlike LambdaCache. The
+        # past keys double as the middle store for top-k (the chunk's own keys are candidates
+        # too, so a cacheless forward with top-k also lands here, with past = 0).
         past = n_key - n_query
         positions = torch.arange(past, dtype=torch.int64, device=key.device)
+        past_k, past_v = key[:, :, :past], value[:, :, :past]
+        if "top_k" in settings:
+            settings.update(middle_k=past_k, middle_v=past_v, middle_positions=positions)
         out = ops.lambda_attention_chunk(
-            query, key[:, :, past:], value[:, :, past:], key[:, :, :past], value[:, :, :past],
+            query, key[:, :, past:], value[:, :, past:], past_k, past_v,
             positions, past, inv_freq, n_global=state.n_global, n_local=state.n_local, **settings,
         )
     return out.transpose(1, 2).contiguous(), None

@@ -23,16 +23,16 @@ class LambdaLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, n_global: int, n_local: int) -> None:
+    def __init__(self, n_global: int, n_local: int, keep_middle: bool = False) -> None:
         super().__init__()
-        self.n_global, self.n_local = n_global, n_local
+        self.n_global, self.n_local, self.keep_middle = n_global, n_local, keep_middle
         self.ring: RingKVCache | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, n_heads_kv, _, head_dim = key_states.shape
         self.ring = RingKVCache(
             batch, n_heads_kv, head_dim, n_global=self.n_global, n_local=self.n_local,
-            dtype=key_states.dtype, device=key_states.device,
+            dtype=key_states.dtype, device=key_states.device, keep_middle=self.keep_middle,
         )
         self.keys, self.values = self.ring.k, self.ring.v
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -43,8 +43,8 @@ class LambdaLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         return key_states, value_states
 
-    def attend_and_append(self, query, key, value, inv_freq, *, distance_cap: int, scale: float):
-        return self.ring.attend_and_append(query, key, value, inv_freq, distance_cap=distance_cap, scale=scale)
+    def attend_and_append(self, query, key, value, inv_freq, **attend_options):
+        return self.ring.attend_and_append(query, key, value, inv_freq, **attend_options)
 
     def get_seq_length(self) -> int:
         """Tokens seen, not tokens stored: the next token's position."""
@@ -74,8 +74,11 @@ class LambdaCache(Cache):
 
     def __init__(self, model) -> None:
         state = state_of(model)
-        super().__init__(layers=[LambdaLayer(state.n_global, state.n_local) for _ in range(state.num_layers)])
+        super().__init__(layers=[LambdaLayer(state.n_global, state.n_local, state.uses_top_k(i))
+                                 for i in range(state.num_layers)])
 
     def nbytes(self) -> int:
-        """Bytes held by the stored keys, values and positions of all layers."""
-        return sum(layer.ring.nbytes() for layer in self.layers if layer.ring is not None)
+        """Bytes held by the stored keys, values and positions of all layers (the fixed rings;
+        top-k middle stores, which grow with the stream, included)."""
+        rings = [layer.ring for layer in self.layers if layer.ring is not None]
+        return sum(r.nbytes() + (r.middle.nbytes() if r.middle is not None else 0) for r in rings)

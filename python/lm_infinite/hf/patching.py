@@ -29,13 +29,22 @@ def _check_int(name: str, value, low: int) -> None:
 
 
 def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
-           distance_cap: int | None = None) -> nn.Module:
+           distance_cap: int | None = None, *, top_k_middle: int = 0,
+           top_k_first_layer: int | None = None, top_k_distance: int | None = None,
+           top_k_rows: str = "last") -> nn.Module:
     """Make `model` compute LM-Infinite attention (in place; returns the model).
 
     n_global: leading tokens every query may see (G). n_local: the window of most recent tokens
     (L), default the model's training length. distance_cap: the distance global tokens are
     placed at (D), default n_local. Sequences up to n_local give the stock model's result.
     Calling it again re-applies the new settings.
+
+    top_k_middle > 0 adds the paper's top-k middle attention: in layers >= top_k_first_layer
+    (default 4, as the official code) the last row of each forward ("last"; or every row:
+    "all") also attends, per head, to its top_k_middle highest-scoring keys among those the
+    Λ mask hides, placed at rotary distance top_k_distance (default n_local // 2: 2048 for the
+    official 4096 window). Those layers keep every key in a MiddleStore (memory grows with the
+    stream); LambdaStream applies it to the prompt's last token and to generated tokens only.
     """
     decoder = decoder_of(model)
     n_local = training_length(model.config) if n_local is None else n_local
@@ -43,6 +52,13 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     distance_cap = n_local if distance_cap is None else distance_cap
     _check_int("n_global", n_global, 0)
     _check_int("distance_cap", distance_cap, 0)
+    _check_int("top_k_middle", top_k_middle, 0)
+    top_k_first_layer = min(4, len(decoder.layers) - 1) if top_k_first_layer is None else top_k_first_layer
+    _check_int("top_k_first_layer", top_k_first_layer, 0)
+    top_k_distance = n_local // 2 if top_k_distance is None else top_k_distance
+    _check_int("top_k_distance", top_k_distance, 0)
+    if top_k_rows not in ("last", "all"):
+        raise ValueError(f"lm_infinite.enable: top_k_rows must be 'last' or 'all', got {top_k_rows!r}")
     if getattr(model, "_lm_infinite", None) is not None:
         disable(model)
 
@@ -51,7 +67,8 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     state = LambdaState(
         n_global=n_global, n_local=n_local, distance_cap=distance_cap,
         num_layers=len(decoder.layers), inv_freq=rotary.inv_freq,
-        attention_scaling=rotary.attention_scaling,
+        attention_scaling=rotary.attention_scaling, top_k=top_k_middle,
+        top_k_first_layer=top_k_first_layer, top_k_distance=top_k_distance, top_k_rows=top_k_rows,
     )
     decoder.rotary_emb = rotary
     for layer in decoder.layers:

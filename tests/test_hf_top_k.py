@@ -1,0 +1,66 @@
+"""Top-k middle attention through the Hugging Face integration: the float64 reference, the
+cacheless forward and the chunked stream all agree, and only the chosen rows change."""
+
+import pytest
+import torch
+
+import lm_infinite.hf as lminf_hf
+from hf_tiny_models import VOCAB, build, reference_logits
+from lm_infinite.streaming import LambdaStream
+
+N_GLOBAL, N_LOCAL = 2, 10
+TOP_K = dict(top_k_middle=3, top_k_first_layer=1, top_k_distance=5)
+
+
+def _ids(length, seed=5):
+    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3", "phi3-partial"])
+def models(request):
+    plain = lminf_hf.enable(build(request.param), n_global=N_GLOBAL, n_local=N_LOCAL)
+    top_k = lminf_hf.enable(build(request.param), n_global=N_GLOBAL, n_local=N_LOCAL, **TOP_K)
+    return plain, top_k
+
+
+def test_whole_forward_matches_reference_and_changes_only_the_last_row(models):
+    plain, top_k = models
+    ids = _ids(6 * N_LOCAL)
+    with torch.no_grad():
+        expected_plain = plain(ids, use_cache=False).logits
+        actual = top_k(ids, use_cache=False).logits
+    torch.testing.assert_close(actual, reference_logits(top_k, ids), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(actual[:, :-1], expected_plain[:, :-1], atol=1e-5, rtol=1e-5)
+    assert (actual[:, -1] - expected_plain[:, -1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_stream_uses_top_k_for_the_prompt_end_only(models, chunk_size):
+    _, top_k = models
+    ids = _ids(5 * N_LOCAL + 3)
+    with torch.no_grad():
+        expected = top_k(ids, use_cache=False).logits[:, -1]
+    stream = LambdaStream(top_k, chunk_size=chunk_size)
+    torch.testing.assert_close(stream.feed(ids), expected, atol=2e-4, rtol=1e-4)
+    # Generated tokens use top-k too: each equals a whole forward's greedy choice.
+    tokens = list(stream.generate(3))
+    seen = ids
+    for token in tokens:
+        with torch.no_grad():
+            assert token == int(top_k(seen, use_cache=False).logits[0, -1].argmax())
+        seen = torch.cat([seen, torch.tensor([[token]])], dim=1)
+
+
+def test_only_top_k_layers_keep_a_middle_store(models):
+    _, top_k = models
+    stream = LambdaStream(top_k, chunk_size=16)
+    stream.feed(_ids(40))
+    kept = [layer.ring.middle is not None for layer in stream.cache.layers]
+    assert kept == [i >= TOP_K["top_k_first_layer"] for i in range(len(kept))]
+
+
+@pytest.mark.parametrize("option,value", [("top_k_middle", -1), ("top_k_rows", "first"),
+                                          ("top_k_distance", -3), ("top_k_first_layer", 1.5)])
+def test_enable_rejects_bad_top_k_options(option, value):
+    with pytest.raises(ValueError, match=option):
+        lminf_hf.enable(build("llama"), **{option: value})
