@@ -2,7 +2,8 @@
 
 The long test is the issue's acceptance check: on tokens 8K-16K of pydoc text, LM-Infinite's
 perplexity is within 2% of the truncated-window baseline (the stock model re-run on the last
-8192 tokens). It takes a few minutes on 2 cores; the stock model's collapse on the same tokens
+8192 tokens every 2048 tokens; with a coarser stride the baseline sees less context and drifts
+3% above LM-Infinite). It takes a few minutes on 2 cores; the stock model's collapse on the same tokens
 (perplexity several times higher) is measured by `lminf ppl` rather than here, as it would
 double the time.
 """
@@ -48,7 +49,7 @@ def test_perplexity_past_the_training_length_matches_the_truncated_window(smollm
     model, tokenizer = smollm2
     ids = default_corpus_tokens(tokenizer, 2 * TRAINING_LENGTH)
     run = perplexity_run(model, ids, methods=("truncated", "lm-infinite"), settings=Settings(),
-                         stride=TRAINING_LENGTH // 2, chunk_size=2048)
+                         stride=2048, chunk_size=2048)
     truncated = perplexity(run["nll"]["truncated"], TRAINING_LENGTH)
     lm_infinite = perplexity(run["nll"]["lm-infinite"], TRAINING_LENGTH)
     print(f"tokens 8K-16K: truncated window {truncated:.3f}, LM-Infinite {lm_infinite:.3f}")
