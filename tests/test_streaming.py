@@ -87,3 +87,17 @@ def test_bad_input_is_reported():
         stream.nll(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="feed a prompt first"):
         next(stream.generate(3))
+
+
+def test_fork_continues_independently(model):
+    ids = _ids(3 * N_LOCAL)
+    stream = LambdaStream(model, chunk_size=8)
+    stream.feed(ids[:, :20])
+    twin = stream.fork()
+    a = stream.feed(ids[:, 20:])
+    b = twin.feed(ids[:, 20:])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    other = twin.fork().feed(ids[:, :5])
+    assert stream.position == twin.position == ids.shape[1]
+    assert not torch.equal(other, b)
+    torch.testing.assert_close(stream.feed(ids[:, :5]), other, rtol=0, atol=0)

@@ -8,6 +8,7 @@ chunk of activations, and the last position's logits.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -38,6 +39,14 @@ class LambdaStream:
         self._device = next(model.parameters()).device
         # Logits at the last fed position: they predict the next token. [batch, vocab] or None.
         self.next_logits: torch.Tensor | None = None
+
+    def fork(self) -> "LambdaStream":
+        """An independent copy of the stream (same model, copied cache): read a long prefix
+        once, then continue it several ways, e.g. several questions about one document."""
+        twin = copy.copy(self)
+        twin.cache = copy.deepcopy(self.cache)
+        twin.next_logits = None if self.next_logits is None else self.next_logits.clone()
+        return twin
 
     @property
     def position(self) -> int:
