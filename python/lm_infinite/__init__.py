@@ -8,8 +8,23 @@ from .cache import RingKVCache
 from .ops import lambda_attention, lambda_attention_chunk, ring_cache_append
 from .reference import lambda_attention_reference
 
+# The Hugging Face integration imports transformers (seconds); load it on first use.
+_HF_NAMES = ("enable", "disable", "LambdaCache")
+
+
+def __getattr__(name):
+    if name in _HF_NAMES:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'lm_infinite' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
+    "enable",
+    "disable",
+    "LambdaCache",
     "build_info",
     "lambda_attention",
     "lambda_attention_chunk",
