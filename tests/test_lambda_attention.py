@@ -8,23 +8,10 @@ import torch.nn.functional as F
 
 import lm_infinite as li
 from lm_infinite.reference import apply_rotary
-from helpers import random_qkv, rel_error, rope_inv_freq
-
-CASES = [
-    # batch, heads_q, heads_kv, seq, head_dim, rotary_dim, n_global, n_local, distance_cap
-    (1, 1, 1, 1, 64, 64, 10, 4, None),
-    (2, 3, 3, 3, 64, 64, 0, 2, None),
-    (1, 9, 3, 19, 64, 64, 3, 5, None),
-    (2, 4, 2, 19, 128, 128, 0, 7, 3),
-    (1, 4, 2, 1177, 128, 128, 10, 100, 50),
-    (1, 9, 3, 1177, 64, 64, 10, 300, None),
-    (1, 3, 1, 1177, 64, 32, 4, 129, 200),  # partial rotary, cap beyond the window
-    (1, 2, 2, 200, 80, 64, 5, 33, 0),  # head_dim not a multiple of the vector width
-    (1, 8, 1, 257, 256, 128, 2, 64, None),
-]
+from helpers import PREFILL_CASES, random_qkv, rel_error, rope_inv_freq
 
 
-@pytest.mark.parametrize("batch,hq,hkv,seq,dim,rot,g,l,cap", CASES)
+@pytest.mark.parametrize("batch,hq,hkv,seq,dim,rot,g,l,cap", PREFILL_CASES)
 def test_float32_matches_float64_reference(batch, hq, hkv, seq, dim, rot, g, l, cap):
     q, k, v = random_qkv(batch, hq, hkv, seq, dim)
     inv_freq = rope_inv_freq(rot)
