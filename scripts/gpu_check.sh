@@ -54,9 +54,9 @@ fi
 if want sanitize; then
   (
     SUMMARY=()
-    run memcheck 240 "$OUT/memcheck.log" "$SANITIZER" --tool memcheck --error-exitcode 1 \
+    run memcheck 150 "$OUT/memcheck.log" "$SANITIZER" --tool memcheck --error-exitcode 1 \
       python scripts/cuda_sanitize_cases.py
-    run racecheck 240 "$OUT/racecheck.log" "$SANITIZER" --tool racecheck --error-exitcode 1 \
+    run racecheck 150 "$OUT/racecheck.log" "$SANITIZER" --tool racecheck --error-exitcode 1 \
       python scripts/cuda_sanitize_cases.py
     printf '%s\n' "${SUMMARY[@]}" >"$OUT/.sanitize_summary"
   ) &
