@@ -14,6 +14,8 @@ OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 PHASES="${*:-build test sanitize bench}"
 export MAX_JOBS="${MAX_JOBS:-16}"
+# The interpreter that holds torch (on the GPU machine a bare `pip` or `python` is another one).
+PY="${PYTHON:-python3}"
 SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
 SUMMARY=()
 
@@ -35,18 +37,18 @@ want() { [[ " $PHASES " == *" $1 "* ]]; }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   nvcc --version | tail -1
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 } >"$OUT/device.txt" 2>&1
 
 if want build; then
-  run build 200 "$OUT/build.log" pip install --no-build-isolation --no-deps -e .
+  run build 200 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -e .
   # Registers, spills and shared memory per kernel, as ptxas reports them for sm_90.
   for f in csrc/cuda/*.cu; do
     nvcc -std=c++17 -O3 --use_fast_math -gencode=arch=compute_90,code=sm_90 -Icsrc/include \
       -c "$f" -o /dev/null --resource-usage -Xptxas -warn-spills 2>&1 |
       grep -E "Compiling entry|registers|spill|warning" | sed -E 's/_ZN5lminf4cuda[0-9]+_GLOBAL__N__[0-9a-f_]+_cu_[0-9a-f]+//'
   done >"$OUT/resource_usage.txt" 2>&1
-  python -c "import lm_infinite as li; print(li.build_info())" >>"$OUT/build.log" 2>&1
+  "$PY" -c "import lm_infinite as li; print(li.build_info())" >>"$OUT/build.log" 2>&1
 fi
 
 # The sanitizer runs (GPU-bound, one CPU core) overlap the test suite (float64 references on
@@ -55,9 +57,9 @@ if want sanitize; then
   (
     SUMMARY=()
     run memcheck 150 "$OUT/memcheck.log" "$SANITIZER" --tool memcheck --error-exitcode 1 \
-      python scripts/cuda_sanitize_cases.py
+      "$PY" scripts/cuda_sanitize_cases.py
     run racecheck 150 "$OUT/racecheck.log" "$SANITIZER" --tool racecheck --error-exitcode 1 \
-      python scripts/cuda_sanitize_cases.py
+      "$PY" scripts/cuda_sanitize_cases.py
     printf '%s\n' "${SUMMARY[@]}" >"$OUT/.sanitize_summary"
   ) &
   SANITIZE_PID=$!
@@ -65,8 +67,8 @@ fi
 
 if want test; then
   # pytest-xdist spreads the float64 references over the CPU cores when it is installed.
-  XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
-  run pytest 270 "$OUT/pytest.log" python -m pytest -q -m "not slow" --maxfail=30 $XDIST tests
+  XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+  run pytest 270 "$OUT/pytest.log" "$PY" -m pytest -q -m "not slow" --maxfail=30 $XDIST tests
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30 >"$OUT/pytest_failures.txt"
 fi
 
@@ -76,7 +78,7 @@ if want sanitize; then
 fi
 
 if want bench; then
-  run bench 150 "$OUT/bench.log" python bench/attention_gpu.py --lengths 32768 --out "$OUT/bench"
+  run bench 150 "$OUT/bench.log" "$PY" bench/attention_gpu.py --lengths 32768 --out "$OUT/bench"
 fi
 
 echo
