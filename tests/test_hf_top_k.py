@@ -59,7 +59,26 @@ def test_only_top_k_layers_keep_a_middle_store(models):
     assert kept == [i >= TOP_K["top_k_first_layer"] for i in range(len(kept))]
 
 
-@pytest.mark.parametrize("option,value", [("top_k_middle", -1), ("top_k_rows", "first"),
+@pytest.mark.parametrize("rows", [4, "all"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_trailing_rows_use_top_k_in_a_whole_forward_and_in_a_stream(rows, chunk_size):
+    plain = lminf_hf.enable(build("llama"), n_global=N_GLOBAL, n_local=N_LOCAL)
+    top_k = lminf_hf.enable(build("llama"), n_global=N_GLOBAL, n_local=N_LOCAL, top_k_rows=rows, **TOP_K)
+    ids = _ids(5 * N_LOCAL + 3)
+    with torch.no_grad():
+        expected_plain = plain(ids, use_cache=False).logits
+        whole = top_k(ids, use_cache=False).logits
+    torch.testing.assert_close(whole, reference_logits(top_k, ids), atol=2e-4, rtol=1e-4)
+    first_changed = ids.shape[1] - 4 if rows == 4 else N_LOCAL + N_GLOBAL  # earlier rows see no middle
+    torch.testing.assert_close(whole[:, :first_changed], expected_plain[:, :first_changed], atol=1e-5, rtol=1e-5)
+    assert (whole[:, first_changed:] - expected_plain[:, first_changed:]).abs().amax(-1).min() > 1e-4
+    # A stream counts the trailing rows over its whole input, however it is chunked.
+    expected_nll = -torch.log_softmax(whole[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+    actual_nll = LambdaStream(top_k, chunk_size=chunk_size).nll(ids)[0, 1:]
+    torch.testing.assert_close(actual_nll, expected_nll, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("option,value", [("top_k_middle", -1), ("top_k_rows", "first"), ("top_k_rows", 0),
                                           ("top_k_distance", -3), ("top_k_first_layer", 1.5)])
 def test_enable_rejects_bad_top_k_options(option, value):
     with pytest.raises(ValueError, match=option):

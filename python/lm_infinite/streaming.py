@@ -61,29 +61,35 @@ class LambdaStream:
         )
         return output.last_hidden_state
 
-    def _chunks(self, input_ids: torch.Tensor) -> Iterator[torch.Tensor]:
+    def _forward_chunks(self, input_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(chunk, its last hidden states) for each chunk of input_ids ([batch, tokens] or
+        [tokens]), in order, each appended to the stream. Top-k middle attention (if enabled)
+        serves the last top_k_rows tokens of input_ids, whatever the chunk size."""
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] or [tokens] tensor, "
                              f"got shape {tuple(input_ids.shape)}")
-        yield from input_ids.split(self.chunk_size, dim=1)
+        state = state_of(self.model)
+        after = input_ids.shape[1]  # tokens after the current chunk
+        for chunk in input_ids.split(self.chunk_size, dim=1):
+            chunk = chunk.to(self._device)
+            after -= chunk.shape[1]
+            rows = chunk.shape[1] if state.top_k_rows is None else state.top_k_rows - after
+            state.chunk_top_k_rows = min(chunk.shape[1], max(0, rows))
+            try:
+                hidden = self._hidden_states(chunk)
+            finally:
+                state.chunk_top_k_rows = None
+            yield chunk, hidden
 
     @torch.inference_mode()
     def feed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Append tokens to the stream; returns the logits that predict the next token,
         float32 [batch, vocab] (only the last row is projected: a long prompt costs no
         [tokens, vocab] tensor)."""
-        chunks = list(self._chunks(input_ids))
-        state = state_of(self.model)
-        for i, chunk in enumerate(chunks):
-            # Top-k middle attention (if enabled) serves the prompt's last token only, so the
-            # result does not depend on how the prompt was chunked.
-            state.top_k_active = i == len(chunks) - 1
-            try:
-                self.next_logits = self._head(self._hidden_states(chunk)[:, -1]).float()
-            finally:
-                state.top_k_active = True
+        for _, hidden in self._forward_chunks(input_ids):
+            self.next_logits = self._head(hidden[:, -1]).float()
         return self.next_logits
 
     @torch.inference_mode()
@@ -93,9 +99,8 @@ class LambdaStream:
         nothing predicts. Logits are never held for more than one chunk. `progress`, if given,
         is called with the number of tokens of each chunk done (e.g. a tqdm's update)."""
         pieces = []
-        for chunk in self._chunks(input_ids):
-            chunk = chunk.to(self._device)
-            logits = self._head(self._hidden_states(chunk)).float()
+        for chunk, hidden in self._forward_chunks(input_ids):
+            logits = self._head(hidden).float()
             # Token t is predicted by the logits at t - 1: the previous chunk's last row first.
             previous = self.next_logits
             if previous is None:

@@ -31,7 +31,7 @@ def _check_int(name: str, value, low: int) -> None:
 def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
            distance_cap: int | None = None, *, top_k_middle: int = 0,
            top_k_first_layer: int | None = None, top_k_distance: int | None = None,
-           top_k_rows: str = "last") -> nn.Module:
+           top_k_rows: int | str = 1) -> nn.Module:
     """Make `model` compute LM-Infinite attention (in place; returns the model).
 
     n_global: leading tokens every query may see (G). n_local: the window of most recent tokens
@@ -40,11 +40,12 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     Calling it again re-applies the new settings.
 
     top_k_middle > 0 adds the paper's top-k middle attention: in layers >= top_k_first_layer
-    (default 4, as the official code) the last row of each forward ("last"; or every row:
-    "all") also attends, per head, to its top_k_middle highest-scoring keys among those the
-    Λ mask hides, placed at rotary distance top_k_distance (default n_local // 2: 2048 for the
-    official 4096 window). Those layers keep every key in a MiddleStore (memory grows with the
-    stream); LambdaStream applies it to the prompt's last token and to generated tokens only.
+    (default 4, as the official code) the last top_k_rows rows of each forward (default 1, the
+    official variant; "all": every row) also attend, per head, to their top_k_middle
+    highest-scoring keys among those the Λ mask hides, placed at rotary distance
+    top_k_distance (default n_local // 2: 2048 for the official 4096 window). Those layers keep
+    every key in a MiddleStore (memory grows with the stream). LambdaStream counts the rows
+    over the whole prompt, however it is chunked; every generated token uses top-k.
     """
     decoder = decoder_of(model)
     n_local = training_length(model.config) if n_local is None else n_local
@@ -57,8 +58,10 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     _check_int("top_k_first_layer", top_k_first_layer, 0)
     top_k_distance = n_local // 2 if top_k_distance is None else top_k_distance
     _check_int("top_k_distance", top_k_distance, 0)
-    if top_k_rows not in ("last", "all"):
-        raise ValueError(f"lm_infinite.enable: top_k_rows must be 'last' or 'all', got {top_k_rows!r}")
+    if top_k_rows == "all":
+        top_k_rows = None
+    elif not isinstance(top_k_rows, int) or isinstance(top_k_rows, bool) or top_k_rows < 1:
+        raise ValueError(f"lm_infinite.enable: top_k_rows must be an int >= 1 or 'all', got {top_k_rows!r}")
     if getattr(model, "_lm_infinite", None) is not None:
         disable(model)
 

@@ -20,15 +20,16 @@ class LambdaState:
     inv_freq: torch.Tensor
     # Scaled RoPE multiplies cos and sin by this; every score carries its square.
     attention_scaling: float
-    # Top-k middle attention (0 = off): from layer top_k_first_layer on, the rows chosen by
-    # top_k_rows also attend to their top_k hidden middle keys, placed at top_k_distance.
+    # Top-k middle attention (0 = off): from layer top_k_first_layer on, the last top_k_rows
+    # rows of each forward (None: every row) also attend to their top_k hidden middle keys,
+    # placed at top_k_distance.
     top_k: int = 0
     top_k_first_layer: int = 0
     top_k_distance: int = 0
-    top_k_rows: str = "last"  # "last": the last row of each forward; "all": every row
-    # Cleared by LambdaStream while it feeds the leading chunks of a prompt, so that only the
-    # prompt's final token (and each generated one) uses top-k, however the prompt is chunked.
-    top_k_active: bool = True
+    top_k_rows: int | None = 1
+    # Set by LambdaStream for each chunk of a prompt: how many of the chunk's rows lie among the
+    # prompt's last top_k_rows, so that the rows using top-k do not depend on the chunking.
+    chunk_top_k_rows: int | None = None
     # The cache passed to the decoder's forward now running (set and cleared by hooks), since
     # transformers hands the attention function the keys but not the cache.
     active_cache: Cache | None = None
@@ -42,9 +43,8 @@ class LambdaState:
 
     def top_k_first_row(self, n_query: int) -> int:
         """First row of an n_query-row forward that uses top-k (n_query: none)."""
-        if not self.top_k_active:
-            return n_query
-        return 0 if self.top_k_rows == "all" else n_query - 1
+        rows = self.top_k_rows if self.chunk_top_k_rows is None else self.chunk_top_k_rows
+        return 0 if rows is None else max(0, n_query - rows)
 
     def inv_freq_on(self, device: torch.device) -> torch.Tensor:
         """inv_freq on `device`, copied once per device (it is not a buffer, so that
