@@ -10,6 +10,7 @@ import torch
 
 import lm_infinite.hf as lminf_hf
 from lm_infinite.cli import main
+from lm_infinite.eval.passkey import build_passkey_prompt
 from lm_infinite.models import load_model
 from lm_infinite.streaming import LambdaStream
 from tiny_model_dir import TRAINING_LENGTH, save_tiny_model
@@ -43,7 +44,8 @@ def test_ppl_writes_a_table_json_and_plot_that_agree(model_dir, text_file, tmp_p
     result = json.loads(out_json.read_text())
     nll = {m: torch.tensor([float("nan") if x is None else x for x in v]) for m, v in result["nll"].items()}
     assert set(nll) == {"stock", "truncated", "lm-infinite"} and result["n_tokens"] == 150
-    assert result["settings"] == {"n_global": 2, "n_local": TRAINING_LENGTH, "distance_cap": TRAINING_LENGTH}
+    assert {key: result["settings"][key] for key in ("n_global", "n_local", "distance_cap")} == {
+        "n_global": 2, "n_local": TRAINING_LENGTH, "distance_cap": TRAINING_LENGTH}
     # Inside the window LM-Infinite is the stock model; the truncated baseline starts after it.
     torch.testing.assert_close(nll["lm-infinite"][1:TRAINING_LENGTH], nll["stock"][1:TRAINING_LENGTH],
                                atol=1e-3, rtol=0)
@@ -60,15 +62,26 @@ def test_ppl_writes_a_table_json_and_plot_that_agree(model_dir, text_file, tmp_p
 
 def test_passkey_reports_every_trial(model_dir, tmp_path, capsys):
     out_json, out_png = tmp_path / "passkey.json", tmp_path / "passkey.png"
+    top_k = dict(top_k_middle=3, top_k_first_layer=0, top_k_distance=8, top_k_rows=4)
     status = _run("passkey", "--model", model_dir, "--lengths", "160,240", "--depths", "0,1",
-                  "--max-new-tokens", 3, "--json", out_json, "--plot", out_png, "--no-progress")
+                  "--max-new-tokens", 3, "--json", out_json, "--plot", out_png, "--no-progress",
+                  "--top-k", 3, "--top-k-first-layer", 0, "--top-k-distance", 8, "--top-k-rows", 4)
     assert status == 0
     table = capsys.readouterr().out
-    assert "stock" in table and "lm-infinite" in table
-    trials = json.loads(out_json.read_text())["trials"]
-    assert len(trials) == 2 * 2 * 3
+    assert all(method in table for method in ("stock", "truncated", "lm-infinite", "lm-infinite+top-k"))
+    result = json.loads(out_json.read_text())
+    trials = result["trials"]
+    assert len(trials) == 2 * 2 * 4
     assert all(t["prompt_tokens"] <= t["length"] for t in trials)
+    assert {key: result["settings"][key] for key in top_k} == top_k
     assert out_png.read_bytes().startswith(PNG_MAGIC)
+    # The top-k trial's continuation is what a stream with those options generates.
+    trial = next(t for t in trials if t["method"] == "lm-infinite+top-k" and t["length"] == 240)
+    model, tokenizer = load_model(model_dir)
+    prompt = build_passkey_prompt(tokenizer, 240, trial["depth"], trial["key"])
+    stream = LambdaStream(lminf_hf.enable(model, **top_k), chunk_size=2048)
+    stream.feed(prompt.ids)
+    assert trial["continuation"] == tokenizer.decode(list(stream.generate(3)), skip_special_tokens=True)
 
 
 def test_generate_prints_the_greedy_stream_continuation(model_dir, text_file, capsys):
@@ -129,7 +142,8 @@ def test_bad_input_fails_cleanly_and_writes_nothing(model_dir, text_file, tmp_pa
 
 
 @pytest.mark.parametrize("argv", [["ppl", "--n-local", "0"], ["ppl", "--methods", "stock,bogus"],
-                                  ["passkey", "--depths", "1.5"], ["frobnicate"]])
+                                  ["passkey", "--depths", "1.5"], ["passkey", "--top-k-rows", "0"],
+                                  ["frobnicate"]])
 def test_malformed_options_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

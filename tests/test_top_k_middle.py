@@ -5,6 +5,7 @@ import torch
 
 import lm_infinite as li
 from helpers import random_qkv, rel_error, rope_inv_freq
+from lm_infinite.top_k_rows import top_k_rows_attention
 
 
 def reference_chunk(q, k, v, inv_freq, start, **options):
@@ -16,22 +17,52 @@ def reference_chunk(q, k, v, inv_freq, start, **options):
         query_positions=torch.arange(start, start + T), key_positions=torch.arange(start + T), **options)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("top_k", [1, 50])
 @pytest.mark.parametrize("chunk", [1, 37])
 @pytest.mark.parametrize("heads", [(6, 2), (4, 4)])
-def test_streamed_top_k_rows_match_reference(top_k, chunk, heads):
+def test_streamed_top_k_rows_match_reference(top_k, chunk, heads, device):
     n_global, n_local, distance, n = 4, 32, 16, 120
     q, k, v = random_qkv(2, *heads, n, 64)
     inv_freq = rope_inv_freq(64)
-    cache = li.RingKVCache(2, heads[1], 64, n_global=n_global, n_local=n_local, keep_middle=True)
+    cache = li.RingKVCache(2, heads[1], 64, n_global=n_global, n_local=n_local, keep_middle=True,
+                           device=device)
     for start in range(0, n, chunk):
         sl = slice(start, min(n, start + chunk))
         T = sl.stop - start
-        out = cache.attend_and_append(q[:, :, sl], k[:, :, sl], v[:, :, sl], inv_freq,
-                                      top_k=top_k, top_k_distance=distance, top_k_first_row=T - 1)
+        first_row = max(0, T - 3)  # the last rows use top-k, the others see only the Λ mask
+        out = cache.attend_and_append(*(t[:, :, sl].to(device) for t in (q, k, v)), inv_freq.to(device),
+                                      top_k=top_k, top_k_distance=distance, top_k_first_row=first_row)
         ref = reference_chunk(q[:, :, sl], k, v, inv_freq, start, n_global=n_global, n_local=n_local,
-                              top_k=top_k, top_k_distance=distance, top_k_first_row=T - 1)
-        assert rel_error(out, ref) < 1e-5, start
+                              top_k=top_k, top_k_distance=distance, top_k_first_row=first_row)
+        assert out.device.type == device and rel_error(out.cpu(), ref) < 1e-5, start
+
+
+@pytest.mark.parametrize("first_row", [0, 30, 39])
+@pytest.mark.parametrize("heads", [(6, 2), (3, 3)])
+def test_composed_top_k_rows_match_reference(first_row, heads):
+    """The PyTorch composition that serves CUDA's top-k rows, run on the CPU, near 10^9 too."""
+    n_global, n_local, start, T = 4, 32, 110, 40
+    q, k, v = random_qkv(2, *heads, start + T, 64)
+    inv_freq = rope_inv_freq(64)
+    options = dict(n_global=n_global, n_local=n_local, top_k=5, top_k_distance=16)
+    ref = reference_chunk(q[:, :, start:], k, v, inv_freq, start, top_k_first_row=first_row, **options)
+    for shift in (0, 10**9):
+        # Every token past the globals moved 10^9 later: the same distances, the same result.
+        cache = li.RingKVCache(2, heads[1], 64, n_global=n_global, n_local=n_local, keep_middle=True)
+        cache.append(k[:, :, :start], v[:, :, :start])
+        views = cache.middle.views()
+        views["middle_positions"] = views["middle_positions"] + shift
+        positions = torch.where(cache.positions >= n_global, cache.positions + shift, cache.positions)
+        out = top_k_rows_attention(
+            q[:, :, start:], k[:, :, start:], v[:, :, start:], cache.k, cache.v, positions,
+            cache.next_position + shift, inv_freq, first_row=first_row, distance_cap=n_local,
+            scale=64**-0.5, **views, **options)
+        assert rel_error(out, ref[:, :, first_row:]) < 1e-5, shift
 
 
 def test_top_k_changes_only_the_chosen_rows():

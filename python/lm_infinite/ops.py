@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.lminf)
+from .top_k_rows import top_k_rows_attention
 
 __all__ = ["lambda_attention", "lambda_attention_chunk", "ring_cache_append"]
 
@@ -31,6 +32,27 @@ def _check_devices(op: str, **tensors: torch.Tensor) -> None:
             raise ValueError(
                 f"{op}: {name} must be on {first_name}'s device ({first.device}), got {tensor.device}"
             )
+
+
+def _check_middle_store(k, top_k_distance, middle_k, middle_v, middle_positions) -> None:
+    """What the C++ glue checks for the kernels' top-k path, for the composed CUDA one."""
+    op = "lambda_attention_chunk"
+    if middle_k is None or middle_v is None or middle_positions is None:
+        raise ValueError(f"{op}: top_k > 0 needs middle_k, middle_v and middle_positions")
+    for name, store in (("middle_k", middle_k), ("middle_v", middle_v)):
+        if store.dim() != 4 or store.shape[:2] != k.shape[:2] or store.shape[3] != k.shape[3]:
+            raise ValueError(f"{op}: {name} must be [batch, heads_kv, slots, head_dim] = "
+                             f"[{k.shape[0]}, {k.shape[1]}, slots, {k.shape[3]}], got {tuple(store.shape)}")
+        if store.dtype != k.dtype:
+            raise ValueError(f"{op}: {name} must have k's dtype ({k.dtype}), got {store.dtype}")
+    if middle_v.shape != middle_k.shape:
+        raise ValueError(f"{op}: middle_v must have middle_k's shape {tuple(middle_k.shape)}, "
+                         f"got {tuple(middle_v.shape)}")
+    if middle_positions.dtype != torch.int64 or middle_positions.shape != (middle_k.shape[2],):
+        raise ValueError(f"{op}: middle_positions must be int64 [{middle_k.shape[2]}], got "
+                         f"{middle_positions.dtype} {list(middle_positions.shape)}")
+    if top_k_distance < 0:
+        raise ValueError(f"{op}: top_k_distance must be >= 0, got {top_k_distance}")
 
 
 def _defaults(q: torch.Tensor, n_local: int, distance_cap: int | None, scale: float | None):
@@ -99,6 +121,21 @@ def lambda_attention_chunk(
                    **{name: t for name, t in middle.items() if t is not None})
     distance_cap, scale = _defaults(q, n_local, distance_cap, scale)
     top_k_distance = n_local // 2 if top_k_distance is None else top_k_distance
+    if q.is_cuda and top_k > 0 and top_k_first_row < q.shape[2]:
+        # No CUDA top-k kernel yet: the kernel computes the chunk, PyTorch ops its top-k rows.
+        _check_middle_store(k, top_k_distance, **middle)
+        out = torch.ops.lminf.lambda_attention_chunk(
+            q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq,
+            n_global, n_local, distance_cap, scale, None, None, None, 0, 0, 0,
+        )
+        first_row = max(0, top_k_first_row)
+        out[:, :, first_row:] = top_k_rows_attention(
+            q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, first_row=first_row,
+            n_global=n_global, n_local=n_local, distance_cap=distance_cap, scale=scale,
+            middle_k=middle_k, middle_v=middle_v, middle_positions=middle_positions, top_k=top_k,
+            top_k_distance=top_k_distance,
+        ).to(out.dtype)
+        return out
     return torch.ops.lminf.lambda_attention_chunk(
         q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq,
         n_global, n_local, distance_cap, scale, middle_k, middle_v, middle_positions,

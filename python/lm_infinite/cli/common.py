@@ -10,7 +10,7 @@ import torch
 from ..eval.methods import Settings
 from ..hf.families import decoder_of
 
-__all__ = ["add_model_options", "load", "positive_int", "progress_bars", "settings_from"]
+__all__ = ["add_model_options", "add_top_k_options", "load", "positive_int", "progress_bars", "settings_from"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,8 +52,28 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--chunk-size", type=positive_int, default=2048, help="tokens per forward pass")
 
 
+def add_top_k_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("top-k middle attention (method lm-infinite+top-k)")
+    group.add_argument("--top-k", type=positive_int, default=5, help="middle keys per head and row (default 5)")
+    group.add_argument("--top-k-first-layer", type=non_negative_int,
+                       help="first layer that uses top-k (default: 4, as the official code)")
+    group.add_argument("--top-k-distance", type=non_negative_int,
+                       help="rotary distance of the chosen middle keys (default: L / 2)")
+    group.add_argument("--top-k-rows", type=rows_option, default=1,
+                       help="trailing prompt tokens that use top-k, or 'all' (default 1, the official "
+                            "variant); generated tokens always do")
+
+
+def rows_option(text: str) -> int | str:
+    return "all" if text == "all" else positive_int(text)
+
+
 def settings_from(args) -> Settings:
-    return Settings(args.n_global, args.n_local, args.distance_cap)
+    top_k = {}
+    if hasattr(args, "top_k"):  # the commands that offer the top-k method
+        top_k = dict(top_k_middle=args.top_k, top_k_first_layer=args.top_k_first_layer,
+                     top_k_distance=args.top_k_distance, top_k_rows=args.top_k_rows)
+    return Settings(args.n_global, args.n_local, args.distance_cap, **top_k)
 
 
 def load(args):

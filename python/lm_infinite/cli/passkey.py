@@ -9,7 +9,7 @@ from tqdm import tqdm
 from ..eval.methods import METHODS
 from ..eval.passkey import passkey_run
 from ..eval.report import passkey_table, plot_passkey, write_json
-from .common import add_model_options, int_list, load, positive_int, settings_from
+from .common import add_model_options, add_top_k_options, int_list, load, positive_int, settings_from
 from .ppl import method_list
 
 
@@ -33,13 +33,15 @@ def register(subparsers) -> None:
     parser.add_argument("--depths", type=depth_list, default=[0.0, 0.5, 1.0],
                         help="needle depths in [0, 1] (default 0,0.5,1)")
     parser.add_argument("--trials", type=positive_int, default=1, help="random keys per length and depth")
-    parser.add_argument("--methods", type=method_list, default=list(METHODS))
+    parser.add_argument("--methods", type=method_list, default=list(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write every trial as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of accuracy against length")
     parser.add_argument("--no-progress", action="store_true")
     add_model_options(parser)
+    add_top_k_options(parser)
     parser.set_defaults(run=run)
 
 

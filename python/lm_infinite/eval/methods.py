@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..hf import disable, enable
+from ..hf.patching import top_k_defaults
 from ..hf.families import decoder_of, training_length
 
-__all__ = ["METHODS", "Settings", "lm_infinite_enabled", "stock_nll", "token_nll",
+__all__ = ["METHODS", "TOP_K_METHOD", "Settings", "lm_infinite_enabled", "stock_nll", "token_nll",
            "truncated_window_nll", "whole_sequence_nll"]
 
 # stock: the unmodified model over the whole text; truncated: the stock model re-run on the
-# last n_local tokens; lm-infinite: Λ-shaped attention with the distance cap.
-METHODS = ("stock", "truncated", "lm-infinite")
+# last n_local tokens; lm-infinite: Λ-shaped attention with the distance cap; lm-infinite+top-k:
+# the same, plus top-k middle attention on the last top_k_rows rows and every generated token.
+METHODS = ("stock", "truncated", "lm-infinite", "lm-infinite+top-k")
+TOP_K_METHOD = "lm-infinite+top-k"
 
 
 @dataclass(frozen=True)
@@ -24,16 +27,31 @@ class Settings:
     n_global: int = 10
     n_local: int | None = None  # None: the model's training length
     distance_cap: int | None = None
+    # For TOP_K_METHOD: enable()'s top-k options (None: enable()'s defaults).
+    top_k_middle: int = 5
+    top_k_first_layer: int | None = None
+    top_k_distance: int | None = None
+    top_k_rows: int | str = 1
 
     def resolved(self, model) -> "Settings":
+        """The settings with every default filled in, as enable() applies them."""
         n_local = training_length(model.config) if self.n_local is None else self.n_local
-        return Settings(self.n_global, n_local, n_local if self.distance_cap is None else self.distance_cap)
+        first_layer, distance = top_k_defaults(model, n_local)
+        return replace(
+            self, n_local=n_local, distance_cap=n_local if self.distance_cap is None else self.distance_cap,
+            top_k_first_layer=first_layer if self.top_k_first_layer is None else self.top_k_first_layer,
+            top_k_distance=distance if self.top_k_distance is None else self.top_k_distance)
 
 
 @contextmanager
-def lm_infinite_enabled(model, settings: Settings):
-    """LM-Infinite attention for the duration of the block; the stock model again after it."""
-    enable(model, settings.n_global, settings.n_local, settings.distance_cap)
+def lm_infinite_enabled(model, settings: Settings, *, top_k: bool = False):
+    """LM-Infinite attention (with top-k middle attention if top_k) for the duration of the
+    block; the stock model again after it."""
+    options = {}
+    if top_k:
+        options = dict(top_k_middle=settings.top_k_middle, top_k_first_layer=settings.top_k_first_layer,
+                       top_k_distance=settings.top_k_distance, top_k_rows=settings.top_k_rows)
+    enable(model, settings.n_global, settings.n_local, settings.distance_cap, **options)
     try:
         yield model
     finally:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..streaming import LambdaStream
-from .methods import METHODS, Settings, lm_infinite_enabled
+from .methods import METHODS, TOP_K_METHOD, Settings, lm_infinite_enabled
 
 __all__ = ["PasskeyPrompt", "build_passkey_prompt", "passkey_answer", "passkey_run"]
 
@@ -86,7 +86,7 @@ def passkey_run(model, tokenizer, *, lengths, depths, trials: int = 1, methods=M
                     elif method == "truncated":
                         tokens = _stock_continuation(model, prompt.ids[-settings.n_local:], max_new_tokens)
                     else:
-                        with lm_infinite_enabled(model, settings):
+                        with lm_infinite_enabled(model, settings, top_k=method == TOP_K_METHOD):
                             tokens = _lm_infinite_continuation(model, prompt.ids, max_new_tokens, chunk_size)
                     text = tokenizer.decode(tokens, skip_special_tokens=True)
                     answer = passkey_answer(text)

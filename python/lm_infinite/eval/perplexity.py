@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..streaming import LambdaStream
-from .methods import METHODS, Settings, lm_infinite_enabled, stock_nll, truncated_window_nll
+from .methods import METHODS, TOP_K_METHOD, Settings, lm_infinite_enabled, stock_nll, truncated_window_nll
 
 __all__ = ["bucket_perplexity", "perplexity", "perplexity_run"]
 
@@ -35,7 +35,7 @@ def perplexity_run(model, ids: torch.Tensor, *, methods=METHODS, settings: Setti
             nll[method] = truncated_window_nll(model, ids, window=settings.n_local, stride=stride,
                                                progress=ticker(method, ids.numel() - settings.n_local))
         else:
-            with lm_infinite_enabled(model, settings):
+            with lm_infinite_enabled(model, settings, top_k=method == TOP_K_METHOD):
                 stream = LambdaStream(model, chunk_size=chunk_size)
                 nll[method] = stream.nll(ids[None], progress=ticker(method, ids.numel()))[0]
     return {"settings": vars(settings), "n_tokens": ids.numel(), "nll": nll}

@@ -13,7 +13,7 @@ from .families import decoder_of, training_length
 from .rotary import UnrotatedRotaryEmbedding
 from .state import LambdaState, state_of
 
-__all__ = ["enable", "disable", "cache_argument_name"]
+__all__ = ["enable", "disable", "cache_argument_name", "top_k_defaults"]
 
 
 def cache_argument_name(module: nn.Module) -> str:
@@ -21,6 +21,12 @@ def cache_argument_name(module: nn.Module) -> str:
     older ones (5.17), where passing `cache=` would be silently ignored."""
     parameters = inspect.signature(module.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def top_k_defaults(model: nn.Module, n_local: int) -> tuple[int, int]:
+    """(top_k_first_layer, top_k_distance) when not given: the official code's layer 4 (or the
+    last layer of a shallower model) and half the window (2048 for its 4096 window)."""
+    return min(4, len(decoder_of(model).layers) - 1), n_local // 2
 
 
 def _check_int(name: str, value, low: int) -> None:
@@ -54,9 +60,10 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     _check_int("n_global", n_global, 0)
     _check_int("distance_cap", distance_cap, 0)
     _check_int("top_k_middle", top_k_middle, 0)
-    top_k_first_layer = min(4, len(decoder.layers) - 1) if top_k_first_layer is None else top_k_first_layer
+    default_first_layer, default_distance = top_k_defaults(model, n_local)
+    top_k_first_layer = default_first_layer if top_k_first_layer is None else top_k_first_layer
     _check_int("top_k_first_layer", top_k_first_layer, 0)
-    top_k_distance = n_local // 2 if top_k_distance is None else top_k_distance
+    top_k_distance = default_distance if top_k_distance is None else top_k_distance
     _check_int("top_k_distance", top_k_distance, 0)
     if top_k_rows == "all":
         top_k_rows = None

@@ -1,0 +1,84 @@
+"""Top-k middle attention for a few query rows, composed from PyTorch ops.
+
+The CUDA kernels have no top-k path yet. On CUDA, `ops.lambda_attention_chunk` lets the kernel
+compute every row of the chunk and then recomputes here the rows that use top-k: the last rows
+of a prompt and each decode step, a handful. That costs O(rows x (slots + middle)) work in a
+few batched matmuls and a torch.topk, small next to the chunk's own attention, and keeps the
+CPU kernel's semantics exactly (DESIGN.md 1 and ops.lambda_attention_chunk): candidates are the
+middle store and the chunk's own keys at positions in [n_global, i - n_local].
+
+Computed in float32. RoPE uses offsets from the first row's position, clamped to the window,
+so positions near 10^9 lose nothing: keys beyond the window are never scored as local.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["top_k_rows_attention"]
+
+
+def _rotate(x: torch.Tensor, offsets: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x [..., n, head_dim] rotated by offsets [n] (rotate_half, first 2*len(inv_freq) features)."""
+    half = inv_freq.numel()
+    angles = offsets.to(torch.float64)[:, None] * inv_freq.to(x.device, torch.float64)[None, :]
+    cos, sin = angles.cos().float(), angles.sin().float()
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+def top_k_rows_attention(q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, *,
+                         first_row: int, n_global: int, n_local: int, distance_cap: int,
+                         scale: float, middle_k, middle_v, middle_positions, top_k: int,
+                         top_k_distance: int) -> torch.Tensor:
+    """Output rows first_row.. of lambda_attention_chunk with top-k middle attention, float32
+    [batch, heads_q, n_q - first_row, head_dim]; the arguments are the op's."""
+    batch, heads_q, n_q, head_dim = q.shape
+    heads_kv = k.shape[1]
+    group = heads_q // heads_kv
+    chunk_positions = query_start.reshape(1) + torch.arange(n_q, device=q.device)
+    row_positions = chunk_positions[first_row:]
+    n_rows = row_positions.numel()
+    # [batch, heads_kv, group, rows, head_dim]: each KV head's queries side by side (GQA).
+    rows = q[:, :, first_row:].float().reshape(batch, heads_kv, group, n_rows, head_dim)
+
+    def placed(distance: int) -> torch.Tensor:
+        return _rotate(rows, torch.full((n_rows,), distance, device=q.device), inv_freq)
+
+    def scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return (queries @ keys.float()[:, :, None].transpose(-1, -2)) * scale
+
+    # Λ part: the ring's keys and the chunk's own, local ones at their relative distance and
+    # global ones (first n_global positions) at distance_cap.
+    keys = torch.cat([cache_k, k], dim=2)
+    values = torch.cat([cache_v, v], dim=2).float()
+    key_positions = torch.cat([cache_positions, chunk_positions])
+    distance = row_positions[:, None] - key_positions[None, :]
+    present = (key_positions >= 0)[None, :]
+    local = present & (distance >= 0) & (distance < n_local)
+    global_ = present & (distance >= n_local) & (key_positions < n_global)[None, :]
+    base = row_positions[0]
+    key_offsets = (key_positions - base).clamp(-n_local - n_rows, n_rows)
+    local_scores = scores(_rotate(rows, row_positions - base, inv_freq),
+                          _rotate(keys.float(), key_offsets, inv_freq))
+    global_scores = scores(placed(distance_cap), keys)
+    minus_inf = torch.tensor(float("-inf"), device=q.device)
+    lambda_scores = torch.where(local, local_scores, torch.where(global_, global_scores, minus_inf))
+
+    # Top-k part: every candidate scored with the query placed at top_k_distance.
+    candidates_k = torch.cat([middle_k, k], dim=2)
+    candidates_v = torch.cat([middle_v, v], dim=2).float()
+    candidate_positions = torch.cat([middle_positions, chunk_positions])
+    hidden = ((candidate_positions >= n_global)[None, :]
+              & (candidate_positions[None, :] <= row_positions[:, None] - n_local))
+    middle_scores = torch.where(hidden, scores(placed(top_k_distance), candidates_k), minus_inf)
+    best_scores, best = middle_scores.topk(min(top_k, middle_scores.shape[-1]), dim=-1)
+    # Values of the chosen keys: [batch, heads_kv, group, rows, k, head_dim].
+    chosen_v = torch.gather(
+        candidates_v[:, :, None, None].expand(-1, -1, group, n_rows, -1, -1), 4,
+        best[..., None].expand(*best.shape, head_dim))
+
+    weights = torch.softmax(torch.cat([lambda_scores, best_scores], dim=-1), dim=-1).nan_to_num(0.0)
+    n_keys = keys.shape[2]
+    out = weights[..., :n_keys] @ values[:, :, None] + (weights[..., n_keys:, None] * chosen_v).sum(-2)
+    return out.reshape(batch, heads_q, n_rows, head_dim)
