@@ -121,7 +121,9 @@ def lambda_attention_chunk(
                    **{name: t for name, t in middle.items() if t is not None})
     distance_cap, scale = _defaults(q, n_local, distance_cap, scale)
     top_k_distance = n_local // 2 if top_k_distance is None else top_k_distance
-    if q.is_cuda and top_k > 0 and top_k_first_row < q.shape[2]:
+    if q.is_cuda and top_k > 0 and top_k_first_row >= q.shape[2]:
+        top_k = 0  # no row of this chunk uses top-k
+    if q.is_cuda and top_k > 0:
         # No CUDA top-k kernel yet: the kernel computes the chunk, PyTorch ops its top-k rows.
         _check_middle_store(k, top_k_distance, **middle)
         out = torch.ops.lminf.lambda_attention_chunk(
