@@ -69,6 +69,8 @@ def test_passkey_reports_every_trial(model_dir, tmp_path, capsys):
     assert status == 0
     table = capsys.readouterr().out
     assert all(method in table for method in ("stock", "truncated", "lm-infinite", "lm-infinite+top-k"))
+    by_depth = table.split("length depth")[1].strip().splitlines()[1:]
+    assert [line.split()[:2] for line in by_depth] == [["160", "0.00"], ["160", "1.00"], ["240", "0.00"], ["240", "1.00"]]
     result = json.loads(out_json.read_text())
     trials = result["trials"]
     assert len(trials) == 2 * 2 * 4

@@ -84,39 +84,52 @@ def plot_perplexity(path: str | Path, nll: dict[str, torch.Tensor], *, n_local: 
     plt.close(figure)
 
 
-def _accuracy_by(records, key) -> dict:
+def _accuracy_by(records, key: str | tuple[str, ...]) -> dict:
+    """{(method, value of key): fraction correct}; a tuple key groups by several fields."""
     hits = defaultdict(list)
     for record in records:
-        hits[(record["method"], record[key])].append(record["correct"])
+        value = tuple(record[k] for k in key) if isinstance(key, tuple) else record[key]
+        hits[(record["method"], value)].append(record["correct"])
     return {group: sum(values) / len(values) for group, values in hits.items()}
 
 
 def passkey_table(records: list[dict]) -> str:
-    """Accuracy per prompt length, one column per method."""
+    """Accuracy per prompt length, then per length and needle depth; one column per method."""
     methods = list(dict.fromkeys(r["method"] for r in records))
-    lengths = list(dict.fromkeys(r["length"] for r in records))
-    accuracy = _accuracy_by(records, "length")
-    lines = ["length  " + "".join(f"{m:>14}" for m in methods)]
-    for length in lengths:
-        lines.append(f"{length:>6}  " + "".join(f"{accuracy[(m, length)]:>14.0%}" for m in methods))
+    widths = [max(14, len(m) + 2) for m in methods]
+    header = "".join(f"{m:>{w}}" for m, w in zip(methods, widths))
+
+    def row(label: str, accuracy: dict, group) -> str:
+        return label + "".join(f"{accuracy[(m, group)]:>{w}.0%}" for m, w in zip(methods, widths))
+
+    by_length = _accuracy_by(records, "length")
+    lines = ["length        " + header]
+    lines += [row(f"{n:>6}        ", by_length, n) for n in dict.fromkeys(r["length"] for r in records)]
+    by_both = _accuracy_by(records, ("length", "depth"))
+    lines += ["", "length depth  " + header]
+    lines += [row(f"{n:>6} {d:>5.2f}  ", by_both, (n, d))
+              for n, d in dict.fromkeys((r["length"], r["depth"]) for r in records)]
     return "\n".join(lines)
 
 
 def plot_passkey(path: str | Path, records: list[dict], *, title: str) -> None:
-    """Accuracy against prompt length, one line per method."""
+    """Accuracy against prompt length and against needle depth, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    accuracy = _accuracy_by(records, "length")
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for method in dict.fromkeys(r["method"] for r in records):
-        lengths = sorted({length for (m, length) in accuracy if m == method})
-        axes.plot(lengths, [accuracy[(method, n)] for n in lengths], marker="o", label=method)
-    axes.set(xlabel="prompt length (tokens)", ylabel="passkey accuracy", ylim=(-0.05, 1.05), title=title)
-    axes.set_xscale("log", base=2)
-    axes.legend()
+    figure, panels = plt.subplots(1, 2, figsize=(12, 4))
+    for axes, key, label in ((panels[0], "length", "prompt length (tokens)"),
+                             (panels[1], "depth", "needle depth (all lengths)")):
+        accuracy = _accuracy_by(records, key)
+        for method in dict.fromkeys(r["method"] for r in records):
+            xs = sorted({x for (m, x) in accuracy if m == method})
+            axes.plot(xs, [accuracy[(method, x)] for x in xs], marker="o", label=method)
+        axes.set(xlabel=label, ylabel="passkey accuracy", ylim=(-0.05, 1.05))
+    panels[0].set_xscale("log", base=2)
+    panels[0].legend()
+    figure.suptitle(title)
     figure.tight_layout()
     atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
     plt.close(figure)
