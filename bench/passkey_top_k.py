@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--distance-caps", type=int, nargs="+", default=None,
                         help="LM-Infinite distance caps (default: n_local)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock model (slow on a CPU)")
+    parser.add_argument("--no-truncated", action="store_true", help="skip the truncated window")
+    parser.add_argument("--only-samples", type=int, nargs="+", default=None,
+                        help="run these sample indices only (same prompts as in the full run)")
     parser.add_argument("--max-new-tokens", type=int, default=6)
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -83,7 +86,10 @@ def main() -> None:
     for length in args.lengths:
         for sample in range(args.samples):
             depth = (sample + 0.5) / args.samples
-            prompt = build_passkey_prompt(tokenizer, length, depth, rng.randint(1, 50000))
+            key = rng.randint(1, 50000)
+            if args.only_samples is not None and sample not in args.only_samples:
+                continue
+            prompt = build_passkey_prompt(tokenizer, length, depth, key)
             ids = prompt.ids
 
             def record(method, text, **extra):
@@ -95,9 +101,9 @@ def main() -> None:
             start = time.perf_counter()
             if not args.no_stock:
                 record("stock", stock_answer(model, tokenizer, ids, args.max_new_tokens))
-            # The window leaves room for the answer inside the training length.
-            record("truncated", stock_answer(model, tokenizer, ids[-(n_local - args.max_new_tokens):],
-                                             args.max_new_tokens))
+            if not args.no_truncated:  # the window leaves room for the answer inside the training length
+                record("truncated", stock_answer(model, tokenizer, ids[-(n_local - args.max_new_tokens):],
+                                                 args.max_new_tokens))
             for cap in caps:
                 # Every layer keeps a middle store; top-k stays off while the prefix is read.
                 lminf_hf.enable(model, distance_cap=cap, top_k_middle=1, top_k_first_layer=0)
