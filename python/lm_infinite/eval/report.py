@@ -49,9 +49,10 @@ def perplexity_table(nll: dict[str, torch.Tensor], bucket_size: int) -> str:
     """Perplexity per position bucket, one column per method."""
     methods = list(nll)
     columns = {m: bucket_perplexity(nll[m], bucket_size) for m in methods}
-    lines = ["tokens          " + "".join(f"{m:>14}" for m in methods)]
+    widths = [max(14, len(m) + 2) for m in methods]
+    lines = ["tokens          " + "".join(f"{m:>{w}}" for m, w in zip(methods, widths))]
     for i, (start, end, _) in enumerate(columns[methods[0]]):
-        cells = "".join(f"{_format_ppl(columns[m][i][2]):>14}" for m in methods)
+        cells = "".join(f"{_format_ppl(columns[m][i][2]):>{w}}" for m, w in zip(methods, widths))
         lines.append(f"{start:>6}-{end:<8} {cells}")
     return "\n".join(lines)
 
