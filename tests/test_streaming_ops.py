@@ -32,7 +32,8 @@ def test_chunked_equals_whole_and_reference(chunks, n_global, n_local, cap):
     ref = li.lambda_attention_reference(q.double(), k.double(), v.double(), inv_freq,
                                         n_global=n_global, n_local=n_local, distance_cap=cap)
     assert rel_error(streamed, ref) < 1e-5
-    torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=1e-6)
+    # Chunks rotate from other anchors than the whole pass: float32 rounding differs by a few ulps.
+    torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=5e-6)
     assert cache.n_seen == 211
 
 
