@@ -11,7 +11,8 @@ namespace {
 
 void attend_cuda(const char* op, AttentionInputs& in) {
   TORCH_CHECK(in.params.top_k == 0, op,
-              ": top-k middle attention has no CUDA kernel yet; pass top_k=0 or run on the CPU");
+              ": top-k middle attention has no CUDA kernel yet; call lm_infinite.lambda_attention_chunk, "
+              "which composes it on CUDA, or pass top_k=0");
   const c10::cuda::CUDAGuard guard(in.q.device());
   const auto bytes = static_cast<int64_t>(lminf::lambda_attention_cuda_workspace_size(in.params));
   torch::Tensor workspace = torch::empty({bytes}, in.q.options().dtype(torch::kUInt8));
