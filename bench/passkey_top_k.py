@@ -27,13 +27,12 @@ import time
 import torch
 
 import lm_infinite.hf as lminf_hf
+from lm_infinite.cli.common import DTYPES
 from lm_infinite.eval.passkey import build_passkey_prompt, passkey_answer
 from lm_infinite.hf.families import training_length
 from lm_infinite.hf.state import state_of
 from lm_infinite.models import load_model
 from lm_infinite.streaming import LambdaStream
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @torch.inference_mode()

@@ -6,7 +6,7 @@ import argparse
 import math
 
 from ..eval.corpus import default_corpus_tokens, file_tokens
-from ..eval.methods import METHODS
+from ..eval.methods import METHODS, TOP_K_METHOD
 from ..eval.perplexity import bucket_perplexity, perplexity, perplexity_run
 from ..eval.report import perplexity_table, plot_perplexity, write_json
 from .common import add_model_options, add_top_k_options, load, positive_int, progress_bars, settings_from
@@ -38,8 +38,8 @@ def register(subparsers) -> None:
                     "library's sources; or the FILES given) for each method, as a table of "
                     "perplexity per position bucket, JSON and a plot.")
     parser.add_argument("files", nargs="*", metavar="FILE", help="text files to read instead of the default text")
-    parser.add_argument("--methods", type=method_list, default=list(METHODS[:3]),
-                        help=f"comma-separated subset of {','.join(METHODS)} (default: the first three)")
+    parser.add_argument("--methods", type=method_list, default=[m for m in METHODS if m != TOP_K_METHOD],
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all but {TOP_K_METHOD})")
     parser.add_argument("--stride", type=positive_int, default=2048,
                         help="tokens scored per re-run of the truncated-window baseline")
     add_text_options(parser, default_tokens=16384)

@@ -18,8 +18,8 @@ __all__ = ["METHODS", "TOP_K_METHOD", "Settings", "lm_infinite_enabled", "stock_
 # stock: the unmodified model over the whole text; truncated: the stock model re-run on the
 # last n_local tokens; lm-infinite: Λ-shaped attention with the distance cap; lm-infinite+top-k:
 # the same, plus top-k middle attention on the last top_k_rows rows and every generated token.
-METHODS = ("stock", "truncated", "lm-infinite", "lm-infinite+top-k")
 TOP_K_METHOD = "lm-infinite+top-k"
+METHODS = ("stock", "truncated", "lm-infinite", TOP_K_METHOD)
 
 
 @dataclass(frozen=True)

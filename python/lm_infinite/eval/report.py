@@ -45,11 +45,16 @@ def _format_ppl(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"
 
 
+def _column_widths(methods: list[str]) -> list[int]:
+    """One column per method, at least 14 characters, never narrower than its name."""
+    return [max(14, len(m) + 2) for m in methods]
+
+
 def perplexity_table(nll: dict[str, torch.Tensor], bucket_size: int) -> str:
     """Perplexity per position bucket, one column per method."""
     methods = list(nll)
     columns = {m: bucket_perplexity(nll[m], bucket_size) for m in methods}
-    widths = [max(14, len(m) + 2) for m in methods]
+    widths = _column_widths(methods)
     lines = ["tokens          " + "".join(f"{m:>{w}}" for m, w in zip(methods, widths))]
     for i, (start, end, _) in enumerate(columns[methods[0]]):
         cells = "".join(f"{_format_ppl(columns[m][i][2]):>{w}}" for m, w in zip(methods, widths))
@@ -97,7 +102,7 @@ def _accuracy_by(records, key: str | tuple[str, ...]) -> dict:
 def passkey_table(records: list[dict]) -> str:
     """Accuracy per prompt length, then per length and needle depth; one column per method."""
     methods = list(dict.fromkeys(r["method"] for r in records))
-    widths = [max(14, len(m) + 2) for m in methods]
+    widths = _column_widths(methods)
     header = "".join(f"{m:>{w}}" for m, w in zip(methods, widths))
 
     def row(label: str, accuracy: dict, group) -> str:
