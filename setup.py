@@ -1,74 +1,200 @@
 """Builds lm_infinite._C: the torch glue (lminf_ext/) over the torch-free core (csrc/).
 
-CUDA kernels are compiled when torch has CUDA and nvcc is found (or LMINF_CUDA=1 forces it,
-LMINF_CUDA=0 turns it off). CPU kernels are compiled for this machine's instruction set
-(-march=native); set LMINF_CPU_ARCH (e.g. x86-64-v3) for a build that runs elsewhere.
-Install with `pip install --no-build-isolation -e .` so that the installed torch is used.
+The extension compiles against the torch it will run with, so install torch first and build
+without isolation: `pip install --no-build-isolation .` (or `-e .`, or an sdist tarball).
+
+Which build is made is decided when the extension is built (making an sdist needs no torch)
+and said in one line starting with "lm-infinite:" (`pip install -v` shows it):
+  - CUDA kernels when torch has CUDA and a CUDA toolkit is found whose major version is
+    torch's; a toolkit of another major version is an error naming both versions;
+  - CPU only otherwise, with the reason.
+Environment:
+  LMINF_CUDA=0 / 1     CPU only / CUDA or fail (default: CUDA when possible)
+  CUDA_HOME            the toolkit to use (default: the one holding the nvcc on PATH, else
+                       /usr/local/cuda); a toolkit has bin/nvcc and include/cuda_runtime_api.h
+  LMINF_CUDA_ARCHS     GPU architectures, e.g. "90" (the default, H100/H200) or "80;90a"
+  LMINF_CPU_ARCH       -march for the CPU kernels (default: native, this machine's ISA; e.g.
+                       x86-64-v3 for a build that runs elsewhere)
 """
+
+from __future__ import annotations
 
 import glob
 import os
 import re
+import shutil
+import subprocess
+from dataclasses import dataclass
 
-import torch
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext as setuptools_build_ext
+
+try:
+    from torch.utils.cpp_extension import BuildExtension
+except ImportError as error:  # enough for an sdist or metadata; building needs torch
+    BuildExtension, TORCH_IMPORT_ERROR = None, error
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = re.search(
-    r'__version__ = "(.+)"', open(os.path.join(ROOT, "python/lm_infinite/_version.py")).read()
-).group(1)
+EXTENSION = "lm_infinite._C"
+DEFAULT_CUDA_HOME = "/usr/local/cuda"  # where the CUDA installers put it; torch looks there too
+DEFAULT_CUDA_ARCHS = "90"  # the GPU the kernels are tuned for (DESIGN.md)
 
 
-def want_cuda() -> bool:
-    forced = os.environ.get("LMINF_CUDA")
-    if forced is not None:
-        return forced == "1"
-    return torch.version.cuda is not None and CUDA_HOME is not None
+class BuildConfigError(RuntimeError):
+    """A build that cannot be made as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class CudaToolkit:
+    home: str
+    nvcc_version: str  # "major.minor", from `nvcc --version`
+
+
+def nvcc_version(nvcc: str) -> str | None:
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
+def find_cuda_toolkit(environ=os.environ, default_home=DEFAULT_CUDA_HOME):
+    """(CudaToolkit, "") for the toolkit to build with, or (None, where it was looked for).
+
+    CUDA_HOME (or CUDA_PATH), when set, is the only candidate. Otherwise: the toolkit holding
+    the nvcc on PATH, then default_home. An nvcc that is a wrapper script outside its toolkit
+    (/usr/local/bin/nvcc) does not make its parent a toolkit: torch guesses so, and its build
+    then fails on a missing cuda_runtime_api.h.
+    """
+    explicit = environ.get("CUDA_HOME") or environ.get("CUDA_PATH")
+    if explicit:
+        candidates, notes = [explicit], []
+    else:
+        on_path = shutil.which("nvcc", path=environ.get("PATH", os.defpath))
+        candidates = [os.path.dirname(os.path.dirname(os.path.realpath(on_path)))] if on_path else []
+        if default_home not in candidates:
+            candidates.append(default_home)
+        notes = ["CUDA_HOME unset"] + ([] if on_path else ["no nvcc on PATH"])
+    for home in candidates:
+        nvcc, name = os.path.join(home, "bin", "nvcc"), f"CUDA_HOME={home}" if explicit else home
+        if not os.path.isfile(nvcc):
+            notes.append(f"{name} has no bin/nvcc")
+        elif not os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
+            notes.append(f"{name} has no include/cuda_runtime_api.h")
+        elif (version := nvcc_version(nvcc)) is None:
+            notes.append(f"{nvcc} --version failed")
+        else:
+            return CudaToolkit(home, version), ""
+    return None, "; ".join(notes)
+
+
+@dataclass(frozen=True)
+class Build:
+    cuda: bool
+    summary: str  # the one line: which build and why
+
+
+def decide_build(lminf_cuda, torch_version, torch_cuda, toolkit, toolkit_note, archs) -> Build:
+    """The build to make, from what is installed; raises BuildConfigError for a build that
+    cannot work. lminf_cuda: LMINF_CUDA ("0", "1" or None); torch_cuda: torch.version.cuda;
+    toolkit, toolkit_note: find_cuda_toolkit()'s answer."""
+    if lminf_cuda not in (None, "0", "1"):
+        raise BuildConfigError(f"LMINF_CUDA must be 0 or 1, not {lminf_cuda!r}")
+    if lminf_cuda == "0":
+        return Build(False, "CPU only: LMINF_CUDA=0")
+    forced = lminf_cuda == "1"
+    if torch_cuda is None:
+        if forced:
+            raise BuildConfigError(f"LMINF_CUDA=1 but torch {torch_version} has no CUDA: "
+                                   "install a CUDA build of torch")
+        return Build(False, f"CPU only: torch {torch_version} has no CUDA")
+    torch_major = torch_cuda.split(".")[0]
+    if toolkit is None:
+        reason = (f"no CUDA toolkit found ({toolkit_note}); for the CUDA kernels install CUDA "
+                  f"{torch_major}.x toolkit (torch {torch_version} uses CUDA {torch_cuda}) "
+                  "and set CUDA_HOME")
+        if forced:
+            raise BuildConfigError(f"LMINF_CUDA=1 but {reason}")
+        return Build(False, f"CPU only: {reason}")
+    if toolkit.nvcc_version.split(".")[0] != torch_major:
+        raise BuildConfigError(
+            f"nvcc {toolkit.nvcc_version} (CUDA_HOME={toolkit.home}) does not match torch "
+            f"{torch_version}, built with CUDA {torch_cuda}: point CUDA_HOME at a CUDA "
+            f"{torch_major}.x toolkit, or set LMINF_CUDA=0 for the CPU-only build")
+    return Build(True, f"CUDA build: archs {archs}, nvcc {toolkit.nvcc_version} at "
+                       f"{toolkit.home}, torch {torch_version} (CUDA {torch_cuda})")
 
 
 def rel(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
-def extension():
-    with_cuda = want_cuda()
+def configured_extension(build: Build, archs: str) -> Extension:
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
     cpu_arch = os.environ.get("LMINF_CPU_ARCH", "native")
     cxx_flags = ["-O3", f"-march={cpu_arch}", "-fopenmp", "-Wall", "-Wno-unused-function"]
     # The kernels only; the C++ library's own API (csrc/kv_cache.cpp ...) is not needed here.
     sources = rel("lminf_ext/*.cpp") + ["csrc/validate.cpp"] + rel("csrc/cpu/*.cpp")
-    if with_cuda:
-        sources += rel("csrc/cuda/*.cu")
-        archs = os.environ.get("LMINF_CUDA_ARCHS", "90")
-        cxx_flags += [
-            "-DLMINF_WITH_CUDA",
-            f"-DLMINF_CUDA_VERSION={torch.version.cuda}",
-            f"-DLMINF_CUDA_ARCHS={archs}",
-        ]
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + [
-            f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.split(";")
-        ]
-        return CUDAExtension(
-            "lm_infinite._C",
-            sources,
-            include_dirs=[os.path.join(ROOT, "csrc/include"), os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"],
-        )
-    sources = [s for s in sources if s != "lminf_ext/ops_cuda.cpp"] + ["csrc/no_cuda.cpp"]
-    return CppExtension(
-        "lm_infinite._C",
-        sources,
-        include_dirs=[os.path.join(ROOT, "csrc/include"), os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+    common = dict(include_dirs=[os.path.join(ROOT, "csrc/include"), os.path.join(ROOT, "csrc")],
+                  extra_link_args=["-fopenmp"])
+    if not build.cuda:
+        sources = [s for s in sources if s != "lminf_ext/ops_cuda.cpp"] + ["csrc/no_cuda.cpp"]
+        return CppExtension(EXTENSION, sources, extra_compile_args={"cxx": cxx_flags}, **common)
+    import torch
+
+    cxx_flags += [
+        "-DLMINF_WITH_CUDA",
+        f"-DLMINF_CUDA_VERSION={torch.version.cuda}",
+        f"-DLMINF_CUDA_ARCHS={archs}",
+    ]
+    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + [
+        f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.split(";")
+    ]
+    return CUDAExtension(EXTENSION, sources + rel("csrc/cuda/*.cu"),
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **common)
+
+
+if BuildExtension is not None:
+
+    class build_ext(BuildExtension):
+        """torch's BuildExtension, with the extension configured when the build runs."""
+
+        def run(self):
+            import torch
+            import torch.utils.cpp_extension as cpp_extension
+
+            toolkit, note = find_cuda_toolkit()
+            archs = os.environ.get("LMINF_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+            try:
+                build = decide_build(os.environ.get("LMINF_CUDA") or None, torch.__version__,
+                                     torch.version.cuda, toolkit, note, archs)
+            except BuildConfigError as error:
+                raise SystemExit(f"lm-infinite: error: {error}") from None
+            print(f"lm-infinite: {build.summary}", flush=True)
+            if build.cuda:  # torch compiles with its own guess of CUDA_HOME: make it ours
+                cpp_extension.CUDA_HOME = toolkit.home
+            (ext,) = self.extensions
+            # setuptools has finalized `ext` (file name, stub flags): keep the object, give it
+            # the configured sources and flags.
+            vars(ext).update(vars(configured_extension(build, archs)))
+            super().run()
+
+else:
+
+    class build_ext(setuptools_build_ext):
+        def run(self):
+            raise SystemExit(
+                f"lm-infinite: error: torch is not importable here ({TORCH_IMPORT_ERROR}). The "
+                "extension compiles against the torch it runs with: install torch first, then "
+                "`pip install --no-build-isolation lm-infinite` (or the sdist); an isolated "
+                "build does not see the installed torch.")
+
+
+if __name__ == "__main__":  # tests import this file for find_cuda_toolkit and decide_build
+    setup(
+        # Sources and flags are filled in by build_ext, once torch and CUDA are looked at.
+        ext_modules=[Extension(EXTENSION, sources=[])],
+        cmdclass={"build_ext": build_ext},
     )
-
-
-setup(
-    version=VERSION,
-    package_dir={"": "python"},
-    packages=find_packages("python"),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
-)

@@ -157,3 +157,12 @@ def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "lm_infinite.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
     assert all(command in done.stdout for command in ("ppl", "passkey", "generate", "demo"))
+
+
+def test_version_is_the_package_version(capsys):
+    import lm_infinite
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"lminf {lm_infinite.__version__}\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._version import __version__
 from . import demo, generate, passkey, ppl
 
 __all__ = ["main"]
@@ -13,6 +14,7 @@ __all__ = ["main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lminf", description="LM-Infinite: RoPE language models on texts far past their training length.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in (demo, ppl, passkey, generate):
         command.register(subparsers)
