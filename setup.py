@@ -72,7 +72,9 @@ def find_cuda_toolkit(environ=os.environ, default_home=DEFAULT_CUDA_HOME):
         candidates, notes = [explicit], []
     else:
         on_path = shutil.which("nvcc", path=environ.get("PATH", os.defpath))
-        candidates = [os.path.dirname(os.path.dirname(os.path.realpath(on_path)))] if on_path else []
+        candidates = []
+        if on_path:  # realpath: an nvcc symlinked into /usr/bin is in the toolkit it points into
+            candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(on_path))))
         if default_home not in candidates:
             candidates.append(default_home)
         notes = ["CUDA_HOME unset"] + ([] if on_path else ["no nvcc on PATH"])
@@ -111,8 +113,8 @@ def decide_build(lminf_cuda, torch_version, torch_cuda, toolkit, toolkit_note, a
         return Build(False, f"CPU only: torch {torch_version} has no CUDA")
     torch_major = torch_cuda.split(".")[0]
     if toolkit is None:
-        reason = (f"no CUDA toolkit found ({toolkit_note}); for the CUDA kernels install CUDA "
-                  f"{torch_major}.x toolkit (torch {torch_version} uses CUDA {torch_cuda}) "
+        reason = (f"no CUDA toolkit found ({toolkit_note}); for the CUDA kernels install the "
+                  f"CUDA {torch_major}.x toolkit (torch {torch_version} uses CUDA {torch_cuda}) "
                   "and set CUDA_HOME")
         if forced:
             raise BuildConfigError(f"LMINF_CUDA=1 but {reason}")

@@ -19,12 +19,14 @@ step() { printf '\n== %s\n' "$*"; }
 rm -rf "$work" && mkdir -p "$work"
 
 step "build the sdist"
-python -m build --sdist --outdir "$work/dist" . >"$work/sdist.log" 2>&1 || { cat "$work/sdist.log"; exit 1; }
+python -m build --sdist --outdir "$work/dist" . >"$work/sdist.log" 2>&1 \
+  || { cat "$work/sdist.log"; exit 1; }
 sdist=$(echo "$work"/dist/lm_infinite-*.tar.gz)
 echo "$sdist: $(tar -tzf "$sdist" | grep -vc '/$') files"
 
 step "the sdist holds every tracked file the builds and tests need"
-tracked=(csrc lminf_ext cmake examples python tests CMakeLists.txt LICENSE README.md pyproject.toml setup.py)
+tracked=(csrc lminf_ext cmake examples python tests
+         CMakeLists.txt LICENSE README.md pyproject.toml setup.py)
 missing=$(comm -23 <(git ls-files -- "${tracked[@]}" | sort) \
                    <(tar -tzf "$sdist" | cut -d/ -f2- | sort))
 if [[ -n $missing ]]; then
@@ -40,7 +42,7 @@ venv_python=$work/venv/bin/python
 # -v: pip shows the build's output, of which setup.py's one line says which build it made.
 PATH=$work/venv/bin:$PATH "$venv_python" -m pip install -v --no-build-isolation "$sdist" \
   >"$work/install.log" 2>&1 || { tail -n 60 "$work/install.log"; exit 1; }
-grep -o 'lm-infinite: .*' "$work/install.log"
+grep -oE 'lm-infinite: (CPU only|CUDA build): .*' "$work/install.log"
 
 step "the installed package passes the sdist's own tests"
 mkdir "$work/src" && tar -xzf "$sdist" -C "$work/src" --strip-components=1
@@ -54,7 +56,7 @@ print(f"lm_infinite {lm_infinite.__version__} from {where.parent}: {lm_infinite.
 EOF
 version=$("$venv_python" -c "import lm_infinite; print(lm_infinite.__version__)")
 said=$("$work/venv/bin/lminf" --version)
-[[ $said == "lminf $version" ]] || { echo "lminf --version said '$said', not 'lminf $version'"; exit 1; }
+[[ $said == "lminf $version" ]] || { echo "lminf --version: '$said', not 'lminf $version'"; exit 1; }
 "$venv_python" -m pytest -q -p no:cacheprovider \
   tests/test_registration.py tests/test_lambda_attention.py tests/test_setup_build.py
 

@@ -64,7 +64,7 @@ def test_cpu_only_says_why(setup_py, kwargs, reason):
 
 def test_missing_toolkit_says_what_to_install(setup_py):
     summary = decide(setup_py, toolkit=None).summary
-    assert "install CUDA 13.x" in summary and "CUDA_HOME" in summary
+    assert "install the CUDA 13.x toolkit" in summary and "CUDA_HOME" in summary
 
 
 def test_nvcc_of_another_major_version_is_an_error_naming_both(setup_py):
