@@ -37,7 +37,7 @@ except ImportError as error:  # enough for an sdist or metadata; building needs 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXTENSION = "lm_infinite._C"
 DEFAULT_CUDA_HOME = "/usr/local/cuda"  # where the CUDA installers put it; torch looks there too
-DEFAULT_CUDA_ARCHS = "90"  # the GPU the kernels are tuned for (DESIGN.md)
+DEFAULT_CUDA_ARCHS = "90"  # sm_90 (H100/H200), the GPU the kernels are tuned for
 
 
 class BuildConfigError(RuntimeError):
