@@ -31,6 +31,12 @@ def rel(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+# libstdc++ as a shared library, named before anything can pull in a static copy: with a
+# second copy of its locale code inside _C.so (what -static-libstdc++ gives, wherever the flag
+# comes from), number formatting in error messages breaks (csrc/cuda/NOTES.md).
+LINK_ARGS = ["-fopenmp", "-Wl,--push-state,--no-as-needed", "-lstdc++", "-Wl,--pop-state"]
+
+
 def extension():
     with_cuda = want_cuda()
     cpu_arch = os.environ.get("LMINF_CPU_ARCH", "native")
@@ -53,7 +59,7 @@ def extension():
             sources,
             include_dirs=[os.path.join(ROOT, "csrc/include"), os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=LINK_ARGS,
         )
     sources = [s for s in sources if s != "lminf_ext/ops_cuda.cpp"] + ["csrc/no_cuda.cpp"]
     return CppExtension(
@@ -61,7 +67,7 @@ def extension():
         sources,
         include_dirs=[os.path.join(ROOT, "csrc/include"), os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=LINK_ARGS,
     )
 
 
