@@ -68,11 +68,11 @@ bool tensor_core_eligible(const LambdaAttentionParams& p) {
 
 size_t round_up_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// The decode kernel keeps a rotate_half pair (f, f + head_dim/2) in one lane's fragments and
-// counts keys and rows in int32.
+// The decode kernel keeps a rotate_half pair (f, f + head_dim/2) in one lane's fragments, and
+// counts chunks (times splits), rows and output rows in int32.
 bool decode_eligible(const LambdaAttentionParams& p) {
   return p.n_queries <= kDecodeMaxQueries && p.rotary_dim == p.head_dim &&
-         p.cache_len < (int64_t(1) << 30) && p.n_heads_q / p.n_heads_kv <= (1 << 20);
+         p.cache_len < (int64_t(1) << 30) && p.batch * p.n_heads_q * p.n_queries < (1 << 30);
 }
 
 // Split-key partials: [rows][n_splits][head_dim] float32, then [rows][n_splits] log-sum-exps.

@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t kv_head = blockIdx.y, b = blockIdx.z;
   // Small counts as int32: plan_attention routes only shapes that fit here.
   const int n_q = static_cast<int>(p.n_queries);
-  const int group = static_cast<int>(p.n_heads_q / p.n_heads_kv);
+  const int group = static_cast<int>(p.n_heads_q) / static_cast<int>(p.n_heads_kv);
   const int rows_total = group * n_q;
   const int r0 = row_tile * kRows;
   const int64_t qs = *p.query_start;
@@ -190,8 +190,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   src.k_stride = p.k_row_stride;
   src.v_stride = p.v_row_stride;
   const int n_chunks = static_cast<int>((src.n_keys + kChunk - 1) / kChunk);
-  const int c_begin = static_cast<int>(int64_t(n_chunks) * split / n_splits);
-  const int c_end = static_cast<int>(int64_t(n_chunks) * (split + 1) / n_splits);
+  const int c_begin = n_chunks * split / n_splits;  // < 2^31: see decode_eligible
+  const int c_end = n_chunks * (split + 1) / n_splits;
 
   // Prologue: the Q tile (one cp.async group), then the first kStages - 1 chunks (one group
   // each, possibly empty), all in flight together.
@@ -572,12 +572,13 @@ __global__ void __launch_bounds__(128)
                         const float* __restrict__ partial_lse) {
   constexpr int kThreadsPerRow = D / 4;
   constexpr int kRowsPerBlock = 128 / kThreadsPerRow;
-  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
+  // Output rows (b, head, t) as int32: plan_attention routes only shapes where they fit.
+  const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
   const int col = 4 * (threadIdx.x % kThreadsPerRow);
-  const int n_q = static_cast<int>(p.n_queries);
-  if (row >= p.batch * p.n_heads_q * n_q) return;
-  const float* const lse = partial_lse + row * n_splits;
-  const float* const partial = partial_out + row * n_splits * D + col;
+  const int n_q = static_cast<int>(p.n_queries), n_heads = static_cast<int>(p.n_heads_q);
+  if (row >= p.batch * n_heads * n_q) return;
+  const float* const lse = partial_lse + int64_t(row) * n_splits;
+  const float* const partial = partial_out + int64_t(row) * n_splits * D + col;
   float lse_max = -INFINITY;
   for (int z = 0; z < n_splits; ++z) lse_max = fmaxf(lse_max, lse[z]);
   const float ref = lse_max == -INFINITY ? 0.f : lse_max;
@@ -594,9 +595,8 @@ __global__ void __launch_bounds__(128)
     acc.w += w * o.w;
   }
   const float inv = total > 0.f ? 1.f / total : 0.f;
-  const int t = static_cast<int>(row % n_q);
-  const int64_t bh = row / n_q;
-  const int64_t head = bh % p.n_heads_q, b = bh / p.n_heads_q;
+  const int t = row % n_q, bh = row / n_q;
+  const int64_t head = bh % n_heads, b = bh / n_heads;
   T* const out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +
                  t * p.out_row_stride + col;
   *reinterpret_cast<uint2*>(out) = make_uint2(pack2<T>(acc.x * inv, acc.y * inv),
