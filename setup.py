@@ -132,6 +132,12 @@ def rel(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+# libstdc++ as a shared library, named before anything can pull in a static copy: with a
+# second copy of its locale code inside _C.so (what -static-libstdc++ gives, wherever the flag
+# comes from), number formatting in error messages breaks (csrc/cuda/NOTES.md).
+LINK_ARGS = ["-fopenmp", "-Wl,--push-state,--no-as-needed", "-lstdc++", "-Wl,--pop-state"]
+
+
 def configured_extension(build: Build, archs: str) -> Extension:
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -140,7 +146,7 @@ def configured_extension(build: Build, archs: str) -> Extension:
     # The kernels only; the C++ library's own API (csrc/kv_cache.cpp ...) is not needed here.
     sources = rel("lminf_ext/*.cpp") + ["csrc/validate.cpp"] + rel("csrc/cpu/*.cpp")
     common = dict(include_dirs=[os.path.join(ROOT, "csrc/include"), os.path.join(ROOT, "csrc")],
-                  extra_link_args=["-fopenmp"])
+                  extra_link_args=LINK_ARGS)
     if not build.cuda:
         sources = [s for s in sources if s != "lminf_ext/ops_cuda.cpp"] + ["csrc/no_cuda.cpp"]
         return CppExtension(EXTENSION, sources, extra_compile_args={"cxx": cxx_flags}, **common)

@@ -6,15 +6,18 @@ pre-rotated q, k, vs dense causal SDPA (flash backend). Useful TFLOP/s counts on
 unmasked (query, key) pairs: 4 * head_dim flops each (Q K^T and P V), for every query head.
 
 Decode: one new token per sequence against a full window of n_global + n_local cached keys,
-bf16. lm_infinite.lambda_attention_chunk (split-key decode kernel + merge) vs SDPA over a
-contiguous cache. Effective GB/s counts the K/V bytes each call must read once. Calls are
-captured in a CUDA graph (launch gaps out of the numbers) that cycles through enough caches to
-exceed twice the L2 cache, so the reads come from HBM.
+bf16. lm_infinite.lambda_attention_chunk (the decode kernel + its merge) vs SDPA over a
+contiguous cache. Effective TB/s counts the K/V bytes each call must read once; the same run
+measures the device's copy bandwidth (a large device-to-device copy, read + write bytes) and
+reports each configuration's fraction of it. Calls are captured in a CUDA graph (launch gaps
+out of the numbers) that cycles through enough caches to exceed twice the L2 cache, so the
+reads come from HBM.
 
 Times are medians of CUDA-event timings after warm-up. Prints a table, writes JSON and a PNG.
 
     python bench/attention_gpu.py                         # the issue's configurations
     python bench/attention_gpu.py --lengths 8192 32768 --heads 32/8
+    python bench/attention_gpu.py --decode-only           # decode at batch 1 and 16, both heads
 """
 
 from __future__ import annotations
@@ -151,6 +154,16 @@ def bench_decode(batch: int, heads: str, n_global: int, n_local: int) -> dict:
     return row
 
 
+def copy_bandwidth_tbps(n_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy of n_bytes: (read + written bytes) / median time, in TB/s."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), warmup=3, repeats=10)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n_bytes / (ms * 1e-3) / 1e12
+
+
 def plot(rows, path: pathlib.Path) -> None:
     try:
         import matplotlib
@@ -173,6 +186,8 @@ def plot(rows, path: pathlib.Path) -> None:
     axes[0].set(xscale="log", xlabel="sequence length", ylabel="useful TFLOP/s", title="prefill, bf16")
     axes[0].legend(fontsize=8)
     labels = [f"b={r['batch']} {r['heads']}" for r in decode]
+    if not prefill:
+        axes[0].set_visible(False)
     x = range(len(decode))
     axes[1].bar([i - 0.2 for i in x], [r["lminf_tbps"] for r in decode], 0.4, label="lm-infinite")
     axes[1].bar([i + 0.2 for i in x], [r["sdpa_tbps"] for r in decode], 0.4, label="SDPA")
@@ -191,17 +206,27 @@ def main() -> None:
     parser.add_argument("--n-global", type=int, default=4)
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (no compile)")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="decode only: every --heads config at every --decode-batches")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
     args = parser.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = True
     print(f"device={torch.cuda.get_device_name()} torch={torch.__version__} build={li.build_info()}")
     rows = []
-    for heads in args.heads:
-        for n in args.lengths:
-            rows.append(bench_prefill(n, heads, args.n_global, args.n_local, not args.no_flex))
-    for batch in args.decode_batches:
-        rows.append(bench_decode(batch, "32/8", args.n_global, args.n_local))
+    if not args.decode_only:
+        for heads in args.heads:
+            for n in args.lengths:
+                rows.append(bench_prefill(n, heads, args.n_global, args.n_local, not args.no_flex))
+    copy_tbps = copy_bandwidth_tbps()
+    rows.append(dict(kind="copy", tbps=copy_tbps))
+    for heads in args.heads if args.decode_only else ["32/8"]:
+        for batch in args.decode_batches:
+            row = bench_decode(batch, heads, args.n_global, args.n_local)
+            row["lminf_copy_fraction"] = row["lminf_tbps"] / copy_tbps
+            row["sdpa_copy_fraction"] = row["sdpa_tbps"] / copy_tbps
+            row["speedup_vs_sdpa"] = row["sdpa_us"] / row["lminf_us"]
+            rows.append(row)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "attention_gpu.json").write_text(json.dumps(rows, indent=1))
@@ -210,20 +235,24 @@ def main() -> None:
     def fmt(x, spec):
         return format(x, spec) if x is not None else "-"
 
-    print(f"\nprefill, bf16, G={args.n_global} L={args.n_local} (useful TFLOP/s: unmasked pairs only)")
-    print(f"{'heads':>6} {'N':>7} {'lminf ms':>9} {'flex ms':>8} {'sdpa ms':>8} "
-          f"{'lminf TF/s':>10} {'flex TF/s':>9} {'sdpa TF/s':>9} {'vs flex':>7}")
-    for r in rows:
-        if r["kind"] == "prefill":
-            print(f"{r['heads']:>6} {r['n']:>7} {r['lminf_ms']:>9.3f} {fmt(r['flex_ms'], '8.3f'):>8} "
-                  f"{r['sdpa_causal_ms']:>8.3f} {r['lminf_tflops']:>10.1f} {fmt(r['flex_tflops'], '9.1f'):>9} "
-                  f"{r['sdpa_tflops']:>9.1f} {fmt(r['speedup_vs_flex'], '6.2f'):>6}x")
-    print(f"\ndecode, 1 token, bf16, 32/8 heads, head_dim 128, {args.n_global}+{args.n_local} cached keys")
-    print(f"{'batch':>6} {'K/V MB':>8} {'lminf us':>9} {'lminf TB/s':>10} {'sdpa us':>8} {'sdpa TB/s':>9}")
+    if not args.decode_only:
+        print(f"\nprefill, bf16, G={args.n_global} L={args.n_local} (useful TFLOP/s: unmasked pairs only)")
+        print(f"{'heads':>6} {'N':>7} {'lminf ms':>9} {'flex ms':>8} {'sdpa ms':>8} "
+              f"{'lminf TF/s':>10} {'flex TF/s':>9} {'sdpa TF/s':>9} {'vs flex':>7}")
+        for r in rows:
+            if r["kind"] == "prefill":
+                print(f"{r['heads']:>6} {r['n']:>7} {r['lminf_ms']:>9.3f} {fmt(r['flex_ms'], '8.3f'):>8} "
+                      f"{r['sdpa_causal_ms']:>8.3f} {r['lminf_tflops']:>10.1f} {fmt(r['flex_tflops'], '9.1f'):>9} "
+                      f"{r['sdpa_tflops']:>9.1f} {fmt(r['speedup_vs_flex'], '6.2f'):>6}x")
+    print(f"\ndecode, 1 token, bf16, {args.n_global}+{args.n_local} cached keys; device copy "
+          f"bandwidth {copy_tbps:.2f} TB/s (read + write), 'of copy' = K/V TB/s / that")
+    print(f"{'heads':>6} {'batch':>6} {'K/V MB':>8} {'lminf us':>9} {'lminf TB/s':>10} {'of copy':>7} "
+          f"{'sdpa us':>8} {'sdpa TB/s':>9} {'of copy':>7} {'vs sdpa':>7}")
     for r in rows:
         if r["kind"] == "decode":
-            print(f"{r['batch']:>6} {r['kv_mb']:>8.1f} {r['lminf_us']:>9.2f} {r['lminf_tbps']:>10.2f} "
-                  f"{r['sdpa_us']:>8.2f} {r['sdpa_tbps']:>9.2f}")
+            print(f"{r['heads']:>6} {r['batch']:>6} {r['kv_mb']:>8.1f} {r['lminf_us']:>9.2f} "
+                  f"{r['lminf_tbps']:>10.2f} {r['lminf_copy_fraction']:>7.0%} {r['sdpa_us']:>8.2f} "
+                  f"{r['sdpa_tbps']:>9.2f} {r['sdpa_copy_fraction']:>7.0%} {r['speedup_vs_sdpa']:>6.2f}x")
 
 
 if __name__ == "__main__":

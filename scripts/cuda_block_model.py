@@ -276,3 +276,6 @@ if __name__ == "__main__":
     case(1, 2, 1, 128, 140, 3, 70, 0, False, 1, cache=False)
     case(1, 4, 2, 64, 3, 4, 100, 1000, True, 2, rotary_dim=32)
     print("the model matches the reference")
+    # The decode kernel (lambda_attention_decode.cu) has its own model.
+    import cuda_block_model_decode
+    cuda_block_model_decode.main()

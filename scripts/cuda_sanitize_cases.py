@@ -1,7 +1,10 @@
 """Small calls that reach every CUDA kernel path once, for compute-sanitizer (memcheck and
 racecheck) in scripts/gpu_check.sh. Sizes are small because the sanitizer slows kernels down
 100x; each case still crosses tile edges, wraps the ring and uses GQA. Exits non-zero if an
-output disagrees with the float64 reference, so a sanitizer run also proves the calls ran."""
+output disagrees with the float64 reference, so a sanitizer run also proves the calls ran.
+`--decode-only` runs the decode kernel's cases alone."""
+
+import sys
 
 import torch
 
@@ -22,8 +25,51 @@ def check(out, q, k, v, freqs, tol, **kw):
     return err
 
 
+def ring(batch, hkv, dim, n_global, n_local, seen, dtype):
+    """A cache as RingKVCache holds it after `seen` tokens; empty slots hold NaN."""
+    positions = torch.full((n_global + n_local,), -1, dtype=torch.int64)
+    for pos in range(max(0, seen - n_local), seen):
+        positions[pos if pos < n_global else n_global + (pos - n_global) % n_local] = pos
+    positions[:min(n_global, seen)] = torch.arange(min(n_global, seen))
+    cache_k = torch.randn(batch, hkv, positions.numel(), dim, dtype=dtype, device=DEV)
+    cache_v = torch.randn_like(cache_k)
+    empty = (positions < 0).to(DEV)
+    cache_k[:, :, empty] = float("nan")
+    cache_v[:, :, empty] = float("nan")
+    return cache_k, cache_v, positions
+
+
+def decode_cases():
+    """The decode kernel and its merge: 1, 5 and 16 queries against a wrapped ring (GQA 4:1
+    head_dim 128 bf16, 8:1 head_dim 64 fp16, MHA), and against an unfull one (empty slots)."""
+    for dtype, hq, hkv, dim, seen in ((torch.bfloat16, 8, 2, 128, 1000),
+                                      (torch.float16, 16, 2, 64, 1000),
+                                      (torch.bfloat16, 4, 4, 64, 1000),
+                                      (torch.float16, 9, 3, 64, 150)):
+        n_global, n_local = 4, 300
+        cache_k, cache_v, positions = ring(2, hkv, dim, n_global, n_local, seen, dtype)
+        f = inv_freq(dim)
+        for n_q in (1, 5, 16):
+            q = torch.randn(2, hq, n_q, dim, dtype=dtype, device=DEV)
+            k = torch.randn(2, hkv, n_q, dim, dtype=dtype, device=DEV)
+            v = torch.randn(2, hkv, n_q, dim, dtype=dtype, device=DEV)
+            out = li.lambda_attention_chunk(q, k, v, cache_k, cache_v, positions.to(DEV), seen, f,
+                                            n_global=n_global, n_local=n_local)
+            present = positions >= 0
+            err = check(out, q, torch.cat([cache_k[:, :, present.to(DEV)], k], 2),
+                        torch.cat([cache_v[:, :, present.to(DEV)], v], 2), f, 3e-2, n_global=n_global,
+                        n_local=n_local, query_positions=torch.arange(seen, seen + n_q),
+                        key_positions=torch.cat([positions[present], torch.arange(seen, seen + n_q)]))
+            print(dtype, f"{hq}/{hkv}", dim, "decode n_q", n_q, "err", err)
+
+
 def main():
     torch.manual_seed(0)
+    decode_cases()
+    if "--decode-only" in sys.argv:
+        torch.cuda.synchronize()
+        print("sanitizer cases ok (decode only)")
+        return
     for dtype, dim in ((torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 64),
                        (torch.bfloat16, 80)):
         # Prefill: 150 queries, window 70, 3 global keys (band edges, global tile, padding rows).

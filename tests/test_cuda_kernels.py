@@ -109,15 +109,21 @@ def ring_cache(batch, hkv, dim, n_global, n_local, seen, dtype, empty_fill=float
     return cache_k, cache_v, positions
 
 
-def check_chunk(dtype, batch, hq, hkv, dim, n_q, n_global, n_local, seen, cap=None, offset=0):
+def check_chunk(dtype, batch, hq, hkv, dim, n_q, n_global, n_local, seen, cap=None, offset=0,
+                shuffle=False, rotary_dim=None):
     """Queries at positions seen..seen+n_q (plus `offset` everywhere but the global keys'
-    first n_global positions, which the reference sees as they are)."""
+    first n_global positions, which the reference sees as they are). shuffle: the cache slots
+    in a random order (kernels may not rely on the ring's layout)."""
     cache_k, cache_v, positions = ring_cache(batch, hkv, dim, n_global, n_local, seen, dtype)
     if offset:
         positions = torch.where(positions >= n_global, positions + offset, positions)
+    if shuffle:
+        order = torch.randperm(positions.numel())
+        positions, cache_k, cache_v = positions[order], cache_k[:, :, order.to(DEV)], \
+            cache_v[:, :, order.to(DEV)]
     q, k, v = randn(batch, hq, n_q, dim, dtype=dtype), randn(batch, hkv, n_q, dim, dtype=dtype), \
         randn(batch, hkv, n_q, dim, dtype=dtype)
-    inv_freq = rope_inv_freq(dim)
+    inv_freq = rope_inv_freq(rotary_dim or dim)
     start = seen + offset
     poison_allocator(q)
     out = li.lambda_attention_chunk(q, k, v, cache_k, cache_v, positions.to(DEV), start,
@@ -158,6 +164,49 @@ def test_positions_near_1e9_give_the_same_result(n_q):
     torch.manual_seed(0)
     far = check_chunk(*args, offset=10**9 - 1000 + 17)
     torch.testing.assert_close(near, far, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode kernel (bf16/fp16, head_dim 64/128, 1 to 16 queries): GQA 4:1 and 8:1, MHA, a
+# wrapped ring, empty slots, slots in any order, positions near 10^9.
+
+DECODE_SHAPES = [  # batch, hq, hkv, dim, n_global, n_local, seen
+    (1, 32, 8, 128, 4, 4096, 10_000),  # GQA 4:1, the benchmark's window, wrapped
+    (2, 16, 2, 64, 4, 300, 999),       # GQA 8:1: 16 queries make 8 row tiles
+    (1, 6, 6, 128, 0, 77, 5000),       # MHA, no global keys
+    (3, 9, 3, 64, 10, 200, 150),       # cache not yet full: empty slots (NaN)
+    (1, 8, 2, 128, 4, 300, 0),         # a fresh ring: only the chunk's own keys
+    (1, 8, 1, 64, 4, 100, 100),        # global keys local for some queries, global for others
+]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("n_q", [1, 2, 4, 7, 16])
+@pytest.mark.parametrize("batch,hq,hkv,dim,n_global,n_local,seen", DECODE_SHAPES)
+def test_decode_matches_reference(dtype, n_q, batch, hq, hkv, dim, n_global, n_local, seen):
+    check_chunk(dtype, batch, hq, hkv, dim, n_q, n_global, n_local, seen)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("n_q", [1, 16])
+def test_decode_slots_in_any_order_and_distance_cap(dim, n_q):
+    check_chunk(torch.bfloat16, 2, 8, 2, dim, n_q, 4, 500, 3000, cap=300, shuffle=True)
+
+
+@pytest.mark.parametrize("dim,hq,hkv", [(64, 9, 3), (128, 32, 8), (128, 4, 4)])
+@pytest.mark.parametrize("n_q", [1, 16])
+def test_decode_near_1e9_is_bit_identical(dim, hq, hkv, n_q):
+    args = (torch.float16, 1, hq, hkv, dim, n_q, 4, 1000, 5000)
+    torch.manual_seed(1)
+    near = check_chunk(*args)
+    torch.manual_seed(1)
+    far = check_chunk(*args, offset=10**9 + 12345)
+    torch.testing.assert_close(near, far, rtol=0, atol=0)
+
+
+def test_partial_rotary_decode_uses_the_tensor_core_kernel():
+    """rotary_dim < head_dim is routed to the 64-row tensor-core kernel."""
+    check_chunk(torch.bfloat16, 1, 8, 2, 128, 3, 4, 300, 1000, rotary_dim=64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,9 +275,12 @@ def test_ring_append_unaligned_rows():
 # ----------------------------------------------------------------------------------------------
 # Decode in a CUDA graph: query_start and the cache positions advance on the device.
 
-@pytest.mark.parametrize("batch", [1, 16])
-def test_decode_cuda_graph_capture_and_replay(batch):
-    dtype, hq, hkv, dim, n_global, n_local = torch.bfloat16, 32, 8, 128, 4, 256
+@pytest.mark.parametrize("batch,hq,hkv,dim,n_q", [(1, 32, 8, 128, 1), (16, 32, 8, 128, 1),
+                                                 (2, 9, 3, 64, 4)])
+def test_decode_cuda_graph_capture_and_replay(batch, hq, hkv, dim, n_q):
+    """A decode step (attention, then the ring append, which advances the device-side
+    positions) captured once and replayed equals the same steps run eagerly, bit for bit."""
+    dtype, n_global, n_local = torch.bfloat16, 4, 256
     inv_freq = rope_inv_freq(dim).to(DEV)
     prompt = 600
     q0, k0, v0 = randn(batch, hq, prompt, dim, dtype=dtype), randn(batch, hkv, prompt, dim, dtype=dtype), \
@@ -238,10 +290,10 @@ def test_decode_cuda_graph_capture_and_replay(batch):
     for cache in (graph_cache, eager_cache):
         cache.attend_and_append(q0, k0, v0, inv_freq)
 
-    static_q, static_k, static_v = (randn(batch, h, 1, dim, dtype=dtype) for h in (hq, hkv, hkv))
+    static_q, static_k, static_v = (randn(batch, h, n_q, dim, dtype=dtype) for h in (hq, hkv, hkv))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the graph, then undo its append
+    with torch.cuda.stream(side):  # warm-up outside the graph (attend does not append)
         graph_cache.attend(static_q, static_k, static_v, inv_freq)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -250,16 +302,17 @@ def test_decode_cuda_graph_capture_and_replay(batch):
 
     # Capture does not run the work: the cache is still at `prompt`. Replay 300 steps (the
     # window wraps) and compare with eager calls on the twin cache.
-    for step in range(300):
-        q, k, v = (randn(batch, h, 1, dim, dtype=dtype) for h in (hq, hkv, hkv))
+    steps = 300 // n_q
+    for step in range(steps):
+        q, k, v = (randn(batch, h, n_q, dim, dtype=dtype) for h in (hq, hkv, hkv))
         static_q.copy_(q), static_k.copy_(k), static_v.copy_(v)
         static_out.fill_(float("nan"))  # the graph writes its output here
         graph.replay()
         expected = eager_cache.attend_and_append(q, k, v, inv_freq)
-        if step % 50 == 0 or step == 299:
+        if step % 50 == 0 or step == steps - 1:
             torch.testing.assert_close(static_out, expected, rtol=0, atol=0)
     torch.testing.assert_close(graph_cache.positions, eager_cache.positions, rtol=0, atol=0)
-    assert int(graph_cache.next_position) == prompt + 300
+    assert int(graph_cache.next_position) == prompt + steps * n_q
 
 
 # ----------------------------------------------------------------------------------------------

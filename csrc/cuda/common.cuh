@@ -65,6 +65,23 @@ template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t bits) {
 // through single-precision minimax polynomials (Cephes sinf/cosf, ~1 ulp). The result is within
 // ~1e-7 of the exact sin/cos for |delta| < 2^29 (and stays within a few 1e-7 well past 10^9),
 // independent of compiler flags. delta is a relative position, never an absolute one.
+// sin and cos of quadrant * pi/2 + x for a reduced argument |x| <= pi/4 (a little beyond is
+// fine): single-precision minimax polynomials (Cephes sinf/cosf, ~1 ulp).
+__device__ __forceinline__ void sincos_reduced(float x, int quadrant, float* cos_out,
+                                               float* sin_out) {
+  const float x2 = x * x;
+  const float s = fmaf(x * x2, fmaf(x2, fmaf(x2, -1.9515295891e-4f, 8.3321608736e-3f),
+                                    -1.6666654611e-1f), x);
+  const float c = fmaf(x2 * x2, fmaf(x2, fmaf(x2, 2.443315711809948e-5f, -1.388731625493765e-3f),
+                                     4.166664568298827e-2f), fmaf(-0.5f, x2, 1.0f));
+  switch (quadrant & 3) {
+    case 0: *sin_out = s; *cos_out = c; break;
+    case 1: *sin_out = c; *cos_out = -s; break;
+    case 2: *sin_out = -s; *cos_out = -c; break;
+    default: *sin_out = -c; *cos_out = s; break;
+  }
+}
+
 __device__ __forceinline__ void rope_sincos(int64_t delta, float inv_freq, float* cos_out,
                                             float* sin_out) {
   constexpr double kTwoOverPi = 0.63661977236758134308;
@@ -74,18 +91,8 @@ __device__ __forceinline__ void rope_sincos(int64_t delta, float inv_freq, float
   const double quadrant = rint(angle * kTwoOverPi);
   double reduced = fma(-quadrant, kPiOver2Hi, angle);
   reduced = fma(-quadrant, kPiOver2Lo, reduced);
-  const float x = static_cast<float>(reduced);
-  const float x2 = x * x;
-  const float s = fmaf(x * x2, fmaf(x2, fmaf(x2, -1.9515295891e-4f, 8.3321608736e-3f),
-                                    -1.6666654611e-1f), x);
-  const float c = fmaf(x2 * x2, fmaf(x2, fmaf(x2, 2.443315711809948e-5f, -1.388731625493765e-3f),
-                                     4.166664568298827e-2f), fmaf(-0.5f, x2, 1.0f));
-  switch (static_cast<int>(static_cast<long long>(quadrant) & 3)) {
-    case 0: *sin_out = s; *cos_out = c; break;
-    case 1: *sin_out = c; *cos_out = -s; break;
-    case 2: *sin_out = -s; *cos_out = -c; break;
-    default: *sin_out = -c; *cos_out = s; break;
-  }
+  sincos_reduced(static_cast<float>(reduced), static_cast<int>(static_cast<long long>(quadrant) & 3),
+                 cos_out, sin_out);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
 // lambda_attention_cuda: validation, the launch plan, and dispatch to the kernels.
 //
-//   bf16/fp16, head_dim 64 or 128, 16-byte aligned  -> lambda_attention_mma.cu (tensor cores)
-//     n_queries <= 16: decode mode (a KV group's query heads share a block)
-//     fewer blocks than 2 waves would fill: keys split across blocks, then lse_merge.cu
-//     prefill mode with a cache: per-tile position bounds first (cache_tile_bounds.cu)
+//   bf16/fp16, head_dim 64 or 128, 16-byte aligned rows:
+//     n_queries <= 16, full rotary  -> lambda_attention_decode.cu (a KV group's query heads
+//                                      share each K/V read; keys split to fill one wave, then
+//                                      its own merge)
+//     otherwise                     -> lambda_attention_mma.cu (tensor cores, 64-query tiles;
+//                                      keys split across blocks when fewer than 2 waves, then
+//                                      lse_merge.cu; with a cache, per-tile position bounds
+//                                      first, cache_tile_bounds.cu)
 //   anything else up to head_dim 256 (float32, odd layouts) -> lambda_attention_generic.cu
 #include <cuda_runtime.h>
 
@@ -64,16 +68,46 @@ bool tensor_core_eligible(const LambdaAttentionParams& p) {
 
 size_t round_up_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
+// The decode kernel keeps a rotate_half pair (f, f + head_dim/2) in one lane's fragments, and
+// counts chunks (times splits), rows and output rows in int32.
+bool decode_eligible(const LambdaAttentionParams& p) {
+  return p.n_queries <= kDecodeMaxQueries && p.rotary_dim == p.head_dim &&
+         p.cache_len < (int64_t(1) << 30) && p.batch * p.n_heads_q * p.n_queries < (1 << 30);
+}
+
+// Split-key partials: [rows][n_splits][head_dim] float32, then [rows][n_splits] log-sum-exps.
+size_t partials_bytes(const LambdaAttentionParams& p, AttentionPlan& plan) {
+  if (plan.n_splits == 1) return 0;
+  const auto partials = static_cast<size_t>(p.batch * p.n_heads_q * p.n_queries * plan.n_splits);
+  plan.partial_lse_offset = round_up_256(partials * p.head_dim * sizeof(float));
+  return plan.partial_lse_offset + round_up_256(partials * sizeof(float));
+}
+
+// Decode: a block per (16-row tile of the group's stacked queries, KV head, batch row, split).
+// The splits fill one wave (the kernel's occupancy times the SM count) without a second,
+// partial one; a split is at least one 64-key chunk.
+AttentionPlan plan_decode(const LambdaAttentionParams& p) {
+  AttentionPlan plan;
+  plan.path = AttentionPath::kDecode;
+  plan.heads_per_block = p.n_heads_q / p.n_heads_kv;
+  plan.row_tiles = (plan.heads_per_block * p.n_queries + kDecodeTileRows - 1) / kDecodeTileRows;
+  const int64_t blocks = plan.row_tiles * p.n_heads_kv * p.batch;
+  const int64_t wave = static_cast<int64_t>(sm_count()) * decode_blocks_per_sm(p);
+  const int64_t chunks = (p.cache_len + p.n_queries + kDecodeChunkKeys - 1) / kDecodeChunkKeys;
+  plan.n_splits = max64(1, min64(min64(wave / blocks, chunks), kMaxSplits));
+  plan.workspace_bytes = partials_bytes(p, plan);
+  return plan;
+}
+
 }  // namespace
 
 AttentionPlan plan_attention(const LambdaAttentionParams& p) {
+  if (!tensor_core_eligible(p)) return AttentionPlan{};  // generic: one pass, no workspace
+  if (decode_eligible(p)) return plan_decode(p);
   AttentionPlan plan;
-  if (!tensor_core_eligible(p)) return plan;  // generic: one pass, no workspace
   plan.path = AttentionPath::kTensorCore;
-  const int64_t group = p.n_heads_q / p.n_heads_kv;
-  plan.heads_per_block = p.n_queries <= kDecodeMaxQueries ? group : 1;
-  plan.row_tiles = (plan.heads_per_block * p.n_queries + kMmaBlockRows - 1) / kMmaBlockRows;
-  const int64_t blocks = plan.row_tiles * (p.n_heads_q / plan.heads_per_block) * p.batch;
+  plan.row_tiles = (p.n_queries + kMmaBlockRows - 1) / kMmaBlockRows;
+  const int64_t blocks = plan.row_tiles * p.n_heads_q * p.batch;
   const int64_t target = 2 * static_cast<int64_t>(sm_count());  // two resident blocks per SM
   if (blocks > 0 && blocks < target) {
     // Upper bound on the key tiles a block visits: the cache, the band, one global tile.
@@ -83,15 +117,8 @@ AttentionPlan plan_attention(const LambdaAttentionParams& p) {
     plan.n_splits = min64(min64((target + blocks - 1) / blocks, key_tiles), kMaxSplits);
   }
   const int64_t cache_tiles = (p.cache_len + kMmaBlockKeys - 1) / kMmaBlockKeys;
-  plan.skip_cache_tiles = p.n_queries > kDecodeMaxQueries && cache_tiles > 0 &&
-                          cache_tiles <= kMaxSkippableCacheTiles;
-  size_t bytes = 0;
-  if (plan.n_splits > 1) {
-    const auto partials =
-        static_cast<size_t>(p.batch * p.n_heads_q * p.n_queries * plan.n_splits);
-    plan.partial_lse_offset = round_up_256(partials * p.head_dim * sizeof(float));
-    bytes = plan.partial_lse_offset + round_up_256(partials * sizeof(float));
-  }
+  plan.skip_cache_tiles = cache_tiles > 0 && cache_tiles <= kMaxSkippableCacheTiles;
+  size_t bytes = partials_bytes(p, plan);
   if (plan.skip_cache_tiles) {
     plan.cache_tile_bounds_offset = bytes;
     bytes += round_up_256(static_cast<size_t>(cache_tiles) * 2 * sizeof(int64_t));
@@ -140,6 +167,8 @@ Status lambda_attention_cuda(const LambdaAttentionParams& params, void* workspac
     return Status::InvalidArgument("lambda_attention_cuda: workspace must hold " +
                                    std::to_string(plan.workspace_bytes) +
                                    " bytes (lambda_attention_cuda_workspace_size), got null");
+  if (plan.path == cuda::AttentionPath::kDecode)
+    return cuda::launch_lambda_attention_decode(params, plan, workspace, cuda_stream);
   if (plan.skip_cache_tiles) {
     status = cuda::launch_cache_tile_bounds(params, plan, workspace, cuda_stream);
     if (!status.ok()) return status;

@@ -17,6 +17,7 @@ namespace lminf::cuda {
 enum class AttentionPath : int {
   kTensorCore = 0,  // bf16/fp16, head_dim 64 or 128: lambda_attention_mma.cu
   kGeneric = 1,     // anything else up to head_dim 256: lambda_attention_generic.cu
+  kDecode = 2,      // bf16/fp16, head_dim 64 or 128, n_queries <= 16: lambda_attention_decode.cu
 };
 
 // Tile sizes of the tensor-core kernel: 4 warps of 16 query rows, 64 keys per step.
@@ -29,17 +30,27 @@ inline constexpr int kMmaBlockKeys = 64;
 // shared memory each).
 inline constexpr int64_t kMaxSkippableCacheTiles = 1024;
 
-// Queries per call up to which the tensor-core kernel runs in decode mode: all query heads
-// of a KV group share a block (they read the same keys), and keys are split across blocks.
+// The decode kernel (lambda_attention_decode.cu) takes chunks of up to kDecodeMaxQueries
+// queries. A block stacks the rows of one KV group's query heads (row r = head_in_group *
+// n_queries + t), 16 rows per block (one mma row tile), and walks keys in chunks of 64 (16 per
+// warp), kDecodeStages chunks in flight.
 inline constexpr int64_t kDecodeMaxQueries = 16;
+inline constexpr int kDecodeTileRows = 16;
+inline constexpr int kDecodeChunkKeys = 64;
+inline constexpr int kDecodeStages = 3;
 
 struct AttentionPlan {
   AttentionPath path = AttentionPath::kGeneric;
-  // Query heads whose rows one block stacks: the GQA group size in decode mode, else 1.
+  // Query heads whose rows one block stacks: the GQA group size on the decode path, else 1.
   // Block rows are r = head_in_pack * n_queries + t.
   int64_t heads_per_block = 1;
-  int64_t row_tiles = 0;  // blocks along one pack's rows: ceil(heads_per_block * n_queries / 64)
-  int64_t n_splits = 1;   // key ranges per row tile; > 1 writes partials merged by lse_merge
+  // Blocks along one pack's rows: ceil(heads_per_block * n_queries / block rows), the block
+  // rows being kMmaBlockRows (tensor-core path) or kDecodeTileRows (decode path).
+  int64_t row_tiles = 0;
+  // Key ranges per row tile; > 1 writes partials that lse_merge.cu (tensor-core path) or the
+  // decode merge combine. On the decode path the ranges are whole 64-key chunks of the
+  // virtual key list (cache slots, then the chunk's own tokens).
+  int64_t n_splits = 1;
   bool skip_cache_tiles = false;  // run cache_tile_bounds first; blocks skip invisible tiles
   size_t workspace_bytes = 0;
   // Workspace regions (byte offsets):
@@ -56,6 +67,12 @@ struct AttentionPlan {
 AttentionPlan plan_attention(const LambdaAttentionParams& params);
 
 // Launchers (params already validated, path chosen by plan_attention).
+Status launch_lambda_attention_decode(const LambdaAttentionParams& params,
+                                     const AttentionPlan& plan, void* workspace,
+                                     cudaStream_t stream);
+// Blocks of the decode kernel for these params that fit on one multiprocessor (occupancy of
+// its dtype / head_dim variant, read once per device).
+int decode_blocks_per_sm(const LambdaAttentionParams& params);
 Status launch_lambda_attention_mma(const LambdaAttentionParams& params, const AttentionPlan& plan,
                                    void* workspace, cudaStream_t stream);
 Status launch_lambda_attention_generic(const LambdaAttentionParams& params,

@@ -1,0 +1,673 @@
+// Λ-attention for decode: chunks of 1 to 16 queries against the ring cache, at memory speed.
+//
+// Work split. A block owns one KV head of one batch row, 16 query rows (the KV group's query
+// heads stacked, row r = head_in_group * n_queries + t: every K/V read serves all of them) and
+// one split: a contiguous run of 64-key chunks of the virtual key list (cache slots 0 ..
+// cache_len-1, then the chunk's own tokens). plan_attention sizes the splits so that the grid
+// is one wave of the GPU; kDecodeStages chunks are in flight per block (cp.async, 16-byte
+// pieces), which at batch 1 is the whole split. Each of the 4 warps takes 16 keys of every
+// chunk and keeps its own online softmax; the warps are combined through shared memory at the
+// end, and the splits by decode_merge_kernel (a second launch: no global counters, so the pair
+// is capturable in a CUDA graph).
+//
+// RoPE, anchored at the chunk's first query a = *query_start: query t is rotated by t (< 16)
+// once, each key by j - a in registers, between its ldmatrix and its mma, so that
+//     (R_t q) . (R_{j-a} k) = q . R_{j-i} k,  i = a + t,
+// the local score. A thread holds both halves of every rotate_half pair of its two keys (the
+// mma B fragment of feature f and of f + head_dim/2 sit in the same lane), so no shuffle is
+// needed. Angles: an exact float32 seed (rope_sincos_f32 of the int32 difference j - a) when
+// a thread's key does not continue its previous one, else one complex multiply by a constant
+// step (the key 64 slots further, or the next slot). Only differences of positions, bounded by
+// n_local + 16, ever reach sin/cos; positions are int64 until then. Global keys (j < n_global,
+// i - j >= n_local) meet R_D q with the unrotated key, computed before the rotation, and only
+// in chunks that hold one.
+//
+// Masks: empty slots (position < 0) and padding carry a sentinel distance; a warp whose 16 keys
+// are local for every query skips the per-element select.
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <climits>
+#include <cmath>
+
+#include "common.cuh"
+#include "lambda_attention_plan.cuh"
+#include "rope_f32.cuh"
+
+namespace lminf::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRows = kDecodeTileRows;   // query rows per block (one m16 tile)
+constexpr int kChunk = kDecodeChunkKeys;  // keys per chunk, 16 per warp
+constexpr int kStages = kDecodeStages;
+static_assert(kChunk == 16 * kWarps, "a warp takes one k16 step of P V per chunk");
+
+// Distances are int32 once taken: clamped to +-2^30, with this sentinel for empty slots and
+// padding keys (t - kNoKey < 0 for every query, so they are never attended).
+constexpr int kNoKey = INT_MAX;
+constexpr int kFar = 1 << 30;
+constexpr int kNoRotation = INT_MIN;  // a key no query sees locally
+
+// K/V tiles are [kChunk][D] with 16-byte pieces XOR-swizzled by row / 2: a warp's ldmatrix
+// reads rows 16w + 2i (+1) for i = 0..7 (see key_row below), which then hit distinct banks.
+template <int D> __device__ __forceinline__ int kv_swz(int row, int col) {
+  return row * D + ((((col >> 3) ^ ((row >> 1) & 7))) << 3) + (col & 7);
+}
+// Q tiles are read by ldmatrix in consecutive rows: swizzle by row.
+template <int D> __device__ __forceinline__ int q_swz(int row, int col) {
+  return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+}
+
+template <typename T, int D> struct DecodeSmem {
+  static constexpr int kTile = kChunk * D;  // elements of one K (or V) stage
+  // k, v [kStages][kChunk][D]; pos [kStages][kChunk] key positions (-1: empty or padding);
+  // q [kRows][D] R_t q; q_cap [kRows][D] R_D q; step [D/2] float4 (cos, sin) of one and of
+  // kChunk positions per frequency; inv_freq [D/2].
+  // At the end, the k region holds each warp's output [kWarps][kRows][D] float32, then its
+  // row max and sum [kWarps][kRows][2].
+  static constexpr size_t kK = 0;
+  static constexpr size_t kV = kK + kStages * kTile * sizeof(T);
+  static constexpr size_t kPos = kV + kStages * kTile * sizeof(T);
+  static constexpr size_t kQ = kPos + kStages * kChunk * sizeof(int64_t);
+  static constexpr size_t kQCap = kQ + kRows * D * sizeof(T);
+  static constexpr size_t kStep = kQCap + kRows * D * sizeof(T);
+  static constexpr size_t kInvFreq = kStep + D / 2 * sizeof(float4);
+  static constexpr size_t kBytes = kInvFreq + D / 2 * sizeof(float);
+  static constexpr size_t kWarpOut = kK;
+  static constexpr size_t kWarpStats = kWarpOut + kWarps * kRows * D * sizeof(float);
+  static_assert(kWarpStats + kWarps * kRows * 2 * sizeof(float) <= kV, "epilogue scratch");
+};
+
+// Where one (batch row, KV head) reads its keys: the cache, then the chunk's own tokens.
+template <typename T> struct KeySource {
+  const T *cache_k, *cache_v, *k, *v;
+  int64_t cache_k_stride, cache_v_stride, k_stride, v_stride;
+  int64_t cache_len, n_keys, query_start;
+};
+
+// Issues the cp.async copies of chunk `chunk` into one stage. Keys past the end are
+// zero-filled and get position -1.
+template <typename T, int D>
+__device__ __forceinline__ void load_chunk(const KeySource<T>& src,
+                                           const int64_t* __restrict__ cache_positions,
+                                           int chunk, T* s_k, T* s_v, int64_t* s_pos) {
+  constexpr int kPieces = D / 8;
+  constexpr int kRowsPerPass = kThreads / kPieces;
+  const int piece = threadIdx.x % kPieces;
+  const int64_t first = int64_t(chunk) * kChunk;
+#pragma unroll
+  for (int i = 0; i < kChunk / kRowsPerPass; ++i) {
+    const int r = threadIdx.x / kPieces + i * kRowsPerPass;
+    const int64_t key = first + r;
+    const T* k_row = src.k;  // any mapped address when the piece is zero-filled
+    const T* v_row = src.v;
+    const bool valid = key < src.n_keys;
+    if (key < src.cache_len) {
+      k_row = src.cache_k + key * src.cache_k_stride;
+      v_row = src.cache_v + key * src.cache_v_stride;
+    } else if (valid) {
+      k_row = src.k + (key - src.cache_len) * src.k_stride;
+      v_row = src.v + (key - src.cache_len) * src.v_stride;
+    }
+    const int offset = valid ? piece * 8 : 0;
+    cp_async_16(s_k + kv_swz<D>(r, piece * 8), k_row + offset, valid);
+    cp_async_16(s_v + kv_swz<D>(r, piece * 8), v_row + offset, valid);
+  }
+  if (threadIdx.x < kChunk) {
+    const int64_t key = first + threadIdx.x;
+    if (key < src.cache_len)
+      cp_async_8(s_pos + threadIdx.x, cache_positions + key);
+    else
+      s_pos[threadIdx.x] = key < src.n_keys ? src.query_start + (key - src.cache_len) : -1;
+  }
+}
+
+// Rotates one key's features in a thread's B fragments: kf[ks][lo] holds the pair of features
+// (f, f + 1) and kf[ks + D/32][lo] the pair (f + D/2, f + D/2 + 1), for the frequencies whose
+// cos/sin are c[ks][sub][e], s[ks][sub][e] (lo = 2 * tile + sub).
+template <typename T, int D>
+__device__ __forceinline__ void rotate_key(uint32_t (&kf)[D / 16][4], int tile,
+                                           const float (&c)[D / 32][2][2],
+                                           const float (&s)[D / 32][2][2]) {
+#pragma unroll
+  for (int ks = 0; ks < D / 32; ++ks)
+#pragma unroll
+    for (int sub = 0; sub < 2; ++sub) {
+      uint32_t& lo = kf[ks][2 * tile + sub];
+      uint32_t& hi = kf[ks + D / 32][2 * tile + sub];
+      const float2 x = unpack2<T>(lo), y = unpack2<T>(hi);
+      const float c0 = c[ks][sub][0], c1 = c[ks][sub][1], s0 = s[ks][sub][0], s1 = s[ks][sub][1];
+      lo = pack2<T>(x.x * c0 - y.x * s0, x.y * c1 - y.y * s1);
+      hi = pack2<T>(y.x * c0 + x.x * s0, y.y * c1 + x.y * s1);
+    }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2)
+    lambda_attention_decode_kernel(const LambdaAttentionParams p, const int n_splits,
+                                   float* __restrict__ partial_out,
+                                   float* __restrict__ partial_lse) {
+  constexpr int kKSteps = D / 16;   // k16 steps of Q K^T
+  constexpr int kDTiles = D / 8;    // n8 tiles of O
+  constexpr int kHalfSteps = D / 32;  // k16 steps holding the first half of the features
+  constexpr int kPieces = D / 8;    // 16-byte pieces per row
+  using Smem = DecodeSmem<T, D>;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const s_k = reinterpret_cast<T*>(smem + Smem::kK);
+  T* const s_v = reinterpret_cast<T*>(smem + Smem::kV);
+  int64_t* const s_pos = reinterpret_cast<int64_t*>(smem + Smem::kPos);
+  T* const s_q = reinterpret_cast<T*>(smem + Smem::kQ);
+  T* const s_qcap = reinterpret_cast<T*>(smem + Smem::kQCap);
+  float4* const s_step = reinterpret_cast<float4*>(smem + Smem::kStep);
+  float* const s_inv_freq = reinterpret_cast<float*>(smem + Smem::kInvFreq);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int split = static_cast<int>(blockIdx.x) % n_splits;
+  const int row_tile = static_cast<int>(blockIdx.x) / n_splits;
+  const int64_t kv_head = blockIdx.y, b = blockIdx.z;
+  // Small counts as int32: plan_attention routes only shapes that fit here.
+  const int n_q = static_cast<int>(p.n_queries);
+  const int group = static_cast<int>(p.n_heads_q) / static_cast<int>(p.n_heads_kv);
+  const int rows_total = group * n_q;
+  const int r0 = row_tile * kRows;
+  const int64_t qs = *p.query_start;
+
+  KeySource<T> src;
+  src.cache_len = p.cache_len;
+  src.n_keys = p.cache_len + n_q;
+  src.query_start = qs;
+  src.cache_k = static_cast<const T*>(p.cache_k) + b * p.cache_k_batch_stride +
+                kv_head * p.cache_k_head_stride;
+  src.cache_v = static_cast<const T*>(p.cache_v) + b * p.cache_v_batch_stride +
+                kv_head * p.cache_v_head_stride;
+  src.k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride;
+  src.v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride;
+  src.cache_k_stride = p.cache_k_row_stride;
+  src.cache_v_stride = p.cache_v_row_stride;
+  src.k_stride = p.k_row_stride;
+  src.v_stride = p.v_row_stride;
+  const int n_chunks = static_cast<int>((src.n_keys + kChunk - 1) / kChunk);
+  const int c_begin = n_chunks * split / n_splits;  // < 2^31: see decode_eligible
+  const int c_end = n_chunks * (split + 1) / n_splits;
+
+  // Prologue: the Q tile (one cp.async group), then the first kStages - 1 chunks (one group
+  // each, possibly empty), all in flight together.
+  {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
+    for (int idx = threadIdx.x; idx < kRows * kPieces; idx += kThreads) {
+      const int r = idx / kPieces, piece = idx % kPieces;
+      const int row = r0 + r;
+      const bool valid = row < rows_total;
+      const T* row_ptr = valid ? q + (kv_head * group + row / n_q) * p.q_head_stride +
+                                     int64_t(row % n_q) * p.q_row_stride + piece * 8
+                               : q;
+      cp_async_16(s_q + q_swz<D>(r, piece * 8), row_ptr, valid);
+    }
+    cp_async_commit();
+    for (int st = 0; st < kStages - 1; ++st) {
+      if (c_begin + st < c_end)
+        load_chunk<T, D>(src, p.cache_positions, c_begin + st, s_k + st * Smem::kTile,
+                         s_v + st * Smem::kTile, s_pos + st * kChunk);
+      cp_async_commit();
+    }
+  }
+
+  // Per-frequency constants: the steps of the key recurrences and R_D (exact, FP64, once).
+  const int half = static_cast<int>(p.rotary_dim / 2);  // == D / 2 on this path
+  float cap_cos = 1.f, cap_sin = 0.f;
+  if (threadIdx.x < D / 2) {
+    const float w = p.inv_freq[threadIdx.x];
+    float4 step;
+    rope_sincos(1, w, &step.x, &step.y);
+    rope_sincos(kChunk, w, &step.z, &step.w);
+    rope_sincos(p.distance_cap, w, &cap_cos, &cap_sin);
+    s_step[threadIdx.x] = step;
+    s_inv_freq[threadIdx.x] = w;
+  }
+  // Rotate the staged queries: s_q <- R_t q, s_qcap <- R_D q. Thread f < D/2 owns frequency f
+  // of every row; padding rows were zero-filled and stay zero.
+  cp_async_wait<kStages - 1>();  // the Q group
+  __syncthreads();
+  if (threadIdx.x < half) {
+    const int f = threadIdx.x;
+    const float w = s_inv_freq[f];
+    for (int r = 0; r < kRows; ++r) {
+      const int row = r0 + r;
+      float c = 1.f, s = 0.f;
+      if (row < rows_total) rope_sincos_f32(row % n_q, w, &c, &s);
+      T* const lo = s_q + q_swz<D>(r, f);
+      T* const hi = s_q + q_swz<D>(r, f + half);
+      const float x1 = to_f32(*lo), x2 = to_f32(*hi);
+      *lo = from_f32<T>(x1 * c - x2 * s);
+      *hi = from_f32<T>(x2 * c + x1 * s);
+      s_qcap[q_swz<D>(r, f)] = from_f32<T>(x1 * cap_cos - x2 * cap_sin);
+      s_qcap[q_swz<D>(r, f + half)] = from_f32<T>(x2 * cap_cos + x1 * cap_sin);
+    }
+  }
+  __syncthreads();
+
+  // The block's 16 rows as mma A fragments (R_t q) for the whole kernel.
+  uint32_t q_frag[kKSteps][4];
+#pragma unroll
+  for (int ks = 0; ks < kKSteps; ++ks)
+    ldmatrix_x4(q_frag[ks], s_q + q_swz<D>((lane % 8) + 8 * ((lane / 8) % 2),
+                                          ks * 16 + 8 * (lane / 16)));
+
+  // The two rows this thread holds in every accumulator: lane/4 and lane/4 + 8.
+  bool row_valid[2];
+  int row_t[2];
+#pragma unroll
+  for (int a = 0; a < 2; ++a) {
+    const int row = r0 + lane / 4 + 8 * a;
+    row_valid[a] = row < rows_total;
+    row_t[a] = row_valid[a] ? row % n_q : 0;
+  }
+  const int last_t = n_q - 1;
+  const int n_local = static_cast<int>(min64(p.n_local, kFar));
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+
+  float out_acc[kDTiles][4] = {};
+  float row_max[2] = {-INFINITY, -INFINITY};  // raw scores (unscaled)
+  float row_sum[2] = {0.f, 0.f};              // this thread's share; reduced at the end
+  // Rotation state of the thread's first key (slot 16 warp + 2 (lane/4) of each chunk):
+  // cos/sin of its distance for the frequencies f = 16 ks + 8 sub + 2 (lane % 4) + e.
+  float rot_c[kHalfSteps][2][2], rot_s[kHalfSteps][2][2];
+  int prev_delta = kNoRotation;
+
+  // Slot (within the chunk) this lane describes, and those whose rows it reads:
+  const int info_slot = 16 * warp + (lane & 15);
+  const int key_row = 16 * warp + 2 * (lane % 8) + lane / 16;         // K ldmatrix rows
+  const int v_row = 16 * warp + 2 * (lane % 8) + ((lane / 8) % 2);   // V ldmatrix rows
+  const int own_key = 2 * (lane / 4);                                // + tile, in the warp
+
+  for (int c = c_begin; c < c_end; ++c) {
+    const int stage = (c - c_begin) % kStages;
+    // Chunk c has landed (the newest group, chunk c + 1, may still be in flight), and every
+    // warp is done with chunk c - 1, whose stage now takes chunk c + kStages - 1.
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    {
+      const int next = c + kStages - 1;
+      const int next_stage = (stage + kStages - 1) % kStages;
+      if (next < c_end)
+        load_chunk<T, D>(src, p.cache_positions, next, s_k + next_stage * Smem::kTile,
+                         s_v + next_stage * Smem::kTile, s_pos + next_stage * kChunk);
+      cp_async_commit();
+    }
+    const T* const k_st = s_k + stage * Smem::kTile;
+    T* const v_st = s_v + stage * Smem::kTile;
+    const int64_t* const pos_st = s_pos + stage * kChunk;
+
+    // Key info (lanes l and l + 16 describe slot 16 warp + l): its distance from the anchor.
+    const int64_t j = pos_st[info_slot];
+    const bool empty = j < 0;
+    const int kd = empty ? kNoKey : static_cast<int>(max64(-kFar, min64(j - qs, kFar)));
+    const bool is_global = !empty && j < p.n_global;
+    // Some query sees it locally (0 <= t - kd < n_local for a t in [0, last_t]) / beyond the
+    // window as a global key / every query sees it locally.
+    const bool seen_local = !empty && kd <= last_t && kd > -n_local;
+    const bool seen_global = is_global && last_t - kd >= n_local;
+    const bool all_local_key = !empty && kd <= 0 && last_t - kd < n_local;
+    const bool need_local = __any_sync(0xffffffffu, seen_local);
+    const bool need_global = __any_sync(0xffffffffu, seen_global);
+    const bool all_local = __all_sync(0xffffffffu, all_local_key);
+    if (!need_local && !need_global) {
+      prev_delta = kNoRotation;
+      continue;
+    }
+
+    // Empty slots' values may hold anything, and 0 * NaN is NaN: zero those rows (this warp's
+    // own slots, so a warp barrier orders it).
+    for (unsigned empties = __ballot_sync(0xffffffffu, empty) & 0xffffu; empties != 0;
+         empties &= empties - 1) {
+      const int slot = 16 * warp + __ffs(empties) - 1;
+      if (lane < kPieces)
+        *reinterpret_cast<uint4*>(v_st + slot * D + lane * 8) = make_uint4(0, 0, 0, 0);
+    }
+    __syncwarp();
+
+    // K as B fragments: kf[ks][2 tile + sub] = key 16 warp + 2 (lane/4) + tile, features
+    // 16 ks + 8 sub + 2 (lane % 4) + {0, 1}.
+    uint32_t kf[kKSteps][4];
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks)
+      ldmatrix_x4(kf[ks], k_st + kv_swz<D>(key_row, ks * 16 + 8 * ((lane / 8) % 2)));
+
+    // Global scores first, from the unrotated keys: rare (the chunk holding the first
+    // n_global positions), R_D q read from shared memory.
+    float acc_global[2][4] = {};
+    if (need_global) {
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        uint32_t qf[4];
+        ldmatrix_x4(qf, s_qcap + q_swz<D>((lane % 8) + 8 * ((lane / 8) % 2),
+                                          ks * 16 + 8 * (lane / 16)));
+        mma_16816<T>(acc_global[0], qf, kf[ks][0], kf[ks][1]);
+        mma_16816<T>(acc_global[1], qf, kf[ks][2], kf[ks][3]);
+      }
+    }
+
+    float acc_local[2][4] = {};
+    if (need_local) {
+      // The distances of the thread's two keys (consecutive slots), or kNoRotation.
+      const int rot_delta = seen_local ? kd : kNoRotation;
+      const int delta0 = __shfl_sync(0xffffffffu, rot_delta, own_key);
+      const int delta1 = __shfl_sync(0xffffffffu, rot_delta, own_key + 1);
+      if (delta0 != kNoRotation) {
+        if (prev_delta != kNoRotation && delta0 == prev_delta + kChunk) {
+          // The same slot one chunk on, one position further per slot: R_{+kChunk}.
+#pragma unroll
+          for (int ks = 0; ks < kHalfSteps; ++ks)
+#pragma unroll
+            for (int sub = 0; sub < 2; ++sub)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const float4 step = s_step[16 * ks + 8 * sub + 2 * (lane % 4) + e];
+                const float cn = rot_c[ks][sub][e] * step.z - rot_s[ks][sub][e] * step.w;
+                rot_s[ks][sub][e] = rot_s[ks][sub][e] * step.z + rot_c[ks][sub][e] * step.w;
+                rot_c[ks][sub][e] = cn;
+              }
+        } else {
+#pragma unroll
+          for (int ks = 0; ks < kHalfSteps; ++ks)
+#pragma unroll
+            for (int sub = 0; sub < 2; ++sub)
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+                rope_sincos_f32(delta0, s_inv_freq[16 * ks + 8 * sub + 2 * (lane % 4) + e],
+                                &rot_c[ks][sub][e], &rot_s[ks][sub][e]);
+        }
+        rotate_key<T, D>(kf, 0, rot_c, rot_s);
+      }
+      prev_delta = delta0;
+      if (delta1 != kNoRotation) {
+        float c1[kHalfSteps][2][2], s1[kHalfSteps][2][2];
+        if (delta0 != kNoRotation && delta1 == delta0 + 1) {
+#pragma unroll
+          for (int ks = 0; ks < kHalfSteps; ++ks)
+#pragma unroll
+            for (int sub = 0; sub < 2; ++sub)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const float4 step = s_step[16 * ks + 8 * sub + 2 * (lane % 4) + e];
+                c1[ks][sub][e] = rot_c[ks][sub][e] * step.x - rot_s[ks][sub][e] * step.y;
+                s1[ks][sub][e] = rot_s[ks][sub][e] * step.x + rot_c[ks][sub][e] * step.y;
+              }
+        } else {
+#pragma unroll
+          for (int ks = 0; ks < kHalfSteps; ++ks)
+#pragma unroll
+            for (int sub = 0; sub < 2; ++sub)
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+                rope_sincos_f32(delta1, s_inv_freq[16 * ks + 8 * sub + 2 * (lane % 4) + e],
+                                &c1[ks][sub][e], &s1[ks][sub][e]);
+        }
+        rotate_key<T, D>(kf, 1, c1, s1);
+      }
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        mma_16816<T>(acc_local[0], q_frag[ks], kf[ks][0], kf[ks][1]);
+        mma_16816<T>(acc_local[1], q_frag[ks], kf[ks][2], kf[ks][3]);
+      }
+    } else {
+      prev_delta = kNoRotation;
+    }
+
+    // Scores: accumulator element (tile, 2 a + e) is row lane/4 + 8 a and key column
+    // 2 (lane % 4) + e of the tile, i.e. slot 16 warp + 4 (lane % 4) + 2 e + tile.
+    float score[2][4];
+    if (all_local) {
+#pragma unroll
+      for (int tile = 0; tile < 2; ++tile)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) score[tile][i] = acc_local[tile][i];
+    } else {
+#pragma unroll
+      for (int tile = 0; tile < 2; ++tile)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int from = 4 * (lane % 4) + 2 * e + tile;
+          const int key_d = __shfl_sync(0xffffffffu, kd, from);
+          const bool key_global = __shfl_sync(0xffffffffu, is_global, from);
+#pragma unroll
+          for (int a = 0; a < 2; ++a) {
+            const int d = row_t[a] - key_d;  // the query-key distance; < 0 for kNoKey
+            const bool local = row_valid[a] && d >= 0 && d < n_local;
+            const bool global = row_valid[a] && key_global && d >= n_local;
+            score[tile][2 * a + e] = local    ? acc_local[tile][2 * a + e]
+                                     : global ? acc_global[tile][2 * a + e]
+                                              : -INFINITY;
+          }
+        }
+    }
+
+    // Online softmax in float32 (exp2 domain). A row with nothing visible yet keeps max -inf
+    // and uses 0 as its reference, so that exp2(-inf) gives 0 rather than NaN.
+#pragma unroll
+    for (int a = 0; a < 2; ++a) {
+      float chunk_max = fmaxf(fmaxf(score[0][2 * a], score[0][2 * a + 1]),
+                              fmaxf(score[1][2 * a], score[1][2 * a + 1]));
+      chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, 1));
+      chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, 2));
+      const float new_max = fmaxf(row_max[a], chunk_max);
+      const float ref = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+      const float correction = exp2f(row_max[a] * scale_log2 - ref);
+      row_max[a] = new_max;
+      row_sum[a] *= correction;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        out_acc[dt][2 * a] *= correction;
+        out_acc[dt][2 * a + 1] *= correction;
+      }
+#pragma unroll
+      for (int tile = 0; tile < 2; ++tile)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float prob = exp2f(fmaf(score[tile][2 * a + e], scale_log2, -ref));
+          score[tile][2 * a + e] = prob;
+          row_sum[a] += prob;
+        }
+    }
+
+    // O += P V over the warp's 16 keys: the two score tiles are exactly an A fragment whose
+    // k index m is slot 2 (m % 8) + m / 8 of the warp; the V rows are read in that order.
+    const uint32_t pf[4] = {pack2<T>(score[0][0], score[0][1]), pack2<T>(score[0][2], score[0][3]),
+                            pack2<T>(score[1][0], score[1][1]), pack2<T>(score[1][2], score[1][3])};
+#pragma unroll
+    for (int dp = 0; dp < kDTiles / 2; ++dp) {
+      uint32_t vf[4];
+      ldmatrix_x4_trans(vf, v_st + kv_swz<D>(v_row, dp * 16 + 8 * (lane / 16)));
+      mma_16816<T>(out_acc[2 * dp], pf, vf[0], vf[1]);
+      mma_16816<T>(out_acc[2 * dp + 1], pf, vf[2], vf[3]);
+    }
+  }
+
+  // Epilogue: the four warps' partial softmaxes meet in shared memory (the stages are free
+  // once every copy has landed and every warp is past its last chunk).
+  cp_async_wait<0>();
+  __syncthreads();
+  float* const s_warp_out = reinterpret_cast<float*>(smem + Smem::kWarpOut);
+  float* const s_warp_stats = reinterpret_cast<float*>(smem + Smem::kWarpStats);
+#pragma unroll
+  for (int a = 0; a < 2; ++a) {
+    float sum = row_sum[a];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int r = lane / 4 + 8 * a;
+    float* const out_row = s_warp_out + (warp * kRows + r) * D;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt)
+      *reinterpret_cast<float2*>(out_row + 8 * dt + 2 * (lane % 4)) =
+          make_float2(out_acc[dt][2 * a], out_acc[dt][2 * a + 1]);
+    if (lane % 4 == 0)
+      *reinterpret_cast<float2*>(s_warp_stats + 2 * (warp * kRows + r)) =
+          make_float2(row_max[a], sum);
+  }
+  __syncthreads();
+
+  // Thread (r, part) finishes row r, columns [part * kCols, (part + 1) * kCols).
+  constexpr int kParts = kThreads / kRows;
+  constexpr int kCols = D / kParts;
+  static_assert(kCols % 8 == 0, "16-byte output stores");
+  const int r = threadIdx.x / kParts, part = threadIdx.x % kParts;
+  const int row = r0 + r;
+  if (row >= rows_total) return;
+  float weight[kWarps], max_all = -INFINITY, sum_all = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) max_all = fmaxf(max_all, s_warp_stats[2 * (w * kRows + r)]);
+  const float ref = max_all == -INFINITY ? 0.f : max_all * scale_log2;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const float2 stats = *reinterpret_cast<const float2*>(s_warp_stats + 2 * (w * kRows + r));
+    weight[w] = exp2f(stats.x * scale_log2 - ref);
+    sum_all += weight[w] * stats.y;
+  }
+  const float inv_sum = sum_all > 0.f ? 1.f / sum_all : 0.f;
+  float o[kCols];
+#pragma unroll
+  for (int i = 0; i < kCols; ++i) {
+    float acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w)
+      acc += weight[w] * s_warp_out[(w * kRows + r) * D + part * kCols + i];
+    o[i] = acc * inv_sum;
+  }
+  const int64_t head = kv_head * group + row / n_q;
+  const int t = row % n_q;
+  if (n_splits == 1) {
+    T* const out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +
+                   t * p.out_row_stride + part * kCols;
+#pragma unroll
+    for (int i = 0; i < kCols; i += 8) {
+      uint4 packed;
+      packed.x = pack2<T>(o[i], o[i + 1]);
+      packed.y = pack2<T>(o[i + 2], o[i + 3]);
+      packed.z = pack2<T>(o[i + 4], o[i + 5]);
+      packed.w = pack2<T>(o[i + 6], o[i + 7]);
+      *reinterpret_cast<uint4*>(out + i) = packed;
+    }
+    return;
+  }
+  const int64_t out_row = (b * p.n_heads_q + head) * n_q + t;
+  float* const partial = partial_out + (out_row * n_splits + split) * D + part * kCols;
+#pragma unroll
+  for (int i = 0; i < kCols; i += 4)
+    *reinterpret_cast<float4*>(partial + i) = make_float4(o[i], o[i + 1], o[i + 2], o[i + 3]);
+  if (part == 0)
+    partial_lse[out_row * n_splits + split] =
+        sum_all > 0.f ? ref + log2f(sum_all) : -INFINITY;
+}
+
+// Combines the splits of every output row: out = sum_z 2^(lse_z - lse) O_z. A thread owns four
+// columns of one row (float4 loads of the partials, one 8-byte store); the loop over splits
+// keeps several independent loads in flight.
+template <typename T, int D>
+__global__ void __launch_bounds__(128)
+    decode_merge_kernel(const LambdaAttentionParams p, const int n_splits,
+                        const float* __restrict__ partial_out,
+                        const float* __restrict__ partial_lse) {
+  constexpr int kThreadsPerRow = D / 4;
+  constexpr int kRowsPerBlock = 128 / kThreadsPerRow;
+  // Output rows (b, head, t) as int32: plan_attention routes only shapes where they fit.
+  const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
+  const int col = 4 * (threadIdx.x % kThreadsPerRow);
+  const int n_q = static_cast<int>(p.n_queries), n_heads = static_cast<int>(p.n_heads_q);
+  if (row >= p.batch * n_heads * n_q) return;
+  const float* const lse = partial_lse + int64_t(row) * n_splits;
+  const float* const partial = partial_out + int64_t(row) * n_splits * D + col;
+  float lse_max = -INFINITY;
+  for (int z = 0; z < n_splits; ++z) lse_max = fmaxf(lse_max, lse[z]);
+  const float ref = lse_max == -INFINITY ? 0.f : lse_max;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float total = 0.f;
+#pragma unroll 4
+  for (int z = 0; z < n_splits; ++z) {
+    const float w = exp2f(lse[z] - ref);
+    const float4 o = *reinterpret_cast<const float4*>(partial + z * D);
+    total += w;
+    acc.x += w * o.x;
+    acc.y += w * o.y;
+    acc.z += w * o.z;
+    acc.w += w * o.w;
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const int t = row % n_q, bh = row / n_q;
+  const int64_t head = bh % n_heads, b = bh / n_heads;
+  T* const out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +
+                 t * p.out_row_stride + col;
+  *reinterpret_cast<uint2*>(out) = make_uint2(pack2<T>(acc.x * inv, acc.y * inv),
+                                              pack2<T>(acc.z * inv, acc.w * inv));
+}
+
+// The kernel variant's occupancy, once per device (the dynamic shared memory limit is raised
+// at the same time). Neither call is a stream operation, so both are legal during capture.
+template <typename T, int D> int blocks_per_sm() {
+  static std::atomic<int> cached[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 1;
+  int blocks = cached[device].load(std::memory_order_relaxed);
+  if (blocks == 0) {
+    auto* kernel = lambda_attention_decode_kernel<T, D>;
+    constexpr int kSmem = static_cast<int>(DecodeSmem<T, D>::kBytes);
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) !=
+            cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, kSmem) !=
+            cudaSuccess ||
+        blocks < 1) {
+      cudaGetLastError();  // leave no sticky error for the next launch check
+      return 1;
+    }
+    cached[device].store(blocks, std::memory_order_relaxed);
+  }
+  return blocks;
+}
+
+template <typename T, int D>
+Status launch(const LambdaAttentionParams& p, const AttentionPlan& plan, void* workspace,
+              cudaStream_t stream) {
+  constexpr int kSmem = static_cast<int>(DecodeSmem<T, D>::kBytes);
+  blocks_per_sm<T, D>();  // raises the shared-memory limit on first use
+  const int n_splits = static_cast<int>(plan.n_splits);
+  float* partial_out = nullptr;
+  float* partial_lse = nullptr;
+  if (n_splits > 1) {
+    partial_out = static_cast<float*>(workspace);
+    partial_lse = reinterpret_cast<float*>(static_cast<char*>(workspace) + plan.partial_lse_offset);
+  }
+  const dim3 grid(static_cast<unsigned>(plan.row_tiles * n_splits),
+                  static_cast<unsigned>(p.n_heads_kv), static_cast<unsigned>(p.batch));
+  lambda_attention_decode_kernel<T, D><<<grid, kThreads, kSmem, stream>>>(p, n_splits,
+                                                                         partial_out, partial_lse);
+  Status status = launch_status("lambda_attention_decode_kernel");
+  if (!status.ok() || n_splits == 1) return status;
+  constexpr int kRowsPerBlock = 128 / (D / 4);
+  const int64_t rows = p.batch * p.n_heads_q * p.n_queries;
+  decode_merge_kernel<T, D><<<static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock),
+                              128, 0, stream>>>(p, n_splits, partial_out, partial_lse);
+  return launch_status("decode_merge_kernel");
+}
+
+}  // namespace
+
+int decode_blocks_per_sm(const LambdaAttentionParams& p) {
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  if (p.head_dim == 64) return bf16 ? blocks_per_sm<__nv_bfloat16, 64>() : blocks_per_sm<__half, 64>();
+  return bf16 ? blocks_per_sm<__nv_bfloat16, 128>() : blocks_per_sm<__half, 128>();
+}
+
+Status launch_lambda_attention_decode(const LambdaAttentionParams& params,
+                                      const AttentionPlan& plan, void* workspace,
+                                      cudaStream_t stream) {
+  const bool bf16 = params.dtype == DType::kBFloat16;
+  if (params.head_dim == 64)
+    return bf16 ? launch<__nv_bfloat16, 64>(params, plan, workspace, stream)
+                : launch<__half, 64>(params, plan, workspace, stream);
+  return bf16 ? launch<__nv_bfloat16, 128>(params, plan, workspace, stream)
+              : launch<__half, 128>(params, plan, workspace, stream);
+}
+
+}  // namespace lminf::cuda
