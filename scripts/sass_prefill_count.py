@@ -62,7 +62,9 @@ def compile_kernel(source: pathlib.Path, workdir: pathlib.Path) -> tuple[str, st
     """(ptxas -v report, nvdisasm listing with line info) of the source for sm_90."""
     cubin = workdir / "kernel.cubin"
     report = subprocess.run([NVCC, *FLAGS, "--resource-usage", "-cubin", str(source), "-o",
-                             str(cubin)], check=True, capture_output=True, text=True)
+                             str(cubin)], capture_output=True, text=True)
+    if report.returncode != 0:
+        sys.exit(f"nvcc failed:\n{report.stderr}")
     listing = subprocess.run([str(SASS_BIN / "nvdisasm"), "-g", "-c", str(cubin)], check=True,
                              capture_output=True, text=True)
     return report.stdout + report.stderr, listing.stdout
