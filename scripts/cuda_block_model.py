@@ -1,9 +1,9 @@
 """A NumPy model of the tensor-core prefill path, block by block, checked against the float64
 reference: the pre-pass of csrc/cuda/rotate_chunk_keys.cu (keys rotated by j - a with a the
 chunk start, the cache window gathered by position, the raw global tile, the window tile
-states) and the blocks of csrc/cuda/lambda_attention_mma.cu (tile_list.cuh, Q rotated once by
-t = i - a and by D, the per-warp "no select" shortcut, the masks of mixed tiles, the online
-softmax, key splits and their log-sum-exp merge in lse_merge.cu).
+states) and the blocks of csrc/cuda/lambda_attention_mma.cu (prefill_tile_list.cuh, Q rotated
+once by t = i - a and by D, the per-warp "no select" shortcut, the masks of mixed tiles, the
+online softmax, key splits and their log-sum-exp merge in lse_merge.cu).
 
 It mirrors control flow and index arithmetic, not fragments or shared-memory layout. Empty
 cache slots hold NaN, so any use of them shows; rope_sincos is modelled in float32 like the
@@ -95,7 +95,7 @@ def pre_pass(p, b, kv_head):
 
 
 def tile_list(p, W, t_lo, t_hi):
-    """TileList: (global, first row) of the tiles a block with queries t_lo..t_hi visits."""
+    """PrefillTileList: (global, first row) of the tiles a block with queries t_lo..t_hi visits."""
     global_keys = max(0, min(p["G"], p["qs"] + t_hi - p["L"] + 1))
     band_begin = max(0, t_lo + W - p["L"] + 1) // BN
     band_end = (t_hi + W) // BN + 1

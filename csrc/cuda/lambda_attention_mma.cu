@@ -26,7 +26,7 @@
 
 #include "common.cuh"
 #include "lambda_attention_plan.cuh"
-#include "tile_list.cuh"
+#include "prefill_tile_list.cuh"
 
 namespace lminf::cuda {
 namespace {
@@ -91,12 +91,12 @@ template <typename T, int D> struct KeySource {
   }
 
   // Window tiles without a single cache slot are never loaded.
-  __device__ bool needed(KeyTile tile) const {
+  __device__ bool needed(PrefillTile tile) const {
     return tile.global || tile.first >= window_rows ||
            window_tile_state[tile.first / BN] != kTileEmpty;
   }
   // No select needed for the pairs the band covers: every row holds a key.
-  __device__ bool full(KeyTile tile) const {
+  __device__ bool full(PrefillTile tile) const {
     return !tile.global && (tile.first >= window_rows
                                 ? tile.first + BN <= window_rows + chunk_rows
                                 : window_tile_state[tile.first / BN] == kTileFull);
@@ -104,7 +104,7 @@ template <typename T, int D> struct KeySource {
 
   // Issues the cp.async copies of one tile. Rows past the chunk are zero-filled; the pre-pass
   // wrote zeros for empty window slots and missing global positions.
-  __device__ void load(KeyTile tile, T* s_k, T* s_v, uint8_t* s_valid) const {
+  __device__ void load(PrefillTile tile, T* s_k, T* s_v, uint8_t* s_valid) const {
     constexpr int kChunks = D / 8;
     static_assert(BN * kChunks % kThreads == 0 && kThreads % kChunks == 0,
                   "every thread copies the same 16-byte column of kCopies rows");
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const KeySource<T, D> src(p, plan.prefill, workspace, b, kv_head);
   const int window_rows = src.window_rows;
-  const TileList<BN> tiles(p, a, window_rows, t_lo, t_hi);
+  const PrefillTileList<BN> tiles(p, a, window_rows, t_lo, t_hi);
   const int tile_begin = static_cast<int>(int64_t(tiles.count) * split / n_splits);
   const int tile_end = static_cast<int>(int64_t(tiles.count) * (split + 1) / n_splits);
 
@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const T* const k_st = s_k + stage * Layout::kKTile;
     const T* const v_st = s_v + stage * Layout::kKTile;
     const uint8_t* const valid_st = s_valid + stage * BN;
-    const KeyTile tile = tiles[it];
+    const PrefillTile tile = tiles[it];
 
     // Double buffer: tile it + 1 goes into the stage tile it - 1 used, as soon as every warp is
     // done with it (tile it + 1 was issued by the prologue when it == tile_begin).

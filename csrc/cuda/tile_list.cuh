@@ -4,36 +4,39 @@
 #include <cstdint>
 
 #include "common.cuh"
-#include "lambda_attention_plan.cuh"
+#include "lminf/lambda_attention.h"
 
 namespace lminf::cuda {
 
-// kTileKeys keys: rows [first, first + kTileKeys) of the global tile (global keys at positions
-// first, ...) or of the pre-pass key sequence (window, then chunk; PrefillWorkspace).
+// kTileKeys keys: cache slots [first, first + kTileKeys) or chunk tokens [first, ...).
 struct KeyTile {
-  bool global;
-  int first;
+  bool from_cache;
+  int64_t first;
 };
 
-// For queries t in [t_lo, t_hi] of the chunk (positions a + t): the global tiles holding the
-// positions j < n_global that some query sees beyond its window (j <= a + t_hi - n_local),
-// then the tiles of the band, key rows t_lo + window_rows - n_local + 1 .. t_hi + window_rows
-// (row u sits at position a - window_rows + u). Rows outside those are never visited.
+// For queries t in [t_lo, t_hi] of the chunk (positions qs + t): every cache tile (a ring's
+// slots carry arbitrary positions, so per-element masks decide), the chunk tiles holding global
+// keys that some query sees beyond its window, and the chunk tiles of the band, keys
+// t_lo - n_local + 1 .. t_hi. Chunk tiles outside those are never visited.
 template <int kTileKeys> struct TileList {
-  int global_tiles, band_begin, count;
+  int64_t cache_tiles, global_tiles, local_begin, count;
 
-  __device__ TileList(const LambdaAttentionParams& p, int64_t a, int window_rows, int t_lo,
-                      int t_hi) {
-    const int64_t global_keys = max64(0, min64(p.n_global, a + t_hi - p.n_local + 1));
-    global_tiles = static_cast<int>((global_keys + kTileKeys - 1) / kTileKeys);
-    band_begin = max(0, t_lo + window_rows - static_cast<int>(p.n_local) + 1) / kTileKeys;
-    const int band_end = (t_hi + window_rows) / kTileKeys + 1;
-    count = global_tiles + band_end - band_begin;
+  __device__ TileList(const LambdaAttentionParams& p, int64_t qs, int64_t t_lo, int64_t t_hi) {
+    cache_tiles = (p.cache_len + kTileKeys - 1) / kTileKeys;
+    local_begin = max64(0, t_lo - p.n_local + 1) / kTileKeys;
+    const int64_t local_end = t_hi / kTileKeys + 1;
+    const int64_t n_global_keys =
+        max64(0, min64(min64(p.n_global - qs, t_hi - p.n_local + 1), p.n_queries));
+    // Global tiles that the band does not already cover.
+    global_tiles = min64((n_global_keys + kTileKeys - 1) / kTileKeys, local_begin);
+    count = cache_tiles + global_tiles + (local_end - local_begin);
   }
 
-  __device__ KeyTile operator[](int index) const {
-    if (index < global_tiles) return {true, index * kTileKeys};
-    return {false, (band_begin + index - global_tiles) * kTileKeys};
+  __device__ KeyTile operator[](int64_t index) const {
+    if (index < cache_tiles) return {true, index * kTileKeys};
+    index -= cache_tiles;
+    if (index < global_tiles) return {false, index * kTileKeys};
+    return {false, (local_begin + index - global_tiles) * kTileKeys};
   }
 };
 
