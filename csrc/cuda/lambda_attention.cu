@@ -46,8 +46,9 @@ bool tensor_core_eligible(const LambdaAttentionParams& p) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
   if (p.rotary_dim % 4 != 0) return false;  // lanes rotate frequency pairs as 32-bit words
-  // The kernel indexes the pre-pass rows (window + chunk) and the global rows in int32.
-  if (p.n_queries + p.n_local + p.n_global + p.cache_len > (int64_t(1) << 30)) return false;
+  // The kernels index the pre-pass rows (window + chunk, global) and their elements in int32.
+  if ((p.n_queries + p.n_local + p.n_global + p.cache_len) * p.head_dim >= (int64_t(1) << 31))
+    return false;
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out)) return false;
   if (!strides_multiple_of_8({p.q_batch_stride, p.q_head_stride, p.q_row_stride,
                               p.k_batch_stride, p.k_head_stride, p.k_row_stride,
@@ -76,10 +77,11 @@ AttentionPlan plan_attention(const LambdaAttentionParams& p) {
   const int64_t blocks = plan.row_tiles * p.n_heads_q * p.batch;
   const int64_t target = 2 * static_cast<int64_t>(sm_count());  // two resident blocks per SM
   if (blocks > 0 && blocks < target) {
-    // Upper bound on the key tiles a block visits: the window, the band, the global tiles.
-    const int64_t band_keys = min64(p.n_queries, p.n_local + kMmaBlockRows);
-    const int64_t key_tiles = (p.cache_len > 0 ? (p.n_local + kMmaBlockKeys - 1) / kMmaBlockKeys : 0) +
-                              (band_keys + kMmaBlockKeys - 1) / kMmaBlockKeys +
+    // Upper bound on the key tiles a block visits: the band (cache window and chunk keys)
+    // and the global tiles.
+    const int64_t band_keys =
+        min64(p.n_queries, p.n_local + kMmaBlockRows) + (p.cache_len > 0 ? p.n_local : 0);
+    const int64_t key_tiles = (band_keys + kMmaBlockKeys - 1) / kMmaBlockKeys +
                               (p.n_global + kMmaBlockKeys - 1) / kMmaBlockKeys;
     plan.n_splits = min64(min64((target + blocks - 1) / blocks, key_tiles), kMaxSplits);
   }
