@@ -245,7 +245,14 @@ def line_span(body) -> str:
     return f"{KERNEL.name} lines {lines[0]}-{lines[-1]}" if lines else "no kernel-file lines"
 
 
-def analyse(source: pathlib.Path) -> tuple[list[str], list[str]]:
+def by_line(body) -> list[str]:
+    """Instructions of the body per source line (file:line), most first."""
+    per = collections.Counter(f"{pathlib.Path(i['file']).name}:{i['line']}" if i["file"] else "?"
+                              for i in body)
+    return [f"      {where:<32} {n}" for where, n in per.most_common()]
+
+
+def analyse(source: pathlib.Path, lines_too: bool = False) -> tuple[list[str], list[str]]:
     """Report lines and rule violations for every kernel instance of the source."""
     with tempfile.TemporaryDirectory() as tmp:
         report, listing = compile_kernel(source, pathlib.Path(tmp))
@@ -274,6 +281,8 @@ def analyse(source: pathlib.Path) -> tuple[list[str], list[str]]:
         body = [instructions[n] for n in sorted(key_loop)]
         c = counts(body, rotation)
         out.append(f"  key loop ({line_span(body)}), per tile: {fmt(c)}")
+        if lines_too:
+            out += by_line(body)
         for loop in sorted((l for l in found if l < key_loop), key=min):
             inner = [instructions[n] for n in sorted(loop)]
             out.append(f"    nested loop at 0x{inner[0]['address']:x} ({line_span(inner)}): "
@@ -296,10 +305,12 @@ def main() -> int:
     parser.add_argument("--source", type=pathlib.Path, default=KERNEL)
     parser.add_argument("--out", type=pathlib.Path, help="also write the report here")
     parser.add_argument("--check", action="store_true", help="exit 1 if a rule fails")
+    parser.add_argument("--by-line", action="store_true",
+                        help="also list the key loop's instructions per source line")
     args = parser.parse_args()
     version = subprocess.run([NVCC, "--version"], capture_output=True, text=True).stdout
     release = re.search(r"release ([\d.]+)", version)
-    lines, failures = analyse(args.source)
+    lines, failures = analyse(args.source, args.by_line)
     header = [f"# scripts/sass_prefill_count.py: {args.source.relative_to(ROOT)}, sm_90, nvcc "
               f"{release[1] if release else '?'}; static counts of the key loop body (see the "
               f"script's docstring)"]

@@ -103,34 +103,37 @@ template <typename T, int D> struct KeySource {
   }
 
   // Issues the cp.async copies of one tile. Rows past the chunk are zero-filled; the pre-pass
-  // wrote zeros for empty window slots and missing global positions.
+  // wrote zeros for empty window slots and missing global positions. The tile's base
+  // addresses are chosen once, so a copy costs one multiply-add and a compare.
   __device__ void load(PrefillTile tile, T* s_k, T* s_v, uint8_t* s_valid) const {
     constexpr int kChunks = D / 8;
     static_assert(BN * kChunks % kThreads == 0 && kThreads % kChunks == 0,
                   "every thread copies the same 16-byte column of kCopies rows");
     constexpr int kCopies = BN * kChunks / kThreads;
+    const T* k_base;
+    const T* v_base;
+    int64_t v_stride = D;
+    int rows = BN;  // rows of the tile that hold data
+    if (tile.global) {
+      k_base = global_keys + tile.first * D;
+      v_base = global_values + tile.first * D;
+    } else if (tile.first < window_rows) {  // the window is a whole number of tiles
+      k_base = keys + tile.first * D;
+      v_base = window_values + tile.first * D;
+    } else {
+      k_base = keys + tile.first * D;
+      v_base = chunk_values + (tile.first - window_rows) * v_row_stride;
+      v_stride = v_row_stride;
+      rows = window_rows + chunk_rows - tile.first;
+    }
     const int col = (threadIdx.x % kChunks) * 8;
 #pragma unroll
     for (int i = 0; i < kCopies; ++i) {
       const int r = threadIdx.x / kChunks + i * (kThreads / kChunks);
-      const int row = tile.first + r;
-      const T* k_src;
-      const T* v_src;
-      bool valid = true;
-      if (tile.global) {
-        k_src = global_keys + row * D + col;
-        v_src = global_values + row * D + col;
-      } else if (row < window_rows) {
-        k_src = keys + row * D + col;
-        v_src = window_values + row * D + col;
-      } else {
-        valid = row < window_rows + chunk_rows;
-        k_src = valid ? keys + row * D + col : keys;
-        v_src = valid ? chunk_values + (row - window_rows) * v_row_stride + col : chunk_values;
-      }
+      const bool valid = r < rows;
       const int dst = swz<D>(r, col);
-      cp_async_16(s_k + dst, k_src, valid);
-      cp_async_16(s_v + dst, v_src, valid);
+      cp_async_16(s_k + dst, valid ? k_base + r * D + col : keys, valid);
+      cp_async_16(s_v + dst, valid ? v_base + r * v_stride + col : chunk_values, valid);
     }
     if (threadIdx.x < BN) {
       const int row = tile.first + threadIdx.x;
