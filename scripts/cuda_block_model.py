@@ -48,8 +48,11 @@ def rotate(x: np.ndarray, delta: int, inv_freq: np.ndarray, half: int) -> np.nda
     return y
 
 
+ROW_ALIGN = 128  # kPrefillRowAlign: the window and the global rows, in whole 128-key tiles
+
+
 def round_up(n: int) -> int:
-    return -(-n // BN) * BN
+    return -(-n // ROW_ALIGN) * ROW_ALIGN
 
 
 def pre_pass(p, b, kv_head):

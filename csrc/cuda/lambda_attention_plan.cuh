@@ -37,9 +37,11 @@ inline constexpr int kMmaBlockKeys = 64;
 //   global_source [global_rows] int32: -1, a cache slot (< cache_len), or cache_len + t for
 //           chunk row t;
 //   window_tile_state [window_rows / 64] uint8: kTileEmpty, kTilePartial or kTileFull.
-// window_rows = n_local - 1 rounded up to 64 when there is a cache (every position a query of
-// the chunk can see locally in the cache lies in [a - n_local + 1, a)), else 0; the window is
-// tile-aligned, so the chunk's keys start on a tile. global_rows = n_global rounded up to 64.
+// window_rows = n_local - 1 rounded up to kPrefillRowAlign when there is a cache (every
+// position a query of the chunk can see locally in the cache lies in [a - n_local + 1, a)),
+// else 0; the window is tile-aligned, so the chunk's keys start on a tile of either kernel.
+// global_rows = n_global rounded up to kPrefillRowAlign.
+inline constexpr int64_t kPrefillRowAlign = 128;  // the largest key tile of the prefill kernels
 struct PrefillWorkspace {
   int64_t window_rows = 0, global_rows = 0;
   size_t keys = 0, values = 0, global_keys = 0, global_values = 0;  // byte offsets

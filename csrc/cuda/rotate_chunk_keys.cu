@@ -166,7 +166,7 @@ Status launch_rotate(const LambdaAttentionParams& p, const PrefillWorkspace& ws,
 
 PrefillWorkspace plan_prefill_workspace(const LambdaAttentionParams& p, size_t base) {
   const auto round_up_tile = [](int64_t n) {
-    return (n + kMmaBlockKeys - 1) / kMmaBlockKeys * kMmaBlockKeys;
+    return (n + kPrefillRowAlign - 1) / kPrefillRowAlign * kPrefillRowAlign;
   };
   PrefillWorkspace ws;
   ws.window_rows = p.cache_len > 0 ? round_up_tile(p.n_local - 1) : 0;
