@@ -1,9 +1,12 @@
 """GPU benchmark: Λ-attention kernels against FlexAttention (same Λ block mask, compiled) and SDPA.
 
-Prefill: a whole sequence, bf16. lm_infinite.lambda_attention vs FlexAttention given the same
-Λ mask (band of n_local plus the first n_global keys; its block mask skips the same tiles) on
-pre-rotated q, k, vs dense causal SDPA (flash backend). Useful TFLOP/s counts only the
-unmasked (query, key) pairs: 4 * head_dim flops each (Q K^T and P V), for every query head.
+Prefill, bf16: a whole sequence (lm_infinite.lambda_attention), and its last --chunk tokens
+against a full cache of the first n_global and last n_local tokens before them
+(lambda_attention_chunk), vs FlexAttention given the same Λ mask over the same positions
+(its block mask skips the same tiles) on pre-rotated q, k, and, for whole sequences, dense
+causal SDPA (flash backend). Useful TFLOP/s counts only the unmasked (query, key) pairs:
+4 * head_dim flops each (Q K^T and P V), for every query head; a bf16 matmul measured in the
+same run gives the ceiling they are read against.
 
 Decode: one new token per sequence against a full window of n_global + n_local cached keys,
 bf16. lm_infinite.lambda_attention_chunk (the decode kernel + its merge) vs SDPA over a
@@ -16,7 +19,7 @@ reads come from HBM.
 Times are medians of CUDA-event timings after warm-up. Prints a table, writes JSON and a PNG.
 
     python bench/attention_gpu.py                         # the issue's configurations
-    python bench/attention_gpu.py --lengths 8192 32768 --heads 32/8
+    python bench/attention_gpu.py --lengths 8192 32768 --heads 32/8 --chunk 0
     python bench/attention_gpu.py --decode-only           # decode at batch 1 and 16, both heads
 """
 
@@ -51,52 +54,86 @@ def median_ms(fn, warmup: int = 3, repeats: int = 15) -> float:
     return statistics.median(times)
 
 
-def unmasked_pairs(n: int, n_global: int, n_local: int) -> int:
-    """(query, key) pairs Λ-attention scores over a sequence of n: the band plus each row's
-    global keys beyond it."""
-    i = torch.arange(n, dtype=torch.int64)
+def unmasked_pairs(n: int, n_global: int, n_local: int, first_row: int = 0) -> int:
+    """(query, key) pairs Λ-attention scores for query rows first_row .. n-1 of a sequence of
+    n: the band plus each row's global keys beyond it."""
+    i = torch.arange(first_row, n, dtype=torch.int64)
     band = torch.clamp(i + 1, max=n_local).sum().item()
     extra_global = torch.clamp(i + 1 - n_local, min=0, max=n_global).sum().item()
     return int(band + extra_global)
 
 
-def flex_attention_fn(n: int, n_global: int, n_local: int):
+def matmul_tflops(size: int = 8192) -> float:
+    """The bf16 dense matmul rate of this GPU, measured now: the ceiling useful TFLOP/s are
+    read against."""
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=DEV)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=DEV)
+    return 2 * size**3 / median_ms(lambda: a @ b, warmup=5, repeats=20) / 1e9
+
+
+def flex_attention_fn(q_positions, k_positions, n_global: int, n_local: int):
+    """FlexAttention with the Λ mask over explicit positions (a whole sequence, or a chunk
+    against a cache laid out as [global keys, window, chunk])."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     def lambda_mask(b, h, q_idx, kv_idx):
-        causal = q_idx >= kv_idx
-        return causal & ((q_idx - kv_idx < n_local) | (kv_idx < n_global))
+        i, j = q_positions[q_idx], k_positions[kv_idx]
+        return (i >= j) & ((i - j < n_local) | (j < n_global))
 
-    block_mask = create_block_mask(lambda_mask, B=None, H=None, Q_LEN=n, KV_LEN=n, device=DEV)
+    block_mask = create_block_mask(lambda_mask, B=None, H=None, Q_LEN=len(q_positions),
+                                   KV_LEN=len(k_positions), device=DEV)
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
-def bench_prefill(n: int, heads: str, n_global: int, n_local: int, with_flex: bool) -> dict:
+def bench_prefill(n: int, heads: str, n_global: int, n_local: int, with_flex: bool,
+                  chunk: int | None = None, matmul: float | None = None) -> dict:
+    """A whole sequence of n tokens, or (chunk) its last `chunk` tokens against a full cache
+    of the first n_global and the last n_local tokens before them."""
     hq, hkv, dim = HEAD_CONFIGS[heads]
     dtype = torch.bfloat16
-    q = torch.randn(1, hq, n, dim, dtype=dtype, device=DEV)
-    k = torch.randn(1, hkv, n, dim, dtype=dtype, device=DEV)
-    v = torch.randn(1, hkv, n, dim, dtype=dtype, device=DEV)
+    n_q = chunk or n
+    start = n - n_q
+    q = torch.randn(1, hq, n_q, dim, dtype=dtype, device=DEV)
+    k = torch.randn(1, hkv, n_q, dim, dtype=dtype, device=DEV)
+    v = torch.randn(1, hkv, n_q, dim, dtype=dtype, device=DEV)
     inv_freq = (1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))).to(DEV)
-    positions = torch.arange(n, device=DEV)
-    q_rot, k_rot = apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq)
+    q_positions = torch.arange(start, n, device=DEV)
+    cache_positions = torch.cat([torch.arange(min(n_global, start)),
+                                 torch.arange(max(n_global, start - n_local), start)]).to(DEV)
+    cache_k = torch.randn(1, hkv, len(cache_positions), dim, dtype=dtype, device=DEV)
+    cache_v = torch.randn(1, hkv, len(cache_positions), dim, dtype=dtype, device=DEV)
+    k_positions = torch.cat([cache_positions, q_positions])
 
-    useful = 4 * dim * hq * unmasked_pairs(n, n_global, n_local)
-    dense_causal = 4 * dim * hq * n * (n + 1) // 2
-    row = dict(kind="prefill", n=n, heads=heads, n_global=n_global, n_local=n_local)
-    row["lminf_ms"] = median_ms(lambda: li.lambda_attention(q, k, v, inv_freq, n_global=n_global,
-                                                            n_local=n_local))
-    row["sdpa_causal_ms"] = median_ms(lambda: F.scaled_dot_product_attention(
-        q_rot, k_rot, v, is_causal=True, enable_gqa=True))
+    useful = 4 * dim * hq * unmasked_pairs(n, n_global, n_local, first_row=start)
+    row = dict(kind="prefill", n=n, chunk=chunk, heads=heads, n_global=n_global,
+               n_local=n_local)
+    if chunk:
+        start_t = torch.tensor([start], dtype=torch.int64, device=DEV)
+        row["lminf_ms"] = median_ms(lambda: li.lambda_attention_chunk(
+            q, k, v, cache_k, cache_v, cache_positions, start_t, inv_freq, n_global=n_global,
+            n_local=n_local))
+        row["sdpa_causal_ms"] = None
+    else:
+        row["lminf_ms"] = median_ms(lambda: li.lambda_attention(
+            q, k, v, inv_freq, n_global=n_global, n_local=n_local))
+    q_rot = apply_rotary(q, q_positions, inv_freq)
+    k_all = torch.cat([cache_k, k], 2) if chunk else k
+    v_all = torch.cat([cache_v, v], 2) if chunk else v
+    k_rot = apply_rotary(k_all, k_positions, inv_freq)
+    if not chunk:
+        dense_causal = 4 * dim * hq * n * (n + 1) // 2
+        row["sdpa_causal_ms"] = median_ms(lambda: F.scaled_dot_product_attention(
+            q_rot, k_rot, v_all, is_causal=True, enable_gqa=True))
+        row["sdpa_tflops"] = dense_causal / row["sdpa_causal_ms"] / 1e9
     row["flex_ms"] = None
     if with_flex:
-        flex = flex_attention_fn(n, n_global, n_local)
-        row["flex_ms"] = median_ms(lambda: flex(q_rot, k_rot, v))
+        flex = flex_attention_fn(q_positions, k_positions, n_global, n_local)
+        row["flex_ms"] = median_ms(lambda: flex(q_rot, k_rot, v_all))
     row["lminf_tflops"] = useful / row["lminf_ms"] / 1e9
-    row["sdpa_tflops"] = dense_causal / row["sdpa_causal_ms"] / 1e9
     row["flex_tflops"] = useful / row["flex_ms"] / 1e9 if row["flex_ms"] else None
     row["speedup_vs_flex"] = row["flex_ms"] / row["lminf_ms"] if row["flex_ms"] else None
+    row["lminf_of_matmul"] = row["lminf_tflops"] / matmul if matmul else None
     return row
 
 
@@ -173,7 +210,7 @@ def plot(rows, path: pathlib.Path) -> None:
     except ImportError:
         print("matplotlib missing: no plot")
         return
-    prefill = [r for r in rows if r["kind"] == "prefill"]
+    prefill = [r for r in rows if r["kind"] == "prefill" and not r["chunk"]]
     decode = [r for r in rows if r["kind"] == "decode"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for heads in sorted({r["heads"] for r in prefill}):
@@ -200,7 +237,9 @@ def plot(rows, path: pathlib.Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--chunk", type=int, default=4096,
+                        help="also time the last CHUNK tokens against a full cache (0: skip)")
     parser.add_argument("--heads", nargs="+", default=list(HEAD_CONFIGS), choices=list(HEAD_CONFIGS))
     parser.add_argument("--n-local", type=int, default=4096)
     parser.add_argument("--n-global", type=int, default=4)
@@ -215,9 +254,14 @@ def main() -> None:
     print(f"device={torch.cuda.get_device_name()} torch={torch.__version__} build={li.build_info()}")
     rows = []
     if not args.decode_only:
+        matmul = matmul_tflops()
+        print(f"bf16 matmul 8192^3: {matmul:.0f} TFLOP/s")
+        rows.append(dict(kind="matmul", tflops=matmul))
         for heads in args.heads:
             for n in args.lengths:
-                rows.append(bench_prefill(n, heads, args.n_global, args.n_local, not args.no_flex))
+                for chunk in ([None, args.chunk] if args.chunk and args.chunk < n else [None]):
+                    rows.append(bench_prefill(n, heads, args.n_global, args.n_local,
+                                              not args.no_flex, chunk, matmul))
     copy_tbps = copy_bandwidth_tbps()
     rows.append(dict(kind="copy", tbps=copy_tbps))
     for heads in args.heads if args.decode_only else ["32/8"]:
@@ -236,14 +280,17 @@ def main() -> None:
         return format(x, spec) if x is not None else "-"
 
     if not args.decode_only:
-        print(f"\nprefill, bf16, G={args.n_global} L={args.n_local} (useful TFLOP/s: unmasked pairs only)")
-        print(f"{'heads':>6} {'N':>7} {'lminf ms':>9} {'flex ms':>8} {'sdpa ms':>8} "
-              f"{'lminf TF/s':>10} {'flex TF/s':>9} {'sdpa TF/s':>9} {'vs flex':>7}")
+        print(f"\nprefill, bf16, G={args.n_global} L={args.n_local} (useful TFLOP/s: unmasked pairs "
+              f"only; bf16 matmul {matmul:.0f} TFLOP/s)")
+        print(f"{'heads':>6} {'N':>7} {'chunk':>6} {'lminf ms':>9} {'flex ms':>8} {'sdpa ms':>8} "
+              f"{'lminf TF/s':>10} {'of mm':>6} {'flex TF/s':>9} {'sdpa TF/s':>9} {'vs flex':>7}")
         for r in rows:
             if r["kind"] == "prefill":
-                print(f"{r['heads']:>6} {r['n']:>7} {r['lminf_ms']:>9.3f} {fmt(r['flex_ms'], '8.3f'):>8} "
-                      f"{r['sdpa_causal_ms']:>8.3f} {r['lminf_tflops']:>10.1f} {fmt(r['flex_tflops'], '9.1f'):>9} "
-                      f"{r['sdpa_tflops']:>9.1f} {fmt(r['speedup_vs_flex'], '6.2f'):>6}x")
+                print(f"{r['heads']:>6} {r['n']:>7} {fmt(r['chunk'], 'd'):>6} {r['lminf_ms']:>9.3f} "
+                      f"{fmt(r['flex_ms'], '8.3f'):>8} {fmt(r['sdpa_causal_ms'], '8.3f'):>8} "
+                      f"{r['lminf_tflops']:>10.1f} {r['lminf_of_matmul']:>6.2f} "
+                      f"{fmt(r['flex_tflops'], '9.1f'):>9} {fmt(r.get('sdpa_tflops'), '9.1f'):>9} "
+                      f"{fmt(r['speedup_vs_flex'], '6.2f'):>6}x")
     print(f"\ndecode, 1 token, bf16, {args.n_global}+{args.n_local} cached keys; device copy "
           f"bandwidth {copy_tbps:.2f} TB/s (read + write), 'of copy' = K/V TB/s / that")
     print(f"{'heads':>6} {'batch':>6} {'K/V MB':>8} {'lminf us':>9} {'lminf TB/s':>10} {'of copy':>7} "

@@ -1,12 +1,14 @@
-"""A NumPy model of csrc/cuda/lambda_attention_mma.cu, block by block, checked against the
-float64 reference.
+"""A NumPy model of the tensor-core prefill path, block by block, checked against the float64
+reference: the pre-pass of csrc/cuda/rotate_chunk_keys.cu (keys rotated by j - a with a the
+chunk start, the cache window gathered by position, the raw global tile, the window tile
+states) and the blocks of csrc/cuda/lambda_attention_mma.cu (prefill_tile_list.cuh, Q rotated
+once by t = i - a and by D, the per-warp "no select" shortcut, the masks of mixed tiles, the
+online softmax, key splits and their log-sum-exp merge in lse_merge.cu).
 
-It mirrors the kernel's control flow, not its fragments or shared-memory layout: the tile list
-(tile_list.cuh), key splits and their log-sum-exp merge (lse_merge.cu), the rotation anchor and
-window, the per-lane rotation recurrence, the per-warp "all local" shortcut, the per-element
-masks and the online softmax. Rows of the rotated-key buffer that the kernel leaves stale are
-NaN here, and so are empty cache slots, so any use of them shows. rope_sincos is modelled in
-float32 like the device code. Use it to check a change to that logic without a GPU:
+It mirrors control flow and index arithmetic, not fragments or shared-memory layout. Empty
+cache slots hold NaN, so any use of them shows; rope_sincos is modelled in float32 like the
+device code. The decode kernel has its own model (scripts/cuda_block_model_decode.py), which
+may import rope_sincos, rotate and reference_case from here.
 
     python scripts/cuda_block_model.py        # a minute or two; one line per case
 """
@@ -21,7 +23,8 @@ import lm_infinite as li
 BM = BN = 64  # query rows per block, keys per tile
 WARPS = 4
 F32 = np.float32
-SKIPPED = []  # cache tiles skipped without loading, over the whole run
+EMPTY, PARTIAL, FULL = 0, 1, 2  # window tile states (kTileEmpty, kTilePartial, kTileFull)
+SKIPPED = []  # window tiles skipped without loading, over the whole run
 
 
 def rope_sincos(delta: int, inv_freq: float) -> tuple[F32, F32]:
@@ -45,163 +48,166 @@ def rotate(x: np.ndarray, delta: int, inv_freq: np.ndarray, half: int) -> np.nda
     return y
 
 
-def tile_list(p: dict, qs: int, t_lo: int, t_hi: int) -> list[tuple[bool, int]]:
-    """TileList: (from_cache, first row) of the key tiles a block with queries t_lo..t_hi visits."""
-    cache_tiles = -(-p["cache_len"] // BN)
-    local_begin = max(0, t_lo - p["L"] + 1) // BN
-    local_end = t_hi // BN + 1
-    n_global_keys = max(0, min(p["G"] - qs, t_hi - p["L"] + 1, p["n_q"]))
-    global_tiles = min(-(-n_global_keys // BN), local_begin)
-    return ([(True, i * BN) for i in range(cache_tiles)]
-            + [(False, i * BN) for i in range(global_tiles)]
-            + [(False, i * BN) for i in range(local_begin, local_end)])
+ROW_ALIGN = 128  # kPrefillRowAlign: the window and the global rows, in whole 128-key tiles
 
 
-def rotate_key_tile(k_tile, pos, q0, window_hi, p):
-    """The prepare pass: rows in the window (-L, window_hi] rotated by j - q0, through the same
-    per-lane recurrence as the kernel; other rows stay NaN (stale in the kernel)."""
-    dim, half = k_tile.shape[1], p["rotary_dim"] // 2
-    lanes_per_row = min(32, dim // 4)
-    row_step = WARPS * (32 // lanes_per_row)
-    k_rot = np.full_like(k_tile, np.nan)
-    for first_row in range(row_step):
-        have_prev, prev = False, 0
-        cos_sin = [None] * half
-        for r in range(first_row, BN, row_step):
-            delta = pos[r] - q0
-            if pos[r] < 0 or delta <= -p["L"] or delta > window_hi:
-                have_prev = False
-                continue
-            step = have_prev and delta == prev + row_step
-            for f in range(half):
-                if step:
-                    c, s = cos_sin[f]
-                    sc, ss = rope_sincos(row_step, p["inv_freq"][f])
-                    cos_sin[f] = (F32(c * sc - s * ss), F32(s * sc + c * ss))
-                else:
-                    cos_sin[f] = rope_sincos(delta, p["inv_freq"][f])
-                c, s = cos_sin[f]
-                x1, x2 = k_tile[r, f], k_tile[r, f + half]
-                k_rot[r, f], k_rot[r, f + half] = x1 * c - x2 * s, x2 * c + x1 * s
-            k_rot[r, 2 * half:] = k_tile[r, 2 * half:]
-            prev, have_prev = delta, True
-    return k_rot
+def round_up(n: int) -> int:
+    return -(-n // ROW_ALIGN) * ROW_ALIGN
 
 
-def cache_tile_visible(p, first, i_lo, i_hi):
-    """cache_tile_bounds.cu plus the kernel's test: can a query in [i_lo, i_hi] see a position
-    of the tile? Prefill mode only (decode visits every tile)."""
-    held = p["cache_pos"][first:first + BN]
-    held = held[held >= 0]
-    if held.size == 0:
-        return False
-    lo, hi = held.min(), held.max()
-    return bool((hi > i_lo - p["L"] and lo <= i_hi) or (lo < p["G"] and i_hi - lo >= p["L"]))
+def pre_pass(p, b, kv_head):
+    """rotate_chunk_keys.cu for one (batch, kv head): the key sequence (window gathered by
+    position, then the chunk) rotated by j - a, the window's values, the raw global tile, and
+    the index arrays. Window rows no slot holds are zero, as the kernel writes them."""
+    a, n_q, dim, half = p["qs"], p["n_q"], p["q"].shape[3], p["rotary_dim"] // 2
+    W = round_up(p["L"] - 1) if p["cache_len"] else 0
+    R = round_up(p["G"])
+    window_slot = np.full(W, -1)
+    global_source = np.full(R, -1)
+    for slot, pos in enumerate(p["cache_pos"]):
+        if pos < 0:
+            continue
+        if 0 <= pos - (a - W) < W:
+            window_slot[pos - (a - W)] = slot
+        if pos < p["G"]:
+            global_source[pos] = slot
+    for j in range(max(a, 0), min(p["G"], a + n_q)):
+        global_source[j] = p["cache_len"] + j - a
+    held = (window_slot >= 0).reshape(-1, BN).sum(1) if W else np.zeros(0, int)
+    tile_state = np.where(held == 0, EMPTY, np.where(held == BN, FULL, PARTIAL))
+
+    keys, values = np.zeros((W + n_q, dim)), np.zeros((W, dim))
+    for u, slot in enumerate(window_slot):
+        if slot >= 0:
+            delta = int(p["cache_pos"][slot]) - a  # an int64 difference, in [-W, 0)
+            keys[u] = rotate(p["cache_k"][b, kv_head, slot], delta, p["inv_freq"], half)
+            values[u] = p["cache_v"][b, kv_head, slot]
+    for t in range(n_q):
+        keys[W + t] = rotate(p["k"][b, kv_head, t], t, p["inv_freq"], half)
+    global_keys, global_values = np.zeros((R, dim)), np.zeros((R, dim))
+    for j, source in enumerate(global_source):
+        if 0 <= source < p["cache_len"]:
+            global_keys[j], global_values[j] = (p["cache_k"][b, kv_head, source],
+                                                p["cache_v"][b, kv_head, source])
+        elif source >= 0:
+            t = source - p["cache_len"]
+            global_keys[j], global_values[j] = p["k"][b, kv_head, t], p["v"][b, kv_head, t]
+    return dict(W=W, R=R, keys=keys, values=values, global_keys=global_keys,
+                global_values=global_values, window_slot=window_slot,
+                global_source=global_source, tile_state=tile_state)
 
 
-def run_block(p, b, y, row_tile, split, heads, n_splits, out, partial_out, partial_lse):
-    n_q, hq = p["n_q"], p["q"].shape[1]
-    rows_total, r0, head0 = heads * n_q, row_tile * BM, y * heads
-    kv_head = head0 // (hq // p["k"].shape[1])
-    qs, dim = p["qs"], p["q"].shape[3]
-    t_lo = r0 if heads == 1 else 0
-    t_hi = min(r0 + BM, n_q) - 1 if heads == 1 else n_q - 1
-    q0 = qs + t_lo
-    tiles = tile_list(p, qs, t_lo, t_hi)
+def tile_list(p, W, t_lo, t_hi):
+    """PrefillTileList: (global, first row) of the tiles a block with queries t_lo..t_hi visits."""
+    global_keys = max(0, min(p["G"], p["qs"] + t_hi - p["L"] + 1))
+    band_begin = max(0, t_lo + W - p["L"] + 1) // BN
+    band_end = (t_hi + W) // BN + 1
+    return ([(True, g * BN) for g in range(-(-global_keys // BN))]
+            + [(False, u * BN) for u in range(band_begin, band_end)])
+
+
+def run_block(p, ws, b, head, row_tile, split, n_splits, out, partial_out, partial_lse):
+    n_q, hq, dim = p["n_q"], p["q"].shape[1], p["q"].shape[3]
+    W, a, L, half = ws["W"], p["qs"], p["L"], p["rotary_dim"] // 2
+    t_lo, t_hi = row_tile * BM, min(row_tile * BM + BM, n_q) - 1
+    tiles = tile_list(p, W, t_lo, t_hi)
     tiles = tiles[len(tiles) * split // n_splits: len(tiles) * (split + 1) // n_splits]
 
-    rows = [(head0 + row // n_q, row % n_q) if row < rows_total else None
-            for row in range(r0, r0 + BM)]
-    half = p["rotary_dim"] // 2
+    # Q rotated once by t = i - a (local) and by D (global); padding rows are zero.
     q_local, q_cap = np.zeros((BM, dim)), np.zeros((BM, dim))
-    for r, info in enumerate(rows):
-        if info:
-            q = p["q"][b, info[0], info[1]]
-            q_local[r] = rotate(q, info[1] - t_lo, p["inv_freq"], half)
+    for r in range(BM):
+        if t_lo + r < n_q:
+            q = p["q"][b, head, t_lo + r]
+            q_local[r] = rotate(q, t_lo + r, p["inv_freq"], half)
             q_cap[r] = rotate(q, p["D"], p["inv_freq"], half)
+    t = np.arange(t_lo, t_lo + BM)
+    valid_row = t < n_q
+    u_lo = np.where(valid_row, t + W - L + 1, np.iinfo(np.int32).max)
+    u_hi = np.where(valid_row, t + W, np.iinfo(np.int32).min)
+    g_hi = np.where(valid_row, np.clip(a + t - L, -1, ws["R"]), -1)
     row_max, row_sum, acc = np.full(BM, -np.inf), np.zeros(BM), np.zeros((BM, dim))
     scale_log2 = p["scale"] * 1.4426950408889634
 
-    for from_cache, first in tiles:
-        prefill_mode = heads == 1 and n_q > 16
-        if from_cache and prefill_mode and not cache_tile_visible(p, first, q0, qs + t_hi):
-            # Skipped unloaded: check that the test is conservative (no pair of the block).
-            held = p["cache_pos"][first:first + BN]
-            d = (qs + np.arange(t_lo, t_hi + 1))[:, None] - held[None, :]
-            seen = (held >= 0) & (d >= 0) & ((d < p["L"]) | (held < p["G"]))
-            assert not seen.any(), (first, q0)
-            SKIPPED.append(first)
-            continue
-        src_k, src_v = (p["cache_k"], p["cache_v"]) if from_cache else (p["k"], p["v"])
-        n_rows = p["cache_len"] if from_cache else n_q
-        pos = np.full(BN, -1, dtype=np.int64)
-        k_tile, v_tile = np.zeros((BN, dim)), np.zeros((BN, dim))
-        for r in range(min(BN, n_rows - first)):
-            pos[r] = p["cache_pos"][first + r] if from_cache else qs + first + r
-            k_tile[r], v_tile[r] = src_k[b, kv_head, first + r], src_v[b, kv_head, first + r]
-        v_tile[pos < 0] = 0.0  # the kernel zeroes empty slots' values
-        k_rot = rotate_key_tile(k_tile, pos, q0, t_hi - t_lo, p)
-
+    for is_global, first in tiles:
+        rows = np.arange(first, first + BN)
+        if is_global:
+            k_tile, v_tile = ws["global_keys"][rows], ws["global_values"][rows]
+            valid = ws["global_source"][rows] >= 0
+            full = False
+        elif first < W:
+            state = ws["tile_state"][first // BN]
+            if state == EMPTY:  # never loaded: check that no row could see a key of it
+                assert (ws["window_slot"][rows] < 0).all()
+                SKIPPED.append(first)
+                continue
+            k_tile, v_tile = ws["keys"][rows], ws["values"][rows]
+            valid, full = ws["window_slot"][rows] >= 0, state == FULL
+        else:
+            inside = rows < W + n_q  # rows past the chunk are zero-filled
+            k_tile = np.where(inside[:, None], ws["keys"][np.minimum(rows, W + n_q - 1)], 0.0)
+            v_tile = np.where(inside[:, None],
+                              p["v"][b, p["kv_head"], np.minimum(rows - W, n_q - 1)], 0.0)
+            valid, full = inside, first + BN <= W + n_q
         for w in range(WARPS):
-            warp_row0 = r0 + 16 * w
-            if warp_row0 >= rows_total:
+            ws_rows = slice(16 * w, 16 * w + 16)
+            warp_t0 = t_lo + 16 * w
+            if warp_t0 >= n_q:
                 continue
-            wt_lo = warp_row0 if heads == 1 else 0
-            wt_hi = min(warp_row0 + 15, n_q - 1) if heads == 1 else n_q - 1
-            ws = slice(16 * w, 16 * w + 16)
-            local = np.zeros((16, BN), bool)
-            glob = np.zeros((16, BN), bool)
-            if (not from_cache and first + BN <= n_q and first + BN - 1 <= wt_lo
-                    and wt_hi - first < p["L"]):
-                local[:] = True  # the "all local" shortcut: no masks
+            warp_t1 = min(warp_t0 + 15, n_q - 1)
+            select = not (full and first >= warp_t1 + W - L + 1 and first + BN - 1 <= warp_t0 + W)
+            if select:
+                if is_global:
+                    seen = valid[None, :] & (rows[None, :] <= g_hi[ws_rows, None])
+                else:
+                    seen = (valid[None, :] & (rows[None, :] >= u_lo[ws_rows, None])
+                            & (rows[None, :] <= u_hi[ws_rows, None]))
+                if not seen.any():
+                    continue
             else:
-                for a in range(16):
-                    if rows[16 * w + a] is None:
-                        continue
-                    d = qs + rows[16 * w + a][1] - pos
-                    present = (pos >= 0) & (d >= 0)
-                    local[a] = present & (d < p["L"])
-                    glob[a] = present & (d >= p["L"]) & (pos < p["G"])
-            if not local.any() and not glob.any():
-                continue
-            with np.errstate(invalid="ignore"):
-                s_local = q_local[ws] @ k_rot.T
-                s_global = q_cap[ws] @ k_tile.T
-            score = np.where(local, s_local, np.where(glob, s_global, -np.inf))
-            new_max = np.maximum(row_max[ws], score.max(1))
+                seen = np.ones((16, BN), bool)
+                # The shortcut must only skip the select where every pair is visible.
+                exact = (rows[None, :] >= u_lo[ws_rows, None]) & (rows[None, :] <= u_hi[ws_rows, None])
+                assert exact[valid_row[ws_rows]].all() and valid.all()
+            score = (q_cap if is_global else q_local)[ws_rows] @ k_tile.T
+            score = np.where(seen, score, -np.inf)
+            new_max = np.maximum(row_max[ws_rows], score.max(1))
             ref = np.where(new_max == -np.inf, 0.0, new_max * scale_log2)
-            correction = np.exp2(row_max[ws] * scale_log2 - ref)
+            correction = np.exp2(row_max[ws_rows] * scale_log2 - ref)
             prob = np.exp2(score * scale_log2 - ref[:, None])
-            row_max[ws] = new_max
-            row_sum[ws] = row_sum[ws] * correction + prob.sum(1)
-            acc[ws] = acc[ws] * correction[:, None] + prob @ v_tile
+            row_max[ws_rows] = new_max
+            row_sum[ws_rows] = row_sum[ws_rows] * correction + prob.sum(1)
+            acc[ws_rows] = acc[ws_rows] * correction[:, None] + prob @ v_tile
 
-    for r, info in enumerate(rows):
-        if info is None:
+    for r in range(BM):
+        if t_lo + r >= n_q:
             continue
-        out_row = (b * hq + info[0]) * n_q + info[1]
+        out_row = (b * hq + head) * n_q + t_lo + r
         normalised = acc[r] / row_sum[r] if row_sum[r] > 0 else np.zeros(dim)
         if n_splits == 1:
-            out[b, info[0], info[1]] = normalised
+            out[b, head, t_lo + r] = normalised
         else:
             partial_out[out_row, split] = normalised
             partial_lse[out_row, split] = (row_max[r] * scale_log2 + np.log2(row_sum[r])
                                            if row_sum[r] > 0 else -np.inf)
 
 
-def model(p, heads, n_splits):
-    """The launch: every (batch, head pack, row tile, split) block, then the merge."""
+def model(p, n_splits):
+    """The launch: the pre-pass per (batch, kv head), every (batch, head, row tile, split)
+    block, then the merge."""
     batch, hq, n_q, dim = p["q"].shape
+    group = hq // p["k"].shape[1]
     out = np.full(p["q"].shape, np.nan)
     partial_out = np.full((batch * hq * n_q, n_splits, dim), np.nan)
     partial_lse = np.full((batch * hq * n_q, n_splits), np.nan)
-    row_tiles = -(-heads * n_q // BM)
     for b in range(batch):
-        for y in range(hq // heads):
-            for row_tile in range(row_tiles):
-                for split in range(n_splits):
-                    run_block(p, b, y, row_tile, split, heads, n_splits, out, partial_out,
-                              partial_lse)
+        for kv_head in range(p["k"].shape[1]):
+            ws = pre_pass(p, b, kv_head)
+            p["kv_head"] = kv_head
+            for head in range(kv_head * group, (kv_head + 1) * group):
+                for row_tile in range(-(-n_q // BM)):
+                    for split in range(n_splits):
+                        run_block(p, ws, b, head, row_tile, split, n_splits, out, partial_out,
+                                  partial_lse)
     if n_splits > 1:
         for row in range(batch * hq * n_q):
             lse = partial_lse[row]
@@ -211,11 +217,12 @@ def model(p, heads, n_splits):
     return out
 
 
-def case(batch, hq, hkv, dim, n_q, G, L, seen, decode, n_splits, rotary_dim=None, offset=0,
-         cap=None, cache=True):
-    """Queries at seen + offset .. against a ring cache of the first G and last L tokens (as
-    RingKVCache holds them after `seen` tokens, positions >= G shifted by offset)."""
-    rng = np.random.default_rng(0)
+def reference_case(batch, hq, hkv, dim, n_q, G, L, seen, rotary_dim=None, offset=0, cap=None,
+                   cache=True, seed=0):
+    """Inputs for queries at seen + offset .. against a ring cache of the first G and last L
+    tokens (as RingKVCache holds them after `seen` tokens, positions >= G shifted by offset),
+    and the float64 reference output."""
+    rng = np.random.default_rng(seed)
     rotary_dim = rotary_dim or dim
     cache_pos = np.full(G + L if cache else 0, -1, dtype=np.int64)
     if cache:
@@ -234,8 +241,6 @@ def case(batch, hq, hkv, dim, n_q, G, L, seen, decode, n_splits, rotary_dim=None
              inv_freq=(1.0 / 10000 ** (np.arange(0, rotary_dim, 2) / rotary_dim)).astype(F32))
     p["cache_k"][:, :, cache_pos < 0] = np.nan
     p["cache_v"][:, :, cache_pos < 0] = np.nan
-    out = model(p, hq // hkv if decode else 1, n_splits)
-
     present = cache_pos >= 0
     ref = li.lambda_attention_reference(
         torch.from_numpy(p["q"]),
@@ -246,35 +251,48 @@ def case(batch, hq, hkv, dim, n_q, G, L, seen, decode, n_splits, rotary_dim=None
         key_positions=torch.from_numpy(
             np.concatenate([cache_pos[present], np.arange(qs, qs + n_q)])),
     ).numpy()
+    return p, ref
+
+
+def case(batch, hq, hkv, dim, n_q, G, L, seen, n_splits=1, **kwargs):
+    p, ref = reference_case(batch, hq, hkv, dim, n_q, G, L, seen, **kwargs)
+    out = model(p, n_splits)
     err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-    print(f"batch={batch} heads={hq}/{hkv} dim={dim} n_q={n_q} G={G} L={L} start={qs} "
-          f"decode={decode} splits={n_splits} rotary={rotary_dim}: rel err {err:.1e}")
+    print(f"batch={batch} heads={hq}/{hkv} dim={dim} n_q={n_q} G={G} L={L} start={p['qs']} "
+          f"splits={n_splits} rotary={p['rotary_dim']} cache={p['cache_len']}: rel err {err:.1e}")
     assert np.isfinite(out).all() and err < 1e-5, err
+    return out
 
 
 if __name__ == "__main__":
-    # Whole sequences: band edges, a window of one key, global tiles, splits, G beyond a tile.
-    case(1, 2, 1, 16, 300, 3, 70, 0, False, 1, cache=False)
-    case(1, 2, 2, 16, 200, 0, 64, 0, False, 1, cache=False)
-    case(1, 1, 1, 16, 260, 5, 1, 0, False, 1, cache=False, cap=0)
-    case(1, 2, 1, 16, 300, 3, 70, 0, False, 3, cache=False)
-    case(1, 2, 1, 16, 130, 70, 20, 0, False, 2, cache=False, rotary_dim=8)
-    case(1, 2, 1, 16, 400, 4, 300, 0, False, 1, cache=False)  # tiles strictly inside the band
-    # Chunks against a wrapped ring: decode packing, splits, partial rotary, near 10^9.
-    case(1, 4, 2, 16, 1, 4, 100, 1000, True, 3)
-    case(1, 4, 2, 16, 3, 4, 100, 1000, True, 1)
-    case(2, 6, 2, 16, 16, 2, 130, 5000, True, 5, rotary_dim=8)
-    case(1, 4, 2, 16, 5, 4, 100, 1000, True, 2, offset=10**9 - 1000 + 17)
-    case(1, 4, 2, 16, 70, 4, 100, 1000, False, 2)  # prefill mode with a cache
-    case(1, 4, 4, 16, 9, 10, 200, 60, True, 4)  # cache not full: empty slots
-    case(1, 2, 1, 16, 100, 10, 50, 5, False, 1)  # global keys in the cache and the chunk
-    # Prefill-mode chunks that skip cache tiles: a fresh (empty) ring, and a long chunk.
-    case(1, 2, 1, 16, 150, 4, 300, 0, False, 1)
-    case(1, 2, 1, 16, 400, 4, 200, 1000, False, 2)
-    assert SKIPPED, "no cache tile was skipped"
-    # The real head dims: 16-row recurrences (128), two rows per pass (64).
-    case(1, 2, 1, 128, 140, 3, 70, 0, False, 1, cache=False)
-    case(1, 4, 2, 64, 3, 4, 100, 1000, True, 2, rotary_dim=32)
+    # Whole sequences: band edges, a window of one key, global tiles, splits, G beyond a tile,
+    # rows i < L (plain causal), partial rotary, G = 0.
+    case(1, 2, 1, 16, 300, 3, 70, 0, cache=False)
+    case(1, 2, 2, 16, 200, 0, 64, 0, cache=False)
+    case(1, 1, 1, 16, 260, 5, 1, 0, cache=False, cap=0)
+    case(1, 2, 1, 16, 300, 3, 70, 0, 3, cache=False)
+    case(1, 2, 1, 16, 130, 70, 20, 0, 2, cache=False, rotary_dim=8)
+    case(1, 2, 1, 16, 400, 4, 300, 0, cache=False)  # tiles strictly inside the band
+    case(1, 3, 3, 16, 19, 10, 500, 0, cache=False)  # the window covers the sequence: causal
+    # Chunks against a wrapped ring (slots in any order): chunk sizes 1 .. > L, GQA, MHA,
+    # empty slots, global keys in the window and beyond it, splits.
+    for n_q in (1, 3, 17, 70, 250):
+        case(1, 4, 2, 16, n_q, 4, 100, 1000, 2 if n_q < 20 else 1)
+    case(2, 6, 2, 16, 16, 2, 130, 5000, 5, rotary_dim=8)
+    case(1, 4, 4, 16, 9, 10, 200, 60, 4)  # cache not full: empty slots, partial window tiles
+    case(1, 2, 1, 16, 100, 10, 50, 5)  # global keys in the cache and the chunk
+    case(1, 2, 1, 16, 150, 4, 300, 0)  # a fresh (empty) ring: window tiles skipped
+    case(1, 2, 1, 16, 400, 4, 200, 1000, 2)  # a chunk longer than the window
+    case(1, 2, 1, 16, 90, 0, 129, 777)  # G = 0, window not a tile multiple
+    assert SKIPPED, "no window tile was skipped"
+    # Relative only: the same window near 10^3 and near 10^9 gives bit-identical outputs.
+    for n_q in (5, 200):
+        near = case(1, 4, 2, 16, n_q, 4, 100, 1000, seed=1)
+        far = case(1, 4, 2, 16, n_q, 4, 100, 1000, seed=1, offset=10**9 - 1000 + 17)
+        assert np.array_equal(near, far), "the 10^9 shift changed the output"
+    # The real head dims.
+    case(1, 2, 1, 128, 140, 3, 70, 0, cache=False)
+    case(1, 4, 2, 64, 80, 4, 100, 1000, 2, rotary_dim=32)
     print("the model matches the reference")
     # The decode kernel (lambda_attention_decode.cu) has its own model.
     import cuda_block_model_decode

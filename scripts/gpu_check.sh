@@ -49,6 +49,10 @@ if want build; then
       grep -E "Compiling entry|registers|spill|warning" | sed -E 's/_ZN5lminf4cuda[0-9]+_GLOBAL__N__[0-9a-f_]+_cu_[0-9a-f]+//'
   done >"$OUT/resource_usage.txt" 2>&1
   "$PY" -c "import lm_infinite as li; print(li.build_info())" >>"$OUT/build.log" 2>&1
+  # The Hopper building blocks on one tile (TMA, wgmma descriptors): a second of GPU time.
+  run wgmma_tile 60 "$OUT/wgmma_tile.log" bash -c "nvcc -std=c++17 -O3 \
+    -gencode=arch=compute_90a,code=sm_90a -Icsrc/include -Icsrc csrc/tests/test_wgmma_tile.cu \
+    -o '$OUT/test_wgmma_tile' && '$OUT/test_wgmma_tile'"
 fi
 
 # The sanitizer runs (GPU-bound, one CPU core) overlap the test suite (float64 references on
@@ -84,6 +88,7 @@ fi
 echo
 echo "== $(head -2 "$OUT/device.txt" | tail -1)"
 [ -s "$OUT/resource_usage.txt" ] && { echo "== ptxas (registers / spills)"; grep -E "registers|spill" "$OUT/resource_usage.txt" | sort | uniq -c | head -12; }
+[ -f "$OUT/wgmma_tile.log" ] && echo "== wgmma tile: $(tail -2 "$OUT/wgmma_tile.log" | tr '\n' ' ')"
 [ -f "$OUT/pytest.log" ] && { echo "== pytest: $(tail -1 "$OUT/pytest.log")"; cat "$OUT/pytest_failures.txt"; }
 for log in memcheck racecheck; do
   [ -f "$OUT/$log.log" ] && echo "== $log: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/$log.log" | tail -1)"

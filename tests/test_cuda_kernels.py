@@ -1,8 +1,8 @@
 """The CUDA kernels against the float64 reference (DESIGN.md section 1), through the public API.
 
-Every kernel path is reached: the tensor-core kernel (bf16/fp16, head_dim 64 and 128) in
-prefill mode, decode mode (n_queries <= 16, the KV group's heads stacked) and split-key mode
-(few blocks: partials merged by log-sum-exp); the generic kernel (float32, other head dims,
+Every kernel path is reached: the tensor-core kernel (bf16/fp16, head_dim 64 and 128) after
+its chunk-anchored pre-pass, whole sequences and chunks against a wrapped cache, in split-key
+mode too (few blocks: partials merged by log-sum-exp); the generic kernel (float32, other head dims,
 unaligned rows); the ring-buffer append. Inputs are fresh random tensors for every test,
 outputs come from memory poisoned with NaN first, and the reference runs in float64 on the
 CPU. Low-precision errors are bounded by twice PyTorch's own error in that dtype (the
@@ -164,6 +164,46 @@ def test_positions_near_1e9_give_the_same_result(n_q):
     torch.manual_seed(0)
     far = check_chunk(*args, offset=10**9 - 1000 + 17)
     torch.testing.assert_close(near, far, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("n_q", [17, 63, 64, 65, 1000, 4096])
+def test_prefill_chunks_against_a_full_wrapped_cache(dtype, dim, n_q):
+    """The chunk-anchored pre-pass gathers a wrapped window by position: chunks of 17 .. 4096
+    queries against a full cache of 4 + 4096 slots, ten thousand tokens into the stream."""
+    check_chunk(dtype, 1, 4, 2, dim, n_q, 4, 4096, 10_000)
+
+
+@pytest.mark.parametrize("n_q", [17, 4096])
+def test_prefill_chunk_near_1e9_is_bit_identical(n_q):
+    """The pre-pass and the kernel take only differences of positions: a 4096-token window
+    near 10^9 gives the same bits as the same window near 10^4."""
+    args = (torch.bfloat16, 1, 4, 2, 128, n_q, 4, 4096, 10_000)
+    torch.manual_seed(0)
+    near = check_chunk(*args)
+    torch.manual_seed(0)
+    far = check_chunk(*args, offset=10**9 - 10_000 + 17)
+    torch.testing.assert_close(near, far, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_q", [17, 40, 300])
+def test_chunk_with_cache_slots_in_any_order(n_q):
+    """Slots carry explicit positions, so a permuted cache must give the same result as the
+    ring order (the window is gathered by position, not by slot)."""
+    dtype, hq, hkv, dim, n_global, n_local, seen = torch.bfloat16, 6, 2, 64, 3, 200, 777
+    cache_k, cache_v, positions = ring_cache(1, hkv, dim, n_global, n_local, seen, dtype)
+    q, k, v = (randn(1, h, n_q, dim, dtype=dtype) for h in (hq, hkv, hkv))
+    inv_freq = rope_inv_freq(dim).to(DEV)
+    order = torch.randperm(positions.numel())
+
+    def attend(ck, cv, pos):
+        return li.lambda_attention_chunk(q, k, v, ck, cv, pos.to(DEV), seen, inv_freq,
+                                         n_global=n_global, n_local=n_local)
+
+    ring = attend(cache_k, cache_v, positions)
+    permuted = attend(cache_k[:, :, order.to(DEV)], cache_v[:, :, order.to(DEV)], positions[order])
+    torch.testing.assert_close(permuted, ring, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,10 +4,11 @@
 //     n_queries <= 16, full rotary  -> lambda_attention_decode.cu (a KV group's query heads
 //                                      share each K/V read; keys split to fill one wave, then
 //                                      its own merge)
-//     otherwise                     -> lambda_attention_mma.cu (tensor cores, 64-query tiles;
+//     otherwise                     -> rotate_chunk_keys.cu (the pre-pass: keys rotated
+//                                      relative to the chunk start, cache window gathered by
+//                                      position), then lambda_attention_mma.cu (tensor cores;
 //                                      keys split across blocks when fewer than 2 waves, then
-//                                      lse_merge.cu; with a cache, per-tile position bounds
-//                                      first, cache_tile_bounds.cu)
+//                                      lse_merge.cu)
 //   anything else up to head_dim 256 (float32, odd layouts) -> lambda_attention_generic.cu
 #include <cuda_runtime.h>
 
@@ -50,6 +51,9 @@ bool tensor_core_eligible(const LambdaAttentionParams& p) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
   if (p.rotary_dim % 4 != 0) return false;  // lanes rotate frequency pairs as 32-bit words
+  // The kernels index the pre-pass rows (window + chunk, global) and their elements in int32.
+  if ((p.n_queries + p.n_local + p.n_global + p.cache_len) * p.head_dim >= (int64_t(1) << 31))
+    return false;
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out)) return false;
   if (!strides_multiple_of_8({p.q_batch_stride, p.q_head_stride, p.q_row_stride,
                               p.k_batch_stride, p.k_head_stride, p.k_row_stride,
@@ -110,20 +114,16 @@ AttentionPlan plan_attention(const LambdaAttentionParams& p) {
   const int64_t blocks = plan.row_tiles * p.n_heads_q * p.batch;
   const int64_t target = 2 * static_cast<int64_t>(sm_count());  // two resident blocks per SM
   if (blocks > 0 && blocks < target) {
-    // Upper bound on the key tiles a block visits: the cache, the band, one global tile.
-    const int64_t band_keys = min64(p.n_queries, p.n_local + kMmaBlockRows);
-    const int64_t key_tiles = (p.cache_len + kMmaBlockKeys - 1) / kMmaBlockKeys +
-                              (band_keys + kMmaBlockKeys - 1) / kMmaBlockKeys + 1;
+    // Upper bound on the key tiles a block visits: the band (cache window and chunk keys)
+    // and the global tiles.
+    const int64_t band_keys =
+        min64(p.n_queries, p.n_local + kMmaBlockRows) + (p.cache_len > 0 ? p.n_local : 0);
+    const int64_t key_tiles = (band_keys + kMmaBlockKeys - 1) / kMmaBlockKeys +
+                              (p.n_global + kMmaBlockKeys - 1) / kMmaBlockKeys;
     plan.n_splits = min64(min64((target + blocks - 1) / blocks, key_tiles), kMaxSplits);
   }
-  const int64_t cache_tiles = (p.cache_len + kMmaBlockKeys - 1) / kMmaBlockKeys;
-  plan.skip_cache_tiles = cache_tiles > 0 && cache_tiles <= kMaxSkippableCacheTiles;
-  size_t bytes = partials_bytes(p, plan);
-  if (plan.skip_cache_tiles) {
-    plan.cache_tile_bounds_offset = bytes;
-    bytes += round_up_256(static_cast<size_t>(cache_tiles) * 2 * sizeof(int64_t));
-  }
-  plan.workspace_bytes = bytes;
+  plan.prefill = plan_prefill_workspace(p, partials_bytes(p, plan));
+  plan.workspace_bytes = plan.prefill.end;
   return plan;
 }
 
@@ -158,10 +158,9 @@ Status lambda_attention_cuda(const LambdaAttentionParams& params, void* workspac
                                  " is not supported (at most 256)");
     return cuda::launch_lambda_attention_generic(params, cuda_stream);
   }
-  const int64_t grid_y = params.n_heads_q / plan.heads_per_block;
-  if (grid_y > 65535 || params.batch > 65535)
+  if (params.n_heads_q > 65535 || params.batch > 65535)
     return Status::Unsupported("lambda_attention_cuda: batch=" + std::to_string(params.batch) +
-                               " and n_heads_q / heads per block=" + std::to_string(grid_y) +
+                               " and n_heads_q=" + std::to_string(params.n_heads_q) +
                                " must each be at most 65535");
   if (plan.workspace_bytes > 0 && workspace == nullptr)
     return Status::InvalidArgument("lambda_attention_cuda: workspace must hold " +
@@ -169,10 +168,8 @@ Status lambda_attention_cuda(const LambdaAttentionParams& params, void* workspac
                                    " bytes (lambda_attention_cuda_workspace_size), got null");
   if (plan.path == cuda::AttentionPath::kDecode)
     return cuda::launch_lambda_attention_decode(params, plan, workspace, cuda_stream);
-  if (plan.skip_cache_tiles) {
-    status = cuda::launch_cache_tile_bounds(params, plan, workspace, cuda_stream);
-    if (!status.ok()) return status;
-  }
+  status = cuda::launch_rotate_chunk_keys(params, plan, workspace, cuda_stream);
+  if (!status.ok()) return status;
   status = cuda::launch_lambda_attention_mma(params, plan, workspace, cuda_stream);
   if (!status.ok() || plan.n_splits == 1) return status;
   return cuda::launch_lse_merge(params, plan, workspace, cuda_stream);

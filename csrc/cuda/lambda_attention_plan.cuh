@@ -25,10 +25,34 @@ inline constexpr int kMmaWarps = 4;
 inline constexpr int kMmaBlockRows = 16 * kMmaWarps;
 inline constexpr int kMmaBlockKeys = 64;
 
-// Prefill-mode blocks skip cache tiles no query of theirs can see, from per-tile position
-// bounds (cache_tile_bounds.cu), for caches of up to this many 64-slot tiles (one byte of
-// shared memory each).
-inline constexpr int64_t kMaxSkippableCacheTiles = 1024;
+// The chunk-anchored pre-pass (rotate_chunk_keys.cu) writes, with a = *query_start:
+//   keys    [batch][n_heads_kv][window_rows + n_queries][head_dim] T: row u holds the key at
+//           position a - window_rows + u rotated by its offset from a (u - window_rows): first
+//           the cache window (cache slots gathered by position; zero where none holds it),
+//           then the chunk's own keys (offset t);
+//   values  [batch][n_heads_kv][window_rows][head_dim] T: the window's values (the chunk's
+//           own values are read from v in place);
+//   global_keys, global_values [batch][n_heads_kv][global_rows][head_dim] T: the raw key and
+//           value at position j < n_global in row j (zero where no slot or chunk row has it);
+//   window_slot [window_rows] int32: the cache slot gathered into window row u, or -1;
+//   global_source [global_rows] int32: -1, a cache slot (< cache_len), or cache_len + t for
+//           chunk row t;
+//   window_tile_state [window_rows / 64] uint8: kTileEmpty, kTilePartial or kTileFull.
+// window_rows = n_local - 1 rounded up to kPrefillRowAlign when there is a cache (every
+// position a query of the chunk can see locally in the cache lies in [a - n_local + 1, a)),
+// else 0; the window is tile-aligned, so the chunk's keys start on a tile of either kernel.
+// global_rows = n_global rounded up to kPrefillRowAlign.
+inline constexpr int64_t kPrefillRowAlign = 128;  // the largest key tile of the prefill kernels
+struct PrefillWorkspace {
+  int64_t window_rows = 0, global_rows = 0;
+  size_t keys = 0, values = 0, global_keys = 0, global_values = 0;  // byte offsets
+  size_t window_slot = 0, global_source = 0, window_tile_state = 0;
+  size_t end = 0;  // first byte after the region
+};
+inline constexpr uint8_t kTileEmpty = 0, kTilePartial = 1, kTileFull = 2;
+
+// The pre-pass region for these sizes, placed at byte offset `base` of the workspace.
+PrefillWorkspace plan_prefill_workspace(const LambdaAttentionParams& params, size_t base);
 
 // The decode kernel (lambda_attention_decode.cu) takes chunks of up to kDecodeMaxQueries
 // queries. A block stacks the rows of one KV group's query heads (row r = head_in_group *
@@ -51,16 +75,15 @@ struct AttentionPlan {
   // decode merge combine. On the decode path the ranges are whole 64-key chunks of the
   // virtual key list (cache slots, then the chunk's own tokens).
   int64_t n_splits = 1;
-  bool skip_cache_tiles = false;  // run cache_tile_bounds first; blocks skip invisible tiles
   size_t workspace_bytes = 0;
   // Workspace regions (byte offsets):
   //   when n_splits > 1, per output row (b, head, t) and split z:
   //     partial_out [rows][n_splits][head_dim] float32 at 0, each split's output normalised by
   //     its own softmax sum; partial_lse [rows][n_splits] float32, its log2-sum-exp (-inf if
   //     the split saw no key);
-  //   when skip_cache_tiles: [cache tiles][2] int64, the min and max position of each tile.
+  //   then the pre-pass region (tensor-core path).
   size_t partial_lse_offset = 0;
-  size_t cache_tile_bounds_offset = 0;
+  PrefillWorkspace prefill;
 };
 
 // Chooses the path and the split for these sizes on the current device.
@@ -77,7 +100,7 @@ Status launch_lambda_attention_mma(const LambdaAttentionParams& params, const At
                                    void* workspace, cudaStream_t stream);
 Status launch_lambda_attention_generic(const LambdaAttentionParams& params,
                                        cudaStream_t stream);
-Status launch_cache_tile_bounds(const LambdaAttentionParams& params, const AttentionPlan& plan,
+Status launch_rotate_chunk_keys(const LambdaAttentionParams& params, const AttentionPlan& plan,
                                 void* workspace, cudaStream_t stream);
 Status launch_lse_merge(const LambdaAttentionParams& params, const AttentionPlan& plan,
                         const void* workspace, cudaStream_t stream);

@@ -96,8 +96,9 @@ LMINF_API Status validate(const LambdaAttentionParams& params);
 // n_threads <= 0 uses the OpenMP default. Work grows as n_queries * (n_global + n_local).
 LMINF_API Status lambda_attention_cpu(const LambdaAttentionParams& params, int n_threads = 0);
 
-// Bytes of device scratch lambda_attention_cuda needs for these sizes (split-key decode
-// partials). Depends only on sizes, so a caller can allocate it once.
+// Bytes of device scratch lambda_attention_cuda needs for these sizes (the tensor-core path's
+// keys rotated relative to the chunk start and its gathered cache window, split-key partials).
+// Depends only on sizes, so a caller can allocate it once.
 LMINF_API size_t lambda_attention_cuda_workspace_size(const LambdaAttentionParams& params);
 
 // CUDA implementation, enqueued on `stream` (a cudaStream_t; null = default stream). No
