@@ -7,8 +7,9 @@
 // is one wave of the GPU; kDecodeStages chunks are in flight per block (cp.async, 16-byte
 // pieces), which at batch 1 is the whole split. Each of the 4 warps takes 16 keys of every
 // chunk and keeps its own online softmax; the warps are combined through shared memory at the
-// end, and the splits by decode_merge_kernel (a second launch: no global counters, so the pair
-// is capturable in a CUDA graph).
+// end, and the splits by decode_merge_kernel (a second launch, programmatic-dependent so that
+// its launch latency overlaps the first; no global counters, so the pair is capturable in a
+// CUDA graph).
 //
 // RoPE, anchored at the chunk's first query a = *query_start: query t is rotated by t (< 16)
 // once, each key by j - a in registers, between its ldmatrix and its mma, so that
@@ -123,6 +124,20 @@ __device__ __forceinline__ void load_chunk(const KeySource<T>& src,
     else
       s_pos[threadIdx.x] = key < src.n_keys ? src.query_start + (key - src.cache_len) : -1;
   }
+}
+
+// Programmatic dependent launch (sm_90+): the merge is launched while the decode kernel still
+// runs, so its launch latency hides behind the decode kernel's tail. No-ops elsewhere, and when
+// the launch was an ordinary one.
+__device__ __forceinline__ void grid_dependents_may_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 // cos/sin of one key's distance at the D/8 frequencies a lane rotates: entry i is frequency
@@ -479,6 +494,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
+  // The merge (launched as a programmatic dependent) may start its blocks now; it still waits
+  // for this grid's completion before it reads a partial.
+  grid_dependents_may_launch();
+
   // Epilogue: the four warps' partial softmaxes meet in shared memory (the stages are free
   // once every copy has landed and every warp is past its last chunk).
   cp_async_wait<0>();
@@ -569,6 +588,7 @@ __global__ void __launch_bounds__(128)
   const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
   const int col = 4 * (threadIdx.x % kThreadsPerRow);
   const int n_q = static_cast<int>(p.n_queries), n_heads = static_cast<int>(p.n_heads_q);
+  wait_for_prerequisite_grid();  // the decode kernel's partials are complete and visible
   if (row >= p.batch * n_heads * n_q) return;
   const float* const lse = partial_lse + int64_t(row) * n_splits;
   const float* const partial = partial_out + int64_t(row) * n_splits * D + col;
@@ -639,8 +659,22 @@ Status launch(const LambdaAttentionParams& p, const AttentionPlan& plan, void* w
   if (!status.ok() || n_splits == 1) return status;
   constexpr int kRowsPerBlock = 128 / (D / 4);
   const int64_t rows = p.batch * p.n_heads_q * p.n_queries;
-  decode_merge_kernel<T, D><<<static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock),
-                              128, 0, stream>>>(p, n_splits, partial_out, partial_lse);
+  cudaLaunchAttribute dependent;
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock));
+  config.blockDim = dim3(128);
+  config.stream = stream;
+  config.attrs = &dependent;
+  config.numAttrs = 1;
+  if (cudaLaunchKernelEx(&config, decode_merge_kernel<T, D>, p, n_splits,
+                         static_cast<const float*>(partial_out),
+                         static_cast<const float*>(partial_lse)) != cudaSuccess) {
+    cudaGetLastError();  // a runtime or driver without dependent launches: an ordinary one
+    decode_merge_kernel<T, D><<<config.gridDim, config.blockDim, 0, stream>>>(
+        p, n_splits, partial_out, partial_lse);
+  }
   return launch_status("decode_merge_kernel");
 }
 
