@@ -54,8 +54,8 @@ except RuntimeError as e:
     print("raised:", str(e).splitlines()[0])'
 
 if want diag; then
-  run toolchain 20 "$OUT/crash_diag.log" "$PY" scripts/libstdcxx_check.py toolchain
-  run repro 75 "$OUT/crash_diag.log" "$PY" scripts/libstdcxx_check.py repro "$OUT/repro"
+  run toolchain 20 "$OUT/crash_diag.log" "$PY" -u scripts/libstdcxx_check.py toolchain
+  run repro 90 "$OUT/crash_diag.log" "$PY" -u scripts/libstdcxx_check.py repro "$OUT/repro"
 fi
 
 if want build; then
@@ -68,7 +68,7 @@ if want build; then
   SO="$(ls python/lm_infinite/_C*.so 2>/dev/null | head -1)"
   if [ -n "$SO" ]; then
     echo "== the extension as built" >>"$OUT/crash_diag.log"
-    run inspect 30 "$OUT/crash_diag.log" "$PY" scripts/libstdcxx_check.py inspect "$SO" "$BAD_CALL"
+    run inspect 30 "$OUT/crash_diag.log" "$PY" -u scripts/libstdcxx_check.py inspect "$SO" "$BAD_CALL"
   fi
   "$PY" -c "import lm_infinite as li; print(li.build_info())" >>"$OUT/build.log" 2>&1
 fi
