@@ -10,7 +10,8 @@
 #             (crash_diag.log; scripts/libstdcxx_check.py)
 #   build     pip install -v (the link line with -v is in build.log), then the extension's
 #             libstdc++ linkage and a bad-input call in a subprocess (crash_diag.log)
-#   test      tests/test_cuda_kernels.py and tests/test_bad_input.py (pytest.log)
+#   test      tests/test_bad_input.py + test_build_link.py, the decode tests of
+#             tests/test_cuda_kernels.py, and (after the bench) its other tests (pytest_*.log)
 #   sanitize  compute-sanitizer memcheck and racecheck on the decode shapes, alongside the tests
 #   bench     bench/attention_gpu.py --decode-only (bench.log, bench/attention_gpu.json)
 # A short table is printed last.
@@ -53,8 +54,8 @@ except RuntimeError as e:
     print("raised:", str(e).splitlines()[0])'
 
 if want diag; then
-  run toolchain 20 "$OUT/crash_diag.log" "$PY" scripts/libstdcxx_check.py toolchain
-  run repro 75 "$OUT/crash_diag.log" "$PY" scripts/libstdcxx_check.py repro "$OUT/repro"
+  run toolchain 20 "$OUT/crash_diag.log" "$PY" -u scripts/libstdcxx_check.py toolchain
+  run repro 90 "$OUT/crash_diag.log" "$PY" -u scripts/libstdcxx_check.py repro "$OUT/repro"
 fi
 
 if want build; then
@@ -67,7 +68,7 @@ if want build; then
   SO="$(ls python/lm_infinite/_C*.so 2>/dev/null | head -1)"
   if [ -n "$SO" ]; then
     echo "== the extension as built" >>"$OUT/crash_diag.log"
-    run inspect 30 "$OUT/crash_diag.log" "$PY" scripts/libstdcxx_check.py inspect "$SO" "$BAD_CALL"
+    run inspect 30 "$OUT/crash_diag.log" "$PY" -u scripts/libstdcxx_check.py inspect "$SO" "$BAD_CALL"
   fi
   "$PY" -c "import lm_infinite as li; print(li.build_info())" >>"$OUT/build.log" 2>&1
 fi
@@ -84,11 +85,15 @@ if want sanitize; then
   SANITIZE_PID=$!
 fi
 
+# Tests in order of importance, so that a cut-off run still has the essentials: bad input and
+# linkage, then the decode tests (while the sanitizers run), the benchmark, the other CUDA tests.
+DECODE_TESTS="decode or 1e9"
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 if want test; then
-  XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-  run pytest 150 "$OUT/pytest.log" "$PY" -m pytest -q -m "not slow" --maxfail=30 $XDIST \
-    tests/test_cuda_kernels.py tests/test_bad_input.py
-  grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30 >"$OUT/pytest_failures.txt"
+  run bad_input 60 "$OUT/pytest_bad_input.log" "$PY" -m pytest -q tests/test_bad_input.py \
+    tests/test_build_link.py
+  run pytest_dec 150 "$OUT/pytest_decode.log" "$PY" -m pytest -q --maxfail=30 $XDIST \
+    tests/test_cuda_kernels.py -k "$DECODE_TESTS"
 fi
 
 if want sanitize; then
@@ -100,6 +105,11 @@ if want bench; then
   run bench 100 "$OUT/bench.log" "$PY" bench/attention_gpu.py --decode-only --out "$OUT/bench"
 fi
 
+if want test; then
+  run pytest_rest 120 "$OUT/pytest_rest.log" "$PY" -m pytest -q -m "not slow" --maxfail=30 \
+    $XDIST tests/test_cuda_kernels.py -k "not ($DECODE_TESTS)"
+fi
+
 echo
 echo "== $(head -2 "$OUT/device.txt" | tail -1)"
 if [ -f "$OUT/crash_diag.log" ]; then
@@ -107,7 +117,11 @@ if [ -f "$OUT/crash_diag.log" ]; then
   grep -E "^== variant|NEEDED libstdc|symbols defined|bad call|number formatted|_M_insert" \
     "$OUT/crash_diag.log" | sed 's/^/  /'
 fi
-[ -f "$OUT/pytest.log" ] && { echo "== pytest: $(tail -1 "$OUT/pytest.log")"; cat "$OUT/pytest_failures.txt"; }
+for log in pytest_bad_input pytest_decode pytest_rest; do
+  [ -f "$OUT/$log.log" ] || continue
+  echo "== $log: $(tail -1 "$OUT/$log.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/$log.log" | head -15
+done
 for log in memcheck racecheck; do
   [ -f "$OUT/$log.log" ] && echo "== $log: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/$log.log" | tail -1)"
 done

@@ -5,8 +5,8 @@ libstdc++'s stream and locale code inside the extension?
     python3 scripts/libstdcxx_check.py repro DIR        # a one-check extension, linked 3 ways
     python3 scripts/libstdcxx_check.py inspect SO       # one built extension, and a bad call
 
-`repro` builds a tiny extension whose only op fails a TORCH_CHECK that formats a number, linked
-(a) the way torch.utils.cpp_extension links on this machine, (b) with -static-libstdc++ (a
+`repro` builds a tiny extension whose only op fails a TORCH_CHECK that formats a number (compiled
+once), linked (a) the way torch.utils.cpp_extension links on this machine, (b) with -static-libstdc++ (a
 known-bad reference: a private copy of the locale code whose facet ids do not match the
 process's locale, so formatting a number either drops it or crashes), and (c) with (b)'s flag
 plus setup.py's LINK_ARGS (the fix: libstdc++.so named first, so the static archive is never
@@ -92,31 +92,41 @@ def inspect(so: pathlib.Path, call: str | None = None) -> dict:
 
 
 def repro(workdir: pathlib.Path) -> None:
+    """Compiles the one-check extension once (torch.utils.cpp_extension, this machine's
+    defaults), then links its object three ways with the link command cpp_extension used."""
+    import re
+    import shlex
+
     from torch.utils import cpp_extension
 
-    sys.path.insert(0, str(ROOT))
-    link_args = _setup_link_args()
     workdir.mkdir(parents=True, exist_ok=True)
     source = workdir / "repro.cpp"
     source.write_text(REPRO)
+    build = workdir / "build"
+    build.mkdir(exist_ok=True)
+    print("== variant default: extra link flags [] (cpp_extension.load)")
+    cpp_extension.load("repro", [str(source)], extra_ldflags=["-v"], build_directory=str(build),
+                       verbose=True)
+    ninja = (build / "build.ninja").read_text()
+    cxx = re.search(r"^cxx = (.*)$", ninja, re.M).group(1)
+    ldflags = re.search(r"^ldflags = (.*)$", ninja, re.M).group(1)
     variants = {"default": [], "static_libstdcxx": ["-static-libstdc++"],
-                "static_plus_fix": ["-static-libstdc++", *link_args]}
+                "static_plus_fix": ["-static-libstdc++", *_setup_link_args()]}
     for name, flags in variants.items():
-        build = workdir / name
-        build.mkdir(exist_ok=True)
-        print(f"== variant {name}: extra link flags {flags}")
-        try:
-            cpp_extension.load(f"repro_{name}", [str(source)], extra_ldflags=["-v", *flags],
-                               build_directory=str(build), verbose=True)
-        except Exception as error:  # noqa: BLE001 (report and go on to the next variant)
-            print(f"  build failed: {error}")
-            continue
-        so = next(build.glob(f"repro_{name}*.so"))
-        call = (f"import torch, repro_{name} as m\ntry:\n    m.check(5)\nexcept RuntimeError as e:\n"
-                f"    print('message:', str(e).splitlines()[0])")
+        so = workdir / f"repro_{name}.so"
+        if name != "default":
+            print(f"== variant {name}: extra link flags {flags}")
+        link = [*shlex.split(cxx), str(build / "repro.o"), *shlex.split(ldflags), *flags,
+                "-o", str(so)]
+        print("  link:", " ".join(link))
+        print(sh(link))
+        call = ("import importlib.util, torch\n"
+                f"spec = importlib.util.spec_from_file_location('repro', '{so}')\n"
+                "m = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(m)\n"
+                "try:\n    m.check(5)\nexcept RuntimeError as e:\n"
+                "    print('message:', str(e).splitlines()[0])")
         result = inspect(so, call)
-        formatted = result.get("message", "").endswith("got 5")
-        print(f"  number formatted: {formatted}")
+        print(f"  number formatted: {result.get('message', '').endswith('got 5')}")
 
 
 def _setup_link_args() -> list[str]:

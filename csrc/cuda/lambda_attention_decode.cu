@@ -7,8 +7,9 @@
 // is one wave of the GPU; kDecodeStages chunks are in flight per block (cp.async, 16-byte
 // pieces), which at batch 1 is the whole split. Each of the 4 warps takes 16 keys of every
 // chunk and keeps its own online softmax; the warps are combined through shared memory at the
-// end, and the splits by decode_merge_kernel (a second launch: no global counters, so the pair
-// is capturable in a CUDA graph).
+// end, and the splits by decode_merge_kernel (a second launch, programmatic-dependent so that
+// its launch latency overlaps the first; no global counters, so the pair is capturable in a
+// CUDA graph).
 //
 // RoPE, anchored at the chunk's first query a = *query_start: query t is rotated by t (< 16)
 // once, each key by j - a in registers, between its ldmatrix and its mma, so that
@@ -64,7 +65,7 @@ template <typename T, int D> struct DecodeSmem {
   static constexpr int kTile = kChunk * D;  // elements of one K (or V) stage
   // k, v [kStages][kChunk][D]; pos [kStages][kChunk] key positions (-1: empty or padding);
   // q [kRows][D] R_t q; q_cap [kRows][D] R_D q; step [D/2] float4 (cos, sin) of one and of
-  // kChunk positions per frequency; inv_freq [D/2].
+  // kChunk positions per frequency; cap [D/2] float2 (cos, sin) of distance_cap; inv_freq [D/2].
   // At the end, the k region holds each warp's output [kWarps][kRows][D] float32, then its
   // row max and sum [kWarps][kRows][2].
   static constexpr size_t kK = 0;
@@ -73,7 +74,8 @@ template <typename T, int D> struct DecodeSmem {
   static constexpr size_t kQ = kPos + kStages * kChunk * sizeof(int64_t);
   static constexpr size_t kQCap = kQ + kRows * D * sizeof(T);
   static constexpr size_t kStep = kQCap + kRows * D * sizeof(T);
-  static constexpr size_t kInvFreq = kStep + D / 2 * sizeof(float4);
+  static constexpr size_t kCap = kStep + D / 2 * sizeof(float4);
+  static constexpr size_t kInvFreq = kCap + D / 2 * sizeof(float2);
   static constexpr size_t kBytes = kInvFreq + D / 2 * sizeof(float);
   static constexpr size_t kWarpOut = kK;
   static constexpr size_t kWarpStats = kWarpOut + kWarps * kRows * D * sizeof(float);
@@ -124,13 +126,54 @@ __device__ __forceinline__ void load_chunk(const KeySource<T>& src,
   }
 }
 
-// Rotates one key's features in a thread's B fragments: kf[ks][lo] holds the pair of features
-// (f, f + 1) and kf[ks + D/32][lo] the pair (f + D/2, f + D/2 + 1), for the frequencies whose
-// cos/sin are c[ks][sub][e], s[ks][sub][e] (lo = 2 * tile + sub).
+// Programmatic dependent launch (sm_90+): the merge is launched while the decode kernel still
+// runs, so its launch latency hides behind the decode kernel's tail. No-ops elsewhere, and when
+// the launch was an ordinary one.
+__device__ __forceinline__ void grid_dependents_may_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// cos/sin of one key's distance at the D/8 frequencies a lane rotates: entry i is frequency
+// 16 (i / 4) + 8 ((i / 2) % 2) + 2 (lane % 4) + i % 2, the order of the lane's B fragments.
+template <int D> struct LaneAngles {
+  static constexpr int kCount = D / 8;
+  float c[kCount], s[kCount];
+
+  __device__ static int frequency(int i, int lane) {
+    return 16 * (i / 4) + 8 * ((i / 2) % 2) + 2 * (lane % 4) + i % 2;
+  }
+  // Exact angles of delta (float32 only).
+  __device__ void seed(int delta, const float* inv_freq, int lane) {
+#pragma unroll
+    for (int i = 0; i < kCount; ++i)
+      rope_sincos_f32(delta, inv_freq[frequency(i, lane)], &c[i], &s[i]);
+  }
+  // from's angles plus a constant step: one position (step.x, step.y) or kChunk positions
+  // (step.z, step.w) per frequency. `from` may be *this.
+  __device__ void advance(const LaneAngles& from, const float4* steps, bool by_chunk, int lane) {
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) {
+      const float4 step = steps[frequency(i, lane)];
+      const float sc = by_chunk ? step.z : step.x, ss = by_chunk ? step.w : step.y;
+      const float cn = from.c[i] * sc - from.s[i] * ss, sn = from.s[i] * sc + from.c[i] * ss;
+      c[i] = cn;
+      s[i] = sn;
+    }
+  }
+};
+
+// Rotates one key in a lane's B fragments: kf[ks][2 tile + sub] holds the features (f, f + 1),
+// kf[ks + D/32][2 tile + sub] their rotate_half partners (f + D/2, f + D/2 + 1).
 template <typename T, int D>
 __device__ __forceinline__ void rotate_key(uint32_t (&kf)[D / 16][4], int tile,
-                                           const float (&c)[D / 32][2][2],
-                                           const float (&s)[D / 32][2][2]) {
+                                           const LaneAngles<D>& angle) {
 #pragma unroll
   for (int ks = 0; ks < D / 32; ++ks)
 #pragma unroll
@@ -138,7 +181,8 @@ __device__ __forceinline__ void rotate_key(uint32_t (&kf)[D / 16][4], int tile,
       uint32_t& lo = kf[ks][2 * tile + sub];
       uint32_t& hi = kf[ks + D / 32][2 * tile + sub];
       const float2 x = unpack2<T>(lo), y = unpack2<T>(hi);
-      const float c0 = c[ks][sub][0], c1 = c[ks][sub][1], s0 = s[ks][sub][0], s1 = s[ks][sub][1];
+      const int i = 4 * ks + 2 * sub;
+      const float c0 = angle.c[i], c1 = angle.c[i + 1], s0 = angle.s[i], s1 = angle.s[i + 1];
       lo = pack2<T>(x.x * c0 - y.x * s0, x.y * c1 - y.y * s1);
       hi = pack2<T>(y.x * c0 + x.x * s0, y.y * c1 + x.y * s1);
     }
@@ -151,7 +195,6 @@ __global__ void __launch_bounds__(kThreads, 2)
                                    float* __restrict__ partial_lse) {
   constexpr int kKSteps = D / 16;   // k16 steps of Q K^T
   constexpr int kDTiles = D / 8;    // n8 tiles of O
-  constexpr int kHalfSteps = D / 32;  // k16 steps holding the first half of the features
   constexpr int kPieces = D / 8;    // 16-byte pieces per row
   using Smem = DecodeSmem<T, D>;
 
@@ -162,6 +205,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* const s_q = reinterpret_cast<T*>(smem + Smem::kQ);
   T* const s_qcap = reinterpret_cast<T*>(smem + Smem::kQCap);
   float4* const s_step = reinterpret_cast<float4*>(smem + Smem::kStep);
+  float2* const s_cap = reinterpret_cast<float2*>(smem + Smem::kCap);
   float* const s_inv_freq = reinterpret_cast<float*>(smem + Smem::kInvFreq);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -216,36 +260,34 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   // Per-frequency constants: the steps of the key recurrences and R_D (exact, FP64, once).
-  const int half = static_cast<int>(p.rotary_dim / 2);  // == D / 2 on this path
-  float cap_cos = 1.f, cap_sin = 0.f;
   if (threadIdx.x < D / 2) {
     const float w = p.inv_freq[threadIdx.x];
     float4 step;
+    float2 cap;
     rope_sincos(1, w, &step.x, &step.y);
     rope_sincos(kChunk, w, &step.z, &step.w);
-    rope_sincos(p.distance_cap, w, &cap_cos, &cap_sin);
+    rope_sincos(p.distance_cap, w, &cap.x, &cap.y);
     s_step[threadIdx.x] = step;
+    s_cap[threadIdx.x] = cap;
     s_inv_freq[threadIdx.x] = w;
   }
-  // Rotate the staged queries: s_q <- R_t q, s_qcap <- R_D q. Thread f < D/2 owns frequency f
-  // of every row; padding rows were zero-filled and stay zero.
+  // Rotate the staged queries: s_q <- R_t q, s_qcap <- R_D q, one (row, frequency) pair per
+  // thread and step (rotary_dim == D on this path). Padding rows were zero-filled and stay zero.
   cp_async_wait<kStages - 1>();  // the Q group
   __syncthreads();
-  if (threadIdx.x < half) {
-    const int f = threadIdx.x;
-    const float w = s_inv_freq[f];
-    for (int r = 0; r < kRows; ++r) {
-      const int row = r0 + r;
-      float c = 1.f, s = 0.f;
-      if (row < rows_total) rope_sincos_f32(row % n_q, w, &c, &s);
-      T* const lo = s_q + q_swz<D>(r, f);
-      T* const hi = s_q + q_swz<D>(r, f + half);
-      const float x1 = to_f32(*lo), x2 = to_f32(*hi);
-      *lo = from_f32<T>(x1 * c - x2 * s);
-      *hi = from_f32<T>(x2 * c + x1 * s);
-      s_qcap[q_swz<D>(r, f)] = from_f32<T>(x1 * cap_cos - x2 * cap_sin);
-      s_qcap[q_swz<D>(r, f + half)] = from_f32<T>(x2 * cap_cos + x1 * cap_sin);
-    }
+  for (int idx = threadIdx.x; idx < kRows * (D / 2); idx += kThreads) {
+    const int r = idx / (D / 2), f = idx % (D / 2);
+    const int row = r0 + r;
+    float c = 1.f, s = 0.f;
+    if (row < rows_total) rope_sincos_f32(row % n_q, s_inv_freq[f], &c, &s);
+    const float2 cap = s_cap[f];
+    T* const lo = s_q + q_swz<D>(r, f);
+    T* const hi = s_q + q_swz<D>(r, f + D / 2);
+    const float x1 = to_f32(*lo), x2 = to_f32(*hi);
+    *lo = from_f32<T>(x1 * c - x2 * s);
+    *hi = from_f32<T>(x2 * c + x1 * s);
+    s_qcap[q_swz<D>(r, f)] = from_f32<T>(x1 * cap.x - x2 * cap.y);
+    s_qcap[q_swz<D>(r, f + D / 2)] = from_f32<T>(x2 * cap.x + x1 * cap.y);
   }
   __syncthreads();
 
@@ -272,9 +314,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   float out_acc[kDTiles][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};  // raw scores (unscaled)
   float row_sum[2] = {0.f, 0.f};              // this thread's share; reduced at the end
-  // Rotation state of the thread's first key (slot 16 warp + 2 (lane/4) of each chunk):
-  // cos/sin of its distance for the frequencies f = 16 ks + 8 sub + 2 (lane % 4) + e.
-  float rot_c[kHalfSteps][2][2], rot_s[kHalfSteps][2][2];
+  // Rotation state of the lane's first key (slot 16 warp + 2 (lane/4) of each chunk): the
+  // angles of distance prev_delta (kNoRotation: none, the next key seeds).
+  LaneAngles<D> angles;
   int prev_delta = kNoRotation;
 
   // Slot (within the chunk) this lane describes, and those whose rows it reads:
@@ -356,57 +398,23 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int rot_delta = seen_local ? kd : kNoRotation;
       const int delta0 = __shfl_sync(0xffffffffu, rot_delta, own_key);
       const int delta1 = __shfl_sync(0xffffffffu, rot_delta, own_key + 1);
+      // First key: the same slot as in the previous chunk, kChunk positions on, or a seed.
       if (delta0 != kNoRotation) {
-        if (prev_delta != kNoRotation && delta0 == prev_delta + kChunk) {
-          // The same slot one chunk on, one position further per slot: R_{+kChunk}.
-#pragma unroll
-          for (int ks = 0; ks < kHalfSteps; ++ks)
-#pragma unroll
-            for (int sub = 0; sub < 2; ++sub)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const float4 step = s_step[16 * ks + 8 * sub + 2 * (lane % 4) + e];
-                const float cn = rot_c[ks][sub][e] * step.z - rot_s[ks][sub][e] * step.w;
-                rot_s[ks][sub][e] = rot_s[ks][sub][e] * step.z + rot_c[ks][sub][e] * step.w;
-                rot_c[ks][sub][e] = cn;
-              }
-        } else {
-#pragma unroll
-          for (int ks = 0; ks < kHalfSteps; ++ks)
-#pragma unroll
-            for (int sub = 0; sub < 2; ++sub)
-#pragma unroll
-              for (int e = 0; e < 2; ++e)
-                rope_sincos_f32(delta0, s_inv_freq[16 * ks + 8 * sub + 2 * (lane % 4) + e],
-                                &rot_c[ks][sub][e], &rot_s[ks][sub][e]);
-        }
-        rotate_key<T, D>(kf, 0, rot_c, rot_s);
+        if (prev_delta != kNoRotation && delta0 == prev_delta + kChunk)
+          angles.advance(angles, s_step, true, lane);
+        else
+          angles.seed(delta0, s_inv_freq, lane);
+        rotate_key<T, D>(kf, 0, angles);
       }
       prev_delta = delta0;
+      // Second key: one position after the first, or a seed.
       if (delta1 != kNoRotation) {
-        float c1[kHalfSteps][2][2], s1[kHalfSteps][2][2];
-        if (delta0 != kNoRotation && delta1 == delta0 + 1) {
-#pragma unroll
-          for (int ks = 0; ks < kHalfSteps; ++ks)
-#pragma unroll
-            for (int sub = 0; sub < 2; ++sub)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const float4 step = s_step[16 * ks + 8 * sub + 2 * (lane % 4) + e];
-                c1[ks][sub][e] = rot_c[ks][sub][e] * step.x - rot_s[ks][sub][e] * step.y;
-                s1[ks][sub][e] = rot_s[ks][sub][e] * step.x + rot_c[ks][sub][e] * step.y;
-              }
-        } else {
-#pragma unroll
-          for (int ks = 0; ks < kHalfSteps; ++ks)
-#pragma unroll
-            for (int sub = 0; sub < 2; ++sub)
-#pragma unroll
-              for (int e = 0; e < 2; ++e)
-                rope_sincos_f32(delta1, s_inv_freq[16 * ks + 8 * sub + 2 * (lane % 4) + e],
-                                &c1[ks][sub][e], &s1[ks][sub][e]);
-        }
-        rotate_key<T, D>(kf, 1, c1, s1);
+        LaneAngles<D> next;
+        if (delta0 != kNoRotation && delta1 == delta0 + 1)
+          next.advance(angles, s_step, false, lane);
+        else
+          next.seed(delta1, s_inv_freq, lane);
+        rotate_key<T, D>(kf, 1, next);
       }
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
@@ -485,6 +493,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       mma_16816<T>(out_acc[2 * dp + 1], pf, vf[2], vf[3]);
     }
   }
+
+  // The merge (launched as a programmatic dependent) may start its blocks now; it still waits
+  // for this grid's completion before it reads a partial.
+  grid_dependents_may_launch();
 
   // Epilogue: the four warps' partial softmaxes meet in shared memory (the stages are free
   // once every copy has landed and every warp is past its last chunk).
@@ -576,6 +588,7 @@ __global__ void __launch_bounds__(128)
   const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
   const int col = 4 * (threadIdx.x % kThreadsPerRow);
   const int n_q = static_cast<int>(p.n_queries), n_heads = static_cast<int>(p.n_heads_q);
+  wait_for_prerequisite_grid();  // the decode kernel's partials are complete and visible
   if (row >= p.batch * n_heads * n_q) return;
   const float* const lse = partial_lse + int64_t(row) * n_splits;
   const float* const partial = partial_out + int64_t(row) * n_splits * D + col;
@@ -646,8 +659,22 @@ Status launch(const LambdaAttentionParams& p, const AttentionPlan& plan, void* w
   if (!status.ok() || n_splits == 1) return status;
   constexpr int kRowsPerBlock = 128 / (D / 4);
   const int64_t rows = p.batch * p.n_heads_q * p.n_queries;
-  decode_merge_kernel<T, D><<<static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock),
-                              128, 0, stream>>>(p, n_splits, partial_out, partial_lse);
+  cudaLaunchAttribute dependent;
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock));
+  config.blockDim = dim3(128);
+  config.stream = stream;
+  config.attrs = &dependent;
+  config.numAttrs = 1;
+  if (cudaLaunchKernelEx(&config, decode_merge_kernel<T, D>, p, n_splits,
+                         static_cast<const float*>(partial_out),
+                         static_cast<const float*>(partial_lse)) != cudaSuccess) {
+    cudaGetLastError();  // a runtime or driver without dependent launches: an ordinary one
+    decode_merge_kernel<T, D><<<config.gridDim, config.blockDim, 0, stream>>>(
+        p, n_splits, partial_out, partial_lse);
+  }
   return launch_status("decode_merge_kernel");
 }
 
@@ -655,7 +682,8 @@ Status launch(const LambdaAttentionParams& p, const AttentionPlan& plan, void* w
 
 int decode_blocks_per_sm(const LambdaAttentionParams& p) {
   const bool bf16 = p.dtype == DType::kBFloat16;
-  if (p.head_dim == 64) return bf16 ? blocks_per_sm<__nv_bfloat16, 64>() : blocks_per_sm<__half, 64>();
+  if (p.head_dim == 64)
+    return bf16 ? blocks_per_sm<__nv_bfloat16, 64>() : blocks_per_sm<__half, 64>();
   return bf16 ? blocks_per_sm<__nv_bfloat16, 128>() : blocks_per_sm<__half, 128>();
 }
 
