@@ -1,11 +1,11 @@
-"""The `lminf` command line: ppl, passkey, generate, demo."""
+"""The `lminf` command line: ppl, passkey, generate, demo, serve."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import demo, generate, passkey, ppl
+from . import demo, generate, passkey, ppl, serve
 
 __all__ = ["main"]
 
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lminf", description="LM-Infinite: RoPE language models on texts far past their training length.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (demo, ppl, passkey, generate):
+    for command in (demo, ppl, passkey, generate, serve):
         command.register(subparsers)
     return parser
 
