@@ -28,7 +28,7 @@ class _Request(BaseModel):
     model: str
     max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)  # a list once validated
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
