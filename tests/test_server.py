@@ -197,7 +197,7 @@ def test_a_seed_makes_sampling_reproducible(client, reference):
 
 def test_eight_concurrent_clients_each_get_their_own_answer(server, reference):
     questions = [_chat(f"Client {i} asks question {i * 7}.") for i in range(8)]
-    expected = [reference(q, 40)[0] for q in questions]
+    expected = [reference(q, 16)[0] for q in questions]
     clients = [openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S,
                              max_retries=0) for _ in questions]
     answers, first_text_at, finished_at, errors = [None] * 8, [None] * 8, [None] * 8, []
@@ -208,7 +208,7 @@ def test_eight_concurrent_clients_each_get_their_own_answer(server, reference):
             barrier.wait()
             parts = []
             for chunk in clients[i].chat.completions.create(model="tiny-chat-model", messages=questions[i],
-                                                            max_tokens=40, temperature=0, stream=True):
+                                                            max_tokens=16, temperature=0, stream=True):
                 if chunk.choices and chunk.choices[0].delta.content:
                     parts.append(chunk.choices[0].delta.content)
                     first_text_at[i] = first_text_at[i] or time.monotonic()
