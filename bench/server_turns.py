@@ -11,7 +11,7 @@ every turn, as a server without reuse does. It replays the very requests of the 
 (same histories, replies included) at every --baseline-every'th turn.
 
 The default --n-local 512 (SmolLM2 was trained at 8192) makes the history pass 3 x n_local
-within ~30 turns and keeps the run near 10 minutes on 2 cores; the window's size changes the
+within ~50 turns and keeps the run near 10 minutes on 2 idle cores; the window's size changes the
 cost of each token, not the shape of the curves.
 
     python bench/server_turns.py --json server_turns.json --plot server_turns.png
