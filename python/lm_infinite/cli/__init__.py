@@ -1,4 +1,4 @@
-"""The `lminf` command line: ppl, passkey, generate, demo."""
+"""The `lminf` command line: ppl, passkey, generate, demo, serve."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .._version import __version__
-from . import demo, generate, passkey, ppl
+from . import demo, generate, passkey, ppl, serve
 
 __all__ = ["main"]
 
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lminf", description="LM-Infinite: RoPE language models on texts far past their training length.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (demo, ppl, passkey, generate):
+    for command in (demo, ppl, passkey, generate, serve):
         command.register(subparsers)
     return parser
 

@@ -1,0 +1,55 @@
+"""lminf serve: an OpenAI-compatible server whose conversations never run out of context."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .common import add_model_options, int_at_least, load, non_negative_int, positive_int, settings_from
+
+_DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve the model over the OpenAI API; conversations continue in constant memory",
+        description="An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, "
+                    "/v1/models, /health). Each conversation's LambdaStream is kept, so a request "
+                    "that repeats the history feeds only its new tokens, however long the chat.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int_at_least(1), default=8000)
+    parser.add_argument("--max-conversations", type=non_negative_int, default=8,
+                        help="idle conversations kept for reuse, least recently used evicted "
+                             "(each holds one fixed LambdaCache; 0: no reuse)")
+    parser.add_argument("--max-tokens-limit", type=positive_int, default=2048,
+                        help="the largest max_tokens a request may ask for, and the default")
+    parser.add_argument("--max-prompt-tokens", type=positive_int,
+                        help="refuse longer prompts (default: no limit; a kept conversation "
+                             "only feeds its new tokens)")
+    parser.add_argument("--model-name", help="the model id clients use (default: the model's "
+                                             "directory or file name)")
+    add_model_options(parser)
+    # A prompt is fed one chunk per scheduling step: smaller chunks than the batch commands'
+    # let the other clients' tokens through sooner.
+    parser.set_defaults(run=run, chunk_size=512)
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+
+        from ..server import Engine, create_app
+    except ImportError as error:
+        print(f"lminf serve: error: {error.name} is missing: pip install 'lm-infinite[serve]'", file=sys.stderr)
+        return 1
+    from ..hf import enable
+
+    model, tokenizer, _ = load(args)
+    settings = settings_from(args)
+    enable(model, settings.n_global, settings.n_local, settings.distance_cap)
+    engine = Engine(model, tokenizer, chunk_size=args.chunk_size, max_conversations=args.max_conversations,
+                    max_prompt_tokens=args.max_prompt_tokens)
+    name = args.model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else _DEFAULT_MODEL_NAME)
+    uvicorn.run(create_app(engine, model_name=name, max_tokens_limit=args.max_tokens_limit),
+                host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,136 @@
+"""The HTTP side: OpenAI routes over the generation worker, JSON or server-sent events."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from .errors import APIError, install_error_handlers
+from .schemas import (ChatCompletionRequest, CompletionRequest, Usage, chat_chunk, chat_completion,
+                      completion, completion_chunk, new_id, usage_chunk)
+from .worker import Engine, Failed, Finished, Job, Sampling, TextDelta
+
+__all__ = ["create_app"]
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How one endpoint writes its responses."""
+    id_prefix: str
+    chunk_object: str
+    chunk: Callable[[str, str, str, str | None], dict]  # (id, model, text, finish_reason)
+    whole: Callable[[str, str, str, str, Usage], dict]  # (id, model, text, finish_reason, usage)
+    opening: Callable[[str, str], dict] | None = None  # a first chunk, before any text
+
+
+_CHAT = _Shape(
+    "chatcmpl", "chat.completion.chunk",
+    chunk=lambda id, model, text, finish: chat_chunk(id, model, {"content": text} if text else {}, finish),
+    whole=chat_completion,
+    opening=lambda id, model: chat_chunk(id, model, {"role": "assistant", "content": ""}))
+_COMPLETION = _Shape("cmpl", "text_completion", chunk=completion_chunk, whole=completion)
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def create_app(engine: Engine, *, model_name: str, max_tokens_limit: int) -> FastAPI:
+    """The ASGI app serving `engine`'s model as `model_name`; it starts and stops the
+    engine's worker with the app's lifespan."""
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="lminf serve", lifespan=lifespan)
+    install_error_handlers(app)
+
+    def sampling_of(body: ChatCompletionRequest | CompletionRequest) -> Sampling:
+        if body.model != model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist: this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        max_tokens = body.requested_max_tokens()
+        if max_tokens is None:
+            max_tokens = max_tokens_limit
+        elif not 1 <= max_tokens <= max_tokens_limit:
+            raise APIError(400, f"max_tokens must be between 1 and {max_tokens_limit}, got {max_tokens}",
+                           param="max_tokens")
+        return Sampling(max_tokens, body.temperature, body.seed, tuple(body.stop))
+
+    async def respond(body, prompt: str | list[dict], shape: _Shape):
+        job = engine.submit(prompt, sampling_of(body))
+        try:
+            first = await job.next_event()
+            if isinstance(first, Failed):  # refused before any output: a plain error response
+                raise first.error
+            if body.stream:
+                events, job = stream_events(job, shape, body.include_usage), None  # it owns the job now
+                return StreamingResponse(events, media_type="text/event-stream")
+            return await collect(job, shape)
+        finally:
+            if job is not None:
+                job.cancel()  # no-op once finished; stops the work of a cancelled request
+
+    async def collect(job: Job, shape: _Shape) -> dict:
+        parts = []
+        while True:
+            event = await job.next_event()
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            elif isinstance(event, Finished):
+                return shape.whole(new_id(shape.id_prefix), model_name, "".join(parts),
+                                   event.finish_reason, event.usage)
+            else:
+                raise event.error
+
+    async def stream_events(job: Job, shape: _Shape, include_usage: bool) -> AsyncIterator[str]:
+        id = new_id(shape.id_prefix)
+        try:
+            if shape.opening is not None:
+                yield _sse(shape.opening(id, model_name))
+            while True:
+                event = await job.next_event()
+                if isinstance(event, TextDelta):
+                    yield _sse(shape.chunk(id, model_name, event.text, None))
+                elif isinstance(event, Finished):
+                    yield _sse(shape.chunk(id, model_name, "", event.finish_reason))
+                    if include_usage:
+                        yield _sse(usage_chunk(id, shape.chunk_object, model_name, event.usage))
+                    yield _sse("[DONE]")
+                    return
+                else:  # the status line is sent already: an error event, which OpenAI clients raise
+                    yield _sse(event.error.body())
+                    return
+        finally:
+            job.cancel()  # the client disconnected, or the stream is done
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        return await respond(body, [{"role": m.role, "content": m.text()} for m in body.messages], _CHAT)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return await respond(body, body.prompt, _COMPLETION)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list",
+                "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "lm-infinite"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "active_requests": engine.active_requests,
+                "conversations": len(engine.store), "max_conversations": engine.store.capacity,
+                "conversation_bytes": engine.conversation_bytes}
+
+    return app

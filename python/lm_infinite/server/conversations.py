@@ -1,0 +1,113 @@
+"""The conversations a server keeps: LambdaStreams found again by the tokens they hold.
+
+The OpenAI API is stateless: each request carries the whole history. A stream whose fed
+tokens are a prefix of a new prompt holds that prefix already (its ring cache and its
+next-token logits), so the request only feeds the rest. A ring cache cannot rewind, hence
+only an exact prefix can be continued; anything else starts a fresh stream.
+
+Each stream is identified by (number of tokens fed, digest of those tokens), kept up to date
+as tokens are fed, so a conversation costs its fixed LambdaCache and a few bytes whatever its
+length; no token list grows with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from ..streaming import LambdaStream
+
+__all__ = ["Conversation", "ConversationStore", "PrefixKey"]
+
+
+def _token_bytes(ids: Sequence[int]) -> bytes:
+    return array("q", ids).tobytes()
+
+
+class PrefixKey(NamedTuple):
+    length: int
+    digest: bytes
+
+
+class Conversation:
+    """A stream and the key of the tokens it holds. Feed it through here only, so that the
+    key always says exactly what the stream holds."""
+
+    def __init__(self, stream: LambdaStream) -> None:
+        self.stream = stream
+        self._hash = hashlib.blake2b(digest_size=16)
+        self._length = 0
+
+    @property
+    def key(self) -> PrefixKey:
+        return PrefixKey(self._length, self._hash.digest())
+
+    @property
+    def consistent(self) -> bool:
+        """Whether the stream holds exactly the tokens recorded: false after a failure in the
+        middle of a feed, when nothing can say what the cache holds."""
+        return self.stream.position == self._length
+
+    def feed(self, ids: Sequence[int]) -> None:
+        self.stream.feed(torch.tensor([list(ids)]))
+        self.record(ids)
+
+    def record(self, ids: Sequence[int]) -> None:
+        """Note tokens the stream took in by itself (LambdaStream.generate feeds each token
+        it yields)."""
+        self._hash.update(_token_bytes(ids))
+        self._length += len(ids)
+
+
+class ConversationStore:
+    """Idle conversations, least recently used first, at most `capacity` of them.
+
+    A conversation is checked out for the duration of a request and checked in after it, so
+    no two requests ever touch one stream. Not thread-safe: the generation worker, the only
+    thread that runs the model, is its only user.
+    """
+
+    def __init__(self, capacity: int, new_stream: Callable[[], LambdaStream]) -> None:
+        if capacity < 0:
+            raise ValueError(f"ConversationStore: capacity must be >= 0, got {capacity}")
+        self.capacity, self._new_stream = capacity, new_stream
+        self._idle: OrderedDict[PrefixKey, Conversation] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def checkout(self, prompt: Sequence[int]) -> tuple[Conversation, int]:
+        """The idle conversation holding the longest prefix of `prompt` (removed from the
+        store) and that prefix's length; a fresh conversation and 0 if none does."""
+        for key in sorted(self._prefix_keys(prompt) & self._idle.keys(), reverse=True):
+            return self._idle.pop(key), key.length
+        return Conversation(self._new_stream()), 0
+
+    def checkin(self, conversation: Conversation) -> None:
+        """Keep a conversation for later requests (as the most recently used), evicting the
+        least recently used beyond capacity. An inconsistent one is dropped, and so is an
+        empty one (nothing to reuse). A conversation with the same tokens as an idle one
+        replaces it: one copy is enough."""
+        if not conversation.consistent or conversation.stream.position == 0:
+            return
+        key = conversation.key
+        self._idle.pop(key, None)
+        self._idle[key] = conversation
+        while len(self._idle) > self.capacity:
+            self._idle.popitem(last=False)
+
+    def _prefix_keys(self, prompt: Sequence[int]) -> set[PrefixKey]:
+        """The keys of prompt[:n] for every length n that an idle conversation has: one pass
+        over the prompt."""
+        lengths = sorted({key.length for key in self._idle if key.length <= len(prompt)})
+        running, done, keys = hashlib.blake2b(digest_size=16), 0, set()
+        for length in lengths:
+            running.update(_token_bytes(prompt[done:length]))
+            done = length
+            keys.add(PrefixKey(length, running.digest()))
+        return keys

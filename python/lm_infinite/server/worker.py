@@ -1,0 +1,226 @@
+"""The generation worker: one thread runs every model call, requests interleave token by token.
+
+There is one model, so its compute is serialised; a scheduler over the requests in progress
+gives each, in turn, one step (a piece of its prompt or one generated token), so that many
+clients progress together and a long prompt does not stall the others for long. The worker
+thread is the only user of the model, the tokenizer and the conversation store: they need
+no lock. Requests talk to it through a Job: events come back on the job's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from jinja2 import TemplateError
+
+from ..streaming import LambdaStream
+from .conversations import Conversation, ConversationStore
+from .errors import APIError
+from .schemas import Usage
+from .text import CompletionText
+
+__all__ = ["Engine", "Failed", "Finished", "Job", "Sampling", "Started", "TextDelta"]
+
+log = logging.getLogger("lm_infinite.server")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    seed: int | None = None  # None: a fresh random seed
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Started:
+    """The prompt is accepted: generation follows."""
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" (end of turn or stop string) or "length" (max_tokens)
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: APIError
+
+
+class Job:
+    """One request as the worker sees it. `prompt` is a text (completions) or a list of
+    {"role", "content"} messages (chat), rendered and tokenized by the worker."""
+
+    def __init__(self, prompt: str | list[dict], sampling: Sampling) -> None:
+        self.prompt, self.sampling = prompt, sampling
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    def emit(self, event) -> None:
+        """From the worker thread: hand an event to the request's event loop."""
+        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    async def next_event(self):
+        return await self._events.get()
+
+    def cancel(self) -> None:
+        """The client is gone: the worker stops the job at its next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class Engine:
+    """The model, its tokenizer, the conversation store and the worker thread that uses them."""
+
+    def __init__(self, model, tokenizer, *, chunk_size: int, max_conversations: int,
+                 max_prompt_tokens: int | None = None) -> None:
+        self.tokenizer, self.chunk_size, self.max_prompt_tokens = tokenizer, chunk_size, max_prompt_tokens
+        self._device = next(model.parameters()).device
+        self.store = ConversationStore(max_conversations, lambda: LambdaStream(model, chunk_size=chunk_size))
+        self.stop_token_ids = _end_of_turn_ids(model, tokenizer)
+        self.active_requests = 0
+        self.conversation_bytes: int | None = None  # one conversation's cache, once known
+        self._incoming: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="lminf-generation", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._incoming.put(None)
+        self._thread.join()
+
+    def submit(self, prompt: str | list[dict], sampling: Sampling) -> Job:
+        job = Job(prompt, sampling)
+        self._incoming.put(job)
+        return job
+
+    def _run(self) -> None:
+        active: deque[tuple[Job, Iterator[None]]] = deque()
+        while True:
+            while not active or not self._incoming.empty():  # block only when idle
+                job = self._incoming.get()
+                if job is None:
+                    for waiting, steps in active:
+                        steps.close()
+                        waiting.emit(Failed(APIError(503, "the server is shutting down", type="server_error")))
+                    return
+                active.append((job, self._steps(job)))
+            job, steps = active.popleft()
+            try:
+                next(steps)
+            except StopIteration:
+                continue
+            except Exception:  # a bug or a device failure: this request fails, the server lives
+                log.exception("generation failed")
+                job.emit(Failed(APIError(500, "generation failed", type="server_error")))
+                continue
+            active.append((job, steps))
+
+    def _steps(self, job: Job) -> Iterator[None]:
+        """The job's work, one step per `yield`; every event it sends, in order."""
+        try:
+            prompt = self._prompt_ids(job.prompt)
+        except APIError as error:
+            job.emit(Failed(error))
+            return
+        conversation, cached = self.store.checkout(prompt)
+        self.active_requests += 1
+        try:
+            job.emit(Started(len(prompt), cached))
+            new = prompt[cached:]
+            for start in range(0, len(new), self.chunk_size):
+                if job.cancelled:
+                    return
+                conversation.feed(new[start:start + self.chunk_size])
+                yield
+            yield from self._generate(job, conversation, Usage(len(prompt), cached))
+        finally:
+            self.active_requests -= 1
+            self.conversation_bytes = conversation.stream.cache.nbytes() or self.conversation_bytes
+            self.store.checkin(conversation)
+
+    def _generate(self, job: Job, conversation: Conversation, usage: Usage) -> Iterator[None]:
+        sampling = job.sampling
+        generator = torch.Generator(device=self._device)
+        if sampling.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(sampling.seed)
+        text = CompletionText(self.tokenizer, sampling.stop)
+        tokens = conversation.stream.generate(sampling.max_tokens, stop_token_ids=self.stop_token_ids,
+                                              temperature=sampling.temperature, generator=generator)
+        finish_reason = "length"
+        try:
+            for token in tokens:
+                # The stream fed the token before yielding it: record it whatever happens next.
+                conversation.record([token])
+                usage.completion_tokens += 1
+                if token in self.stop_token_ids:
+                    finish_reason = "stop"
+                    break
+                delta = text.push(token)
+                if delta:
+                    job.emit(TextDelta(delta))
+                if text.stopped:
+                    finish_reason = "stop"
+                    break
+                if job.cancelled:
+                    return
+                yield
+        finally:
+            tokens.close()
+        if rest := text.flush():
+            job.emit(TextDelta(rest))
+        job.emit(Finished(finish_reason, usage))
+
+    def _prompt_ids(self, prompt: str | list[dict]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt).input_ids
+        else:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
+            try:
+                rendered = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            except TemplateError as error:
+                raise APIError(400, f"the model's chat template rejects these messages: {error}",
+                               param="messages") from None
+            # The template writes the special tokens (BOS included) itself.
+            ids = self.tokenizer(rendered, add_special_tokens=False).input_ids
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt" if isinstance(prompt, str) else "messages")
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, more than this server's limit of "
+                                f"{self.max_prompt_tokens} (--max-prompt-tokens)",
+                           param="messages" if isinstance(prompt, list) else "prompt",
+                           code="context_length_exceeded")
+        return ids
+
+
+def _end_of_turn_ids(model, tokenizer) -> frozenset[int]:
+    """The tokens that end a reply: the tokenizer's EOS and the generation config's (often
+    a list that adds the chat template's end-of-turn token)."""
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    return frozenset(ids)
