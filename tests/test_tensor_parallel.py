@@ -3,6 +3,7 @@ started by torchrun) against the same model in one process."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import tp_worker
 from tiny_model_dir import tiny_tokenizer
+from lm_infinite.cli import main
 from lm_infinite.hf.tensor_parallel import rank_counts
 from lm_infinite.models import load_model
 
@@ -40,36 +42,43 @@ def save_llama(directory: Path, n_heads: int, n_kv_heads: int) -> Path:
     return directory
 
 
-def launch_ranks(*args: str) -> None:
-    """Run tp_worker.py on N_RANKS processes; on failure or timeout, kill the whole process
-    group (torchrun and its workers) and fail with their output."""
+def launch_ranks(*args: str) -> tuple[str, str]:
+    """(stdout, stderr) of `torchrun --nproc-per-node N_RANKS ARGS`; on failure or timeout,
+    kill the whole process group (torchrun and its workers) and fail with their output."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={N_RANKS}",
-               "--standalone", str(Path(tp_worker.__file__)), *args]
+               "--standalone", *args]
     # One thread per rank: the ranks share the machine's few cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
-        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+        stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"the {N_RANKS} ranks did not finish in {LAUNCH_TIMEOUT_S} s:\n{output[-4000:]}")
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the {N_RANKS} ranks did not finish in {LAUNCH_TIMEOUT_S} s:\n{stderr[-6000:]}")
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, f"torchrun exited {process.returncode}:\n{output[-4000:]}"
+    assert process.returncode == 0, f"torchrun exited {process.returncode}:\n{stderr[-6000:]}"
+    return stdout, stderr
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def model_dirs(tmp_path_factory):
+    """(a model the ranks can split, one whose 3 KV heads 2 ranks cannot)."""
+    root = tmp_path_factory.mktemp("tensor_parallel_models")
+    return (save_llama(root / "llama-8q-4kv", n_heads=8, n_kv_heads=4),
+            save_llama(root / "llama-6q-3kv", n_heads=6, n_kv_heads=3))
+
+
+@pytest.fixture(scope="module")
+def runs(model_dirs, tmp_path_factory):
     """(single-process results, [results of each rank])."""
-    root = tmp_path_factory.mktemp("tensor_parallel")
-    model_dir = save_llama(root / "llama-8q-4kv", n_heads=8, n_kv_heads=4)
-    unsplittable_dir = save_llama(root / "llama-6q-3kv", n_heads=6, n_kv_heads=3)
-    launch_ranks(str(model_dir), str(unsplittable_dir), str(root))
-    ranks = [torch.load(root / f"rank{r}.pt") for r in range(N_RANKS)]
-    model, _ = load_model(model_dir)
+    out = tmp_path_factory.mktemp("tensor_parallel_runs")
+    launch_ranks(str(Path(tp_worker.__file__)), *map(str, model_dirs), str(out))
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(N_RANKS)]
+    model, _ = load_model(model_dirs[0])
     return tp_worker.scenarios(model, sampling_seed=1000), ranks
 
 
@@ -120,3 +129,39 @@ def test_rank_counts_divide_both_head_counts():
     assert rank_counts(9, 3) == [1, 3]  # SmolLM2
     assert rank_counts(8, 4) == [1, 2, 4]
     assert rank_counts(32, 8) == [1, 2, 4, 8]
+
+
+def test_cli_ppl_under_torchrun_reports_once_what_one_process_does(model_dirs, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("The grass is green. def f(x):\n    return x + 1\n" * 12)
+    options = [str(text), "--model", str(model_dirs[0]), "--methods", "lm-infinite,truncated",
+               "--tokens", "120", "--n-global", "2", "--n-local", "16", "--stride", "8",
+               "--chunk-size", "25"]
+    assert main(["ppl", *options, "--json", str(tmp_path / "one.json"), "--no-progress"]) == 0
+    single_table = capsys.readouterr().out
+    stdout, stderr = launch_ranks("-m", "lm_infinite.cli", "ppl", *options,
+                                  "--json", str(tmp_path / "ranks.json"))
+    assert stdout == single_table  # rank 0's table, once
+    assert stderr.count("loading model") == 1
+    for method in ("lm-infinite", "truncated"):  # one progress bar each, which starts at 0% once
+        assert stderr.count(f"{method}:   0%") == 1, stderr
+    single = json.loads((tmp_path / "one.json").read_text())["nll"]
+    ranks = json.loads((tmp_path / "ranks.json").read_text())["nll"]
+    for method in single:
+        # The JSON rounds NLL to 4 decimals: float32 rounding apart may round either way.
+        torch.testing.assert_close(nll_tensor(ranks[method]), nll_tensor(single[method]),
+                                   atol=1.5e-4, rtol=0, equal_nan=True)
+
+
+def test_cli_generate_under_torchrun_prints_the_one_process_continuation(model_dirs, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The grass is green. The sky is blue. " * 8)
+    options = [str(prompt), "--model", str(model_dirs[0]), "--max-new-tokens", "24",
+               "--n-global", "2", "--n-local", "16", "--chunk-size", "25"]
+    assert main(["generate", *options]) == 0
+    stdout, _ = launch_ranks("-m", "lm_infinite.cli", "generate", *options)
+    assert stdout == capsys.readouterr().out
+
+
+def nll_tensor(values: list) -> torch.Tensor:
+    return torch.tensor([float("nan") if x is None else x for x in values])
