@@ -13,7 +13,7 @@ from lm_infinite.eval.passkey import FILLER, INSTRUCTION, NEEDLE, QUESTION
 TRAINING_LENGTH = 32
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
     bpe = ByteLevelBPETokenizer()
     sample = [INSTRUCTION, FILLER * 4, NEEDLE.format(key=12345), QUESTION, "def f(x):\n    return x\n"]
     bpe.train_from_iterator(sample, vocab_size=300, min_frequency=1, special_tokens=["<eos>"])
@@ -21,7 +21,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 
 
 def save_tiny_model(directory: Path, seed: int = 0) -> Path:
-    tokenizer = _tokenizer()
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -36,11 +36,16 @@ def default_model_path() -> Path:
 
 
 def load_model(source: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu"):
+               device: str | torch.device = "cpu", tensor_parallel: bool = False):
     """(model, tokenizer) from `source`: None for the default model, a directory holding a
     Hugging Face model (config.json, weights, tokenizer) or a .gguf file. GGUF weights are
-    de-quantized to `dtype`. The model is returned in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    de-quantized to `dtype`. The model is returned in eval mode.
+
+    tensor_parallel: shard the weights over the processes of a torchrun launch with the
+    model's own tensor-parallel plan (`tp_plan="auto"`). transformers then places each rank
+    itself (on cuda:LOCAL_RANK with nccl where there is a GPU, else on the CPU with gloo), so
+    `device` is not used."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DistributedConfig
 
     path = default_model_path() if source is None else Path(source)
     if not path.exists():
@@ -54,10 +59,12 @@ def load_model(source: str | Path | None = None, *, dtype: torch.dtype = torch.f
         raise ModelLoadError(f"{str(path)!r} is neither a model directory nor a .gguf file")
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=True, **extra)
-        model = AutoModelForCausalLM.from_pretrained(location, local_files_only=True, dtype=dtype, **extra)
+        sharding = dict(distributed_config=DistributedConfig(tp_plan="auto")) if tensor_parallel else {}
+        model = AutoModelForCausalLM.from_pretrained(location, local_files_only=True, dtype=dtype,
+                                                     **sharding, **extra)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"cannot load a causal language model from {str(path)!r}: {error}") from error
-    return model.to(device).eval(), tokenizer
+    return (model if tensor_parallel else model.to(device)).eval(), tokenizer
 
 
 def _check_gguf_model(path: Path) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .distributed import broadcast_from_first_rank
 from .hf import LambdaCache, cache_argument_name
 from .hf.families import decoder_of
 from .hf.state import state_of
@@ -131,6 +132,10 @@ class LambdaStream:
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=generator))
+                # Under tensor parallelism every rank samples with its own generator; all must
+                # feed the same token. (Greedy needs no such step: every rank holds the same
+                # gathered logits, so they take the same argmax.)
+                token = broadcast_from_first_rank(self.model, token)
             else:
                 token = int(logits.argmax())
             self.feed(torch.tensor([[token]]))

