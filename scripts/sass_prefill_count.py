@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,8 +45,13 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL = ROOT / "csrc/cuda/lambda_attention_mma.cu"
 COMMON = ROOT / "csrc/cuda/common.cuh"
-NVCC = "/usr/local/cuda/bin/nvcc"
-SASS_BIN = pathlib.Path("/work/.venv-sass/lib/python3.11/site-packages/triton/backends/nvidia/bin")
+NVCC = os.environ.get("NVCC") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+# nvdisasm: $NVDISASM, else the CUDA toolkit's, else the copy in triton's wheel (this machine's
+# toolkit ships none).
+NVDISASM = os.environ.get("NVDISASM") or shutil.which("nvdisasm") or next(
+    (str(p) for p in [pathlib.Path("/usr/local/cuda/bin/nvdisasm"), pathlib.Path(
+        "/work/.venv-sass/lib/python3.11/site-packages/triton/backends/nvidia/bin/nvdisasm")]
+     if p.exists()), "nvdisasm")
 FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-gencode=arch=compute_90,code=sm_90",
          "-lineinfo", f"-I{ROOT}/csrc/include", f"-I{ROOT}/csrc"]
 
@@ -65,7 +72,7 @@ def compile_kernel(source: pathlib.Path, workdir: pathlib.Path) -> tuple[str, st
                              str(cubin)], capture_output=True, text=True)
     if report.returncode != 0:
         sys.exit(f"nvcc failed:\n{report.stderr}")
-    listing = subprocess.run([str(SASS_BIN / "nvdisasm"), "-g", "-c", str(cubin)], check=True,
+    listing = subprocess.run([NVDISASM, "-g", "-c", str(cubin)], check=True,
                              capture_output=True, text=True)
     return report.stdout + report.stderr, listing.stdout
 
