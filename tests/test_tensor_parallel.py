@@ -21,7 +21,7 @@ from lm_infinite.hf.tensor_parallel import rank_counts
 from lm_infinite.models import load_model
 
 N_RANKS = 2
-LAUNCH_TIMEOUT_S = 240  # the whole 2-rank run takes well under a minute on 2 busy cores
+LAUNCH_TIMEOUT_S = 240  # one launch takes 5-10 s on 2 idle cores, a minute or two on busy ones
 
 
 def save_llama(directory: Path, n_heads: int, n_kv_heads: int) -> Path:

@@ -22,7 +22,8 @@ def launched_with_several_processes() -> bool:
 
 
 def is_main_process() -> bool:
-    """Rank 0, or the only process: the one that prints and writes files."""
+    """Rank 0, or the only process: the one that prints and writes files. Answers before the
+    process group exists too (transformers creates it while loading), from torchrun's RANK."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
@@ -53,5 +54,6 @@ def broadcast_from_first_rank(model: nn.Module, value: int) -> int:
         return value
     device = next(model.parameters()).device  # gloo takes CPU tensors, nccl CUDA ones
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.broadcast(tensor, group=_tensor_parallel_group(model), group_src=0)
+    group = _tensor_parallel_group(model)
+    dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
     return int(tensor.item())
