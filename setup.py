@@ -26,6 +26,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+import setuptools
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext as setuptools_build_ext
 
@@ -201,6 +202,11 @@ else:
 
 
 if __name__ == "__main__":  # tests import this file for find_cuda_toolkit and decide_build
+    # --no-build-isolation skips pyproject's build requirements: name the one most often missing
+    # (a Python 3.11 venv starts with setuptools 65, which rejects pyproject's SPDX license).
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        raise SystemExit(f"lm-infinite: error: setuptools {setuptools.__version__} is too old; "
+                         "pip install -U 'setuptools>=77'")
     setup(
         # Sources and flags are filled in by build_ext, once torch and CUDA are looked at.
         ext_modules=[Extension(EXTENSION, sources=[])],

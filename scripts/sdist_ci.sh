@@ -37,7 +37,7 @@ fi
 step "install the sdist into a fresh venv"
 python -m venv "$work/venv"
 venv_python=$work/venv/bin/python
-"$venv_python" -m pip install "$torch_spec" setuptools wheel ninja pytest expecttest hypothesis \
+"$venv_python" -m pip install "$torch_spec" "setuptools>=77" wheel ninja pytest expecttest hypothesis \
   >"$work/venv.log" 2>&1 || { tail -n 30 "$work/venv.log"; exit 1; }
 # -v: pip shows the build's output, of which setup.py's one line says which build it made.
 PATH=$work/venv/bin:$PATH "$venv_python" -m pip install -v --no-build-isolation "$sdist" \
