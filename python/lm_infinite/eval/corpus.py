@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["default_corpus_tokens", "file_tokens"]
+__all__ = ["default_corpus_tokens", "file_tokens", "read_text_file"]
 
 
 def _pydoc_text() -> str:
@@ -37,13 +37,21 @@ def default_corpus_tokens(tokenizer, n_tokens: int) -> torch.Tensor:
     return torch.cat(pieces)[:n_tokens]
 
 
+def read_text_file(path: str | Path, what: str = "text file") -> str:
+    """The text of a file, with an error that says what is wrong with the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a directory, not a file")
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    if not path.is_file():
+        raise OSError(f"{what} {str(path)!r} is not a regular file")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
 def file_tokens(paths, tokenizer) -> torch.Tensor:
     """The tokens of the given text files, concatenated (int64 [tokens])."""
-    texts = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"text file {str(path)!r} does not exist")
-        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    texts = [read_text_file(path) for path in paths]
     text = "\n\n".join(texts)
     if not text.strip():
         raise ValueError(f"the text in {', '.join(map(str, paths))} is empty")
