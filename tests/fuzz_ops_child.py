@@ -23,9 +23,27 @@ from hypothesis import strategies as st
 import lm_infinite as li
 
 BIG = [2**62 - 1, 2**62, 2**62 + 1, 2**63 - 1]
-SIZES = st.one_of(st.integers(0, 12), st.sampled_from([-1, -(2**63)] + BIG))
-POSITIONS = st.one_of(st.integers(0, 40), st.integers(-3, -1), st.sampled_from(BIG + [2**62 - 3]))
-SCALES = st.one_of(st.none(), st.floats(-2, 2), st.sampled_from([float("nan"), float("inf"), 1e300, 0.0]))
+HOSTILE_SIZES = [-1, -(2**63)] + BIG
+
+
+def rarely(draw, usual, hostile, one_in=16):
+    """Mostly a usual value; one time in `one_in` a hostile one, so that most examples reach
+    the kernels (and the comparison with the reference) while every field gets attacked."""
+    return draw(hostile) if draw(st.integers(1, one_in)) == 1 else draw(usual)
+
+
+def rarely_position():
+    return st.one_of(st.integers(-1, 40), st.integers(-1, 40), st.integers(-1, 40), st.sampled_from(BIG))
+
+
+def size(draw, low):
+    return rarely(draw, st.integers(low, 12), st.sampled_from(HOSTILE_SIZES))
+
+
+def position(draw):
+    return rarely(draw, st.integers(0, 40), st.sampled_from([-3, -1, 2**62 - 3] + BIG))
+
+
 ERRORS = (RuntimeError, ValueError, TypeError, MemoryError)
 counts = {"examples": 0, "refused": 0}
 
@@ -41,16 +59,18 @@ def tensor(draw, shape, dtype=torch.float32, poison=True):
 def attention_case(draw):
     batch, seq, head_dim = draw(st.integers(0, 2)), draw(st.integers(0, 9)), draw(st.sampled_from([1, 2, 8, 16]))
     heads_kv = draw(st.integers(1, 2))
-    heads_q = heads_kv * draw(st.integers(1, 3)) + draw(st.sampled_from([0, 0, 0, 1]))
-    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float64]))
-    half = draw(st.integers(0, head_dim // 2 + draw(st.sampled_from([0, 0, 1]))))
+    heads_q = heads_kv * draw(st.integers(1, 3)) + rarely(draw, st.just(0), st.just(1))
+    dtype = rarely(draw, st.sampled_from([torch.float32] * 3 + [torch.bfloat16]), st.just(torch.float64))
+    half = draw(st.integers(0, head_dim // 2 + rarely(draw, st.just(0), st.just(1))))
     case = dict(
         q=tensor(draw, (batch, heads_q, seq, head_dim), dtype),
-        k=tensor(draw, (batch, heads_kv, seq, head_dim + draw(st.sampled_from([0, 0, 0, 1]))), dtype),
+        k=tensor(draw, (batch, heads_kv, seq, head_dim + rarely(draw, st.just(0), st.just(1))), dtype),
         v=tensor(draw, (batch, heads_kv, seq, head_dim), dtype),
         inv_freq=tensor(draw, (half,), poison=draw(st.booleans())).abs(),
-        n_global=draw(SIZES), n_local=draw(SIZES), distance_cap=draw(st.one_of(st.none(), SIZES)),
-        scale=draw(SCALES))
+        n_global=size(draw, 0), n_local=size(draw, 1),
+        distance_cap=None if draw(st.booleans()) else size(draw, 0),
+        scale=rarely(draw, st.one_of(st.none(), st.floats(-2, 2)),
+                     st.sampled_from([float("nan"), float("inf"), 1e300]), one_in=12))
     if draw(st.integers(0, 19)) == 0:  # a Python type the op does not take
         name = draw(st.sampled_from(["n_local", "n_global", "scale", "q"]))
         case[name] = draw(st.sampled_from([True, 2.0, "3", case["q"].numpy() if dtype != torch.bfloat16 else None]))
@@ -62,29 +82,34 @@ def chunk_case(draw):
     case = draw(attention_case())
     q = case["q"]
     slots = draw(st.integers(0, 10))
-    shape = (q.shape[0], case["k"].shape[1], slots, q.shape[3]) if q.dim() == 4 else (1, 1, slots, 1)
-    positions = draw(st.lists(st.one_of(st.integers(-1, 40), st.sampled_from(BIG)), min_size=slots, max_size=slots))
-    case.update(cache_k=tensor(draw, shape, q.dtype), cache_v=tensor(draw, shape, q.dtype),
+    shape = (q.shape[0], case["k"].shape[1], slots, q.shape[3]) if isinstance(q, torch.Tensor) else (1, 1, slots, 1)
+    dtype = q.dtype if isinstance(q, torch.Tensor) else torch.float32
+    positions = draw(st.lists(rarely_position(), min_size=slots, max_size=slots))
+    case.update(cache_k=tensor(draw, shape, dtype), cache_v=tensor(draw, shape, dtype),
                 cache_positions=torch.tensor(positions, dtype=torch.int64).reshape(slots),
-                query_start=draw(POSITIONS))
+                query_start=position(draw))
     if draw(st.booleans()):
         case["query_start"] = torch.tensor([case["query_start"]]) if case["query_start"] < 2**63 else 0
     if draw(st.booleans()):  # top-k middle attention
         middle = draw(st.integers(0, 12))
-        case.update(middle_k=tensor(draw, shape[:2] + (middle,) + shape[3:], q.dtype),
-                    middle_v=tensor(draw, shape[:2] + (middle,) + shape[3:], q.dtype),
+        case.update(middle_k=tensor(draw, shape[:2] + (middle,) + shape[3:], dtype),
+                    middle_v=tensor(draw, shape[:2] + (middle,) + shape[3:], dtype),
                     middle_positions=torch.arange(middle) + draw(st.integers(-2, 5)),
-                    top_k=draw(st.one_of(st.integers(0, 6), st.sampled_from(BIG + [-1]))),
-                    top_k_distance=draw(st.one_of(st.none(), SIZES)),
-                    top_k_first_row=draw(st.one_of(st.integers(0, 9), st.sampled_from([-1, 2**63 - 1]))))
+                    top_k=rarely(draw, st.integers(0, 6), st.sampled_from(BIG + [-1])),
+                    top_k_distance=None if draw(st.booleans()) else size(draw, 0),
+                    top_k_first_row=rarely(draw, st.integers(0, 9), st.sampled_from([-1, 2**63 - 1])))
     return case
 
 
 @st.composite
 def append_case(draw):
     batch, heads, head_dim = draw(st.integers(0, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 4]))
-    n_global, n_local = draw(SIZES), draw(SIZES)
-    slots = draw(st.integers(0, 10)) if draw(st.booleans()) or not 0 <= n_global + n_local <= 10 else n_global + n_local
+    n_global, n_local = size(draw, 0), size(draw, 1)
+    n_global, n_local = min(n_global, 12) if n_global >= 0 else n_global, min(n_local, 12) if n_local >= 0 else n_local
+    if draw(st.integers(1, 4)) == 1:  # an overflow of the sum, which the glue computes
+        n_global, n_local = draw(st.sampled_from([(2**62, 2**62), (2**63 - 1, 1), (1, 2**63 - 1)]))
+    slots = n_global + n_local if 0 <= n_global + n_local <= 24 else 6
+    slots = rarely(draw, st.just(slots), st.integers(0, 10))
     cache_k = torch.zeros(batch, heads, slots, head_dim)
     aliasing = draw(st.sampled_from(["none"] * 6 + ["same", "expanded", "k_view"]))
     cache_v = cache_k if aliasing == "same" else torch.zeros_like(cache_k)
@@ -94,7 +119,7 @@ def append_case(draw):
     k = tensor(draw, (batch, heads, n_new, head_dim))
     if aliasing == "k_view" and slots:
         k = cache_k[:, :, : min(n_new, slots)]
-    start = draw(POSITIONS)
+    start = position(draw)
     return dict(cache_k=cache_k, cache_v=cache_v, cache_positions=torch.full((slots,), -1),
                 k=k, v=k.clone(), start_position=torch.tensor([start]) if start < 2**63 and draw(st.booleans()) else start,
                 n_global=n_global, n_local=n_local)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 CHILD = Path(__file__).with_name("fuzz_ops_child.py")
-EXAMPLES = int(os.environ.get("LMINF_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("LMINF_FUZZ_EXAMPLES", "200"))
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

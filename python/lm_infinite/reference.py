@@ -73,7 +73,7 @@ def lambda_attention_reference(
     k = k.to(q.dtype).repeat_interleave(group, dim=1)
     v = v.to(q.dtype).repeat_interleave(group, dim=1)
 
-    base = query_positions.min()
+    base = query_positions.min() if n_q else 0  # an empty chunk has no smallest position
     q_local = apply_rotary(q, query_positions - base, inv_freq)
     k_local = apply_rotary(k, key_positions - base, inv_freq)
     q_global = apply_rotary(q, torch.full((n_q,), distance_cap, device=q.device), inv_freq)
