@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..eval.corpus import default_corpus_tokens, file_tokens
+from ..eval.corpus import check_text_file, default_corpus_tokens, file_tokens
 from ..eval.methods import METHODS, TOP_K_METHOD
 from ..eval.perplexity import bucket_perplexity, perplexity, perplexity_run
 from ..eval.report import perplexity_table, plot_perplexity, write_json
@@ -67,6 +67,8 @@ def bucket_rows(nll, bucket_size: int) -> list[dict]:
 def evaluate(args, methods, title: str) -> dict:
     """Shared by `ppl` and `demo`: run, print the table, write the JSON and the plot."""
     check_output_paths(args)
+    for path in args.files:
+        check_text_file(path)
     model, tokenizer, model_name = load(args)
     ids = text_tokens(args, tokenizer)
     settings = settings_from(args).resolved(model)
