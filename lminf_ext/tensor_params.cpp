@@ -95,8 +95,8 @@ void check_writable(const char* op, const char* name, const torch::Tensor& t,
                     std::initializer_list<Named> others) {
   require(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, [&] {
     return std::string(name) +
-           " must not have overlapping elements (it is written in place; an expanded or "
-           "stride-0 tensor is not), got strides of shape " + shape_str(t);
+           " must not have overlapping elements (it is written in place), got an expanded "
+           "(stride-0) tensor of shape " + shape_str(t);
   });
   for (const auto& [other_name, other] : others) {
     const auto overlap = at::get_overlap_status(t, other);
