@@ -1,22 +1,19 @@
 #include "lminf/kv_cache.h"
 
 #include <cmath>
-#include <sstream>
 #include <utility>
 
 #include "lminf/lambda_attention.h"
 #include "lminf/ring_kv_cache.h"
 #include "memory.h"
+#include "message.h"
 
 namespace lminf {
 namespace {
 
 template <typename... Parts>
 Status invalid(const char* function, const Parts&... parts) {
-  std::ostringstream message;
-  message << "KVCache::" << function << ": ";
-  (message << ... << parts);
-  return Status::InvalidArgument(message.str());
+  return detail::invalid("KVCache::", function, ": ", parts...);
 }
 
 // Errors of the kernels' own checks keep their code and gain the name of the KVCache call.

@@ -1,43 +1,65 @@
 // Argument checks shared by the CPU and CUDA entry points. Each failure names the field and
 // the value expected, so a caller (or the torch glue) can pass the message straight on.
-#include <sstream>
+//
+// Sizes are checked against what the kernels index: every window, count and position is at
+// most kMaxPosition (2^62), so the sums the kernels form (n_global + n_local, a position plus
+// a chunk length, a window plus a tile) never overflow int64.
+#include <cmath>
 #include <string>
 
 #include "lminf/lambda_attention.h"
 #include "lminf/ring_kv_cache.h"
+#include "message.h"
 
 namespace lminf {
 namespace {
 
-template <typename... Parts>
-Status invalid(const Parts&... parts) {
-  std::ostringstream message;
-  (message << ... << parts);
-  return Status::InvalidArgument(message.str());
-}
+using detail::invalid;
 
 bool known_dtype(DType dtype) {
   return dtype == DType::kFloat32 || dtype == DType::kBFloat16 || dtype == DType::kFloat16;
 }
 
+// The ring holds n_global + n_local slots: their sum is bounded too.
+Status check_window(int64_t n_global, int64_t n_local) {
+  if (n_global > kMaxPosition - n_local)
+    return invalid("n_global + n_local must be at most 2^62, got ", n_global, " + ", n_local);
+  return Status::Ok();
+}
+
+// "name must be in [low, kMaxPosition], got value", or Ok.
+Status check_range(const char* name, int64_t value, int64_t low) {
+  if (value < low || value > kMaxPosition)
+    return invalid(name, " must be in [", low, ", 2^62], got ", value);
+  return Status::Ok();
+}
+
+#define LMINF_RETURN_IF_ERROR(expression)   \
+  do {                                      \
+    Status status_ = (expression);          \
+    if (!status_.ok()) return status_;      \
+  } while (0)
+
 }  // namespace
 
 Status validate(const LambdaAttentionParams& p) {
   if (!known_dtype(p.dtype)) return invalid("dtype must be float32, bfloat16 or float16");
-  if (p.batch < 0) return invalid("batch must be >= 0, got ", p.batch);
-  if (p.n_queries < 0) return invalid("n_queries must be >= 0, got ", p.n_queries);
-  if (p.head_dim < 1) return invalid("head_dim must be >= 1, got ", p.head_dim);
-  if (p.n_heads_kv < 1) return invalid("n_heads_kv must be >= 1, got ", p.n_heads_kv);
-  if (p.n_heads_q < 1 || p.n_heads_q % p.n_heads_kv != 0)
+  LMINF_RETURN_IF_ERROR(check_range("batch", p.batch, 0));
+  LMINF_RETURN_IF_ERROR(check_range("n_queries", p.n_queries, 0));
+  LMINF_RETURN_IF_ERROR(check_range("head_dim", p.head_dim, 1));
+  LMINF_RETURN_IF_ERROR(check_range("n_heads_kv", p.n_heads_kv, 1));
+  if (p.n_heads_q < 1 || p.n_heads_q > kMaxPosition || p.n_heads_q % p.n_heads_kv != 0)
     return invalid("n_heads_q must be a positive multiple of n_heads_kv (", p.n_heads_kv,
                    "), got ", p.n_heads_q);
-  if (p.n_local < 1) return invalid("n_local must be >= 1, got ", p.n_local);
-  if (p.n_global < 0) return invalid("n_global must be >= 0, got ", p.n_global);
-  if (p.distance_cap < 0) return invalid("distance_cap must be >= 0, got ", p.distance_cap);
+  LMINF_RETURN_IF_ERROR(check_range("n_local", p.n_local, 1));
+  LMINF_RETURN_IF_ERROR(check_range("n_global", p.n_global, 0));
+  LMINF_RETURN_IF_ERROR(check_window(p.n_global, p.n_local));
+  LMINF_RETURN_IF_ERROR(check_range("distance_cap", p.distance_cap, 0));
   if (p.rotary_dim < 0 || p.rotary_dim % 2 != 0 || p.rotary_dim > p.head_dim)
     return invalid("rotary_dim must be even and in [0, head_dim=", p.head_dim, "], got ",
                    p.rotary_dim);
-  if (p.cache_len < 0) return invalid("cache_len must be >= 0, got ", p.cache_len);
+  LMINF_RETURN_IF_ERROR(check_range("cache_len", p.cache_len, 0));
+  if (!std::isfinite(p.scale)) return invalid("scale must be a finite number, got ", p.scale);
   if (p.query_start == nullptr) return invalid("query_start must not be null");
   if (p.rotary_dim > 0 && p.inv_freq == nullptr) return invalid("inv_freq must not be null");
   const bool empty = p.batch == 0 || p.n_queries == 0;
@@ -46,13 +68,11 @@ Status validate(const LambdaAttentionParams& p) {
   if (!empty && p.cache_len > 0 &&
       (p.cache_k == nullptr || p.cache_v == nullptr || p.cache_positions == nullptr))
     return invalid("cache_k, cache_v and cache_positions must not be null when cache_len > 0");
-  if (p.top_k < 0) return invalid("top_k must be >= 0, got ", p.top_k);
+  LMINF_RETURN_IF_ERROR(check_range("top_k", p.top_k, 0));
   if (p.top_k > 0) {
-    if (p.top_k_distance < 0)
-      return invalid("top_k_distance must be >= 0, got ", p.top_k_distance);
-    if (p.top_k_first_row < 0)
-      return invalid("top_k_first_row must be >= 0, got ", p.top_k_first_row);
-    if (p.middle_len < 0) return invalid("middle_len must be >= 0, got ", p.middle_len);
+    LMINF_RETURN_IF_ERROR(check_range("top_k_distance", p.top_k_distance, 0));
+    LMINF_RETURN_IF_ERROR(check_range("top_k_first_row", p.top_k_first_row, 0));
+    LMINF_RETURN_IF_ERROR(check_range("middle_len", p.middle_len, 0));
     if (!empty && p.middle_len > 0 &&
         (p.middle_k == nullptr || p.middle_v == nullptr || p.middle_positions == nullptr))
       return invalid("middle_k, middle_v and middle_positions must not be null when middle_len > 0");
@@ -62,17 +82,25 @@ Status validate(const LambdaAttentionParams& p) {
 
 Status validate(const RingCacheAppendParams& p) {
   if (!known_dtype(p.dtype)) return invalid("dtype must be float32, bfloat16 or float16");
-  if (p.batch < 0) return invalid("batch must be >= 0, got ", p.batch);
-  if (p.n_new < 0) return invalid("n_new must be >= 0, got ", p.n_new);
-  if (p.head_dim < 1) return invalid("head_dim must be >= 1, got ", p.head_dim);
-  if (p.n_heads_kv < 1) return invalid("n_heads_kv must be >= 1, got ", p.n_heads_kv);
-  if (p.n_local < 1) return invalid("n_local must be >= 1, got ", p.n_local);
-  if (p.n_global < 0) return invalid("n_global must be >= 0, got ", p.n_global);
+  LMINF_RETURN_IF_ERROR(check_range("batch", p.batch, 0));
+  LMINF_RETURN_IF_ERROR(check_range("n_new", p.n_new, 0));
+  LMINF_RETURN_IF_ERROR(check_range("head_dim", p.head_dim, 1));
+  LMINF_RETURN_IF_ERROR(check_range("n_heads_kv", p.n_heads_kv, 1));
+  LMINF_RETURN_IF_ERROR(check_range("n_local", p.n_local, 1));
+  LMINF_RETURN_IF_ERROR(check_range("n_global", p.n_global, 0));
+  LMINF_RETURN_IF_ERROR(check_window(p.n_global, p.n_local));
   if (p.start_position == nullptr) return invalid("start_position must not be null");
   if (p.cache_positions == nullptr) return invalid("cache_positions must not be null");
   if (p.batch > 0 && p.n_new > 0 &&
       (p.cache_k == nullptr || p.cache_v == nullptr || p.k == nullptr || p.v == nullptr))
     return invalid("cache_k, cache_v, k and v must not be null");
+  return Status::Ok();
+}
+
+Status validate_position(const char* name, int64_t start, int64_t count) {
+  if (start < 0 || start > kMaxPosition - count)
+    return invalid(name, " must be in [0, 2^62 - ", count, "] (the chunk's ", count,
+                   " positions must stay below 2^62), got ", start);
   return Status::Ok();
 }
 

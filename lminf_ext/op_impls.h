@@ -5,6 +5,7 @@
 
 #include <optional>
 
+#include "checks.h"
 #include "tensor_params.h"
 
 namespace lminf_ext {
@@ -41,8 +42,9 @@ torch::Tensor lambda_attention(const torch::Tensor& q, const torch::Tensor& k,
                                int64_t n_global, int64_t n_local, int64_t distance_cap,
                                double scale) {
   const char* op = "lminf::lambda_attention";
-  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D [batch, heads_kv, seq, head_dim], got shape ",
-              k.sizes());
+  require(k.dim() == 4, op, [&] {
+    return "k must be 4-D [batch, heads_kv, seq, head_dim], got shape " + shape_str(k);
+  });
   // A whole sequence is a chunk at position 0 with an empty cache.
   const auto no_cache = k.new_empty({k.size(0), k.size(1), 0, k.size(3)});
   const auto no_positions = torch::empty({0}, k.options().dtype(torch::kInt64));

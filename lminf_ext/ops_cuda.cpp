@@ -4,15 +4,20 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "op_impls.h"
 
 namespace lminf_ext {
 namespace {
 
 void attend_cuda(const char* op, AttentionInputs& in) {
-  TORCH_CHECK(in.params.top_k == 0, op,
-              ": top-k middle attention has no CUDA kernel yet; call lm_infinite.lambda_attention_chunk, "
-              "which composes it on CUDA, or pass top_k=0");
+  require(in.params.top_k == 0, op, [] {
+    return std::string(
+        "top-k middle attention has no CUDA kernel yet; call lm_infinite.lambda_attention_chunk, "
+        "which composes it on CUDA, or pass top_k=0");
+  });
+  // The workspace is sized from the params, so they are checked before it is allocated.
+  check_status(op, lminf::validate(in.params));
   const c10::cuda::CUDAGuard guard(in.q.device());
   const auto bytes = static_cast<int64_t>(lminf::lambda_attention_cuda_workspace_size(in.params));
   torch::Tensor workspace = torch::empty({bytes}, in.q.options().dtype(torch::kUInt8));

@@ -1,17 +1,27 @@
+// The glue's validation layer: the tensors' structure (rank, dtype, device, shapes that must
+// agree, layouts the kernels can write). Scalar ranges and the overflow of sizes and
+// positions are the core's (lminf::validate and the kernels' entry points), whose messages
+// check_status passes on, so that C++ and Python callers get the same checks.
 #include "tensor_params.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <string>
+
+#include "checks.h"
 
 namespace lminf_ext {
 namespace {
 
-lminf::DType to_core_dtype(const char* op, const char* name, torch::ScalarType type) {
-  switch (type) {
+using Named = std::pair<const char*, const torch::Tensor&>;
+
+lminf::DType to_core_dtype(const char* op, const char* name, const torch::Tensor& t) {
+  switch (t.scalar_type()) {
     case torch::kFloat32: return lminf::DType::kFloat32;
     case torch::kBFloat16: return lminf::DType::kBFloat16;
     case torch::kFloat16: return lminf::DType::kFloat16;
     default:
-      TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", type);
+      fail(op, std::string(name) + " must be float32, bfloat16 or float16, got " + dtype_str(t));
   }
 }
 
@@ -21,36 +31,87 @@ torch::Tensor rows_contiguous(const torch::Tensor& t) {
 }
 
 void check_4d(const char* op, const char* name, const torch::Tensor& t, const char* layout) {
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D ", layout, ", got shape ", t.sizes());
+  require(t.dim() == 4, op, [&] {
+    return std::string(name) + " must be 4-D " + layout + ", got shape " + shape_str(t);
+  });
 }
 
-void check_like(const char* op, const char* name, const torch::Tensor& t, const torch::Tensor& q,
-                const char* q_name) {
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of ",
-              q_name, " (", q.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on the device of ", q_name,
-              " (", q.device(), "), got ", t.device());
+void check_like(const char* op, const char* name, const torch::Tensor& t, const torch::Tensor& ref,
+                const char* ref_name) {
+  require(t.scalar_type() == ref.scalar_type(), op, [&] {
+    return std::string(name) + " must have the dtype of " + ref_name + " (" + dtype_str(ref) +
+           "), got " + dtype_str(t);
+  });
+  require(t.device() == ref.device(), op, [&] {
+    return std::string(name) + " must be on the device of " + ref_name + " (" + device_str(ref) +
+           "), got " + device_str(t);
+  });
 }
 
 void check_dim(const char* op, const char* name, const torch::Tensor& t, int dim, int64_t expected,
                const char* what) {
-  TORCH_CHECK(t.size(dim) == expected, op, ": ", name, ".size(", dim, ") must equal ", what, " (",
-              expected, "), got shape ", t.sizes());
+  require(t.size(dim) == expected, op, [&] {
+    return std::string(name) + ".size(" + std::to_string(dim) + ") must equal " + what + " (" +
+           std::to_string(expected) + "), got shape " + shape_str(t);
+  });
+}
+
+void check_same_shape(const char* op, const char* name, const torch::Tensor& t,
+                      const char* ref_name, const torch::Tensor& ref) {
+  require(t.sizes() == ref.sizes(), op, [&] {
+    return std::string(name) + " must have " + ref_name + "'s shape " + shape_str(ref) + ", got " +
+           shape_str(t);
+  });
+}
+
+// int64 [length] on `device` (one position per slot).
+void check_positions(const char* op, const char* name, const torch::Tensor& t, int64_t length,
+                     const torch::Device& device, const char* what) {
+  require(t.scalar_type() == torch::kInt64 && t.dim() == 1 && t.size(0) == length, op, [&] {
+    return std::string(name) + " must be int64 of shape [" + std::to_string(length) + "] (" +
+           what + "), got " + dtype_str(t) + " of shape " + shape_str(t);
+  });
+  require(t.device() == device, op, [&] {
+    return std::string(name) + " must be on " + device_str(device) + ", got " + device_str(t);
+  });
 }
 
 torch::Tensor position_scalar(const char* op, const char* name, const torch::Tensor& t,
                               const torch::Device& device) {
-  TORCH_CHECK(t.scalar_type() == torch::kInt64 && t.numel() == 1, op, ": ", name,
-              " must be an int64 tensor with one element, got ", t.scalar_type(), " of shape ",
-              t.sizes());
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
+  require(t.scalar_type() == torch::kInt64 && t.numel() == 1, op, [&] {
+    return std::string(name) + " must be an int64 tensor with one element, got " + dtype_str(t) +
+           " of shape " + shape_str(t);
+  });
+  require(t.device() == device, op, [&] {
+    return std::string(name) + " must be on " + device_str(device) + ", got " + device_str(t);
+  });
   return t.reshape({1}).contiguous();
+}
+
+// A tensor written in place must own each of its elements (an expanded, stride-0 tensor
+// would have one write land on many elements) and share no memory with the other tensors
+// of the call (a cache whose k and v are one tensor, or new keys read from the cache itself).
+void check_writable(const char* op, const char* name, const torch::Tensor& t,
+                    std::initializer_list<Named> others) {
+  require(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, [&] {
+    return std::string(name) +
+           " must not have overlapping elements (it is written in place), got an expanded "
+           "(stride-0) tensor of shape " + shape_str(t);
+  });
+  for (const auto& [other_name, other] : others) {
+    const auto overlap = at::get_overlap_status(t, other);
+    require(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
+            [&] {
+              return std::string(name) + " must not share memory with " + other_name +
+                     " (it is written in place)";
+            });
+  }
 }
 
 }  // namespace
 
 void check_status(const char* op, const lminf::Status& status) {
-  TORCH_CHECK(status.ok(), op, ": ", status.message());
+  if (!status.ok()) fail(op, status.message());
 }
 
 AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
@@ -65,42 +126,36 @@ AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
   check_4d(op, "v", v, "[batch, heads_kv, seq, head_dim]");
   check_4d(op, "cache_k", cache_k, "[batch, heads_kv, slots, head_dim]");
   check_4d(op, "cache_v", cache_v, "[batch, heads_kv, slots, head_dim]");
-  const lminf::DType dtype = to_core_dtype(op, "q", q.scalar_type());
-  for (const auto& [name, t] : {std::pair<const char*, const torch::Tensor&>{"k", k}, {"v", v},
-                                {"cache_k", cache_k}, {"cache_v", cache_v}})
+  const lminf::DType dtype = to_core_dtype(op, "q", q);
+  for (const auto& [name, t] : {Named{"k", k}, {"v", v}, {"cache_k", cache_k}, {"cache_v", cache_v}})
     check_like(op, name, t, q, "q");
 
   const int64_t batch = q.size(0), heads_q = q.size(1), seq = q.size(2), head_dim = q.size(3);
   const int64_t heads_kv = k.size(1), slots = cache_k.size(2);
-  TORCH_CHECK(heads_kv >= 1 && heads_q % heads_kv == 0, op, ": q's heads (", heads_q,
-              ") must be a multiple of k's heads (", heads_kv, ")");
+  require(heads_kv >= 1 && heads_q % heads_kv == 0, op, [&] {
+    return "q's heads (" + std::to_string(heads_q) + ") must be a multiple of k's heads (" +
+           std::to_string(heads_kv) + ")";
+  });
   check_dim(op, "k", k, 0, batch, "q.size(0), the batch");
   check_dim(op, "k", k, 2, seq, "q.size(2), the sequence length");
   check_dim(op, "k", k, 3, head_dim, "q.size(3), head_dim");
-  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ",
-              v.sizes());
+  check_same_shape(op, "v", v, "k", k);
   check_dim(op, "cache_k", cache_k, 0, batch, "q.size(0), the batch");
   check_dim(op, "cache_k", cache_k, 1, heads_kv, "k.size(1), heads_kv");
   check_dim(op, "cache_k", cache_k, 3, head_dim, "q.size(3), head_dim");
-  TORCH_CHECK(cache_v.sizes() == cache_k.sizes(), op, ": cache_v must have cache_k's shape ",
-              cache_k.sizes(), ", got ", cache_v.sizes());
-  TORCH_CHECK(cache_positions.scalar_type() == torch::kInt64 && cache_positions.dim() == 1 &&
-                  cache_positions.size(0) == slots,
-              op, ": cache_positions must be int64 of shape [", slots,
-              "] (one per cache slot), got ", cache_positions.scalar_type(), " of shape ",
-              cache_positions.sizes());
-  TORCH_CHECK(cache_positions.device() == q.device(), op, ": cache_positions must be on ",
-              q.device(), ", got ", cache_positions.device());
-  TORCH_CHECK(inv_freq.dim() == 1 && inv_freq.is_floating_point(), op,
-              ": inv_freq must be a 1-D float tensor [rotary_dim / 2], got ",
-              inv_freq.scalar_type(), " of shape ", inv_freq.sizes());
-  TORCH_CHECK(2 * inv_freq.size(0) <= head_dim, op, ": inv_freq has ", inv_freq.size(0),
-              " frequencies; at most head_dim / 2 = ", head_dim / 2, " are allowed");
-  TORCH_CHECK(inv_freq.device() == q.device(), op, ": inv_freq must be on ", q.device(),
-              ", got ", inv_freq.device());
-  TORCH_CHECK(n_local >= 1, op, ": n_local must be >= 1, got ", n_local);
-  TORCH_CHECK(n_global >= 0, op, ": n_global must be >= 0, got ", n_global);
-  TORCH_CHECK(distance_cap >= 0, op, ": distance_cap must be >= 0, got ", distance_cap);
+  check_same_shape(op, "cache_v", cache_v, "cache_k", cache_k);
+  check_positions(op, "cache_positions", cache_positions, slots, q.device(), "one per cache slot");
+  require(inv_freq.dim() == 1 && inv_freq.is_floating_point(), op, [&] {
+    return "inv_freq must be a 1-D float tensor [rotary_dim / 2], got " + dtype_str(inv_freq) +
+           " of shape " + shape_str(inv_freq);
+  });
+  require(2 * inv_freq.size(0) <= head_dim, op, [&] {
+    return "inv_freq has " + std::to_string(inv_freq.size(0)) +
+           " frequencies; at most head_dim / 2 = " + std::to_string(head_dim / 2) + " are allowed";
+  });
+  require(inv_freq.device() == q.device(), op, [&] {
+    return "inv_freq must be on " + device_str(q) + ", got " + device_str(inv_freq);
+  });
 
   AttentionInputs in;
   in.q = rows_contiguous(q);
@@ -138,6 +193,8 @@ AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
   p.batch = batch, p.n_heads_q = heads_q, p.n_heads_kv = heads_kv;
   p.n_queries = seq, p.head_dim = head_dim;
   p.n_global = n_global, p.n_local = n_local, p.distance_cap = distance_cap;
+  // A double outside float's range would become inf here: validate() sees the float the
+  // kernels use.
   p.scale = static_cast<float>(scale);
   return in;
 }
@@ -147,12 +204,11 @@ void attach_middle_store(const char* op, AttentionInputs& in,
                          const std::optional<torch::Tensor>& middle_v,
                          const std::optional<torch::Tensor>& middle_positions, int64_t top_k,
                          int64_t top_k_distance, int64_t top_k_first_row) {
-  TORCH_CHECK(top_k >= 0, op, ": top_k must be >= 0, got ", top_k);
-  if (top_k == 0) return;
-  TORCH_CHECK(middle_k && middle_v && middle_positions, op,
-              ": top_k > 0 needs middle_k, middle_v and middle_positions");
-  TORCH_CHECK(top_k_distance >= 0, op, ": top_k_distance must be >= 0, got ", top_k_distance);
-  TORCH_CHECK(top_k_first_row >= 0, op, ": top_k_first_row must be >= 0, got ", top_k_first_row);
+  lminf::LambdaAttentionParams& p = in.params;
+  p.top_k = top_k, p.top_k_distance = top_k_distance, p.top_k_first_row = top_k_first_row;
+  if (top_k <= 0) return;  // 0 disables the variant; a negative top_k is validate()'s to refuse
+  require(middle_k && middle_v && middle_positions, op,
+          [] { return std::string("top_k > 0 needs middle_k, middle_v and middle_positions"); });
   const torch::Tensor& q = in.q;
   check_4d(op, "middle_k", *middle_k, "[batch, heads_kv, slots, head_dim]");
   check_like(op, "middle_k", *middle_k, q, "q");
@@ -160,19 +216,13 @@ void attach_middle_store(const char* op, AttentionInputs& in,
   check_dim(op, "middle_k", *middle_k, 0, q.size(0), "q.size(0), the batch");
   check_dim(op, "middle_k", *middle_k, 1, in.k.size(1), "k.size(1), heads_kv");
   check_dim(op, "middle_k", *middle_k, 3, q.size(3), "q.size(3), head_dim");
-  TORCH_CHECK(middle_v->sizes() == middle_k->sizes(), op, ": middle_v must have middle_k's shape ",
-              middle_k->sizes(), ", got ", middle_v->sizes());
+  check_same_shape(op, "middle_v", *middle_v, "middle_k", *middle_k);
   const int64_t slots = middle_k->size(2);
-  TORCH_CHECK(middle_positions->scalar_type() == torch::kInt64 && middle_positions->dim() == 1 &&
-                  middle_positions->size(0) == slots,
-              op, ": middle_positions must be int64 of shape [", slots, "], got ",
-              middle_positions->scalar_type(), " of shape ", middle_positions->sizes());
-  TORCH_CHECK(middle_positions->device() == q.device(), op, ": middle_positions must be on ",
-              q.device(), ", got ", middle_positions->device());
+  check_positions(op, "middle_positions", *middle_positions, slots, q.device(),
+                  "one per middle slot");
   in.middle_k = rows_contiguous(*middle_k);
   in.middle_v = rows_contiguous(*middle_v);
   in.middle_positions = middle_positions->contiguous();
-  lminf::LambdaAttentionParams& p = in.params;
   p.middle_k = in.middle_k.data_ptr();
   p.middle_k_batch_stride = in.middle_k.stride(0), p.middle_k_head_stride = in.middle_k.stride(1);
   p.middle_k_row_stride = in.middle_k.stride(2);
@@ -181,7 +231,6 @@ void attach_middle_store(const char* op, AttentionInputs& in,
   p.middle_v_row_stride = in.middle_v.stride(2);
   p.middle_positions = in.middle_positions.data_ptr<int64_t>();
   p.middle_len = slots;
-  p.top_k = top_k, p.top_k_distance = top_k_distance, p.top_k_first_row = top_k_first_row;
 }
 
 AppendInputs make_append_inputs(const torch::Tensor& cache_k, const torch::Tensor& cache_v,
@@ -191,32 +240,29 @@ AppendInputs make_append_inputs(const torch::Tensor& cache_k, const torch::Tenso
   const char* op = "lminf::ring_cache_append";
   check_4d(op, "cache_k", cache_k, "[batch, heads_kv, n_global + n_local, head_dim]");
   check_4d(op, "k", k, "[batch, heads_kv, seq, head_dim]");
-  const lminf::DType dtype = to_core_dtype(op, "cache_k", cache_k.scalar_type());
-  for (const auto& [name, t] : {std::pair<const char*, const torch::Tensor&>{"cache_v", cache_v},
-                                {"k", k}, {"v", v}})
+  const lminf::DType dtype = to_core_dtype(op, "cache_k", cache_k);
+  for (const auto& [name, t] : {Named{"cache_v", cache_v}, {"k", k}, {"v", v}})
     check_like(op, name, t, cache_k, "cache_k");
-  TORCH_CHECK(n_local >= 1, op, ": n_local must be >= 1, got ", n_local);
-  TORCH_CHECK(n_global >= 0, op, ": n_global must be >= 0, got ", n_global);
-  check_dim(op, "cache_k", cache_k, 2, n_global + n_local, "n_global + n_local");
-  TORCH_CHECK(cache_v.sizes() == cache_k.sizes(), op, ": cache_v must have cache_k's shape ",
-              cache_k.sizes(), ", got ", cache_v.sizes());
+  check_same_shape(op, "cache_v", cache_v, "cache_k", cache_k);
   check_dim(op, "k", k, 0, cache_k.size(0), "cache_k.size(0), the batch");
   check_dim(op, "k", k, 1, cache_k.size(1), "cache_k.size(1), heads_kv");
   check_dim(op, "k", k, 3, cache_k.size(3), "cache_k.size(3), head_dim");
-  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ",
-              v.sizes());
-  // The cache is written in place, so it cannot be silently copied.
-  for (const auto& [name, t] : {std::pair<const char*, const torch::Tensor&>{"cache_k", cache_k},
-                                {"cache_v", cache_v}})
-    TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) <= 1, op, ": ", name,
-                " must have a contiguous last dimension (it is written in place)");
-  TORCH_CHECK(cache_positions.scalar_type() == torch::kInt64 && cache_positions.dim() == 1 &&
-                  cache_positions.size(0) == cache_k.size(2) && cache_positions.is_contiguous(),
-              op, ": cache_positions must be a contiguous int64 tensor of shape [",
-              cache_k.size(2), "], got ", cache_positions.scalar_type(), " of shape ",
-              cache_positions.sizes());
-  TORCH_CHECK(cache_positions.device() == cache_k.device(), op, ": cache_positions must be on ",
-              cache_k.device(), ", got ", cache_positions.device());
+  check_same_shape(op, "v", v, "k", k);
+  // The cache is written in place, so it cannot be silently copied or aliased.
+  for (const auto& [name, t] : {Named{"cache_k", cache_k}, {"cache_v", cache_v}})
+    require(t.stride(-1) == 1 || t.size(-1) <= 1, op, [&] {
+      return std::string(name) + " must have a contiguous last dimension (it is written in place)";
+    });
+  check_positions(op, "cache_positions", cache_positions, cache_k.size(2), cache_k.device(),
+                  "one per cache slot");
+  require(cache_positions.is_contiguous(), op, [] {
+    return std::string("cache_positions must be contiguous (it is written in place)");
+  });
+  check_writable(op, "cache_k", cache_k,
+                 {{"cache_v", cache_v}, {"cache_positions", cache_positions}, {"k", k}, {"v", v}});
+  check_writable(op, "cache_v", cache_v, {{"cache_positions", cache_positions}, {"k", k}, {"v", v}});
+  check_writable(op, "cache_positions", cache_positions,
+                 {{"k", k}, {"v", v}, {"start_position", start_position}});
 
   AppendInputs in;
   in.k = rows_contiguous(k);
@@ -238,6 +284,10 @@ AppendInputs make_append_inputs(const torch::Tensor& cache_k, const torch::Tenso
   p.start_position = in.start_position.data_ptr<int64_t>();
   p.batch = k.size(0), p.n_heads_kv = k.size(1), p.n_new = k.size(2), p.head_dim = k.size(3);
   p.n_global = n_global, p.n_local = n_local;
+  // The slot count is the one size the params do not carry; it needs n_global + n_local,
+  // which is only defined once the core has checked both (and that the sum fits in int64).
+  check_status(op, lminf::validate(p));
+  check_dim(op, "cache_k", cache_k, 2, n_global + n_local, "n_global + n_local");
   return in;
 }
 

@@ -1,5 +1,9 @@
-"""Every malformed input is refused with a message naming the argument, never a crash."""
+"""Every malformed input is refused with a message naming the argument, never a crash.
 
+Includes the regression cases of the API attack (issue 14): sizes the kernels cannot index,
+positions that overflow int64, aliased caches, wrong types."""
+
+import numpy as np
 import pytest
 import torch
 
@@ -27,14 +31,29 @@ def call(q=None, k=None, v=None, inv_freq=INV, **kw):
     (dict(inv_freq=rope_inv_freq(66)[:33]), "at most head_dim / 2"),
     (dict(inv_freq=torch.ones(2, 4)), "inv_freq must be a 1-D float tensor"),
     (dict(inv_freq=torch.ones(4, dtype=torch.int64)), "inv_freq must be a 1-D float tensor"),
-    (dict(n_local=0), "n_local must be >= 1"),
-    (dict(n_global=-1), "n_global must be >= 0"),
-    (dict(distance_cap=-2), "distance_cap must be >= 0"),
+    (dict(n_local=0), "n_local must be in \\[1, 2\\^62\\], got 0"),
+    (dict(n_global=-1), "n_global must be in \\[0, 2\\^62\\], got -1"),
+    (dict(distance_cap=-2), "distance_cap must be in \\[0, 2\\^62\\], got -2"),
     (dict(k=torch.randn(1, 2, 9, 64, dtype=torch.float64)), "k must have the dtype of q"),
     (dict(q=torch.randn(1, 4, 9, 64, dtype=torch.float64),
           k=torch.randn(1, 2, 9, 64, dtype=torch.float64),
           v=torch.randn(1, 2, 9, 64, dtype=torch.float64)), "q must be float32, bfloat16 or float16"),
     (dict(v=torch.randn(1, 2, 9, 64, device="meta")), "device"),
+    # The attack's sizes: beyond 2^62 nothing the kernels add up could stay in int64.
+    (dict(n_local=2**62 + 1), "n_local must be in \\[1, 2\\^62\\], got 4611686018427387905"),
+    (dict(n_global=2**63 - 1), "n_global must be in \\[0, 2\\^62\\]"),
+    (dict(distance_cap=2**63 - 1), "distance_cap must be in \\[0, 2\\^62\\]"),
+    (dict(scale=float("nan")), "scale must be a finite number, got nan"),
+    (dict(scale=float("inf")), "scale must be a finite number, got inf"),
+    (dict(scale=1e300), "scale must be a finite number, got inf"),  # inf once it is a float32
+    (dict(inv_freq=torch.tensor([1.0, float("nan"), 0.1])), "inv_freq must be finite, got nan at index 1"),
+    # Types: what the dispatcher would take silently or refuse without naming the argument.
+    (dict(q=np.zeros((1, 4, 9, 64), np.float32)), "q must be a torch.Tensor, got ndarray"),
+    (dict(n_local=True), "n_local must be an int, got bool"),
+    (dict(n_local=4.0), "n_local must be an int, got float"),
+    (dict(n_global=np.int64(2)), "n_global must be an int, got int64"),
+    (dict(scale=False), "scale must be a real number, got bool"),
+    (dict(scale="0.1"), "scale must be a real number, got str"),
 ])
 def test_lambda_attention_rejects(kwargs, message):
     with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
@@ -81,9 +100,12 @@ def test_append_rejects_bad_cache():
     with pytest.raises(RuntimeError, match="written in place"):
         cache = torch.zeros(1, 1, 8, 6).transpose(-1, -2)
         li.ring_cache_append(cache, cache, positions, k, k, 0, n_global=2, n_local=4)
-    with pytest.raises(RuntimeError, match="start_position must be >= 0"):
+    with pytest.raises(ValueError, match="start_position must be in \\[0, 2\\^62\\], got -1"):
         li.ring_cache_append(torch.zeros(1, 1, 6, 8), torch.zeros(1, 1, 6, 8), positions, k, k, -1,
                              n_global=2, n_local=4)
+    with pytest.raises(RuntimeError, match="start_position must be in \\[0, 2\\^62 - 3\\]"):
+        li.ring_cache_append(torch.zeros(1, 1, 6, 8), torch.zeros(1, 1, 6, 8), positions, k, k,
+                             torch.tensor([-1]), n_global=2, n_local=4)
 
 
 @pytest.mark.parametrize("name,value", [("batch", 0), ("n_local", 0), ("n_global", -1), ("head_dim", 0)])
@@ -92,3 +114,112 @@ def test_ring_cache_rejects_bad_sizes(name, value):
     args[name] = value
     with pytest.raises(ValueError, match=name):
         li.RingKVCache(args.pop("batch"), args.pop("n_heads_kv"), args.pop("head_dim"), **args)
+
+
+def test_huge_n_local_is_refused_or_plain_causal_attention_not_a_crash():
+    """n_local = 2^62 aborted the process (a std::length_error from a vector reserve). With
+    the default n_global = 10 the ring would exceed 2^62 slots; just below, every row is
+    inside the window."""
+    q, k, v = random_qkv(1, 4, 2, 9, 64)
+    with pytest.raises(RuntimeError, match="n_global \\+ n_local must be at most 2\\^62, got 10 \\+ 4611686018427387904"):
+        li.lambda_attention(q, k, v, INV, n_local=2**62)
+    out = li.lambda_attention(q, k, v, INV, n_global=3, n_local=2**62 - 3)
+    ref = li.lambda_attention_reference(q.double(), k.double(), v.double(), INV, n_global=3, n_local=2**62 - 3)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_huge_top_k_chooses_every_candidate():
+    """top_k beyond the candidates (the attack's 2^60) is all of them, as in the reference."""
+    q, k, v = random_qkv(1, 2, 1, 5, 32)
+    middle_k, middle_v = torch.randn(1, 1, 20, 32), torch.randn(1, 1, 20, 32)
+    args = dict(n_global=2, n_local=3, middle_k=middle_k, middle_v=middle_v,
+                middle_positions=torch.arange(2, 22))
+    empty = torch.zeros(1, 1, 0, 32)
+    out = li.lambda_attention_chunk(q, k, v, empty, empty, torch.zeros(0, dtype=torch.int64), 22,
+                                    rope_inv_freq(32), top_k=2**60, top_k_distance=1, **args)
+    every = li.lambda_attention_chunk(q, k, v, empty, empty, torch.zeros(0, dtype=torch.int64), 22,
+                                      rope_inv_freq(32), top_k=25, top_k_distance=1, **args)
+    torch.testing.assert_close(out, every)
+    with pytest.raises(RuntimeError, match="top_k must be in \\[0, 2\\^62\\]"):
+        li.lambda_attention_chunk(q, k, v, empty, empty, torch.zeros(0, dtype=torch.int64), 22,
+                                  rope_inv_freq(32), top_k=2**63 - 1, top_k_distance=1, **args)
+
+
+def test_huge_head_dim_is_an_error_or_a_result_never_an_abort():
+    """Scratch for head_dim 2^18 is allocated before the parallel region, sized by the tile."""
+    q, k, v = random_qkv(1, 1, 1, 1, 2**18)
+    out = li.lambda_attention(q, k, v, torch.ones(1), n_local=4)
+    torch.testing.assert_close(out, v)  # one key: its value
+
+
+@pytest.mark.parametrize("query_start", [-1, 2**63])
+def test_chunk_refuses_int_positions_out_of_range(query_start):
+    with pytest.raises(ValueError, match=f"query_start must be in \\[0, 2\\^62\\], got {query_start}"):
+        chunk_call(query_start=query_start)
+
+
+@pytest.mark.parametrize("query_start", [-1, 2**62, 2**63 - 1])
+def test_chunk_refuses_tensor_positions_out_of_range(query_start):
+    """A negative query_start read the rotary table out of bounds (later calls returned
+    non-finite values); near 2^63 the chunk's positions wrapped."""
+    with pytest.raises(RuntimeError, match=f"query_start must be in \\[0, 2\\^62 - 3\\] .*got {query_start}"):
+        chunk_call(query_start=torch.tensor([query_start]))
+
+
+def test_append_refuses_positions_that_would_wrap():
+    """At 2^63 - 2 the positions of a 3-token chunk wrapped negative and overwrote the global
+    slots; refused, and the cache is untouched."""
+    cache_k, cache_v, positions = torch.zeros(1, 1, 6, 8), torch.zeros(1, 1, 6, 8), torch.full((6,), -1)
+    k = torch.randn(1, 1, 3, 8)
+    with pytest.raises(RuntimeError, match="start_position must be in \\[0, 2\\^62 - 3\\]"):
+        li.ring_cache_append(cache_k, cache_v, positions, k, k, torch.tensor([2**63 - 2]),
+                             n_global=2, n_local=4)
+    assert (positions == -1).all() and (cache_k == 0).all()
+
+
+@pytest.mark.parametrize("alias,message", [
+    ("same", "cache_k must not share memory with cache_v"),
+    ("expanded", "cache_k must not have overlapping elements"),
+    ("k_is_cache", "cache_k must not share memory with k"),
+    ("positions_expanded", "cache_positions must be contiguous"),
+])
+def test_append_refuses_aliased_caches(alias, message):
+    """Writing through an aliased or stride-0 cache corrupted it silently."""
+    cache_k, cache_v = torch.zeros(1, 1, 6, 8), torch.zeros(1, 1, 6, 8)
+    positions, k = torch.full((6,), -1), torch.randn(1, 1, 3, 8)
+    if alias == "same":
+        cache_v = cache_k
+    elif alias == "expanded":
+        cache_k = torch.zeros(1, 1, 1, 8).expand(1, 1, 6, 8)
+    elif alias == "k_is_cache":
+        k = cache_k[:, :, :3]
+    else:
+        positions = torch.full((1,), -1).expand(6)
+    with pytest.raises(RuntimeError, match=message):
+        li.ring_cache_append(cache_k, cache_v, positions, k, k.clone(), 0, n_global=2, n_local=4)
+
+
+def test_append_refuses_sizes_whose_sum_overflows():
+    k = torch.randn(1, 1, 3, 8)
+    with pytest.raises(RuntimeError, match="n_local must be in \\[1, 2\\^62\\]"):
+        li.ring_cache_append(torch.zeros(1, 1, 6, 8), torch.zeros(1, 1, 6, 8), torch.full((6,), -1),
+                             k, k, 0, n_global=2**62, n_local=2**63 - 1)
+
+
+def test_no_autograd_a_clear_error_when_a_gradient_is_asked_for():
+    """backward() used to give no gradients without a word; the forward still runs (a model
+    called without no_grad), the backward says why it cannot."""
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 1, 5, 32))
+    out = li.lambda_attention(q, k, v, rope_inv_freq(32), n_local=3)
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="lminf::lambda_attention has no backward"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert not li.lambda_attention(q, k, v, rope_inv_freq(32), n_local=3).requires_grad
+
+
+def test_glue_messages_format_numbers():
+    """Every glue message that carries a number (the GPU build's ostream crash, issue 11)."""
+    with pytest.raises(RuntimeError, match=r"k.size\(2\) must equal q.size\(2\), the sequence length \(9\), "
+                                           r"got shape \[1, 2, 8, 64\]"):
+        call(k=torch.randn(1, 2, 8, 64), v=torch.randn(1, 2, 8, 64))

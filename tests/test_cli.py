@@ -1,8 +1,10 @@
 """The lminf command line on a tiny local model: outputs, their agreement, and bad input."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,74 @@ def test_version_is_the_package_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out == f"lminf {lm_infinite.__version__}\n"
+
+
+def _fails_cleanly(capsys, command, argv, message, status=1):
+    """`lminf COMMAND` exits with `status` and one `lminf COMMAND: error: ...` line naming the
+    problem; no traceback, and (for input checks) before the model is loaded."""
+    if status == 2:
+        with pytest.raises(SystemExit) as exit_info:
+            _run(command, *argv)
+        code = exit_info.value.code
+    else:
+        code = _run(command, *argv)
+    err = capsys.readouterr().err
+    assert code == status, err
+    assert f"lminf {command}: error:" in err and message in err, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_each_command_reports_bad_input_as_one_error_line(model_dir, text_file, tmp_path, capsys):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    ok_json = tmp_path / "ok.json"
+    cases = [
+        ("ppl", [folder, "--model", model_dir], "is a directory, not a file"),
+        ("ppl", [text_file, "--model", model_dir, "--json", ok_json, "--plot", "/proc/x.png"],
+         "--plot /proc/x.png: cannot create a file in /proc"),
+        ("ppl", [text_file, "--model", model_dir, "--json", folder], "--json"),
+        ("passkey", ["--model", model_dir, "--lengths", 10**15], "--lengths: a 1000000000000000-token prompt"),
+        ("generate", [folder, "--model", model_dir], "prompt file"),
+        ("demo", ["--model", tmp_path / "missing-model"], "does not exist"),
+    ]
+    for command, argv, message in cases:
+        err = _fails_cleanly(capsys, command, argv, message)
+        if "missing-model" not in str(argv):  # found out by loading it
+            assert "loading model" not in err  # refused before the 25 s load of a real model
+    assert not ok_json.exists() and not list(tmp_path.glob(".ok.json*"))
+
+
+def test_settings_the_kernels_refuse_are_errors_not_tracebacks(model_dir, text_file, capsys):
+    _fails_cleanly(capsys, "generate", [text_file, "--model", model_dir, "--n-local", 10**15],
+                   "out of memory: RingKVCache")
+    _fails_cleanly(capsys, "ppl", [text_file, "--model", model_dir, "--methods", "lm-infinite+top-k",
+                                   "--top-k-first-layer", 99, "--no-progress"],
+                   "top_k_first_layer must be an int in [0, 1], got 99")
+
+
+def test_a_huge_top_k_runs(model_dir, text_file, capsys):
+    """--top-k 2^60 aborted the process; more than the candidates means all of them."""
+    assert _run("ppl", text_file, "--model", model_dir, "--methods", "lm-infinite+top-k",
+                "--top-k", 2**60, "--top-k-first-layer", 0, "--tokens", 60, "--no-progress") == 0
+    assert "lm-infinite+top-k" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_device_this_machine_lacks_is_a_usage_error(model_dir, text_file, capsys):
+    _fails_cleanly(capsys, "ppl", [text_file, "--model", model_dir, "--device", "cuda"],
+                   "argument --device: 'cuda': CUDA is not available", status=2)
+    _fails_cleanly(capsys, "generate", [text_file, "--device", "tpu"], "expected cpu, cuda or cuda:N",
+                   status=2)
+
+
+def test_sigint_during_start_up_exits_130_quietly(model_dir, text_file):
+    child = subprocess.Popen([sys.executable, "-m", "lm_infinite.cli", "ppl", str(text_file), "--model",
+                              str(model_dir), "--no-progress"], stderr=subprocess.PIPE, text=True)
+    line = child.stderr.readline()
+    assert "loading model" in line, line
+    time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    err = child.stderr.read()
+    assert child.wait(timeout=60) == 130, err
+    assert "Traceback" not in err, err

@@ -10,12 +10,21 @@
 // n_local, rotates queries by i - base and local keys by j - base (both < n_local +
 // tile_queries), so (R_{i-base} q) . (R_{j-base} k) = (R_{i-j} q) . k with only small angles.
 // Global keys beyond the window are scored unrotated against R_{distance_cap} q.
+//
+// Non-finite inputs (lambda_attention.h): a row with a NaN or infinite score among the keys
+// it sees, or such a value among their values, is NaN; masked keys never reach a row.
+//
+// Nothing allocates inside the OpenMP region (an exception there would terminate the
+// process): the rotary table and every thread's workspace are built before it, sized by
+// what a tile can actually hold, and an allocation failure becomes kOutOfMemory.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <new>
+#include <stdexcept>
 #include <vector>
 
 #include "cpu/convert.h"
@@ -32,6 +41,15 @@ constexpr int kKeyVecs = kBlockKeys / kVecWidth;
 constexpr int kQkRows = kVecRegisters >= 32 ? 4 : 2;  // query rows per QK register tile
 constexpr int64_t kTargetTileRows = 256;               // group * tile_queries, L2-resident
 constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+inline bool is_finite(float x) { return std::fabs(x) <= std::numeric_limits<float>::max(); }
+
+bool row_is_finite(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!is_finite(x[i])) return false;
+  return true;
+}
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -115,6 +133,8 @@ struct MiddleChoice {
 template <typename T>
 struct TileWorkspace {
   std::vector<float> q_local, q_global, acc, row_max, row_sum, scores, kt, values, row;
+  std::vector<uint8_t> poisoned;   // [max_rows] the row saw a non-finite score or value
+  std::vector<uint8_t> value_bad;  // [kBlockKeys] the block's key has a non-finite value
   std::vector<KeyRef<T>> local_keys, global_keys;
   std::vector<float> q_middle;        // [group][dp] queries placed at top_k_distance
   std::vector<MiddleChoice<T>> chosen;  // [group][top_k] best middle keys so far
@@ -123,8 +143,8 @@ struct TileWorkspace {
   TileWorkspace(int64_t max_rows, int64_t dp, int64_t max_keys, int64_t group, int64_t top_k)
       : q_local(max_rows * dp), q_global(max_rows * dp), acc(max_rows * dp),
         row_max(max_rows), row_sum(max_rows), scores(max_rows * kBlockKeys),
-        kt(dp * kBlockKeys), values(kBlockKeys * dp), row(dp), q_middle(group * dp),
-        chosen(group * top_k), n_chosen(group) {
+        kt(dp * kBlockKeys), values(kBlockKeys * dp), row(dp), poisoned(max_rows),
+        value_bad(kBlockKeys), q_middle(group * dp), chosen(group * top_k), n_chosen(group) {
     local_keys.reserve(max_keys);
     global_keys.reserve(max_keys);
   }
@@ -137,6 +157,8 @@ class LambdaAttentionCpu {
       : p_(p),
         group_(p.n_heads_q / p.n_heads_kv),
         query_start_(*p.query_start),
+        // More than the candidates (the middle store and the chunk) would choose them all.
+        top_k_(std::min(p.top_k, p.middle_len + p.n_queries)),
         dp_(round_up(p.head_dim, kVecWidth)),
         half_(p.rotary_dim / 2),
         tile_queries_(std::clamp<int64_t>(kTargetTileRows / group_, 8, 128)),
@@ -161,11 +183,19 @@ class LambdaAttentionCpu {
   void run(int n_threads) {
     const int64_t n_tiles = (p_.n_queries + tile_queries_ - 1) / tile_queries_;
     const int64_t n_items = p_.batch * p_.n_heads_kv * n_tiles;
-    const int64_t max_keys = p_.cache_len + p_.n_local + tile_queries_ + p_.n_global;
-    const int threads = n_threads > 0 ? n_threads : omp_get_max_threads();
+    // A tile's key lists hold each cache slot at most once, the chunk's keys of its window
+    // and its global chunk keys: bounded by the tensors, whatever n_local and n_global are.
+    const int64_t max_keys = p_.cache_len + std::min(p_.n_queries, p_.n_local + tile_queries_) +
+                             std::min(p_.n_queries, p_.n_global);
+    const int64_t max_rows = group_ * std::min(tile_queries_, p_.n_queries);
+    const int threads = static_cast<int>(
+        std::min<int64_t>(n_threads > 0 ? n_threads : omp_get_max_threads(), n_items));
+    std::vector<TileWorkspace<T>> workspaces;
+    workspaces.reserve(threads);
+    for (int i = 0; i < threads; ++i) workspaces.emplace_back(max_rows, dp_, max_keys, group_, top_k_);
 #pragma omp parallel num_threads(threads)
     {
-      TileWorkspace<T> ws(group_ * tile_queries_, dp_, max_keys, group_, p_.top_k);
+      TileWorkspace<T>& ws = workspaces[omp_get_thread_num()];
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < n_items; ++item) {
         const int64_t tile = item % n_tiles;
@@ -223,6 +253,7 @@ class LambdaAttentionCpu {
     std::fill(ws.acc.begin(), ws.acc.begin() + rows * dp_, 0.f);
     std::fill(ws.row_max.begin(), ws.row_max.begin() + rows, kMinusInf);
     std::fill(ws.row_sum.begin(), ws.row_sum.begin() + rows, 0.f);
+    std::fill(ws.poisoned.begin(), ws.poisoned.begin() + rows, 0);
 
     // Keys local to some row have first - n_local < j <= last; keys global to some row have
     // j < n_global and last - j >= n_local. A key can be both (for different rows).
@@ -249,14 +280,18 @@ class LambdaAttentionCpu {
                           std::min<size_t>(kBlockKeys, ws.local_keys.size() - k0), rows, first,
                           base);
 
-    if (p_.top_k > 0)
+    if (top_k_ > 0)
       for (int64_t t = std::max(t0, p_.top_k_first_row); t < t1; ++t)
         attend_middle(ws, b, kv_head, t, t - t0);
 
     for (int64_t r = 0; r < rows; ++r) {
       float* acc = ws.acc.data() + r * dp_;
-      const float inv = ws.row_sum[r] > 0.f ? 1.f / ws.row_sum[r] : 0.f;
-      for (int64_t d = 0; d < p_.head_dim; ++d) acc[d] *= inv;
+      if (ws.poisoned[r]) {
+        std::fill(acc, acc + p_.head_dim, kNaN);
+      } else {
+        const float inv = ws.row_sum[r] > 0.f ? 1.f / ws.row_sum[r] : 0.f;
+        for (int64_t d = 0; d < p_.head_dim; ++d) acc[d] *= inv;
+      }
       row_from_float(acc, out_row(b, kv_head * group_ + r % group_, t0 + r / group_), p_.head_dim);
     }
   }
@@ -285,6 +320,10 @@ class LambdaAttentionCpu {
         float* value = values + c * dp_;
         std::fill(value + p_.head_dim, value + dp_, 0.f);
         row_to_float(keys[c].v, value, p_.head_dim);
+        // A non-finite value poisons the rows that see its key (below) and must not reach
+        // the others through a zero weight (0 * inf is NaN).
+        ws.value_bad[c] = !row_is_finite(value, p_.head_dim);
+        if (ws.value_bad[c]) std::fill(value, value + p_.head_dim, 0.f);
         lowest = std::min(lowest, keys[c].position);
         highest = std::max(highest, keys[c].position);
       }
@@ -305,19 +344,22 @@ class LambdaAttentionCpu {
     const bool all_visible = n_keys == kBlockKeys &&
                              (kLocal ? first - highest >= 0 && last - lowest < p_.n_local
                                      : first - highest >= p_.n_local);
-    if (!all_visible) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = first + r / group_;
-        float* s = scores + r * kBlockKeys;
-        for (int c = 0; c < kBlockKeys; ++c) {
-          bool visible = false;
-          if (c < n_keys) {
-            const int64_t distance = i - keys[c].position;
-            visible = kLocal ? distance >= 0 && distance < p_.n_local : distance >= p_.n_local;
-          }
-          if (!visible) s[c] = kMinusInf;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = first + r / group_;
+      float* s = scores + r * kBlockKeys;
+      bool bad = false;
+      for (int c = 0; c < kBlockKeys; ++c) {
+        bool visible = all_visible;
+        if (!all_visible && c < n_keys) {
+          const int64_t distance = i - keys[c].position;
+          visible = kLocal ? distance >= 0 && distance < p_.n_local : distance >= p_.n_local;
         }
+        if (visible)
+          bad |= !is_finite(s[c]) || ws.value_bad[c];
+        else if (!all_visible)
+          s[c] = kMinusInf;
       }
+      if (bad) ws.poisoned[r] = 1;
     }
 
     for (int64_t r = 0; r < rows; ++r) {
@@ -330,7 +372,8 @@ class LambdaAttentionCpu {
       const float m_block = vreduce_max(block_max);
       const float m_old = ws.row_max[r];
       const float m_new = std::max(m_old, m_block);
-      if (m_new == kMinusInf) {  // nothing visible to this row yet
+      // Nothing visible to this row yet, or the row is NaN whatever follows.
+      if (m_new == kMinusInf || ws.poisoned[r]) {
         std::fill(s, s + kBlockKeys, 0.f);
         continue;
       }
@@ -382,7 +425,9 @@ class LambdaAttentionCpu {
         const float* q = ws.q_middle.data() + g * dp_;
         vfloat dot = {};
         for (int64_t d = 0; d < dp_; d += kVecWidth) dot += vload(q + d) * vload(key + d);
-        keep_if_among_best(ws.chosen.data() + g * p_.top_k, ws.n_chosen[g], {vreduce_sum(dot), v});
+        const float score = vreduce_sum(dot);
+        if (!is_finite(score)) ws.poisoned[row_in_tile * group_ + g] = 1;  // a candidate is read
+        keep_if_among_best(ws.chosen.data() + g * top_k_, ws.n_chosen[g], {score, v});
       }
     };
     // Candidates: the middle store (tokens before the chunk) and the chunk's own early tokens.
@@ -402,10 +447,14 @@ class LambdaAttentionCpu {
     for (int64_t g = 0; g < group_; ++g) {
       const int64_t r = row_in_tile * group_ + g;
       float* acc = ws.acc.data() + r * dp_;
-      for (int64_t c = 0; c < ws.n_chosen[g]; ++c) {
-        const MiddleChoice<T> choice = ws.chosen[g * p_.top_k + c];
+      for (int64_t c = 0; c < ws.n_chosen[g] && !ws.poisoned[r]; ++c) {
+        const MiddleChoice<T> choice = ws.chosen[g * top_k_ + c];
         std::fill(value, value + dp_, 0.f);
         row_to_float(choice.value, value, p_.head_dim);
+        if (!row_is_finite(value, p_.head_dim)) {
+          ws.poisoned[r] = 1;
+          break;
+        }
         // One more key in the online softmax of row r.
         const float m_new = std::max(ws.row_max[r], choice.score);
         const float alpha = std::exp(ws.row_max[r] - m_new), weight = std::exp(choice.score - m_new);
@@ -419,7 +468,7 @@ class LambdaAttentionCpu {
   // Keeps the top_k highest-scoring choices in best[0..count); top_k is small (a handful), so
   // replacing the current minimum by a linear scan beats a heap.
   void keep_if_among_best(MiddleChoice<T>* best, int64_t& count, MiddleChoice<T> candidate) const {
-    if (count < p_.top_k) {
+    if (count < top_k_) {
       best[count++] = candidate;
       return;
     }
@@ -452,6 +501,7 @@ class LambdaAttentionCpu {
   const LambdaAttentionParams& p_;
   const int64_t group_;
   const int64_t query_start_;
+  const int64_t top_k_;  // middle keys chosen per head: p.top_k, at most the candidates
   const int64_t dp_;    // head_dim rounded up to whole vectors (zero padded)
   const int64_t half_;  // rotary_dim / 2
   const int64_t tile_queries_;
@@ -461,8 +511,33 @@ class LambdaAttentionCpu {
 };
 
 template <typename T>
-void run_typed(const LambdaAttentionParams& params, int n_threads) {
-  LambdaAttentionCpu<T>(params).run(n_threads);
+Status run_typed(const LambdaAttentionParams& params, int n_threads) {
+  // The only exceptions are allocation failures (the rotary table, the workspaces), all
+  // raised before the parallel region.
+  try {
+    LambdaAttentionCpu<T>(params).run(n_threads);
+  } catch (const std::bad_alloc&) {
+    return Status::OutOfMemory("lambda_attention_cpu: cannot allocate the workspace for head_dim=" +
+                               std::to_string(params.head_dim) + ", n_local=" +
+                               std::to_string(params.n_local) + ", query_start=" +
+                               std::to_string(*params.query_start));
+  } catch (const std::length_error&) {
+    return Status::OutOfMemory("lambda_attention_cpu: the workspace for head_dim=" +
+                               std::to_string(params.head_dim) + " exceeds the address space");
+  }
+  return Status::Ok();
+}
+
+// Values the CPU kernel reads from host memory: positions in range, finite frequencies.
+Status validate_host_values(const LambdaAttentionParams& p) {
+  Status status = validate_position("query_start", *p.query_start, p.n_queries);
+  if (!status.ok()) return status;
+  for (int64_t f = 0; f < p.rotary_dim / 2; ++f)
+    if (!is_finite(p.inv_freq[f]))
+      return Status::InvalidArgument("inv_freq must be finite, got " +
+                                     std::to_string(p.inv_freq[f]) + " at index " +
+                                     std::to_string(f));
+  return Status::Ok();
 }
 
 }  // namespace
@@ -471,11 +546,13 @@ void run_typed(const LambdaAttentionParams& params, int n_threads) {
 Status lambda_attention_cpu(const LambdaAttentionParams& params, int n_threads) {
   Status status = validate(params);
   if (!status.ok()) return status;
+  status = cpu::validate_host_values(params);
+  if (!status.ok()) return status;
   if (params.batch == 0 || params.n_queries == 0) return Status::Ok();
   switch (params.dtype) {
-    case DType::kFloat32: cpu::run_typed<float>(params, n_threads); break;
-    case DType::kBFloat16: cpu::run_typed<bf16_t>(params, n_threads); break;
-    case DType::kFloat16: cpu::run_typed<fp16_t>(params, n_threads); break;
+    case DType::kFloat32: return cpu::run_typed<float>(params, n_threads);
+    case DType::kBFloat16: return cpu::run_typed<bf16_t>(params, n_threads);
+    case DType::kFloat16: return cpu::run_typed<fp16_t>(params, n_threads);
   }
   return Status::Ok();
 }

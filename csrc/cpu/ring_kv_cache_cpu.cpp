@@ -39,9 +39,8 @@ void append_typed(const RingCacheAppendParams& p) {
 Status ring_cache_append_cpu(const RingCacheAppendParams& params) {
   Status status = validate(params);
   if (!status.ok()) return status;
-  if (*params.start_position < 0)
-    return Status::InvalidArgument("start_position must be >= 0, got " +
-                                   std::to_string(*params.start_position));
+  status = validate_position("start_position", *params.start_position, params.n_new);
+  if (!status.ok()) return status;
   switch (params.dtype) {
     case DType::kFloat32: append_typed<float>(params); break;
     case DType::kBFloat16: append_typed<bf16_t>(params); break;

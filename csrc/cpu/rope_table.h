@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <stdexcept>
 #include <algorithm>
 #include <memory>
 #include <mutex>
@@ -20,6 +22,10 @@ struct RopeTable {
 
   RopeTable(const float* inv_freq, int64_t half_dim, int64_t rows) : half(half_dim) {
     constexpr int64_t kRestart = 64;
+    // rows follows n_local and the stream position: a product that wraps would allocate a
+    // small table and read past it. Callers turn this into an out-of-memory Status.
+    if (half > 0 && rows > std::numeric_limits<int64_t>::max() / half)
+      throw std::length_error("lminf: rotary table size overflows int64");
     cos.resize(rows * half);
     sin.resize(rows * half);
     std::vector<double> step_cos(kRestart * half), step_sin(kRestart * half);

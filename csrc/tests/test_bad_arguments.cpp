@@ -2,6 +2,7 @@
 // outputs stay poisoned, caches keep their position.
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -100,6 +101,15 @@ TEST(lambda_attention_cpu_names_the_bad_field) {
       {"out", [](Params& p) { p.out = nullptr; }},
       {"cache_positions", [](Params& p) { p.cache_len = 4; }},
       {"n_queries", [](Params& p) { p.n_queries = -1; }},
+      // Sizes whose sums the kernels form must stay far from int64's end (limits.h).
+      {"n_local", [](Params& p) { p.n_local = lminf::kMaxPosition + 1; }},
+      {"n_global", [](Params& p) { p.n_global = INT64_MAX; }},
+      {"n_global + n_local", [](Params& p) { p.n_global = p.n_local = lminf::kMaxPosition; }},
+      {"distance_cap", [](Params& p) { p.distance_cap = INT64_MAX; }},
+      {"cache_len", [](Params& p) { p.cache_len = INT64_MAX; }},
+      {"top_k", [](Params& p) { p.top_k = INT64_MAX; }},
+      {"scale", [](Params& p) { p.scale = std::numeric_limits<float>::quiet_NaN(); }},
+      {"scale", [](Params& p) { p.scale = std::numeric_limits<float>::infinity(); }},
   };
   for (const auto& [field, corrupt] : cases) {
     ValidAttention valid;
@@ -112,6 +122,59 @@ TEST(lambda_attention_cpu_names_the_bad_field) {
   CHECK_OK(lminf::lambda_attention_cpu(valid.params())) << "the unmodified problem is valid";
 }
 
+// Values the CPU entry point reads from host memory: positions and frequencies.
+TEST(lambda_attention_cpu_checks_the_values_it_reads) {
+  const std::vector<std::pair<std::string, std::function<void(ValidAttention&)>>> cases = {
+      // A negative start read the rotary table out of bounds; near 2^63 positions wrapped.
+      {"query_start must be in [0, 2^62 - 5]", [](ValidAttention& a) { a.query_start = -1; }},
+      {"query_start must be in [0, 2^62 - 5]",
+       [](ValidAttention& a) { a.query_start = lminf::kMaxPosition - 4; }},
+      {"inv_freq must be finite",
+       [](ValidAttention& a) { a.inv_freq[1] = std::numeric_limits<float>::quiet_NaN(); }},
+  };
+  for (const auto& [message, corrupt] : cases) {
+    ValidAttention valid;
+    corrupt(valid);
+    expect_error(lminf::lambda_attention_cpu(valid.params()), StatusCode::kInvalidArgument, message,
+                 message);
+    CHECK(all_nan(valid.out)) << message << ": the output was written";
+  }
+  ValidAttention last;
+  last.query_start = lminf::kMaxPosition - 5;  // the chunk's last position is 2^62 - 1
+  CHECK_OK(lminf::lambda_attention_cpu(last.params()));
+}
+
+// Windows far larger than the stream cost nothing: plain causal attention, no huge scratch.
+TEST(lambda_attention_cpu_huge_window_and_top_k_are_results_not_aborts) {
+  ValidAttention huge, plain;
+  lminf::LambdaAttentionParams p = huge.params(), reference = plain.params();
+  p.n_local = lminf::kMaxPosition - 10;
+  p.n_global = 10;
+  reference.n_local = ValidAttention::kTokens;
+  CHECK_OK(lminf::lambda_attention_cpu(p));
+  CHECK_OK(lminf::lambda_attention_cpu(reference));
+  CHECK(huge.out.to_double() == plain.out.to_double()) << "n_local = 2^62 is causal attention";
+
+  ValidAttention top_k;
+  p = top_k.params();
+  p.n_local = 1;
+  p.top_k = lminf::kMaxPosition;  // more than the 5 candidates: all of them
+  p.top_k_distance = 1;
+  CHECK_OK(lminf::lambda_attention_cpu(p));
+}
+
+// NaN in a query gives NaN in that row only.
+TEST(lambda_attention_cpu_nan_query_gives_a_nan_row) {
+  ValidAttention valid;
+  static_cast<float*>(valid.q.data())[2 * ValidAttention::kHeadDim] = std::numeric_limits<float>::quiet_NaN();
+  CHECK_OK(lminf::lambda_attention_cpu(valid.params()));
+  const std::vector<double> out = valid.out.to_double();
+  for (int64_t row = 0; row < 2 * ValidAttention::kTokens; ++row) {
+    const double x = out[row * ValidAttention::kHeadDim];
+    CHECK((x != x) == (row == 2)) << "row " << row << ": " << x;
+  }
+}
+
 TEST(ring_cache_append_cpu_names_the_bad_field) {
   using Params = lminf::RingCacheAppendParams;
   const std::vector<std::pair<std::string, std::function<void(Params&)>>> cases = {
@@ -121,11 +184,18 @@ TEST(ring_cache_append_cpu_names_the_bad_field) {
       {"start_position", [](Params& p) { p.start_position = nullptr; }},
       {"cache_positions", [](Params& p) { p.cache_positions = nullptr; }},
       {"k", [](Params& p) { p.k = nullptr; }},
+      {"n_local", [](Params& p) { p.n_local = INT64_MAX; }},
+      {"n_global", [](Params& p) { p.n_global = lminf::kMaxPosition + 1; }},
+      // Near 2^63 the positions wrapped negative and overwrote the global slots.
+      {"start_position must be in [0, 2^62 - 2]",
+       [](Params& p) { *const_cast<int64_t*>(p.start_position) = INT64_MAX - 1; }},
+      {"start_position must be in [0, 2^62 - 2]",
+       [](Params& p) { *const_cast<int64_t*>(p.start_position) = -1; }},
   };
   for (const auto& [field, corrupt] : cases) {
     std::vector<float> cache(4 * 8), chunk = random_values(2 * 8, 3);
     std::vector<int64_t> positions(4, -1);
-    const int64_t start = 0;
+    int64_t start = 0;
     Params p;
     p.cache_k = p.cache_v = cache.data();
     p.cache_k_row_stride = p.cache_v_row_stride = p.k_row_stride = p.v_row_stride = 8;

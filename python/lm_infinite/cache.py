@@ -1,4 +1,8 @@
-"""RingKVCache: one layer's fixed-size LM-Infinite KV cache on top of the extension's ops."""
+"""RingKVCache: one layer's fixed-size LM-Infinite KV cache on top of the extension's ops.
+
+State changes are all-or-nothing: `append` and `reorder` either complete or raise with the
+cache (ring, positions and middle store) as it was.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,34 @@ import torch
 from . import ops
 
 __all__ = ["MiddleStore", "RingKVCache"]
+
+
+def _allocate(what: str, shape: tuple[int, ...], dtype: torch.dtype, device, fill: float = 0):
+    """torch.full, with a size that does not fit (or overflows int64) reported as a
+    MemoryError naming what was being allocated, instead of a deep RuntimeError."""
+    elements = 1
+    for size in shape:
+        elements *= size
+    nbytes = elements * torch.empty((), dtype=dtype).element_size()
+    if nbytes >= 2**63:
+        raise MemoryError(f"{what}: {list(shape)} {dtype} would take {nbytes} bytes, more than "
+                          "int64 can address")
+    try:
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    except RuntimeError as error:  # CPU: "can't allocate memory"; CUDA: torch.OutOfMemoryError
+        raise MemoryError(f"{what}: cannot allocate {list(shape)} {dtype} "
+                          f"({nbytes / 2**30:.1f} GiB) on {device}: {error}") from None
+
+
+def _check_beam_index(beam_idx, batch: int) -> torch.Tensor:
+    if not isinstance(beam_idx, torch.Tensor) or beam_idx.dtype not in (torch.int64, torch.int32) \
+            or beam_idx.shape != (batch,):
+        raise ValueError(f"reorder: beam_idx must be an int64 tensor of shape [{batch}] (one "
+                         f"source row per batch row), got {beam_idx!r}")
+    if batch and not bool(((beam_idx >= 0) & (beam_idx < batch)).all()):
+        raise ValueError(f"reorder: beam_idx must hold batch rows in [0, {batch}), got "
+                         f"{beam_idx.tolist()}")
+    return beam_idx
 
 
 class MiddleStore:
@@ -21,17 +53,23 @@ class MiddleStore:
     def __init__(self, batch: int, n_heads_kv: int, head_dim: int, *, n_global: int,
                  dtype: torch.dtype, device: torch.device | str, capacity: int = 1024) -> None:
         self.n_global = n_global
-        self.k = torch.zeros(batch, n_heads_kv, capacity, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.k, self.v = (_allocate("MiddleStore", (batch, n_heads_kv, capacity, head_dim), dtype,
+                                    device) for _ in range(2))
         self.positions = torch.full((capacity,), -1, dtype=torch.int64, device=device)
         self.length = 0
 
+    def reserve(self, start: int, n_tokens: int) -> None:
+        """Make room for append(k, v, start) of n_tokens tokens (the one step that can fail)."""
+        n = n_tokens - max(0, min(n_tokens, self.n_global - start))
+        if self.length + n > self.k.shape[2]:
+            self._grow(self.length + n)
+
     def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Store k, v (checked by the caller against the ring) at positions start + t."""
         skip = max(0, min(k.shape[-2], self.n_global - start))  # globals live in the ring
         k, v = k[:, :, skip:], v[:, :, skip:]
         n = k.shape[-2]
-        if self.length + n > self.k.shape[2]:
-            self._grow(self.length + n)
+        self.reserve(start + skip, n)
         end = self.length + n
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
@@ -40,15 +78,18 @@ class MiddleStore:
         self.length = end
 
     def _grow(self, needed: int) -> None:
+        """Every new buffer is allocated before any replaces the old one."""
         capacity = max(needed, 2 * self.k.shape[2])
+        new = {}
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
-            new[:, :, : self.length] = old[:, :, : self.length]
-            setattr(self, name, new)
-        positions = self.positions.new_full((capacity,), -1)
-        positions[: self.length] = self.positions[: self.length]
-        self.positions = positions
+            new[name] = _allocate("MiddleStore", (*old.shape[:2], capacity, old.shape[3]),
+                                  old.dtype, old.device)
+            new[name][:, :, : self.length] = old[:, :, : self.length]
+        new["positions"] = self.positions.new_full((capacity,), -1)
+        new["positions"][: self.length] = self.positions[: self.length]
+        for name, tensor in new.items():
+            setattr(self, name, tensor)
 
     def views(self) -> dict:
         """The filled part, as the op's middle_k / middle_v / middle_positions arguments."""
@@ -85,12 +126,13 @@ class RingKVCache:
         for name, value, low in (("batch", batch, 1), ("n_heads_kv", n_heads_kv, 1),
                                  ("head_dim", head_dim, 1), ("n_global", n_global, 0),
                                  ("n_local", n_local, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"RingKVCache: {name} must be an int >= {low}, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= ops.MAX_POSITION:
+                raise ValueError(f"RingKVCache: {name} must be an int in [{low}, 2^62], got {value!r}")
         self.n_global, self.n_local = n_global, n_local
         slots = n_global + n_local
-        self.k = torch.zeros(batch, n_heads_kv, slots, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.k, self.v = (_allocate(f"RingKVCache (n_global + n_local = {slots} slots)",
+                                    (batch, n_heads_kv, slots, head_dim), dtype, device)
+                          for _ in range(2))
         self.positions = torch.full((slots,), -1, dtype=torch.int64, device=device)
         self.next_position = torch.zeros(1, dtype=torch.int64, device=device)
         self.n_seen = 0
@@ -136,7 +178,11 @@ class RingKVCache:
         )
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the chunk's keys and values and advance the position by its length."""
+        """Store the chunk's keys and values and advance the position by its length. The op
+        checks k and v before it writes; the middle store makes room first, so once the ring
+        is written nothing can fail."""
+        if self.middle is not None and isinstance(k, torch.Tensor) and k.dim() == 4:
+            self.middle.reserve(self.n_seen, k.shape[-2])
         ops.ring_cache_append(
             self.k, self.v, self.positions, k, v, self.next_position,
             n_global=self.n_global, n_local=self.n_local,
@@ -145,6 +191,19 @@ class RingKVCache:
             self.middle.append(k, v, self.n_seen)
         self.next_position += k.shape[-2]
         self.n_seen += k.shape[-2]
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: batch row b becomes row beam_idx[b] ([batch] ints), in the ring and the
+        middle store alike; beam_idx is checked before anything moves."""
+        beam_idx = _check_beam_index(beam_idx, self.k.shape[0]).to(self.k.device, torch.int64)
+        # Every reordered copy exists before the first tensor is replaced.
+        ring = [t.index_select(0, beam_idx) for t in (self.k, self.v)]
+        middle = [] if self.middle is None else [t.index_select(0, beam_idx)
+                                                  for t in (self.middle.k, self.middle.v)]
+        self.k.copy_(ring[0])
+        self.v.copy_(ring[1])
+        if middle:
+            self.middle.k, self.middle.v = middle
 
     def attend_and_append(self, q, k, v, inv_freq, **attend_options) -> torch.Tensor:
         out = self.attend(q, k, v, inv_freq, **attend_options)

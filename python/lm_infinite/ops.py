@@ -2,9 +2,15 @@
 
 Every op is defined once in lminf_ext/ (TORCH_LIBRARY) with CPU and CUDA kernels; the fakes
 here let torch.compile and opcheck trace them without running a kernel.
+
+Validation: the wrappers check what only Python can see (a numpy array is not a tensor, a
+bool is not an int, a position must fit in int64); the C++ glue and core check every shape,
+size and value against what the kernels index, for Python and C++ callers alike.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 
@@ -14,24 +20,45 @@ from .top_k_rows import top_k_rows_attention
 __all__ = ["lambda_attention", "lambda_attention_chunk", "ring_cache_append"]
 
 
-def _position_tensor(position: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+# The largest position or size the kernels accept (lminf/limits.h).
+MAX_POSITION = 2**62
+
+
+def _position_tensor(op: str, name: str, position: int | torch.Tensor,
+                     device: torch.device) -> torch.Tensor:
     """Positions travel as int64 tensors on the op's device, so that a captured CUDA graph can
-    advance them in place. A Python int is converted (int64, not float: see DESIGN.md 1)."""
+    advance them in place. A Python int is converted (int64, not float: see DESIGN.md 1) and
+    range-checked here, where it is still on the host."""
     if isinstance(position, torch.Tensor):
         return position
     if not isinstance(position, int) or isinstance(position, bool):
-        raise TypeError(f"position must be an int or an int64 tensor, got {type(position).__name__}")
+        raise TypeError(f"{op}: {name}: position must be an int or an int64 tensor, "
+                        f"got {type(position).__name__}")
+    if not 0 <= position <= MAX_POSITION:
+        raise ValueError(f"{op}: {name} must be in [0, 2^62], got {position}")
     return torch.tensor([position], dtype=torch.int64, device=device)
 
 
-def _check_devices(op: str, **tensors: torch.Tensor) -> None:
-    """Mixed devices would otherwise reach whichever kernel the dispatcher picks first."""
+def _check_tensors(op: str, **tensors: torch.Tensor) -> None:
+    """Every tensor argument is a torch.Tensor (the dispatcher's own error for a numpy array
+    names no argument), and all share one device (mixed devices would otherwise reach
+    whichever kernel the dispatcher picks first)."""
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
     (first_name, first), *rest = tensors.items()
     for name, tensor in rest:
         if tensor.device != first.device:
             raise ValueError(
                 f"{op}: {name} must be on {first_name}'s device ({first.device}), got {tensor.device}"
             )
+
+
+def _check_ints(op: str, **values) -> None:
+    """Python ints (not bools, not floats): the kernels' range checks name the bad value."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
 
 
 def _check_middle_store(k, top_k_distance, middle_k, middle_v, middle_positions) -> None:
@@ -55,10 +82,16 @@ def _check_middle_store(k, top_k_distance, middle_k, middle_v, middle_positions)
         raise ValueError(f"{op}: top_k_distance must be >= 0, got {top_k_distance}")
 
 
-def _defaults(q: torch.Tensor, n_local: int, distance_cap: int | None, scale: float | None):
+def _defaults(op: str, q: torch.Tensor, n_global, n_local, distance_cap, scale):
+    """distance_cap and scale with their defaults, after the type checks; the kernels check
+    the ranges (and that scale is finite)."""
     distance_cap = n_local if distance_cap is None else distance_cap
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return distance_cap, scale
+    _check_ints(op, n_global=n_global, n_local=n_local, distance_cap=distance_cap)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        raise TypeError(f"{op}: scale must be a real number, got {type(scale).__name__} {scale!r}")
+    return distance_cap, float(scale)
 
 
 def lambda_attention(
@@ -79,8 +112,9 @@ def lambda_attention(
     first rotary_dim features (rotate_half convention). distance_cap defaults to n_local,
     scale to head_dim ** -0.5. Returns [batch, heads_q, seq, head_dim] in q's dtype.
     """
-    _check_devices("lambda_attention", q=q, k=k, v=v, inv_freq=inv_freq)
-    distance_cap, scale = _defaults(q, n_local, distance_cap, scale)
+    op = "lambda_attention"
+    _check_tensors(op, q=q, k=k, v=v, inv_freq=inv_freq)
+    distance_cap, scale = _defaults(op, q, n_global, n_local, distance_cap, scale)
     return torch.ops.lminf.lambda_attention(q, k, v, inv_freq, n_global, n_local, distance_cap, scale)
 
 
@@ -114,13 +148,17 @@ def lambda_attention_chunk(
     query head, to the top_k keys of the middle store (middle_k, middle_v, middle_positions,
     laid out like the cache) at positions in [n_global, i - n_local], scored and placed at
     rotary distance top_k_distance (default: n_local // 2)."""
-    query_start = _position_tensor(query_start, q.device)
+    op = "lambda_attention_chunk"
+    _check_tensors(op, q=q)
+    query_start = _position_tensor(op, "query_start", query_start, q.device)
     middle = dict(middle_k=middle_k, middle_v=middle_v, middle_positions=middle_positions)
-    _check_devices("lambda_attention_chunk", q=q, k=k, v=v, cache_k=cache_k, cache_v=cache_v,
+    _check_tensors(op, q=q, k=k, v=v, cache_k=cache_k, cache_v=cache_v,
                    cache_positions=cache_positions, query_start=query_start, inv_freq=inv_freq,
                    **{name: t for name, t in middle.items() if t is not None})
-    distance_cap, scale = _defaults(q, n_local, distance_cap, scale)
+    distance_cap, scale = _defaults(op, q, n_global, n_local, distance_cap, scale)
+    _check_ints(op, top_k=top_k, top_k_first_row=top_k_first_row)
     top_k_distance = n_local // 2 if top_k_distance is None else top_k_distance
+    _check_ints(op, top_k_distance=top_k_distance)
     if q.is_cuda and top_k > 0 and top_k_first_row >= q.shape[2]:
         top_k = 0  # no row of this chunk uses top-k
     if q.is_cuda and top_k > 0:
@@ -159,9 +197,12 @@ def ring_cache_append(
     """Write k, v ([batch, heads_kv, seq, head_dim], positions start_position + t) into a ring
     cache ([batch, heads_kv, n_global + n_local, head_dim]) in place, keeping the first
     n_global tokens and the last n_local."""
-    start_position = _position_tensor(start_position, k.device)
-    _check_devices("ring_cache_append", cache_k=cache_k, cache_v=cache_v,
-                   cache_positions=cache_positions, k=k, v=v, start_position=start_position)
+    op = "ring_cache_append"
+    _check_tensors(op, k=k)
+    start_position = _position_tensor(op, "start_position", start_position, k.device)
+    _check_tensors(op, cache_k=cache_k, cache_v=cache_v, cache_positions=cache_positions, k=k, v=v,
+                   start_position=start_position)
+    _check_ints(op, n_global=n_global, n_local=n_local)
     torch.ops.lminf.ring_cache_append(
         cache_k, cache_v, cache_positions, k, v, start_position, n_global, n_local
     )
@@ -182,3 +223,27 @@ def _(q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, n_globa
 @torch.library.register_fake("lminf::ring_cache_append")
 def _(cache_k, cache_v, cache_positions, k, v, start_position, n_global, n_local):
     return None
+
+
+# No backward: the ops serve inference (the kernels keep no softmax statistics to differentiate
+# through, and a backward would be a second kernel set to keep exact). Gradients are refused
+# when they are asked for, not when the forward runs, so that a forward without no_grad (a Hugging
+# Face model called directly) still works. lambda_attention_reference is plain PyTorch and
+# differentiable, for whoever needs gradients of the semantics.
+def _no_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"lminf::{op} has no backward (the LM-Infinite ops are inference-only); run under "
+            "torch.no_grad() / torch.inference_mode(), or differentiate "
+            "lm_infinite.lambda_attention_reference instead"
+        )
+
+    return backward
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+for _op in ("lambda_attention", "lambda_attention_chunk"):
+    torch.library.register_autograd(f"lminf::{_op}", _no_backward(_op), setup_context=_no_context)

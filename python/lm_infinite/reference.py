@@ -52,6 +52,11 @@ def lambda_attention_reference(
     0..n_k-1), a negative position marks an empty key slot. Computed in q's dtype; pass
     float64 inputs for a reference. A row that sees no key returns zeros.
 
+    Non-finite inputs: a row is NaN when a key it sees has a non-finite score (a NaN or Inf in
+    its query, the key, the frequencies or the scale) or a non-finite value; keys it does not
+    see (masked, empty slots) never affect it. With top-k, every candidate key is scored, so
+    counts as seen, and so do the chosen keys' values.
+
     Top-k middle attention (top_k > 0): query rows top_k_first_row.. also attend, per head,
     to the top_k keys with positions in [n_global, i - n_local], scored
     s * (R_top_k_distance q) . k, in the same softmax. Candidates are the given keys and the
@@ -68,7 +73,7 @@ def lambda_attention_reference(
     k = k.to(q.dtype).repeat_interleave(group, dim=1)
     v = v.to(q.dtype).repeat_interleave(group, dim=1)
 
-    base = query_positions.min()
+    base = query_positions.min() if n_q else 0  # an empty chunk has no smallest position
     q_local = apply_rotary(q, query_positions - base, inv_freq)
     k_local = apply_rotary(k, key_positions - base, inv_freq)
     q_global = apply_rotary(q, torch.full((n_q,), distance_cap, device=q.device), inv_freq)
@@ -80,7 +85,10 @@ def lambda_attention_reference(
     is_local = present & (distance >= 0) & (distance < n_local)
     is_global = present & (distance >= n_local) & (key_positions < n_global)[None, :]
     minus_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
-    scores = torch.where(is_local, local_scores, torch.where(is_global, global_scores, minus_inf))
+    scores = torch.where(is_local, local_scores, torch.where(is_global, global_scores, local_scores))
+    visible = is_local | is_global
+    bad_row = _sees_non_finite(scores, v, visible)
+    scores = torch.where(visible, scores, minus_inf)
     if top_k > 0:
         if middle_k is None:
             middle_k, middle_v = k[:, :, :0], v[:, :, :0]
@@ -88,20 +96,32 @@ def lambda_attention_reference(
         else:
             middle_k = middle_k.to(q.dtype).repeat_interleave(group, dim=1)
             middle_v = middle_v.to(q.dtype).repeat_interleave(group, dim=1)
-        middle_scores, middle_v = _top_k_middle_scores(
+        middle_scores, middle_v, middle_bad = _top_k_middle_scores(
             q, query_positions, torch.cat([middle_k, k], dim=-2), torch.cat([middle_v, v], dim=-2),
             torch.cat([middle_positions, key_positions]), inv_freq, scale,
             n_global, n_local, top_k, top_k_distance, top_k_first_row,
         )
+        bad_row = bad_row | middle_bad
         scores, v = torch.cat([scores, middle_scores], dim=-1), torch.cat([v, middle_v], dim=-2)
+    # Rows that see no key: softmax gives NaN, the result is zeros. Masked non-finite values
+    # must not reach a row through a zero weight (0 * inf is NaN).
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return weights @ v
+    out = weights @ torch.where(v.isfinite(), v, torch.zeros_like(v))
+    return out.masked_fill(bad_row[..., None], float("nan"))
+
+
+def _sees_non_finite(scores: torch.Tensor, v: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, n_q]: the row sees (seen: [n_q, n_k] or broadcastable to scores) a key
+    with a non-finite score or value."""
+    bad_value = ~v.isfinite().all(-1)  # [batch, heads, n_k]
+    return (seen & (~scores.isfinite() | bad_value[..., None, :])).any(-1)
 
 
 def _top_k_middle_scores(q, query_positions, middle_k, middle_v, middle_positions, inv_freq, scale,
                          n_global, n_local, top_k, top_k_distance, top_k_first_row):
     """Scores of the candidate keys (already one per query head) for every row: each row's
-    top_k candidates keep their score, everything else is -inf."""
+    top_k candidates keep their score, everything else is -inf; and which rows read a
+    non-finite candidate score or chosen value."""
     placed = apply_rotary(q, torch.full((q.shape[-2],), top_k_distance, device=q.device), inv_freq)
     scores = (placed @ middle_k.transpose(-1, -2)) * scale
     row = torch.arange(q.shape[-2], device=q.device)[:, None]
@@ -109,8 +129,10 @@ def _top_k_middle_scores(q, query_positions, middle_k, middle_v, middle_position
                  & (middle_positions[None, :] <= query_positions[:, None] - n_local)
                  & (row >= top_k_first_row))
     minus_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+    candidate_bad = (candidate & ~scores.isfinite()).any(-1)
     scores = torch.where(candidate, scores, minus_inf)
     k = min(top_k, scores.shape[-1])
     best = scores.topk(k, dim=-1).indices
-    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, best, True)
-    return torch.where(chosen, scores, minus_inf), middle_v
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, best, True) & candidate
+    bad = candidate_bad | _sees_non_finite(torch.zeros_like(scores), middle_v, chosen)
+    return torch.where(chosen, scores, minus_inf), middle_v, bad

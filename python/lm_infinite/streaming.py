@@ -62,15 +62,34 @@ class LambdaStream:
         )
         return output.last_hidden_state
 
-    def _forward_chunks(self, input_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(chunk, its last hidden states) for each chunk of input_ids ([batch, tokens] or
-        [tokens]), in order, each appended to the stream. Top-k middle attention (if enabled)
-        serves the last top_k_rows tokens of input_ids, whatever the chunk size."""
+    def _checked_ids(self, input_ids) -> torch.Tensor:
+        """input_ids as [batch, tokens], checked whole before the first chunk runs: a bad id in
+        a later chunk must not leave the stream half-fed."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] or [tokens] tensor, "
                              f"got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        batch = self.next_logits.shape[0] if self.next_logits is not None else input_ids.shape[0]
+        if input_ids.shape[0] != batch:
+            raise ValueError(f"input_ids must continue the stream's batch of {batch}, got shape "
+                             f"{tuple(input_ids.shape)}")
+        vocab = self._decoder.get_input_embeddings().num_embeddings
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocabulary), "
+                             f"got {low if low < 0 else high}")
+        return input_ids
+
+    def _forward_chunks(self, input_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(chunk, its last hidden states) for each chunk of input_ids ([batch, tokens] or
+        [tokens]), in order, each appended to the stream. Top-k middle attention (if enabled)
+        serves the last top_k_rows tokens of input_ids, whatever the chunk size."""
+        input_ids = self._checked_ids(input_ids)
         state = state_of(self.model)
         after = input_ids.shape[1]  # tokens after the current chunk
         for chunk in input_ids.split(self.chunk_size, dim=1):
@@ -122,6 +141,10 @@ class LambdaStream:
         """Continue the stream (batch 1): yields up to max_new_tokens token ids, greedy when
         temperature is 0, else sampled. Each token is fed back before it is yielded, so the
         stream always holds everything produced; a stop token ends the continuation."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"LambdaStream.generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+            raise ValueError(f"LambdaStream.generate: temperature must be a finite number >= 0, got {temperature!r}")
         if self.next_logits is None:
             raise ValueError("LambdaStream.generate: feed a prompt first")
         if self.next_logits.shape[0] != 1:

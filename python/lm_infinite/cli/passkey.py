@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from tqdm import tqdm
 
 from ..eval.methods import METHODS
 from ..eval.passkey import passkey_run
 from ..eval.report import passkey_table, plot_passkey, write_json
-from .common import add_model_options, add_top_k_options, int_list, load, positive_int, settings_from
+from .common import (add_model_options, add_top_k_options, check_output_paths, int_list, load,
+                     positive_int, settings_from)
 from .ppl import method_list
 
 
@@ -45,7 +47,24 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+# Building a prompt holds its text and token ids at once: well over this many bytes per token.
+_PROMPT_BYTES_PER_TOKEN = 64
+
+
+def check_lengths_fit(lengths: list[int]) -> None:
+    """Refuse, before the model loads, a prompt length this machine cannot even hold."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    longest = max(lengths)
+    if longest * _PROMPT_BYTES_PER_TOKEN > memory:
+        raise ValueError(f"--lengths: a {longest}-token prompt needs about "
+                         f"{longest * _PROMPT_BYTES_PER_TOKEN / 2**30:.0f} GiB to build; this machine "
+                         f"has {memory / 2**30:.0f} GiB (at most "
+                         f"{memory // _PROMPT_BYTES_PER_TOKEN} tokens)")
+
+
 def run(args) -> int:
+    check_output_paths(args)
+    check_lengths_fit(args.lengths)
     model, tokenizer, model_name = load(args)
     total = len(args.lengths) * len(args.depths) * args.trials * len(args.methods)
     with tqdm(total=total, desc="passkey", unit="trial", disable=args.no_progress) as bar:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..eval.corpus import default_corpus_tokens, file_tokens
+from ..eval.corpus import check_text_file, default_corpus_tokens, file_tokens
 from ..eval.methods import METHODS, TOP_K_METHOD
 from ..eval.perplexity import bucket_perplexity, perplexity, perplexity_run
 from ..eval.report import perplexity_table, plot_perplexity, write_json
-from .common import add_model_options, add_top_k_options, load, positive_int, progress_bars, settings_from
+from .common import (add_model_options, add_top_k_options, check_output_paths, load, positive_int,
+                     progress_bars, settings_from)
 
 
 def method_list(text: str) -> list[str]:
@@ -65,6 +66,9 @@ def bucket_rows(nll, bucket_size: int) -> list[dict]:
 
 def evaluate(args, methods, title: str) -> dict:
     """Shared by `ppl` and `demo`: run, print the table, write the JSON and the plot."""
+    check_output_paths(args)
+    for path in args.files:
+        check_text_file(path)
     model, tokenizer, model_name = load(args)
     ids = text_tokens(args, tokenizer)
     settings = settings_from(args).resolved(model)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sysconfig
 from pathlib import Path
 
 import torch
 
-__all__ = ["default_corpus_tokens", "file_tokens"]
+__all__ = ["check_text_file", "default_corpus_tokens", "file_tokens", "read_text_file"]
 
 
 def _pydoc_text() -> str:
@@ -37,13 +38,28 @@ def default_corpus_tokens(tokenizer, n_tokens: int) -> torch.Tensor:
     return torch.cat(pieces)[:n_tokens]
 
 
+def read_text_file(path: str | Path, what: str = "text file") -> str:
+    """The text of a file, with an error that says what is wrong with the path."""
+    check_text_file(path, what)
+    return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def check_text_file(path: str | Path, what: str = "text file") -> None:
+    """Raise an OSError saying what is wrong with a path to be read as text."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a directory, not a file")
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    if not path.is_file():
+        raise OSError(f"{what} {str(path)!r} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{what} {str(path)!r} is not readable")
+
+
 def file_tokens(paths, tokenizer) -> torch.Tensor:
     """The tokens of the given text files, concatenated (int64 [tokens])."""
-    texts = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"text file {str(path)!r} does not exist")
-        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    texts = [read_text_file(path) for path in paths]
     text = "\n\n".join(texts)
     if not text.strip():
         raise ValueError(f"the text in {', '.join(map(str, paths))} is empty")

@@ -63,9 +63,7 @@ class LambdaLayer(CacheLayerMixin):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.ring is not None:
-            beam_idx = beam_idx.to(self.ring.k.device)
-            self.ring.k.copy_(self.ring.k.index_select(0, beam_idx))
-            self.ring.v.copy_(self.ring.v.index_select(0, beam_idx))
+            self.ring.reorder(beam_idx)
 
 
 class LambdaCache(Cache):

@@ -7,6 +7,7 @@ import inspect
 
 from torch import nn
 
+from ..ops import MAX_POSITION
 from .attention import ATTENTION_NAME
 from .cache import LambdaCache
 from .families import decoder_of, training_length
@@ -30,9 +31,10 @@ def top_k_defaults(model: nn.Module, n_local: int) -> tuple[int, int]:
     return min(4, len(decoder_of(model).layers) - 1), n_local // 2
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"lm_infinite.enable: {name} must be an int >= {low}, got {value!r}")
+def _check_int(name: str, value, low: int, high: int = MAX_POSITION) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        bound = "2^62" if high == MAX_POSITION else str(high)
+        raise ValueError(f"lm_infinite.enable: {name} must be an int in [{low}, {bound}], got {value!r}")
 
 
 def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
@@ -61,11 +63,16 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     _check_int("n_local", n_local, 1)
     distance_cap = n_local if distance_cap is None else distance_cap
     _check_int("n_global", n_global, 0)
+    if n_global + n_local > MAX_POSITION:
+        raise ValueError(f"lm_infinite.enable: n_global + n_local must be at most 2^62, got "
+                         f"{n_global} + {n_local}")
     _check_int("distance_cap", distance_cap, 0)
     _check_int("top_k_middle", top_k_middle, 0)
     default_first_layer, default_distance = top_k_defaults(model, n_local)
     top_k_first_layer = default_first_layer if top_k_first_layer is None else top_k_first_layer
-    _check_int("top_k_first_layer", top_k_first_layer, 0)
+    # A first layer past the last would silently turn top-k off.
+    _check_int("top_k_first_layer", top_k_first_layer, 0,
+               len(decoder.layers) - 1 if top_k_middle > 0 else MAX_POSITION)
     top_k_distance = default_distance if top_k_distance is None else top_k_distance
     _check_int("top_k_distance", top_k_distance, 0)
     if top_k_rows == "all":
