@@ -68,6 +68,9 @@ class RingKVCache:
     same count lives on the device in `next_position` ([1] int64) so that kernels read it
     without a host round trip. With keep_middle=True a MiddleStore also keeps every token past
     the first n_global, so that `attend` can use top-k middle attention.
+
+    A compiled or captured decode step cannot advance a Python int from inside its graph: it
+    sets `counts_on_append = False` while it runs and calls `count(n)` after each step.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class RingKVCache:
         self.positions = torch.full((slots,), -1, dtype=torch.int64, device=device)
         self.next_position = torch.zeros(1, dtype=torch.int64, device=device)
         self.n_seen = 0
+        self.counts_on_append = True
         self.middle = (
             MiddleStore(batch, n_heads_kv, head_dim, n_global=n_global, dtype=dtype, device=device)
             if keep_middle else None
@@ -144,7 +148,12 @@ class RingKVCache:
         if self.middle is not None:
             self.middle.append(k, v, self.n_seen)
         self.next_position += k.shape[-2]
-        self.n_seen += k.shape[-2]
+        if self.counts_on_append:
+            self.n_seen += k.shape[-2]
+
+    def count(self, n_tokens: int) -> None:
+        """Advance the host-side count by tokens appended while counts_on_append was off."""
+        self.n_seen += n_tokens
 
     def attend_and_append(self, q, k, v, inv_freq, **attend_options) -> torch.Tensor:
         out = self.attend(q, k, v, inv_freq, **attend_options)
