@@ -19,7 +19,12 @@ from .hf import LambdaCache, cache_argument_name
 from .hf.families import decoder_of
 from .hf.state import state_of
 
-__all__ = ["LambdaStream"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "LambdaStream"]
+
+# Tokens per prefill forward. Memory is constant in the stream's length (one chunk of
+# activations plus the rings) and grows with this; the value is not yet chosen by measurement
+# on a GPU (bench/e2e.py --chunk-sizes sweeps it): 1024 is what the CPU runs have used.
+DEFAULT_CHUNK_SIZE = 1024
 
 
 class LambdaStream:
@@ -33,7 +38,7 @@ class LambdaStream:
     top-k middle attention), and through torch.compile when compile=True (e.g. on the CPU).
     """
 
-    def __init__(self, model: torch.nn.Module, *, chunk_size: int = 1024, cuda_graphs: bool | None = None,
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE, cuda_graphs: bool | None = None,
                  compile: bool = False) -> None:
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"LambdaStream: chunk_size must be an int >= 1, got {chunk_size!r}")
