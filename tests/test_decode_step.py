@@ -124,3 +124,21 @@ def test_smollm2_step_equals_the_eager_stream():
     _, compiled_tokens, compiled_logits = _step_run(model, prompt, NEW_TOKENS, compile=True)
     assert compiled_tokens == tokens
     torch.testing.assert_close(compiled_logits, logits, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_smollm2_cuda_graph_stream_generates_the_cpu_stream_tokens():
+    from lm_infinite.eval.corpus import default_corpus_tokens
+    from lm_infinite.models import load_model
+
+    model, tokenizer = load_model()
+    lminf_hf.enable(model)
+    prompt = default_corpus_tokens(tokenizer, 200)[None]
+    cpu = LambdaStream(model)
+    cpu.feed(prompt)
+    expected = list(cpu.generate(32))
+    model.cuda()
+    stream = LambdaStream(model)
+    stream.feed(prompt)
+    assert list(stream.generate(32)) == expected
+    assert stream._step._graphs
