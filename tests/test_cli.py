@@ -88,8 +88,10 @@ def test_passkey_reports_every_trial(model_dir, tmp_path, capsys):
     assert trial["continuation"] == tokenizer.decode(list(stream.generate(3)), skip_special_tokens=True)
 
 
-def test_generate_prints_the_greedy_stream_continuation(model_dir, text_file, capsys):
-    assert _run("generate", text_file, "--model", model_dir, "--max-new-tokens", 12, "--n-local", 16) == 0
+@pytest.mark.parametrize("options", [[], ["--compile"]])
+def test_generate_prints_the_greedy_stream_continuation(model_dir, text_file, capsys, options):
+    assert _run("generate", text_file, "--model", model_dir, "--max-new-tokens", 12, "--n-local", 16,
+                *options) == 0
     printed = capsys.readouterr().out
     model, tokenizer = load_model(model_dir)
     stream = LambdaStream(lminf_hf.enable(model, n_local=16))

@@ -109,6 +109,9 @@ class RingKVCache:
     same count lives on the device in `next_position` ([1] int64) so that kernels read it
     without a host round trip. With keep_middle=True a MiddleStore also keeps every token past
     the first n_global, so that `attend` can use top-k middle attention.
+
+    A compiled or captured decode step cannot advance a Python int from inside its graph: it
+    sets `counts_on_append = False` while it runs and calls `count(n)` after each step.
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class RingKVCache:
         self.positions = torch.full((slots,), -1, dtype=torch.int64, device=device)
         self.next_position = torch.zeros(1, dtype=torch.int64, device=device)
         self.n_seen = 0
+        self.counts_on_append = True
         self.middle = (
             MiddleStore(batch, n_heads_kv, head_dim, n_global=n_global, dtype=dtype, device=device)
             if keep_middle else None
@@ -190,7 +194,12 @@ class RingKVCache:
         if self.middle is not None:
             self.middle.append(k, v, self.n_seen)
         self.next_position += k.shape[-2]
-        self.n_seen += k.shape[-2]
+        if self.counts_on_append:
+            self.n_seen += k.shape[-2]
+
+    def count(self, n_tokens: int) -> None:
+        """Advance the host-side count by tokens appended while counts_on_append was off."""
+        self.n_seen += n_tokens
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Beam search: batch row b becomes row beam_idx[b] ([batch] ints), in the ring and the

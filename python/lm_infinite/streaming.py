@@ -14,12 +14,18 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .decode_step import StaticDecodeStep, choose_tokens, draw_noise
 from .distributed import broadcast_from_first_rank
 from .hf import LambdaCache, cache_argument_name
 from .hf.families import decoder_of
 from .hf.state import state_of
 
-__all__ = ["LambdaStream"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "LambdaStream"]
+
+# Tokens per prefill forward. Memory is constant in the stream's length (one chunk of
+# activations plus the rings) and grows with this; the value is not yet chosen by measurement
+# on a GPU (bench/e2e.py --chunk-sizes sweeps it): 1024 is what the CPU runs have used.
+DEFAULT_CHUNK_SIZE = 1024
 
 
 class LambdaStream:
@@ -27,9 +33,14 @@ class LambdaStream:
 
     feed(ids) -> next-token logits; nll(ids) -> per-token negative log-likelihood;
     generate(n) -> continuation tokens. Calls continue the same stream.
+
+    generate() runs a StaticDecodeStep (fixed buffers, no host synchronisation inside a step):
+    replayed as a CUDA graph when cuda_graphs is on (the default for a model on CUDA without
+    top-k middle attention), and through torch.compile when compile=True (e.g. on the CPU).
     """
 
-    def __init__(self, model: torch.nn.Module, *, chunk_size: int = 1024) -> None:
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE, cuda_graphs: bool | None = None,
+                 compile: bool = False) -> None:
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"LambdaStream: chunk_size must be an int >= 1, got {chunk_size!r}")
         self.model, self.chunk_size = model, chunk_size
@@ -38,6 +49,13 @@ class LambdaStream:
         self._head = model.get_output_embeddings()
         self._cache_keyword = cache_argument_name(self._decoder)
         self._device = next(model.parameters()).device
+        if cuda_graphs is None:
+            cuda_graphs = self._device.type == "cuda" and state_of(model).top_k == 0
+        if cuda_graphs and self._device.type != "cuda":
+            raise ValueError(f"LambdaStream: cuda_graphs=True needs a model on CUDA, not {self._device}")
+        self.cuda_graphs, self.compile = cuda_graphs, compile
+        # Built at the first generate(): it binds this stream's cache tensors.
+        self._step: StaticDecodeStep | None = None
         # Logits at the last fed position: they predict the next token. [batch, vocab] or None.
         self.next_logits: torch.Tensor | None = None
 
@@ -46,6 +64,7 @@ class LambdaStream:
         once, then continue it several ways, e.g. several questions about one document."""
         twin = copy.copy(self)
         twin.cache = copy.deepcopy(self.cache)
+        twin._step = None
         twin.next_logits = None if self.next_logits is None else self.next_logits.clone()
         return twin
 
@@ -150,18 +169,22 @@ class LambdaStream:
         if self.next_logits.shape[0] != 1:
             raise ValueError("LambdaStream.generate: needs a stream of batch 1")
         stop = set(stop_token_ids)
+        if self._step is None:
+            self._step = StaticDecodeStep(self.model, self.cache, compile=self.compile,
+                                          cuda_graph=self.cuda_graphs)
+        step, sample = self._step, temperature > 0
+        noise = draw_noise(torch.empty_like(self.next_logits), generator) if sample else None
+        step.start(choose_tokens(self.next_logits, temperature if sample else None, noise), temperature)
         for _ in range(max_new_tokens):
-            logits = self.next_logits[0]
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
+            token = int(step.next_token_ids[0])  # the one host synchronisation per token
+            if sample:
                 # Under tensor parallelism every rank samples with its own generator; all must
                 # feed the same token. (Greedy needs no such step: every rank holds the same
                 # gathered logits, so they take the same argmax.)
                 token = broadcast_from_first_rank(self.model, token)
-            else:
-                token = int(logits.argmax())
-            self.feed(torch.tensor([[token]]))
+                step.next_token_ids.fill_(token)
+            step(sample=sample, generator=generator)  # feeds it and chooses the next
+            self.next_logits = step.logits
             yield token
             if token in stop:
                 return

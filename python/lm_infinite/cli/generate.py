@@ -22,6 +22,11 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=200)
     parser.add_argument("--temperature", type=temperature_option, default=0.0, help="0 for greedy (default)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--compile", action="store_true",
+                        help="run each decode step through torch.compile (worth it on the CPU; on CUDA "
+                             "every step is already a replayed CUDA graph)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                        help="on CUDA, run decode steps eagerly instead of replaying a captured graph")
     add_model_options(parser)
     parser.set_defaults(run=run)
 
@@ -52,9 +57,11 @@ def run(args) -> int:
     ids = tokenizer(text, return_tensors="pt").input_ids
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     with lm_infinite_enabled(model, settings_from(args)):
-        stream = LambdaStream(model, chunk_size=args.chunk_size)
+        stream = LambdaStream(model, chunk_size=args.chunk_size, cuda_graphs=args.cuda_graphs,
+                              compile=args.compile)
         stream.feed(ids)
-        generator = torch.Generator().manual_seed(args.seed)
+        # On the model's device: the step draws its sampling noise there, with no host copy.
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
         tokens, printed = [], ""
         for token in stream.generate(args.max_new_tokens, stop_token_ids=stop,
                                      temperature=args.temperature, generator=generator):

@@ -23,14 +23,19 @@ def _stdlib_sources():
         yield path.read_text(encoding="utf-8", errors="replace")
 
 
-def default_corpus_tokens(tokenizer, n_tokens: int) -> torch.Tensor:
+def default_corpus_tokens(tokenizer, n_tokens: int, *, repeat: bool = False) -> torch.Tensor:
     """The first n_tokens tokens (int64 [n_tokens]) of pydoc's topics (about 113K tokens for
-    SmolLM2) followed, for longer runs, by the standard library's top-level modules."""
+    SmolLM2) followed, for longer runs, by the standard library's top-level modules; with
+    repeat=True, the whole corpus again as often as needed (a repetition millions of tokens
+    back is far outside any LM-Infinite window)."""
     pieces = [tokenizer(_pydoc_text(), return_tensors="pt").input_ids[0]]
     total = pieces[0].numel()
     sources = _stdlib_sources()
     while total < n_tokens:
         source = next(sources, None)
+        if source is None and repeat:
+            whole = torch.cat(pieces)
+            return whole.repeat(-(-n_tokens // whole.numel()))[:n_tokens]
         if source is None:
             raise ValueError(f"the default corpus has only {total} tokens; asked for {n_tokens}")
         pieces.append(tokenizer("\n\n" + source, return_tensors="pt").input_ids[0])

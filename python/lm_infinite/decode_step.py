@@ -1,0 +1,136 @@
+"""StaticDecodeStep: one decode step of an LM-Infinite model over buffers allocated once.
+
+A decode step of a small batch is mostly launch and Python overhead on a GPU: 30-100 layers of
+small kernels per token. Replaying the step as one captured CUDA graph (or one compiled graph
+on the CPU) removes that, but only if nothing in the step depends on a host value that changes
+per token. Here: the input token and its position live in device tensors updated in place, the
+LambdaCache rings find their slots from their device-side `next_position`, and the next token
+is chosen inside the step and written back into the input buffer, so that the step feeds
+itself. The host keeps one piece of bookkeeping outside the graph: each ring's `n_seen`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hf.cache import LambdaCache
+from .hf.families import decoder_of
+from .hf.patching import cache_argument_name
+from .hf.state import state_of
+
+__all__ = ["StaticDecodeStep", "choose_tokens", "draw_noise"]
+
+
+def choose_tokens(logits: torch.Tensor, temperature: float | torch.Tensor | None,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token per row of logits ([batch, vocab] -> int64 [batch]): greedy when temperature
+    is None, else a draw from softmax(logits / temperature) by the Gumbel-max trick,
+    argmax(logits / T - log E) with E ~ Exp(1) in `noise`. Unlike torch.multinomial it has no
+    data-dependent control flow, so it can live inside a captured graph; the stream's eager
+    path uses it too, so that both paths draw the same tokens from the same generator."""
+    if temperature is None:
+        return logits.argmax(dim=-1)
+    return (logits / temperature - noise.log()).argmax(dim=-1)
+
+
+def draw_noise(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Fill `out` with Exp(1) draws from `generator` (which may live on another device)."""
+    if generator is None or generator.device == out.device:
+        return out.exponential_(generator=generator)
+    return out.copy_(torch.empty(out.shape, device=generator.device).exponential_(generator=generator))
+
+
+class StaticDecodeStep:
+    """Feeds one token per call to `cache`'s stream and chooses the next one.
+
+    Buffers (all on the model's device, allocated once): `input_ids` [batch, 1] int64, the
+    token the next call feeds, overwritten by the call with the token it chooses;
+    `position_ids` [batch, 1] int64, that token's position; `logits` [batch, vocab] float32,
+    the logits after the token fed last; `noise` [batch, vocab], Exp(1) draws for sampling,
+    filled before each sampled step; `temperature` [1].
+
+    compile=True runs the step through torch.compile (fullgraph: a graph break is an error);
+    cuda_graph=True captures it once per mode (greedy, sampled) and replays the graph. Top-k
+    middle attention grows its store on the host, so it runs eagerly only.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: LambdaCache, *, compile: bool = False,
+                 cuda_graph: bool = False) -> None:
+        state = state_of(model)
+        self.rings = [layer.ring for layer in cache.layers]
+        if any(ring is None for ring in self.rings):
+            raise ValueError("StaticDecodeStep: the cache is empty; feed a prompt first")
+        if (compile or cuda_graph) and state.top_k > 0:
+            raise ValueError("StaticDecodeStep: top-k middle attention grows its store on the host; "
+                             "it cannot be compiled or captured (use compile=False, cuda_graph=False)")
+        device = self.rings[0].k.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"StaticDecodeStep: cuda_graph=True needs a model on CUDA, not {device}")
+        self.cache = cache
+        self._decoder = decoder_of(model)
+        self._head = model.get_output_embeddings()
+        self._cache_keyword = cache_argument_name(self._decoder)
+        batch, vocab = self.rings[0].k.shape[0], self._head.out_features
+        self.input_ids = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+        self.position_ids = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+        self.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=device)
+        self.noise = torch.ones(batch, vocab, dtype=torch.float32, device=device)
+        self.temperature = torch.ones(1, dtype=torch.float32, device=device)
+        self._forward = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+        self._cuda_graph = cuda_graph
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+
+    def start(self, token_ids: torch.Tensor, temperature: float = 0.0) -> None:
+        """Set the token the next call feeds ([batch] or [batch, 1]), at the stream's next
+        position, and the sampling temperature (0: greedy) of the calls that follow."""
+        self.input_ids.copy_(token_ids.view(-1, 1))
+        self.position_ids.fill_(self.rings[0].n_seen)
+        if temperature > 0:
+            self.temperature.fill_(temperature)
+
+    @property
+    def next_token_ids(self) -> torch.Tensor:
+        return self.input_ids[:, 0]
+
+    def __call__(self, *, sample: bool = False, generator: torch.Generator | None = None) -> None:
+        """Feed `input_ids` at `position_ids`; afterwards `logits` holds the logits it yields
+        and `input_ids` the token chosen from them (sampled with `generator` if sample)."""
+        if sample:
+            draw_noise(self.noise, generator)  # outside the graph: the generator stays the caller's
+        for ring in self.rings:
+            ring.counts_on_append = False
+        try:
+            if not self._cuda_graph:
+                self._forward(sample)
+            elif sample in self._graphs:
+                self._graphs[sample].replay()
+            else:
+                self._graphs[sample] = self._capture(sample)
+        finally:
+            for ring in self.rings:
+                ring.counts_on_append = True
+        for ring in self.rings:
+            ring.count(1)
+
+    def _step(self, sample: bool) -> None:
+        output = self._decoder(input_ids=self.input_ids, position_ids=self.position_ids, use_cache=True,
+                               **{self._cache_keyword: self.cache})
+        logits = self._head(output.last_hidden_state[:, -1]).float()
+        self.logits.copy_(logits)
+        chosen = choose_tokens(logits, self.temperature if sample else None, self.noise)
+        self.input_ids.copy_(chosen.unsqueeze(-1))
+        self.position_ids.add_(1)
+
+    def _capture(self, sample: bool) -> torch.cuda.CUDAGraph:
+        """Run this call's step for real on a side stream (which also warms up the allocator and
+        the libraries' workspaces, as capture requires), then record it: recording runs no
+        kernel, so the stream's state advances once."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward(sample)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._forward(sample)
+        return graph
