@@ -89,10 +89,6 @@ class Instr:
     line: int
     target: str | None  # the label a BRA or CALL names
 
-    @property
-    def text(self) -> str:
-        return f"{self.opcode} {self.operands}"
-
 
 class Kernel:
     """One kernel instance: ptxas numbers, its instructions and labels, and its key loop."""
@@ -169,15 +165,20 @@ def find_tool(name: str) -> str:
     sys.exit(f"sass_check: {name} not found (CUDA toolkit, or `pip install triton`)")
 
 
+@functools.cache
+def nvcc_version() -> str:
+    return subprocess.run([find_tool("nvcc"), "--version"], capture_output=True, text=True).stdout
+
+
 def arch_of(source: pathlib.Path) -> str:
     return "sm_90a" if "hopper.cuh" in source.read_text() else "sm_90"
 
 
-def compile_cached(source: pathlib.Path, nvcc: str, nvcc_version: str) -> tuple[str, pathlib.Path]:
+def compile_cached(source: pathlib.Path) -> tuple[str, pathlib.Path]:
     """(ptxas report, cubin) of the source, compiled unless the cache holds this exact input."""
     arch = arch_of(source)
     flags = [*FLAGS, f"-gencode=arch=compute_{arch[3:]},code={arch}"]
-    key = hashlib.sha256("\0".join([*flags, nvcc_version, source.read_text()]).encode())
+    key = hashlib.sha256("\0".join([*flags, nvcc_version(), source.read_text()]).encode())
     for header in sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh")):
         key.update(header.read_bytes())
     stem = f"{source.stem}.{arch}"
@@ -185,7 +186,7 @@ def compile_cached(source: pathlib.Path, nvcc: str, nvcc_version: str) -> tuple[
     report = cubin.with_suffix(".ptxas")
     if not (cubin.exists() and report.exists()):
         CACHE.mkdir(parents=True, exist_ok=True)
-        run = subprocess.run([nvcc, *flags, str(source), "-o", str(cubin)], capture_output=True,
+        run = subprocess.run([find_tool("nvcc"), *flags, str(source), "-o", str(cubin)], capture_output=True,
                              text=True)
         if run.returncode != 0:
             sys.exit(f"sass_check: nvcc failed on {source}:\n{run.stderr}")
@@ -320,11 +321,10 @@ def short(name: str) -> str:
 
 def load_kernels(sources: list[pathlib.Path]) -> list[Kernel]:
     """Every kernel instance of the sources, in listing order."""
-    nvcc, nvdisasm = find_tool("nvcc"), find_tool("nvdisasm")
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    nvdisasm = find_tool("nvdisasm")
     kernels = []
     for source in sources:
-        report, cubin = compile_cached(source.resolve(), nvcc, version)
+        report, cubin = compile_cached(source.resolve())
         stats = parse_ptxas(report)
         listing = subprocess.run([nvdisasm, "-g", "-c", str(cubin)], check=True,
                                  capture_output=True, text=True).stdout
@@ -483,11 +483,11 @@ def line_span(k: Kernel, body: list[Instr]) -> str:
     return f"{k.source.name} lines {lines[0]}-{lines[-1]}" if lines else "no kernel-file lines"
 
 
-def count_report(kernels: list[Kernel], source: pathlib.Path, nvcc_release: str,
-                 by_line: bool = False) -> str:
+def count_report(kernels: list[Kernel], source: pathlib.Path, by_line: bool = False) -> str:
     """The per-tile count report of the prefill kernel's instances (sass_prefill_*.txt)."""
+    release = re.search(r"release ([\d.]+)", nvcc_version())
     out = [f"# scripts/sass_check.py --count: {source.resolve().relative_to(ROOT)}, sm_90, nvcc "
-           f"{nvcc_release}; static counts of the key loop body (see the script's docstring)"]
+           f"{release[1] if release else '?'}; static counts of the key loop body (see the script's docstring)"]
     failures = []
     for k in kernels:
         if k.source != source.resolve() or "lambda_attention_mma_kernel" not in k.name:
@@ -514,12 +514,6 @@ def count_report(kernels: list[Kernel], source: pathlib.Path, nvcc_release: str,
     return "\n".join(out) + "\n"
 
 
-def nvcc_release() -> str:
-    version = subprocess.run([find_tool("nvcc"), "--version"], capture_output=True, text=True)
-    m = re.search(r"release ([\d.]+)", version.stdout)
-    return m[1] if m else "?"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -535,8 +529,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.count:
-        report = count_report(load_kernels([args.source]), args.source, nvcc_release(),
-                              args.by_line)
+        report = count_report(load_kernels([args.source]), args.source, args.by_line)
         print(report, end="")
         if args.out:
             args.out.write_text(report)
@@ -552,7 +545,7 @@ def main() -> int:
             print(f"{short(k.name)[:56]:<56} {k.stats.get('registers', '?'):>4}  {rule:<30} "
                   f"{'PASS' if ok else 'FAIL'} {detail}")
     if PREFILL in sources:
-        report = count_report(kernels, PREFILL, nvcc_release())
+        report = count_report(kernels, PREFILL)
         committed = PREFILL_AFTER.read_text() if PREFILL_AFTER.exists() else ""
         if report != committed:
             PREFILL_AFTER.write_text(report)
