@@ -2,7 +2,7 @@
 # The prepared GPU run: two calls of at most 8 minutes each on an H200 (python3, torch 2.11+cu130).
 #
 #   bash scripts/gpu_check.sh first        # build, crash diagnostics, wgmma tile, decode
-#   bash scripts/gpu_check.sh second       # build (incremental), all CUDA tests, prefill bench
+#   bash scripts/gpu_check.sh second       # build (skipped if unchanged), all CUDA tests, prefill bench
 #   bash scripts/gpu_check.sh first --dry-run    # print the plan and the limits, run nothing
 #   bash scripts/gpu_check.sh build decode_tests # named phases only
 #
@@ -66,11 +66,20 @@ XDIST=""  # "-n 8" when pytest-xdist is installed
 
 # The commands of the phases. Each writes its log to $LOGS/<phase>.log (set by run_phase).
 phase_build() {
-  # LDFLAGS keeps whatever the machine sets (it may be the bad-input crash's cause) and adds
-  # -v, so the real ld command line lands in the log. Incremental: a second call on the same
-  # machine recompiles nothing.
-  LDFLAGS="${LDFLAGS:-} -v" LMINF_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e . &&
-    "$PY" -c "import lm_infinite as li; print(li.build_info())"
+  # A second call on the same machine skips the build when the sources it compiles are
+  # unchanged: a content stamp, since the tree's copy may carry new mtimes each call. (build/
+  # and the .so are ignored files, which the machine keeps between calls.)
+  local so=(python/lm_infinite/_C*.so) stamp
+  stamp="$(find csrc setup.py pyproject.toml -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum)"
+  if [ -e "${so[0]}" ] && [ "$stamp" = "$(cat build/gpu_check.stamp 2>/dev/null)" ]; then
+    echo "extension up to date: csrc/ and setup.py unchanged since this machine built it"
+  else
+    # LDFLAGS keeps whatever the machine sets (it may be the bad-input crash's cause) and adds
+    # -v, so the real ld command line lands in the log.
+    LDFLAGS="${LDFLAGS:-} -v" LMINF_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e . &&
+      mkdir -p build && echo "$stamp" >build/gpu_check.stamp || return 1
+  fi
+  "$PY" -c "import lm_infinite as li; print(li.build_info())"
 }
 phase_diag() {
   "$PY" -u scripts/libstdcxx_check.py toolchain && "$PY" -u scripts/libstdcxx_check.py repro "$LOGS/repro"
