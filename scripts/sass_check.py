@@ -98,15 +98,12 @@ class Kernel:
         self.mangled, self.name, self.source, self.stats = mangled, name, source, stats
         self.sass, self.labels = instructions, labels
         self.index = {i.address: n for n, i in enumerate(instructions)}
-        self._loops = None
 
-    @property
+    @functools.cached_property
     def loops(self) -> list[set[int]]:
-        if self._loops is None:
-            self._loops = natural_loops(self.sass, self.labels)
-        return self._loops
+        return natural_loops(self.sass, self.labels)
 
-    @property
+    @functools.cached_property
     def key_loop(self) -> list[Instr]:
         """The key loop's instructions in address order (empty if no loop holds every HMMA),
         with the subroutines it calls."""
@@ -119,7 +116,7 @@ class Kernel:
             body |= set(self.subroutine(self.sass[n]))
         return [self.sass[n] for n in sorted(body)]
 
-    @property
+    @functools.cached_property
     def nested_loops(self) -> list[list[Instr]]:
         key = {self.index[i.address] for i in self.key_loop}
         return [[self.sass[n] for n in sorted(loop)]
@@ -181,7 +178,8 @@ def compile_cached(source: pathlib.Path) -> tuple[str, pathlib.Path]:
     key = hashlib.sha256("\0".join([*flags, nvcc_version(), source.read_text()]).encode())
     for header in sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh")):
         key.update(header.read_bytes())
-    stem = f"{source.stem}.{arch}"
+    # One cache entry per source path and arch (a temp copy does not evict the original's).
+    stem = f"{source.stem}.{arch}.{hashlib.sha256(str(source).encode()).hexdigest()[:8]}"
     cubin = CACHE / f"{stem}.{key.hexdigest()[:16]}.cubin"
     report = cubin.with_suffix(".ptxas")
     if not (cubin.exists() and report.exists()):
@@ -190,7 +188,7 @@ def compile_cached(source: pathlib.Path) -> tuple[str, pathlib.Path]:
                              text=True)
         if run.returncode != 0:
             sys.exit(f"sass_check: nvcc failed on {source}:\n{run.stderr}")
-        for stale in CACHE.glob(f"{stem}.*"):  # one entry per source and arch
+        for stale in CACHE.glob(f"{stem}.*"):
             if stale.stem != cubin.stem:
                 stale.unlink()
         report.write_text(run.stdout + run.stderr)
