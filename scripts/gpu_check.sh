@@ -176,7 +176,7 @@ wait_phase() {
 
 summary() {
   echo "== $(sed -n 2p "$LOGS/device.txt" 2>/dev/null), commit $(git log -1 --format=%h 2>/dev/null)"
-  [ -f "$LOGS/diag.log" ] && grep -E "^== variant|NEEDED libstdc|symbols defined|bad call|number formatted|_M_insert" \
+  [ -f "$LOGS/diag.log" ] && grep -hE "^== variant|NEEDED libstdc|symbols defined|bad call|number formatted|_M_insert" \
     "$LOGS/diag.log" "$LOGS/link_inspect.log" 2>/dev/null | sed 's/^/  /'
   [ -f "$LOGS/wgmma_tile.log" ] && echo "== wgmma tile: $(tail -2 "$LOGS/wgmma_tile.log" | tr '\n' ' ')"
   for log in bad_input decode_tests cuda_tests; do
