@@ -1,6 +1,6 @@
 """Small calls that reach every CUDA kernel path once, for compute-sanitizer (memcheck and
-racecheck) in scripts/gpu_check.sh. Sizes are small because the sanitizer slows kernels down
-100x; each case still crosses tile edges, wraps the ring and uses GQA. Exits non-zero if an
+racecheck) in scripts/gpu_check.sh (its decode_sanitize and sanitize phases). Sizes are small
+because the sanitizer slows kernels down 100x; each case still crosses tile edges, wraps the ring and uses GQA. Exits non-zero if an
 output disagrees with the float64 reference, so a sanitizer run also proves the calls ran.
 `--decode-only` runs the decode kernel's cases alone."""
 

@@ -1,99 +1,271 @@
 #!/usr/bin/env bash
-# On the GPU machine: build, test, sanitize and benchmark the CUDA kernels in one command.
+# The prepared GPU run: two calls of at most 8 minutes each on an H200 (python3, torch 2.11+cu130).
 #
-#   bash scripts/gpu_check.sh                      # every phase (about 10 minutes)
-#   bash scripts/gpu_check.sh build test           # a subset: build test sanitize bench
+#   bash scripts/gpu_check.sh first        # build, crash diagnostics, wgmma tile, decode
+#   bash scripts/gpu_check.sh second       # build (skipped if unchanged), all CUDA tests, prefill bench
+#   bash scripts/gpu_check.sh first --dry-run    # print the plan and the limits, run nothing
+#   bash scripts/gpu_check.sh build decode_tests # named phases only
 #
-# Logs go to $OUT (default ./out): device.txt, build.log, resource_usage.txt, pytest.log (the
-# whole suite, tests/test_cuda_kernels.py included), memcheck.log, racecheck.log, bench.log and
-# bench/ (JSON + PNG). A short table is printed last. Each phase has a time limit so the whole run fits the lease; the
-# build is incremental, so a second call can run the later phases alone.
+# Phases, by priority (limits in seconds; expected times are in csrc/cuda/NOTES.md):
+#   first:  build (pip install -e ., LDFLAGS -v for the link line) with diag (toolchain and a
+#           one-check extension linked three ways, scripts/libstdcxx_check.py) and wgmma_tile
+#           (csrc/tests/test_wgmma_tile.cu on one tile) alongside; link_inspect (the built
+#           _C.so's libstdc++ linkage and one bad call); bad_input (tests/test_bad_input.py,
+#           test_build_link.py); decode_tests (the decode tests of tests/test_cuda_kernels.py)
+#           with decode_sanitize (memcheck, racecheck on the decode shapes) alongside;
+#           decode_bench.
+#   second: build; cuda_tests (the rest of test_cuda_kernels.py, test_top_k_middle.py,
+#           test_hf_cuda.py) with sanitize (every case, memcheck and racecheck) alongside;
+#           prefill_bench_32k, prefill_bench_128k (whole and a 4096-token chunk, vs Flex).
+# Every phase runs under `timeout` with min(its limit, what is left of LMINF_GPU_BUDGET_S,
+# default 470 s); one that would get under 20 s is skipped. So a call always ends in time, and
+# a slow early phase costs the later, less important ones, never the summary.
+#
+# $OUT (default ./out) receives at most 6 files: summary.txt (the table printed last),
+# device.txt, logs.tar.gz (every log), bench_decode.json, bench_prefill_32k.json,
+# bench_prefill_128k.json.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/out}"
-mkdir -p "$OUT"
-PHASES="${*:-build test sanitize bench}"
-export MAX_JOBS="${MAX_JOBS:-16}"
-# The interpreter that holds torch (on the GPU machine a bare `pip` or `python` is another one).
-PY="${PYTHON:-python3}"
-SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
-SUMMARY=()
+cd "$(dirname "$0")/.." || exit 1
 
-# run NAME LIMIT_S LOG CMD...: runs CMD with a time limit, logs stdout+stderr, records the outcome.
-run() {
-  local name="$1" limit="$2" log="$3"
-  shift 3
-  local start=$SECONDS
-  timeout "$limit" "$@" >"$log" 2>&1
-  local rc=$?
-  local status="ok"
-  [ $rc -eq 124 ] && status="TIMEOUT(${limit}s)"
-  [ $rc -ne 0 ] && [ $rc -ne 124 ] && status="FAILED(rc=$rc)"
-  SUMMARY+=("$(printf '%-16s %-14s %5ss  %s' "$name" "$status" "$((SECONDS - start))" "$(basename "$log")")")
-  return $rc
+DRY_RUN="${LMINF_GPU_DRY_RUN:-0}"
+SELECT=()
+for arg in "$@"; do
+  if [ "$arg" = "--dry-run" ]; then DRY_RUN=1; else SELECT+=("$arg"); fi
+done
+[ ${#SELECT[@]} -eq 0 ] && SELECT=(first)
+
+# name:limit, in run order; a name in {braces} runs in the background beside what follows, and
+# wait_<name> is where the script waits for it.
+FIRST="{diag:110} {wgmma_tile:60} build:210 wait_wgmma_tile wait_diag link_inspect:20 bad_input:45
+{decode_sanitize:120} decode_tests:120 wait_decode_sanitize decode_bench:75"
+SECOND="build:150 {sanitize:190} cuda_tests:180 wait_sanitize prefill_bench_32k:100
+prefill_bench_128k:130"
+PLAN=""
+for s in "${SELECT[@]}"; do
+  case "$s" in
+    first) PLAN+=" $FIRST" ;;
+    second) PLAN+=" $SECOND" ;;
+    *)
+      # shellcheck disable=SC2086  # one word per phase
+      item="$(printf '%s\n' $FIRST $SECOND | grep -E "^\{?$s:" | head -1)"
+      [ -n "$item" ] || { echo "gpu_check: unknown phase '$s' (first, second, or a phase name)" >&2; exit 2; }
+      PLAN+=" $item" ;;
+  esac
+done
+
+OUT="${OUT:-$PWD/out}"
+LOGS="${TMPDIR:-/tmp}/lminf_gpu_check"
+BUDGET="${LMINF_GPU_BUDGET_S:-470}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PATH="$CUDA_HOME/bin:$PATH"
+PY="${PYTHON:-python3}"  # the interpreter that holds torch (a bare `python` may be another)
+SANITIZER="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
+DECODE_TESTS="decode or 1e9"
+XDIST=""  # "-n 8" when pytest-xdist is installed
+
+# The commands of the phases. Each writes its log to $LOGS/<phase>.log (set by run_phase).
+phase_build() {
+  # A second call on the same machine skips the build when the sources it compiles are
+  # unchanged: a content stamp, since the tree's copy may carry new mtimes each call. (build/
+  # and the .so are ignored files, which the machine keeps between calls.)
+  local so=(python/lm_infinite/_C*.so) stamp
+  stamp="$(find csrc setup.py pyproject.toml -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum)"
+  if [ -e "${so[0]}" ] && [ "$stamp" = "$(cat build/gpu_check.stamp 2>/dev/null)" ]; then
+    echo "extension up to date: csrc/ and setup.py unchanged since this machine built it"
+  else
+    # LDFLAGS keeps whatever the machine sets (it may be the bad-input crash's cause) and adds
+    # -v, so the real ld command line lands in the log.
+    LDFLAGS="${LDFLAGS:-} -v" LMINF_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e . &&
+      mkdir -p build && echo "$stamp" >build/gpu_check.stamp || return 1
+  fi
+  "$PY" -c "import lm_infinite as li; print(li.build_info())"
+}
+phase_diag() {
+  "$PY" -u scripts/libstdcxx_check.py toolchain && "$PY" -u scripts/libstdcxx_check.py repro "$LOGS/repro"
+}
+phase_wgmma_tile() {
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc/include -Icsrc \
+    csrc/tests/test_wgmma_tile.cu -o "$LOGS/test_wgmma_tile" && "$LOGS/test_wgmma_tile"
+}
+# shellcheck disable=SC2089  # python source, passed as one argument
+BAD_CALL='import torch, lm_infinite as li
+q = torch.randn(1, 4, 9, 64)
+try:
+    li.lambda_attention(q, torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64), torch.ones(32), n_local=4)
+except RuntimeError as e:
+    print("raised:", str(e).splitlines()[0])'
+phase_link_inspect() {
+  local so=(python/lm_infinite/_C*.so)
+  [ -e "${so[0]}" ] || { echo "no python/lm_infinite/_C*.so: the build failed"; return 1; }
+  grep -nE "collect2|/ld |-static-libstdc|lstdc\+\+|_C\.cpython" "$LOGS/build.log" | tail -8
+  "$PY" -u scripts/libstdcxx_check.py inspect "${so[0]}" "$BAD_CALL"
+}
+phase_bad_input() { "$PY" -m pytest -q tests/test_bad_input.py tests/test_build_link.py; }
+phase_decode_tests() {
+  # shellcheck disable=SC2086  # XDIST is empty or two words
+  "$PY" -m pytest -q --maxfail=30 $XDIST tests/test_cuda_kernels.py -k "$DECODE_TESTS"
+}
+# memcheck and racecheck run at once: each is one CPU thread driving the GPU.
+sanitize_both() {
+  "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_cases.py "$@" \
+    >"$LOGS/memcheck.log" 2>&1 &
+  local mem=$!
+  "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_cases.py "$@" \
+    >"$LOGS/racecheck.log" 2>&1
+  local race=$?
+  wait "$mem" && [ "$race" -eq 0 ]
+}
+phase_decode_sanitize() { sanitize_both --decode-only; }
+phase_sanitize() { sanitize_both; }
+phase_decode_bench() {
+  "$PY" bench/attention_gpu.py --decode-only --out "$LOGS/bench_decode" &&
+    cp "$LOGS/bench_decode/attention_gpu.json" "$OUT/bench_decode.json"
+}
+phase_cuda_tests() {
+  # shellcheck disable=SC2086
+  "$PY" -m pytest -q -m "not slow" --maxfail=30 $XDIST tests/test_cuda_kernels.py \
+    tests/test_top_k_middle.py tests/test_hf_cuda.py -k "not ($DECODE_TESTS)"
+}
+prefill_bench() {  # LENGTH NAME
+  "$PY" bench/attention_gpu.py --lengths "$1" --decode-batches 1 --out "$LOGS/$2" &&
+    cp "$LOGS/$2/attention_gpu.json" "$OUT/$2.json"
+}
+phase_prefill_bench_32k() { prefill_bench 32768 bench_prefill_32k; }
+phase_prefill_bench_128k() { prefill_bench 131072 bench_prefill_128k; }
+
+START=$SECONDS
+ROWS=()
+CURRENT=""  # the foreground phase now running
+FAILED=0  # the exit status: 1 if a phase failed, timed out or was skipped
+declare -A BG_PID BG_LIMIT BG_START
+
+left() { echo $((BUDGET - (SECONDS - START))); }
+limit_for() { local l; l=$(left); echo $(($1 < l - 10 ? $1 : l - 10)); }
+record() {  # NAME RC LIMIT ELAPSED
+  local status=ok
+  [ "$2" -eq 124 ] && status="TIMEOUT(${3}s)"
+  [ "$2" -ne 0 ] && [ "$2" -ne 124 ] && status="FAILED(rc=$2)"
+  [ "$2" -ne 0 ] && FAILED=1
+  ROWS+=("$(printf '%-20s %-15s %5ss' "$1" "$status" "$4")")
+}
+skip() { ROWS+=("$(printf '%-20s %-15s' "$1" "SKIPPED(budget)")"); FAILED=1; }
+run_phase() {  # NAME LIMIT: foreground
+  local name="$1" limit start
+  limit=$(limit_for "$2")
+  if [ "$limit" -lt 20 ]; then skip "$name"; return; fi
+  start=$SECONDS CURRENT=$name
+  timeout -k 10 "$limit" bash -c "$(declare -f); phase_$name" >"$LOGS/$name.log" 2>&1
+  record "$name" $? "$limit" $((SECONDS - start))
+  CURRENT=""
+}
+start_phase() {  # NAME LIMIT: background, collected by wait_phase
+  local name="$1" limit
+  limit=$(limit_for "$2")
+  if [ "$limit" -lt 20 ]; then skip "$name"; return; fi
+  timeout -k 10 "$limit" bash -c "$(declare -f); phase_$name" >"$LOGS/$name.log" 2>&1 &
+  BG_PID[$name]=$! BG_LIMIT[$name]=$limit BG_START[$name]=$SECONDS
+}
+wait_phase() {
+  local name="$1"
+  [ -n "${BG_PID[$name]:-}" ] || return
+  wait "${BG_PID[$name]}"
+  record "$name" $? "${BG_LIMIT[$name]}" $((SECONDS - BG_START[$name]))
+  unset "BG_PID[$name]"
 }
 
-want() { [[ " $PHASES " == *" $1 "* ]]; }
+summary() {
+  echo "== $(sed -n 2p "$LOGS/device.txt" 2>/dev/null), commit $(git log -1 --format=%h 2>/dev/null)"
+  [ -f "$LOGS/diag.log" ] && grep -hE "^== variant|NEEDED libstdc|symbols defined|bad call|number formatted|_M_insert" \
+    "$LOGS/diag.log" "$LOGS/link_inspect.log" 2>/dev/null | sed 's/^/  /'
+  [ -f "$LOGS/wgmma_tile.log" ] && echo "== wgmma tile: $(tail -2 "$LOGS/wgmma_tile.log" | tr '\n' ' ')"
+  for log in bad_input decode_tests cuda_tests; do
+    [ -f "$LOGS/$log.log" ] || continue
+    echo "== $log: $(tail -1 "$LOGS/$log.log")"
+    grep -E "^(FAILED|ERROR)" "$LOGS/$log.log" | head -10
+  done
+  for log in memcheck racecheck; do
+    [ -f "$LOGS/$log.log" ] && echo "== $log: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/$log.log" | tail -1)"
+  done
+  local json=()
+  for f in bench_decode bench_prefill_32k bench_prefill_128k; do
+    [ -f "$OUT/$f.json" ] && json+=("$OUT/$f.json")
+  done
+  [ ${#json[@]} -gt 0 ] && "$PY" - "${json[@]}" <<'EOF'
+import json, sys
+for path in sys.argv[1:]:
+    rows = json.load(open(path))
+    copy = next((r["tbps"] for r in rows if r["kind"] == "copy"), None)
+    for r in rows:
+        if r["kind"] == "decode" and "decode" in path:
+            ok = (r["lminf_us"] <= 6 and r["speedup_vs_sdpa"] >= 2.5) if r["batch"] == 1 \
+                else r["lminf_tbps"] >= 3.4
+            print(f"== decode {r['heads']:>5} batch {r['batch']:>2}: {r['lminf_us']:7.2f} us "
+                  f"{r['lminf_tbps']:5.2f} TB/s (copy {copy:.2f}), SDPA {r['sdpa_us']:7.2f} us, "
+                  f"{r['speedup_vs_sdpa']:.2f}x  {'PASS' if ok else 'FAIL'} (batch 1: <= 6 us and "
+                  f">= 2.5x SDPA; batch 16: >= 3.4 TB/s)")
+        if r["kind"] == "prefill":
+            x = r["speedup_vs_flex"]
+            verdict = "-" if x is None else ("PASS" if x >= 0.75 else "FAIL")
+            print(f"== prefill {r['heads']:>5} N {r['n']:>6} chunk {r['chunk'] or '-':>4}: "
+                  f"{r['lminf_ms']:8.3f} ms {r['lminf_tflops']:6.1f} TF/s, Flex "
+                  f"{r['flex_ms'] if r['flex_ms'] is None else round(r['flex_ms'], 3)} ms -> "
+                  f"{'-' if x is None else f'{x:.2f}'}x  {verdict} (step 2: >= 0.75x Flex)")
+EOF
+  echo
+  echo "phase                status          time  (budget ${BUDGET}s, used $((SECONDS - START))s)"
+  printf '%s\n' "${ROWS[@]}"
+}
 
-{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+finish() {
+  trap - EXIT TERM INT
+  # Interrupted (the caller's time limit): stop what still runs, and say so in the table.
+  for name in $CURRENT "${!BG_PID[@]}"; do
+    [ -n "${BG_PID[$name]:-}" ] && kill "${BG_PID[$name]}" 2>/dev/null
+    ROWS+=("$(printf '%-20s %-15s' "$name" "INTERRUPTED")")
+    FAILED=1
+  done
+  summary | tee "$LOGS/summary.txt"
+  cp "$LOGS/summary.txt" "$LOGS/device.txt" "$OUT/" 2>/dev/null
+  tar -C "$LOGS" -czf "$OUT/logs.tar.gz" --exclude=test_wgmma_tile --exclude='repro/*.so' \
+    --exclude='repro/*.o' . 2>/dev/null
+  exit "$FAILED"
+}
+
+if [ "$DRY_RUN" = 1 ]; then
+  echo "plan (${SELECT[*]}), budget ${BUDGET}s; limits in seconds:"
+  total=0
+  for item in $PLAN; do
+    case "$item" in
+      wait_*) echo "  wait for ${item#wait_}" ;;
+      \{*) item="${item#\{}"; item="${item%\}}"; echo "  start ${item%%:*} in the background, limit ${item##*:}" ;;
+      *) echo "  run ${item%%:*}, limit ${item##*:}"; total=$((total + ${item##*:})) ;;
+    esac
+  done
+  echo "sum of the foreground limits: ${total}s (capped by the budget: phases left with < 20 s are skipped)"
+  exit 0
+fi
+
+rm -rf "$LOGS" && mkdir -p "$LOGS" "$OUT"
+trap finish EXIT
+trap 'exit 143' TERM INT
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   nvcc --version | tail -1
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-} >"$OUT/device.txt" 2>&1
+  git log --oneline -1
+} >"$LOGS/device.txt" 2>&1
+# pytest-xdist spreads the float64 references over the CPU cores when it is installed.
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
+# Each phase runs as `bash -c` under timeout (which kills its whole process group), so the
+# functions travel as text (declare -f) and the variables they read through the environment.
+# shellcheck disable=SC2090
+export LOGS OUT PY SANITIZER DECODE_TESTS BAD_CALL XDIST
 
-if want build; then
-  run build 200 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -e .
-  # Registers, spills and shared memory per kernel, as ptxas reports them for sm_90.
-  for f in csrc/cuda/*.cu; do
-    nvcc -std=c++17 -O3 --use_fast_math -gencode=arch=compute_90,code=sm_90 -Icsrc/include \
-      -c "$f" -o /dev/null --resource-usage -Xptxas -warn-spills 2>&1 |
-      grep -E "Compiling entry|registers|spill|warning" | sed -E 's/_ZN5lminf4cuda[0-9]+_GLOBAL__N__[0-9a-f_]+_cu_[0-9a-f]+//'
-  done >"$OUT/resource_usage.txt" 2>&1
-  "$PY" -c "import lm_infinite as li; print(li.build_info())" >>"$OUT/build.log" 2>&1
-  # The Hopper building blocks on one tile (TMA, wgmma descriptors): a second of GPU time.
-  run wgmma_tile 60 "$OUT/wgmma_tile.log" bash -c "nvcc -std=c++17 -O3 \
-    -gencode=arch=compute_90a,code=sm_90a -Icsrc/include -Icsrc csrc/tests/test_wgmma_tile.cu \
-    -o '$OUT/test_wgmma_tile' && '$OUT/test_wgmma_tile'"
-fi
-
-# The sanitizer runs (GPU-bound, one CPU core) overlap the test suite (float64 references on
-# the CPU cores); the benchmark runs alone afterwards.
-if want sanitize; then
-  (
-    SUMMARY=()
-    run memcheck 150 "$OUT/memcheck.log" "$SANITIZER" --tool memcheck --error-exitcode 1 \
-      "$PY" scripts/cuda_sanitize_cases.py
-    run racecheck 150 "$OUT/racecheck.log" "$SANITIZER" --tool racecheck --error-exitcode 1 \
-      "$PY" scripts/cuda_sanitize_cases.py
-    printf '%s\n' "${SUMMARY[@]}" >"$OUT/.sanitize_summary"
-  ) &
-  SANITIZE_PID=$!
-fi
-
-if want test; then
-  # pytest-xdist spreads the float64 references over the CPU cores when it is installed.
-  XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-  run pytest 270 "$OUT/pytest.log" "$PY" -m pytest -q -m "not slow" --maxfail=30 $XDIST tests
-  grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30 >"$OUT/pytest_failures.txt"
-fi
-
-if want sanitize; then
-  wait "$SANITIZE_PID"
-  mapfile -t -O "${#SUMMARY[@]}" SUMMARY <"$OUT/.sanitize_summary"
-fi
-
-if want bench; then
-  run bench 150 "$OUT/bench.log" "$PY" bench/attention_gpu.py --lengths 32768 --out "$OUT/bench"
-fi
-
-echo
-echo "== $(head -2 "$OUT/device.txt" | tail -1)"
-[ -s "$OUT/resource_usage.txt" ] && { echo "== ptxas (registers / spills)"; grep -E "registers|spill" "$OUT/resource_usage.txt" | sort | uniq -c | head -12; }
-[ -f "$OUT/wgmma_tile.log" ] && echo "== wgmma tile: $(tail -2 "$OUT/wgmma_tile.log" | tr '\n' ' ')"
-[ -f "$OUT/pytest.log" ] && { echo "== pytest: $(tail -1 "$OUT/pytest.log")"; cat "$OUT/pytest_failures.txt"; }
-for log in memcheck racecheck; do
-  [ -f "$OUT/$log.log" ] && echo "== $log: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/$log.log" | tail -1)"
+for item in $PLAN; do
+  case "$item" in
+    wait_*) wait_phase "${item#wait_}" ;;
+    \{*) item="${item#\{}"; item="${item%\}}"; start_phase "${item%%:*}" "${item##*:}" ;;
+    *) run_phase "${item%%:*}" "${item##*:}" ;;
+  esac
 done
-[ -f "$OUT/bench.log" ] && { echo "== bench"; sed -n '/^prefill, bf16/,$p' "$OUT/bench.log"; }
-echo
-echo "phase            status         time   log (in $OUT)"
-printf '%s\n' "${SUMMARY[@]}"
+for name in "${!BG_PID[@]}"; do wait_phase "$name"; done
