@@ -203,11 +203,15 @@ TEST(memory_stays_constant_over_a_long_stream) {
   CHECK(storage ==
         2 * KVCache::slot_bytes(shape) + KVCache::position_bytes(shape) + sizeof(int64_t));
   HostTensor out(shape.dtype, stream.q.size());
-  // The first chunk warms up what the runtime allocates once (OpenMP's thread pool).
-  CHECK_OK(cache.attend_and_append(stream.attention, stream.q.data(), stream.k.data(),
-                                   stream.v.data(), chunk, out.data()));
+  // The first two chunks warm up what is allocated once: OpenMP's thread pool, and 208 bytes
+  // more on the second call whenever 2 or more threads run (none with OMP_NUM_THREADS=1; not
+  // traced further). Every chunk after them must leave the heap exactly as it found it.
+  constexpr int64_t kWarmUpChunks = 2;
+  for (int64_t c = 0; c < kWarmUpChunks; ++c)
+    CHECK_OK(cache.attend_and_append(stream.attention, stream.q.data(), stream.k.data(),
+                                     stream.v.data(), chunk, out.data()));
   const size_t heap_after_warm_up = heap_bytes_in_use();
-  for (int64_t fed = chunk; fed < n_tokens; fed += chunk) {
+  for (int64_t fed = kWarmUpChunks * chunk; fed < n_tokens; fed += chunk) {
     CHECK_OK(cache.attend_and_append(stream.attention, stream.q.data(), stream.k.data(),
                                      stream.v.data(), chunk, out.data()));
   }
