@@ -171,6 +171,45 @@ inline Status launch_status(const char* kernel) {
                 std::string(kernel) + " launch failed: " + cudaGetErrorString(error));
 }
 
+// One online-softmax step over a warp's m16n8 score accumulators (element 2a + e of each tile
+// belongs to row lane / 4 + 8a): the running max, sum and output accumulators are rescaled and
+// the scores become probabilities in place. Scores are raw (unscaled); exp2 domain with
+// scale_log2. A row with nothing visible yet keeps max -inf and uses 0 as its reference, so
+// that exp2(-inf) gives 0 rather than NaN. Shared by the prefill and decode kernels.
+template <int kNTiles, int kDTiles>
+__device__ __forceinline__ void online_softmax_step(float (&score)[kNTiles][4], float (&row_max)[2],
+                                                    float (&row_sum)[2],
+                                                    float (&out_acc)[kDTiles][4],
+                                                    float scale_log2) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a) {
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n)
+      tile_max = fmaxf(tile_max, fmaxf(score[n][2 * a], score[n][2 * a + 1]));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float new_max = fmaxf(row_max[a], tile_max);
+    const float ref = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+    const float correction = exp2f(row_max[a] * scale_log2 - ref);
+    row_max[a] = new_max;
+    row_sum[a] *= correction;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      out_acc[dt][2 * a] *= correction;
+      out_acc[dt][2 * a + 1] *= correction;
+    }
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float prob = exp2f(fmaf(score[n][2 * a + e], scale_log2, -ref));
+        score[n][2 * a + e] = prob;
+        row_sum[a] += prob;
+      }
+  }
+}
+
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 }  // namespace lminf::cuda

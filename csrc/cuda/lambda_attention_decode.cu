@@ -453,33 +453,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
     }
 
-    // Online softmax in float32 (exp2 domain). A row with nothing visible yet keeps max -inf
-    // and uses 0 as its reference, so that exp2(-inf) gives 0 rather than NaN.
-#pragma unroll
-    for (int a = 0; a < 2; ++a) {
-      float chunk_max = fmaxf(fmaxf(score[0][2 * a], score[0][2 * a + 1]),
-                              fmaxf(score[1][2 * a], score[1][2 * a + 1]));
-      chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, 1));
-      chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, 2));
-      const float new_max = fmaxf(row_max[a], chunk_max);
-      const float ref = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      const float correction = exp2f(row_max[a] * scale_log2 - ref);
-      row_max[a] = new_max;
-      row_sum[a] *= correction;
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        out_acc[dt][2 * a] *= correction;
-        out_acc[dt][2 * a + 1] *= correction;
-      }
-#pragma unroll
-      for (int tile = 0; tile < 2; ++tile)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float prob = exp2f(fmaf(score[tile][2 * a + e], scale_log2, -ref));
-          score[tile][2 * a + e] = prob;
-          row_sum[a] += prob;
-        }
-    }
+    online_softmax_step(score, row_max, row_sum, out_acc, scale_log2);
 
     // O += P V over the warp's 16 keys: the two score tiles are exactly an A fragment whose
     // k index m is slot 2 (m % 8) + m / 8 of the warp; the V rows are read in that order.

@@ -349,35 +349,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           if (!((visible >> (4 * n + e)) & 1u)) score[n][e] = -INFINITY;
     }
 
-    // Online softmax in float32 (exp2 domain). A row with nothing visible yet keeps max -inf;
-    // it then uses 0 as the reference so that exp2(-inf) gives 0 rather than NaN.
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < kNTiles; ++n)
-        tile_max = fmaxf(tile_max, fmaxf(score[n][2 * h], score[n][2 * h + 1]));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      const float new_max = fmaxf(row_max[h], tile_max);
-      const float ref = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      const float correction = exp2f(row_max[h] * scale_log2 - ref);
-      row_max[h] = new_max;
-      row_sum[h] *= correction;
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        out_acc[dt][2 * h] *= correction;
-        out_acc[dt][2 * h + 1] *= correction;
-      }
-#pragma unroll
-      for (int n = 0; n < kNTiles; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float prob = exp2f(fmaf(score[n][2 * h + e], scale_log2, -ref));
-          score[n][2 * h + e] = prob;
-          row_sum[h] += prob;
-        }
-    }
+    online_softmax_step(score, row_max, row_sum, out_acc, scale_log2);
 
     // O += P V: the S accumulators of two n8 tiles are exactly an A fragment of m16n8k16.
 #pragma unroll
