@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .paged_middle import PagedMiddleStore
 
-__all__ = ["MiddleStore", "RingKVCache"]
+__all__ = ["MiddleStore", "RingKVCache", "middle_store"]
 
 
 class MiddleStore:
@@ -56,8 +57,31 @@ class MiddleStore:
         return dict(middle_k=self.k[:, :, :n], middle_v=self.v[:, :, :n],
                     middle_positions=self.positions[:n])
 
+    def candidates(self, queries, first_position, inv_freq, *, top_k_distance, n_local) -> dict:
+        """What the op scores for top-k rows: every stored key (the paged store's interface)."""
+        return self.views()
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Follow a beam search's reordering of the batch."""
+        for store in (self.k, self.v):
+            store.copy_(store.index_select(0, beam_idx.to(store.device)))
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.positions))
+
+
+def middle_store(batch: int, n_heads_kv: int, head_dim: int, *, n_global: int, dtype, device,
+                 kind: str = "exact", **paged_options):
+    """A middle store for top-k: "exact" (every key, scored in full) or "paged"
+    (PagedMiddleStore: blocks chosen through summaries; paged_options are its own)."""
+    if kind == "exact":
+        if paged_options:
+            raise ValueError(f"the exact middle store takes no {sorted(paged_options)}")
+        return MiddleStore(batch, n_heads_kv, head_dim, n_global=n_global, dtype=dtype, device=device)
+    if kind == "paged":
+        return PagedMiddleStore(batch, n_heads_kv, head_dim, n_global=n_global, dtype=dtype,
+                                device=device, **paged_options)
+    raise ValueError(f"middle store kind must be 'exact' or 'paged', got {kind!r}")
 
 
 class RingKVCache:
@@ -66,8 +90,9 @@ class RingKVCache:
     Storage is allocated once: k, v [batch, heads_kv, n_global + n_local, head_dim] and an
     int64 position per slot (-1 = empty). `n_seen` counts every token appended so far; the
     same count lives on the device in `next_position` ([1] int64) so that kernels read it
-    without a host round trip. With keep_middle=True a MiddleStore also keeps every token past
-    the first n_global, so that `attend` can use top-k middle attention.
+    without a host round trip. With keep_middle=True a middle store (`middle_store(...,
+    **middle_options)`: exact by default) also keeps the tokens past the first n_global, so that
+    `attend` can use top-k middle attention.
     """
 
     def __init__(
@@ -81,6 +106,7 @@ class RingKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         keep_middle: bool = False,
+        middle_options: dict | None = None,
     ) -> None:
         for name, value, low in (("batch", batch, 1), ("n_heads_kv", n_heads_kv, 1),
                                  ("head_dim", head_dim, 1), ("n_global", n_global, 0),
@@ -94,18 +120,19 @@ class RingKVCache:
         self.positions = torch.full((slots,), -1, dtype=torch.int64, device=device)
         self.next_position = torch.zeros(1, dtype=torch.int64, device=device)
         self.n_seen = 0
-        self.middle = (
-            MiddleStore(batch, n_heads_kv, head_dim, n_global=n_global, dtype=dtype, device=device)
-            if keep_middle else None
-        )
+        self.middle_options = dict(middle_options or {})
+        self.middle = self._new_middle() if keep_middle else None
+
+    def _new_middle(self):
+        return middle_store(*self.k.shape[:2], self.k.shape[3], n_global=self.n_global,
+                            dtype=self.k.dtype, device=self.k.device, **self.middle_options)
 
     def reset(self) -> None:
         self.positions.fill_(-1)
         self.next_position.zero_()
         self.n_seen = 0
         if self.middle is not None:
-            self.middle = MiddleStore(*self.k.shape[:2], self.k.shape[3], n_global=self.n_global,
-                                      dtype=self.k.dtype, device=self.k.device)
+            self.middle = self._new_middle()
 
     def attend(
         self,
@@ -128,7 +155,10 @@ class RingKVCache:
         if top_k > 0:
             if self.middle is None:
                 raise ValueError("top_k > 0 needs a RingKVCache built with keep_middle=True")
-            middle = self.middle.views()
+            top_k_distance = self.n_local // 2 if top_k_distance is None else top_k_distance
+            first_row = max(0, top_k_first_row)
+            middle = self.middle.candidates(q[:, :, first_row:], self.n_seen + first_row, inv_freq,
+                                            top_k_distance=top_k_distance, n_local=self.n_local)
         return ops.lambda_attention_chunk(
             q, k, v, self.k, self.v, self.positions, self.next_position, inv_freq,
             n_global=self.n_global, n_local=self.n_local, distance_cap=distance_cap, scale=scale,
