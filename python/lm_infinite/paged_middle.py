@@ -57,7 +57,7 @@ class PagedMiddleStore:
             raise ValueError(f"PagedMiddleStore: max_middle_tokens must be None or an int >= "
                              f"block_size ({block_size}), got {max_middle_tokens!r}")
         self.n_global, self.block_size, self.top_k_blocks = n_global, block_size, top_k_blocks
-        self.device = torch.device(device)
+        self.device, self.offload = torch.device(device), offload
         self.block_device = torch.device("cpu") if offload else self.device
         self.pinned = offload and self.device.type == "cuda"
         self.max_blocks = None if max_middle_tokens is None else math.ceil(max_middle_tokens / block_size)
@@ -165,7 +165,7 @@ class PagedMiddleStore:
         """The blocks at `slots` as one compact middle: [batch, heads_kv, len(slots) * block_size,
         head_dim] on the compute device, positions -1 for the newest block's empty tail."""
         m = slots.numel()
-        if self.block_device == self.device:
+        if not self.offload:
             k, v = self.k.index_select(0, slots), self.v.index_select(0, slots)
         else:
             k, v = self._fetch(slots.to(self.block_device))
@@ -212,13 +212,13 @@ class PagedMiddleStore:
         """Bytes on the compute device: summaries and block starts, plus the blocks unless
         offloaded."""
         held = [self.kmin, self.kmax, self.block_start]
-        if self.block_device == self.device:
+        if not self.offload:
             held += [self.k, self.v]
         return sum(t.numel() * t.element_size() for t in held)
 
     def host_nbytes(self) -> int:
         """Bytes of offloaded blocks in host memory (0 without offload)."""
-        if self.block_device == self.device:
+        if not self.offload:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.k, self.v))
 
