@@ -95,7 +95,7 @@ def test_summary_bound_is_an_upper_bound_and_selection_keeps_visible_blocks():
     placed = _rotate(q.reshape(BATCH, HEADS_KV, HEADS_Q // HEADS_KV, 2, DIM), torch.full((2,), DISTANCE), INV_FREQ)
     bound = placed.clamp(min=0) @ store.kmax[:, :, None, :n].transpose(-1, -2) \
         + placed.clamp(max=0) @ store.kmin[:, :, None, :n].transpose(-1, -2)
-    keys = store.k[:n].permute(1, 2, 0, 3, 4)  # [b, kv, blocks, block, dim]
+    keys = store.k[:, :, :n]  # [b, kv, blocks, block, dim]
     filled = torch.arange(6)[None, :] < torch.tensor([6] * (n - 1) + [store.fill])[:, None]
     actual = torch.einsum("bhgrd,bhnsd->bhgrns", placed, keys).masked_fill(~filled, float("-inf")).amax(-1)
     assert (bound >= actual - 1e-5).all()

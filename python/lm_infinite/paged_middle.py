@@ -36,7 +36,7 @@ class PagedMiddleStore:
     """Keys and values of the tokens at positions >= n_global, in blocks with min/max summaries.
 
     Storage (blocks: on `device`, or on the host with offload):
-      k, v:        [capacity, batch, heads_kv, block_size, head_dim]  (block-major pages)
+      k, v:        [batch, heads_kv, capacity, block_size, head_dim]
     On `device`:
       kmin, kmax:  [batch, heads_kv, capacity, head_dim]  per-block key summaries
       block_start: int64 [capacity]  position of each block's first token
@@ -63,7 +63,7 @@ class PagedMiddleStore:
         self.max_blocks = None if max_middle_tokens is None else math.ceil(max_middle_tokens / block_size)
         if self.max_blocks is not None:
             capacity = min(capacity, self.max_blocks)
-        shape = (capacity, batch, n_heads_kv, block_size, head_dim)
+        shape = (batch, n_heads_kv, capacity, block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.block_device, pin_memory=self.pinned)
         self.v = torch.zeros(shape, dtype=dtype, device=self.block_device, pin_memory=self.pinned)
         self.kmin = torch.zeros(batch, n_heads_kv, capacity, head_dim, dtype=dtype, device=self.device)
@@ -73,12 +73,14 @@ class PagedMiddleStore:
         self.newest = -1    # slot of the block being filled
         self.fill = 0       # tokens in the newest block
         self.dropped_blocks = 0
-        self._staging = None  # pinned buffer the selected blocks are gathered into (offload on CUDA)
-        self._copied = None   # CUDA event: the last copy out of _staging is done
+        # Flat buffers the selected blocks are gathered into, reused from call to call (fresh
+        # multi-MB allocations cost more than the gather on the CPU); pinned with offload on CUDA.
+        self._gathered = None
+        self._copied = None  # CUDA event: the last copy out of the pinned buffer is done
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[0]
+        return self.k.shape[2]
 
     @property
     def length(self) -> int:
@@ -95,8 +97,8 @@ class PagedMiddleStore:
             m = min(n - done, self.block_size - self.fill)
             piece_k, piece_v = k[:, :, done:done + m], v[:, :, done:done + m]
             slot, end = self.newest, self.fill + m
-            self.k[slot, :, :, self.fill:end].copy_(piece_k)
-            self.v[slot, :, :, self.fill:end].copy_(piece_v)
+            self.k[:, :, slot, self.fill:end].copy_(piece_k)
+            self.v[:, :, slot, self.fill:end].copy_(piece_v)
             self.kmin[:, :, slot] = torch.minimum(self.kmin[:, :, slot], piece_k.amin(2))
             self.kmax[:, :, slot] = torch.maximum(self.kmax[:, :, slot], piece_k.amax(2))
             self.fill, done = end, done + m
@@ -121,7 +123,7 @@ class PagedMiddleStore:
         if self.max_blocks is not None:
             capacity = min(capacity, self.max_blocks)
         n = self.n_blocks
-        for name, dim in (("k", 0), ("v", 0), ("kmin", 2), ("kmax", 2), ("block_start", 0)):
+        for name, dim in (("k", 2), ("v", 2), ("kmin", 2), ("kmax", 2), ("block_start", 0)):
             old = getattr(self, name)
             shape = list(old.shape)
             shape[dim] = capacity
@@ -148,11 +150,15 @@ class PagedMiddleStore:
         n = self.n_blocks
         if rows == 0 or n == 0:
             return torch.zeros(0, dtype=torch.int64, device=self.device)
-        placed = _rotate(queries.float().reshape(batch, heads_kv, heads_q // heads_kv, rows, head_dim),
-                         torch.full((rows,), top_k_distance, device=queries.device), inv_freq)
-        kmax = self.kmax[:, :, None, :n].float().transpose(-1, -2)  # [batch, heads_kv, 1, dim, n]
-        kmin = self.kmin[:, :, None, :n].float().transpose(-1, -2)
-        bound = placed.clamp(min=0) @ kmax + placed.clamp(max=0) @ kmin  # [b, kv, group, rows, n]
+        group = heads_q // heads_kv
+        placed = _rotate(queries.float().reshape(batch, heads_kv, group * rows, head_dim),
+                         torch.full((group * rows,), top_k_distance, device=queries.device), inv_freq)
+        # One matmul per summary with the group's rows stacked: no broadcast copy of the
+        # summaries per query head.
+        kmax = self.kmax[:, :, :n].float().transpose(-1, -2)  # [batch, heads_kv, dim, n]
+        kmin = self.kmin[:, :, :n].float().transpose(-1, -2)
+        bound = placed.clamp(min=0) @ kmax + placed.clamp(max=0) @ kmin
+        bound = bound.reshape(batch, heads_kv, group, rows, n)
         # A block helps row i only if it starts at or before i - n_local (the kernel masks the
         # rest of it by position); blocks the bound cannot rank stay out.
         row_positions = first_position + torch.arange(rows, device=self.device)
@@ -163,48 +169,49 @@ class PagedMiddleStore:
 
     def gather(self, slots: torch.Tensor) -> dict:
         """The blocks at `slots` as one compact middle: [batch, heads_kv, len(slots) * block_size,
-        head_dim] on the compute device, positions -1 for the newest block's empty tail."""
+        head_dim] on the compute device, positions -1 for the newest block's empty tail. The
+        tensors are views of a buffer that the next call overwrites: hand them to the op now."""
         m = slots.numel()
-        if not self.offload:
-            k, v = self.k.index_select(0, slots), self.v.index_select(0, slots)
-        else:
-            k, v = self._fetch(slots.to(self.block_device))
-        offsets = torch.arange(self.block_size, device=self.device)
+        batch, heads_kv, _, block_size, head_dim = self.k.shape
+        pages = self._buffer(m, on_host=self.offload)
+        torch.index_select(self.k, 2, slots.to(self.block_device), out=pages[0])
+        torch.index_select(self.v, 2, slots.to(self.block_device), out=pages[1])
+        if self.offload:
+            pages = self._to_device(pages)
+        offsets = torch.arange(block_size, device=self.device)
         positions = self.block_start[slots, None] + offsets
         if self.n_blocks:
             unfilled = (slots == self.newest)[:, None] & (offsets >= self.fill)[None, :]
             positions = positions.masked_fill(unfilled, -1)
-        batch, heads_kv, _, head_dim = self.kmin.shape
+        k, v = pages.reshape(2, batch, heads_kv, m * block_size, head_dim)
+        return dict(middle_k=k, middle_v=v, middle_positions=positions.reshape(-1))
 
-        def flat(pages: torch.Tensor) -> torch.Tensor:  # [m, b, kv, bs, d] -> [b, kv, m * bs, d]
-            return pages.permute(1, 2, 0, 3, 4).reshape(batch, heads_kv, m * self.block_size, head_dim)
+    def _buffer(self, m: int, *, on_host: bool) -> torch.Tensor:
+        """[2 (k, v), batch, heads_kv, m, block_size, head_dim], contiguous, from the reused
+        flat buffer (grown when m blocks do not fit)."""
+        shape = (2, *self.k.shape[:2], m, *self.k.shape[3:])
+        size = math.prod(shape)
+        if self._gathered is None or self._gathered.numel() < size:
+            if self._copied is not None:
+                self._copied.synchronize()
+            self._gathered = torch.empty(max(size, 1), dtype=self.k.dtype, device=self.block_device,
+                                         pin_memory=self.pinned)
+        elif self.pinned and self._copied is not None:
+            self._copied.synchronize()  # the previous copy out of it must be done
+        return self._gathered[:size].view(shape)
 
-        return dict(middle_k=flat(k), middle_v=flat(v), middle_positions=positions.reshape(-1))
-
-    def _fetch(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host blocks -> compute device. On CUDA the blocks are gathered into a pinned staging
-        buffer and copied asynchronously on the current stream (the buffer is reused once that
-        copy is done)."""
-        m = slots.numel()
-        if not self.pinned:
-            return (self.k.index_select(0, slots).to(self.device),
-                    self.v.index_select(0, slots).to(self.device))
-        if self._copied is not None:
-            self._copied.synchronize()
-        if self._staging is None or self._staging.shape[1] < m:
-            self._staging = torch.empty((2, max(m, 1), *self.k.shape[1:]), dtype=self.k.dtype,
-                                        pin_memory=True)
-        staging = self._staging[:, :m]
-        torch.index_select(self.k, 0, slots, out=staging[0])
-        torch.index_select(self.v, 0, slots, out=staging[1])
-        on_device = staging.to(self.device, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
-        return on_device[0], on_device[1]
+    def _to_device(self, pages: torch.Tensor) -> torch.Tensor:
+        """Host pages -> compute device: asynchronous from pinned memory on CUDA, with an event
+        that guards the pinned buffer's reuse."""
+        on_device = pages.to(self.device, non_blocking=self.pinned)
+        if self.pinned:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        return on_device
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Follow a beam search's reordering of the batch."""
-        for name, dim in (("k", 1), ("v", 1), ("kmin", 0), ("kmax", 0)):
+        for name, dim in (("k", 0), ("v", 0), ("kmin", 0), ("kmax", 0)):
             store = getattr(self, name)
             store.copy_(store.index_select(dim, beam_idx.to(store.device)))
 

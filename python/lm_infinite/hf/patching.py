@@ -66,7 +66,7 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     blocks in host memory, only the summaries on the model's device.
 
     preset="retrieval" sets the measured best setting for recall beyond the window
-    (hf/presets.py: distance_cap n_local // 4, top-5 from layer 4 at n_local // 2 on the last
+    (hf/presets.py: distance_cap n_local // 4, top-5 from layer 4 (or the last layer, as by default) at n_local // 2 on the last
     64 rows, paged store); arguments given explicitly override the preset's.
     """
     decoder = decoder_of(model)

@@ -11,8 +11,9 @@ def _retrieval(n_local: int) -> dict:
     # the first tokens placed at n_local / 4 and top-k on the prompt's last 64 rows; k, the first
     # layer and the placement distance barely mattered. The paged store bounds what each top-k
     # row reads (each head's 8 best blocks of 64 keys) instead of every key of the stream.
-    return dict(distance_cap=n_local // 4, top_k_middle=5, top_k_first_layer=4,
-                top_k_distance=n_local // 2, top_k_rows=64, top_k_store="paged",
+    # The first top-k layer stays enable()'s default: layer 4, as measured, or the last layer of
+    # a shallower model.
+    return dict(distance_cap=n_local // 4, top_k_middle=5, top_k_distance=n_local // 2, top_k_rows=64, top_k_store="paged",
                 top_k_blocks=8, top_k_block_size=64)
 
 
