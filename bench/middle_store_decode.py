@@ -28,6 +28,8 @@ STORES = {
     "exact": None,
     "paged": dict(kind="paged", block_size=64, top_k_blocks=8),
     "paged+offload": dict(kind="paged", block_size=64, top_k_blocks=8, offload=True),
+    "paged+offload, max 64K": dict(kind="paged", block_size=64, top_k_blocks=8, offload=True,
+                                   max_middle_tokens=65536),
 }
 
 
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 262144])
     parser.add_argument("--n-local", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--stores", nargs="+", choices=list(STORES), default=list(STORES))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=pathlib.Path, default=None)
@@ -68,7 +71,8 @@ def main() -> None:
     inv_freq = 1.0 / (10000 ** (torch.arange(0, DIM, 2, dtype=torch.float32, device=args.device) / DIM))
     rows = []
     for n in args.lengths:
-        for name, options in STORES.items():
+        for name in args.stores:
+            options = STORES[name]
             ring = filled_ring(n, args.n_local, options, args.device)
             middle = ring.middle
             device_bytes = middle.device_nbytes() if hasattr(middle, "device_nbytes") else middle.nbytes()
@@ -81,7 +85,7 @@ def main() -> None:
     print(f"\n| store | " + " | ".join(f"{n // 1024}K: top-k ms (no top-k ms)" for n in args.lengths)
           + f" | growth {args.lengths[0] // 1024}K->{args.lengths[-1] // 1024}K | device MiB | total MiB |")
     print("|---|" + "---|" * (len(args.lengths) + 3))
-    for name in STORES:
+    for name in args.stores:
         sel = [r for r in rows if r["store"] == name]
         cells = [f"{r['top_k_ms']:.2f} ({r['plain_ms']:.2f})" for r in sel]
         growth = sel[-1]["top_k_ms"] / sel[0]["top_k_ms"]

@@ -55,7 +55,8 @@ def test_beam_reorder_reaches_the_paged_store():
     ids = torch.cat([_ids(60, seed=1), _ids(60, seed=2)])
     stream = LambdaStream(model, chunk_size=16)
     stream.feed(ids)
-    stream.cache.reorder_cache(torch.tensor([1, 1]))
+    with torch.inference_mode():  # the stream's tensors are inference tensors
+        stream.cache.reorder_cache(torch.tensor([1, 1]))
     twin = LambdaStream(model, chunk_size=16)
     twin.feed(ids[[1, 1]])
     for layer, other in zip(stream.cache.layers[1:], twin.cache.layers[1:]):
