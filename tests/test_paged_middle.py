@@ -3,6 +3,7 @@ blocks that hold the true top-k keys, top-k attention is the exact store's; the 
 newest whole blocks; offload leaves only the summaries on the compute device; beam reordering
 follows. Random tensors through RingKVCache (the CPU kernel does the exact top-k)."""
 
+import copy
 import math
 
 import pytest
@@ -172,3 +173,14 @@ def test_bad_options_are_rejected(option, value):
     options[option] = value
     with pytest.raises(ValueError, match=option):
         PagedMiddleStore(1, 1, 4, n_global=0, dtype=torch.float32, device="cpu", **options)
+
+
+def test_a_copied_store_is_independent():
+    paged = _ring(block_size=4, top_k_blocks=2)
+    chunks = list(_chunks([30, 1, 1]))
+    _attend(paged, *chunks[0])
+    twin = copy.deepcopy(paged)
+    assert twin.middle._gathered is None
+    for q, k, v in chunks[1:]:
+        torch.testing.assert_close(_attend(twin, q, k, v), _attend(paged, q, k, v), atol=0, rtol=0)
+    assert twin.middle.k.data_ptr() != paged.middle.k.data_ptr()

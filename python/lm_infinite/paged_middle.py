@@ -23,6 +23,7 @@ selection) and only the summaries, 2 * head_dim values per block and head, stay 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -191,13 +192,11 @@ class PagedMiddleStore:
         flat buffer (grown when m blocks do not fit)."""
         shape = (2, *self.k.shape[:2], m, *self.k.shape[3:])
         size = math.prod(shape)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous copy out of the pinned buffer is done
         if self._gathered is None or self._gathered.numel() < size:
-            if self._copied is not None:
-                self._copied.synchronize()
             self._gathered = torch.empty(max(size, 1), dtype=self.k.dtype, device=self.block_device,
                                          pin_memory=self.pinned)
-        elif self.pinned and self._copied is not None:
-            self._copied.synchronize()  # the previous copy out of it must be done
         return self._gathered[:size].view(shape)
 
     def _to_device(self, pages: torch.Tensor) -> torch.Tensor:
@@ -208,6 +207,15 @@ class PagedMiddleStore:
             self._copied = torch.cuda.Event()
             self._copied.record()
         return on_device
+
+    def __deepcopy__(self, memo) -> "PagedMiddleStore":
+        """The stored blocks and summaries, not the transient gather buffer and its CUDA event
+        (which cannot be copied), e.g. for LambdaStream.fork."""
+        twin = copy.copy(self)
+        for name in ("k", "v", "kmin", "kmax", "block_start"):
+            setattr(twin, name, copy.deepcopy(getattr(self, name), memo))
+        twin._gathered = twin._copied = None
+        return twin
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Follow a beam search's reordering of the batch."""
