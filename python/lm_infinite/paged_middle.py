@@ -174,7 +174,7 @@ class PagedMiddleStore:
         tensors are views of a buffer that the next call overwrites: hand them to the op now."""
         m = slots.numel()
         batch, heads_kv, _, block_size, head_dim = self.k.shape
-        pages = self._buffer(m, on_host=self.offload)
+        pages = self._buffer(m)
         torch.index_select(self.k, 2, slots.to(self.block_device), out=pages[0])
         torch.index_select(self.v, 2, slots.to(self.block_device), out=pages[1])
         if self.offload:
@@ -187,7 +187,7 @@ class PagedMiddleStore:
         k, v = pages.reshape(2, batch, heads_kv, m * block_size, head_dim)
         return dict(middle_k=k, middle_v=v, middle_positions=positions.reshape(-1))
 
-    def _buffer(self, m: int, *, on_host: bool) -> torch.Tensor:
+    def _buffer(self, m: int) -> torch.Tensor:
         """[2 (k, v), batch, heads_kv, m, block_size, head_dim], contiguous, from the reused
         flat buffer (grown when m blocks do not fit)."""
         shape = (2, *self.k.shape[:2], m, *self.k.shape[3:])
@@ -225,7 +225,8 @@ class PagedMiddleStore:
 
     def device_nbytes(self) -> int:
         """Bytes on the compute device: summaries and block starts, plus the blocks unless
-        offloaded."""
+        offloaded. Not counted: the transient gather of at most batch x heads_q x top_k_blocks
+        blocks per top-k call."""
         held = [self.kmin, self.kmax, self.block_start]
         if not self.offload:
             held += [self.k, self.v]
