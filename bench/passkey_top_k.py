@@ -57,6 +57,10 @@ def main() -> None:
                         help="how many trailing prompt tokens use top-k (1: the official variant)")
     parser.add_argument("--distance-caps", type=int, nargs="+", default=None,
                         help="LM-Infinite distance caps (default: n_local)")
+    parser.add_argument("--store", choices=["exact", "paged"], default="exact",
+                        help="top-k middle store (paged: blocks chosen through summaries)")
+    parser.add_argument("--top-k-blocks", type=int, default=8, help="paged store: blocks per head")
+    parser.add_argument("--block-size", type=int, default=64, help="paged store: tokens per block")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock model (slow on a CPU)")
     parser.add_argument("--no-truncated", action="store_true", help="skip the truncated window")
     parser.add_argument("--only-samples", type=int, nargs="+", default=None,
@@ -77,10 +81,14 @@ def main() -> None:
     tail = max(args.rows)
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"passkey_top_k_{'_'.join(map(str, args.lengths))}.json"
+    path = args.out / f"passkey_top_k_{'_'.join(map(str, args.lengths))}{'_paged' if args.store == 'paged' else ''}.json"
     meta = dict(model=args.model or "SmolLM2-135M-Instruct (default)", device=str(args.device),
                 dtype=args.dtype, n_local=n_local, chunk_size=args.chunk_size,
-                max_new_tokens=args.max_new_tokens)
+                max_new_tokens=args.max_new_tokens, store=args.store)
+    store = dict(top_k_store=args.store)
+    if args.store == "paged":
+        store.update(top_k_blocks=args.top_k_blocks, top_k_block_size=args.block_size)
+        meta.update(top_k_blocks=args.top_k_blocks, block_size=args.block_size)
     records = []
     for length in args.lengths:
         for sample in range(args.samples):
@@ -105,7 +113,7 @@ def main() -> None:
                                                  args.max_new_tokens))
             for cap in caps:
                 # Every layer keeps a middle store; top-k stays off while the prefix is read.
-                lminf_hf.enable(model, distance_cap=cap, top_k_middle=1, top_k_first_layer=0)
+                lminf_hf.enable(model, distance_cap=cap, top_k_middle=1, top_k_first_layer=0, **store)
                 prefix = LambdaStream(model, chunk_size=args.chunk_size)
                 state = state_of(model)
                 state.top_k = 0

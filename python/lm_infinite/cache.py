@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .paged_middle import PagedMiddleStore
 
-__all__ = ["MiddleStore", "RingKVCache"]
+__all__ = ["MiddleStore", "RingKVCache", "middle_store"]
 
 
 def _allocate(what: str, shape: tuple[int, ...], dtype: torch.dtype, device, fill: float = 0):
@@ -97,8 +98,33 @@ class MiddleStore:
         return dict(middle_k=self.k[:, :, :n], middle_v=self.v[:, :, :n],
                     middle_positions=self.positions[:n])
 
+    def candidates(self, queries, first_position, inv_freq, *, top_k_distance, n_local) -> dict:
+        """What the op scores for top-k rows: every stored key (the paged store's interface)."""
+        return self.views()
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Follow a beam search's reordering of the batch (beam_idx already checked): every
+        reordered copy exists before the first tensor is overwritten."""
+        reordered = [t.index_select(0, beam_idx.to(t.device)) for t in (self.k, self.v)]
+        for store, new in zip((self.k, self.v), reordered):
+            store.copy_(new)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.positions))
+
+
+def middle_store(batch: int, n_heads_kv: int, head_dim: int, *, n_global: int, dtype, device,
+                 kind: str = "exact", **paged_options):
+    """A middle store for top-k: "exact" (every key, scored in full) or "paged"
+    (PagedMiddleStore: blocks chosen through summaries; paged_options are its own)."""
+    if kind == "exact":
+        if paged_options:
+            raise ValueError(f"the exact middle store takes no {sorted(paged_options)}")
+        return MiddleStore(batch, n_heads_kv, head_dim, n_global=n_global, dtype=dtype, device=device)
+    if kind == "paged":
+        return PagedMiddleStore(batch, n_heads_kv, head_dim, n_global=n_global, dtype=dtype,
+                                device=device, **paged_options)
+    raise ValueError(f"middle store kind must be 'exact' or 'paged', got {kind!r}")
 
 
 class RingKVCache:
@@ -107,8 +133,9 @@ class RingKVCache:
     Storage is allocated once: k, v [batch, heads_kv, n_global + n_local, head_dim] and an
     int64 position per slot (-1 = empty). `n_seen` counts every token appended so far; the
     same count lives on the device in `next_position` ([1] int64) so that kernels read it
-    without a host round trip. With keep_middle=True a MiddleStore also keeps every token past
-    the first n_global, so that `attend` can use top-k middle attention.
+    without a host round trip. With keep_middle=True a middle store (`middle_store(...,
+    **middle_options)`: exact by default) also keeps the tokens past the first n_global, so that
+    `attend` can use top-k middle attention.
 
     A compiled or captured decode step cannot advance a Python int from inside its graph: it
     sets `counts_on_append = False` while it runs and calls `count(n)` after each step.
@@ -125,6 +152,7 @@ class RingKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         keep_middle: bool = False,
+        middle_options: dict | None = None,
     ) -> None:
         for name, value, low in (("batch", batch, 1), ("n_heads_kv", n_heads_kv, 1),
                                  ("head_dim", head_dim, 1), ("n_global", n_global, 0),
@@ -140,18 +168,19 @@ class RingKVCache:
         self.next_position = torch.zeros(1, dtype=torch.int64, device=device)
         self.n_seen = 0
         self.counts_on_append = True
-        self.middle = (
-            MiddleStore(batch, n_heads_kv, head_dim, n_global=n_global, dtype=dtype, device=device)
-            if keep_middle else None
-        )
+        self.middle_options = dict(middle_options or {})
+        self.middle = self._new_middle() if keep_middle else None
+
+    def _new_middle(self):
+        return middle_store(*self.k.shape[:2], self.k.shape[3], n_global=self.n_global,
+                            dtype=self.k.dtype, device=self.k.device, **self.middle_options)
 
     def reset(self) -> None:
         self.positions.fill_(-1)
         self.next_position.zero_()
         self.n_seen = 0
         if self.middle is not None:
-            self.middle = MiddleStore(*self.k.shape[:2], self.k.shape[3], n_global=self.n_global,
-                                      dtype=self.k.dtype, device=self.k.device)
+            self.middle = self._new_middle()
 
     def attend(
         self,
@@ -174,7 +203,10 @@ class RingKVCache:
         if top_k > 0:
             if self.middle is None:
                 raise ValueError("top_k > 0 needs a RingKVCache built with keep_middle=True")
-            middle = self.middle.views()
+            top_k_distance = self.n_local // 2 if top_k_distance is None else top_k_distance
+            first_row = max(0, top_k_first_row)
+            middle = self.middle.candidates(q[:, :, first_row:], self.n_seen + first_row, inv_freq,
+                                            top_k_distance=top_k_distance, n_local=self.n_local)
         return ops.lambda_attention_chunk(
             q, k, v, self.k, self.v, self.positions, self.next_position, inv_freq,
             n_global=self.n_global, n_local=self.n_local, distance_cap=distance_cap, scale=scale,
@@ -205,14 +237,13 @@ class RingKVCache:
         """Beam search: batch row b becomes row beam_idx[b] ([batch] ints), in the ring and the
         middle store alike; beam_idx is checked before anything moves."""
         beam_idx = _check_beam_index(beam_idx, self.k.shape[0]).to(self.k.device, torch.int64)
-        # Every reordered copy exists before the first tensor is replaced.
+        # Every reordered copy exists before the first tensor is replaced: the ring's here, the
+        # middle store's inside its own reorder, which runs before the ring changes.
         ring = [t.index_select(0, beam_idx) for t in (self.k, self.v)]
-        middle = [] if self.middle is None else [t.index_select(0, beam_idx)
-                                                  for t in (self.middle.k, self.middle.v)]
+        if self.middle is not None:
+            self.middle.reorder(beam_idx)
         self.k.copy_(ring[0])
         self.v.copy_(ring[1])
-        if middle:
-            self.middle.k, self.middle.v = middle
 
     def attend_and_append(self, q, k, v, inv_freq, **attend_options) -> torch.Tensor:
         out = self.attend(q, k, v, inv_freq, **attend_options)

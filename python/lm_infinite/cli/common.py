@@ -14,6 +14,7 @@ from ..distributed import is_main_process, launched_with_several_processes
 from ..eval.methods import Settings
 from ..hf.families import decoder_of
 from ..hf.tensor_parallel import check_head_split
+from ..hf.presets import PRESETS
 
 __all__ = ["add_model_options", "add_top_k_options", "check_output_paths", "device_option", "load",
            "positive_int", "progress_bars", "settings_from"]
@@ -102,18 +103,26 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="window of recent tokens (L; default: the model's training length)")
     group.add_argument("--distance-cap", type=non_negative_int, help="distance of the global tokens (default: L)")
     group.add_argument("--chunk-size", type=positive_int, default=2048, help="tokens per forward pass")
+    group.add_argument("--preset", choices=sorted(PRESETS),
+                       help="named settings (retrieval: distance cap L/4, top-5 from layer 4 on the "
+                            "last 64 rows, paged middle store); options given explicitly override it")
 
 
 def add_top_k_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("top-k middle attention (method lm-infinite+top-k)")
-    group.add_argument("--top-k", type=positive_int, default=5, help="middle keys per head and row (default 5)")
+    group.add_argument("--top-k", type=positive_int, help="middle keys per head and row (default 5)")
     group.add_argument("--top-k-first-layer", type=non_negative_int,
                        help="first layer that uses top-k (default: 4, as the official code)")
     group.add_argument("--top-k-distance", type=non_negative_int,
                        help="rotary distance of the chosen middle keys (default: L / 2)")
-    group.add_argument("--top-k-rows", type=rows_option, default=1,
+    group.add_argument("--top-k-rows", type=rows_option,
                        help="trailing prompt tokens that use top-k, or 'all' (default 1, the official "
                             "variant); generated tokens always do")
+    group.add_argument("--top-k-store", choices=["exact", "paged"],
+                       help="middle store: every key (exact, the default) or blocks chosen through "
+                            "summaries (paged)")
+    group.add_argument("--top-k-blocks", type=positive_int,
+                       help="paged store: blocks fetched per head (default 8)")
 
 
 def rows_option(text: str) -> int | str:
@@ -124,8 +133,9 @@ def settings_from(args) -> Settings:
     top_k = {}
     if hasattr(args, "top_k"):  # the commands that offer the top-k method
         top_k = dict(top_k_middle=args.top_k, top_k_first_layer=args.top_k_first_layer,
-                     top_k_distance=args.top_k_distance, top_k_rows=args.top_k_rows)
-    return Settings(args.n_global, args.n_local, args.distance_cap, **top_k)
+                     top_k_distance=args.top_k_distance, top_k_rows=args.top_k_rows,
+                     top_k_store=args.top_k_store, top_k_blocks=args.top_k_blocks)
+    return Settings(args.n_global, args.n_local, args.distance_cap, preset=args.preset, **top_k)
 
 
 def load(args):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..hf import disable, enable
 from ..hf.patching import top_k_defaults
+from ..hf.presets import preset_settings
 from ..hf.families import decoder_of, training_length
 
 __all__ = ["METHODS", "TOP_K_METHOD", "Settings", "lm_infinite_enabled", "stock_nll", "token_nll",
@@ -27,31 +28,46 @@ class Settings:
     n_global: int = 10
     n_local: int | None = None  # None: the model's training length
     distance_cap: int | None = None
-    # For TOP_K_METHOD: enable()'s top-k options (None: enable()'s defaults).
-    top_k_middle: int = 5
+    # enable()'s preset: its values fill what is left None here (hf/presets.py).
+    preset: str | None = None
+    # For TOP_K_METHOD: enable()'s top-k options (None: the preset's, else enable()'s defaults,
+    # except top_k_middle, which is 5 without a preset).
+    top_k_middle: int | None = None
     top_k_first_layer: int | None = None
     top_k_distance: int | None = None
-    top_k_rows: int | str = 1
+    top_k_rows: int | str | None = None
+    top_k_store: str | None = None
+    top_k_blocks: int | None = None
 
     def resolved(self, model) -> "Settings":
         """The settings with every default filled in, as enable() applies them."""
         n_local = training_length(model.config) if self.n_local is None else self.n_local
         first_layer, distance = top_k_defaults(model, n_local)
-        return replace(
-            self, n_local=n_local, distance_cap=n_local if self.distance_cap is None else self.distance_cap,
-            top_k_first_layer=first_layer if self.top_k_first_layer is None else self.top_k_first_layer,
-            top_k_distance=distance if self.top_k_distance is None else self.top_k_distance)
+        defaults = dict(distance_cap=n_local, top_k_middle=5, top_k_first_layer=first_layer,
+                        top_k_distance=distance, top_k_rows=1, top_k_store="exact", top_k_blocks=8)
+        if self.preset is not None:
+            defaults.update((name, value) for name, value in preset_settings(self.preset, n_local).items()
+                            if name in defaults)
+        filled = {name: value if getattr(self, name) is None else getattr(self, name)
+                  for name, value in defaults.items()}
+        return replace(self, n_local=n_local, **filled)
 
 
 @contextmanager
 def lm_infinite_enabled(model, settings: Settings, *, top_k: bool = False):
     """LM-Infinite attention (with top-k middle attention if top_k) for the duration of the
-    block; the stock model again after it."""
-    options = {}
+    block; the stock model again after it. Without top_k the preset's distance_cap still
+    applies, its top-k does not."""
+    resolved = settings.resolved(model)
+    options = dict(n_global=resolved.n_global, n_local=resolved.n_local,
+                   distance_cap=resolved.distance_cap, preset=resolved.preset, top_k_middle=0)
     if top_k:
-        options = dict(top_k_middle=settings.top_k_middle, top_k_first_layer=settings.top_k_first_layer,
-                       top_k_distance=settings.top_k_distance, top_k_rows=settings.top_k_rows)
-    enable(model, settings.n_global, settings.n_local, settings.distance_cap, **options)
+        options.update(top_k_middle=resolved.top_k_middle, top_k_first_layer=resolved.top_k_first_layer,
+                       top_k_distance=resolved.top_k_distance, top_k_rows=resolved.top_k_rows,
+                       top_k_store=resolved.top_k_store)
+        if resolved.top_k_store == "paged":
+            options.update(top_k_blocks=resolved.top_k_blocks)
+    enable(model, **options)
     try:
         yield model
     finally:

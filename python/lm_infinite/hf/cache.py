@@ -23,9 +23,11 @@ class LambdaLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, n_global: int, n_local: int, keep_middle: bool = False) -> None:
+    def __init__(self, n_global: int, n_local: int, keep_middle: bool = False,
+                 middle_options: dict | None = None) -> None:
         super().__init__()
         self.n_global, self.n_local, self.keep_middle = n_global, n_local, keep_middle
+        self.middle_options = middle_options
         self.ring: RingKVCache | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -33,6 +35,7 @@ class LambdaLayer(CacheLayerMixin):
         self.ring = RingKVCache(
             batch, n_heads_kv, head_dim, n_global=self.n_global, n_local=self.n_local,
             dtype=key_states.dtype, device=key_states.device, keep_middle=self.keep_middle,
+            middle_options=self.middle_options,
         )
         self.keys, self.values = self.ring.k, self.ring.v
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -72,7 +75,8 @@ class LambdaCache(Cache):
 
     def __init__(self, model) -> None:
         state = state_of(model)
-        super().__init__(layers=[LambdaLayer(state.n_global, state.n_local, state.uses_top_k(i))
+        middle = dict(kind=state.top_k_store, **state.top_k_store_options)
+        super().__init__(layers=[LambdaLayer(state.n_global, state.n_local, state.uses_top_k(i), middle)
                                  for i in range(state.num_layers)])
 
     def nbytes(self) -> int:

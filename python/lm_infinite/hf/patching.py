@@ -11,6 +11,7 @@ from ..ops import MAX_POSITION
 from .attention import ATTENTION_NAME
 from .cache import LambdaCache
 from .families import decoder_of, training_length
+from .presets import preset_settings
 from .rotary import UnrotatedRotaryEmbedding
 from .state import LambdaState, state_of
 from .tensor_parallel import check_head_split
@@ -38,9 +39,12 @@ def _check_int(name: str, value, low: int, high: int = MAX_POSITION) -> None:
 
 
 def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
-           distance_cap: int | None = None, *, top_k_middle: int = 0,
-           top_k_first_layer: int | None = None, top_k_distance: int | None = None,
-           top_k_rows: int | str = 1) -> nn.Module:
+           distance_cap: int | None = None, *, preset: str | None = None,
+           top_k_middle: int | None = None, top_k_first_layer: int | None = None,
+           top_k_distance: int | None = None, top_k_rows: int | str | None = None,
+           top_k_store: str | None = None, top_k_blocks: int | None = None,
+           top_k_block_size: int | None = None, max_middle_tokens: int | None = None,
+           offload: bool = False) -> nn.Module:
     """Make `model` compute LM-Infinite attention (in place; returns the model).
 
     n_global: leading tokens every query may see (G). n_local: the window of most recent tokens
@@ -53,15 +57,36 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     (default 4, as the official code) the last top_k_rows rows of each forward (default 1, the
     official variant; "all": every row) also attend, per head, to their top_k_middle
     highest-scoring keys among those the Λ mask hides, placed at rotary distance
-    top_k_distance (default n_local // 2: 2048 for the official 4096 window). Those layers keep
-    every key in a MiddleStore (memory grows with the stream). LambdaStream counts the rows
-    over the whole prompt, however it is chunked; every generated token uses top-k.
+    top_k_distance (default n_local // 2: 2048 for the official 4096 window). LambdaStream
+    counts the rows over the whole prompt, however it is chunked; every generated token uses
+    top-k.
+
+    Those layers keep the middle in a store. top_k_store="exact" (the default, the paper's):
+    every key, all scored by each top-k row; memory and time grow with the stream.
+    "paged" (lm_infinite.paged_middle): blocks of top_k_block_size keys (default 64), each
+    head's top_k_blocks best blocks (default 8) chosen through per-block min/max summaries,
+    exact top-k among their keys. With the paged store, max_middle_tokens keeps only the newest
+    tokens (whole blocks, the oldest dropped first; None: no bound) and offload=True keeps the
+    blocks in host memory, only the summaries on the model's device.
+
+    preset="retrieval" sets the measured best setting for recall beyond the window
+    (hf/presets.py: distance_cap n_local // 4, top-5 from layer 4 (or the last layer, as by default) at n_local // 2 on the last
+    64 rows, paged store); arguments given explicitly override the preset's.
     """
     decoder = decoder_of(model)
     check_head_split(model)
     n_local = training_length(model.config) if n_local is None else n_local
     _check_int("n_local", n_local, 1)
-    distance_cap = n_local if distance_cap is None else distance_cap
+    given = dict(distance_cap=distance_cap, top_k_middle=top_k_middle,
+                 top_k_first_layer=top_k_first_layer, top_k_distance=top_k_distance,
+                 top_k_rows=top_k_rows, top_k_store=top_k_store, top_k_blocks=top_k_blocks,
+                 top_k_block_size=top_k_block_size)
+    settings = preset_settings(preset, n_local) if preset is not None else {}
+    settings.update({name: value for name, value in given.items() if value is not None})
+    distance_cap = settings.get("distance_cap", n_local)
+    top_k_middle = settings.get("top_k_middle", 0)
+    top_k_rows = settings.get("top_k_rows", 1)
+    top_k_store = settings.get("top_k_store", "exact")
     _check_int("n_global", n_global, 0)
     if n_global + n_local > MAX_POSITION:
         raise ValueError(f"lm_infinite.enable: n_global + n_local must be at most 2^62, got "
@@ -69,16 +94,18 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     _check_int("distance_cap", distance_cap, 0)
     _check_int("top_k_middle", top_k_middle, 0)
     default_first_layer, default_distance = top_k_defaults(model, n_local)
-    top_k_first_layer = default_first_layer if top_k_first_layer is None else top_k_first_layer
+    top_k_first_layer = settings.get("top_k_first_layer", default_first_layer)
     # A first layer past the last would silently turn top-k off.
     _check_int("top_k_first_layer", top_k_first_layer, 0,
                len(decoder.layers) - 1 if top_k_middle > 0 else MAX_POSITION)
-    top_k_distance = default_distance if top_k_distance is None else top_k_distance
+    top_k_distance = settings.get("top_k_distance", default_distance)
     _check_int("top_k_distance", top_k_distance, 0)
     if top_k_rows == "all":
         top_k_rows = None
     elif not isinstance(top_k_rows, int) or isinstance(top_k_rows, bool) or top_k_rows < 1:
         raise ValueError(f"lm_infinite.enable: top_k_rows must be an int >= 1 or 'all', got {top_k_rows!r}")
+    store_options = _store_options(top_k_store, settings.get("top_k_blocks", 8),
+                                   settings.get("top_k_block_size", 64), max_middle_tokens, offload)
     if getattr(model, "_lm_infinite", None) is not None:
         disable(model)
 
@@ -89,6 +116,7 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
         num_layers=len(decoder.layers), inv_freq=rotary.inv_freq,
         attention_scaling=rotary.attention_scaling, top_k=top_k_middle,
         top_k_first_layer=top_k_first_layer, top_k_distance=top_k_distance, top_k_rows=top_k_rows,
+        top_k_store=top_k_store, top_k_store_options=store_options,
     )
     decoder.rotary_emb = rotary
     for layer in decoder.layers:
@@ -102,6 +130,25 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     )
     model._lm_infinite = decoder._lm_infinite = state
     return model
+
+
+def _store_options(store: str, blocks, block_size, max_middle_tokens, offload) -> dict:
+    """The paged store's options (the exact store has none; asking it for a bound or offload
+    is an error rather than silently unbounded)."""
+    if store == "exact":
+        if max_middle_tokens is not None or offload:
+            raise ValueError("lm_infinite.enable: max_middle_tokens and offload need top_k_store='paged'")
+        return {}
+    if store != "paged":
+        raise ValueError(f"lm_infinite.enable: top_k_store must be 'exact' or 'paged', got {store!r}")
+    _check_int("top_k_blocks", blocks, 1)
+    _check_int("top_k_block_size", block_size, 1)
+    if max_middle_tokens is not None:
+        _check_int("max_middle_tokens", max_middle_tokens, block_size)
+    if not isinstance(offload, bool):
+        raise ValueError(f"lm_infinite.enable: offload must be a bool, got {offload!r}")
+    return dict(top_k_blocks=blocks, block_size=block_size, max_middle_tokens=max_middle_tokens,
+                offload=offload)
 
 
 def disable(model: nn.Module) -> nn.Module:

@@ -27,6 +27,10 @@ class LambdaState:
     top_k_first_layer: int = 0
     top_k_distance: int = 0
     top_k_rows: int | None = 1
+    # Where the top-k layers keep the middle: cache.middle_store's kind and options
+    # ("exact": every key; "paged": blocks chosen through summaries, see paged_middle.py).
+    top_k_store: str = "exact"
+    top_k_store_options: dict = field(default_factory=dict)
     # Set by LambdaStream for each chunk of a prompt: how many of the chunk's rows lie among the
     # prompt's last top_k_rows, so that the rows using top-k do not depend on the chunking.
     chunk_top_k_rows: int | None = None

@@ -1,0 +1,99 @@
+"""Per-token decode time of one top-k layer after a long stream: exact middle store against the
+paged one (in memory and offloaded), with the store's bytes on the compute device.
+
+SmolLM2-135M shapes (9 query / 3 KV heads, head_dim 64, n_local 8192, G 10), batch 1, random
+keys and values: what is timed is one decode step's `RingKVCache.attend` with top-5 (block
+selection, gather and the kernel's exact top-k over what it is given), the stream filled to
+each length first. Timings are the minimum over --repeats calls (the least-disturbed one: the
+development machine's 2 cores are shared), on --threads threads (default 1, which keeps
+OpenMP waits on a loaded machine out of the numbers). A model's decode step adds this once per top-k layer (26 for SmolLM2 with
+top-k from layer 4) on top of its constant Λ attention and MLPs.
+
+    python bench/middle_store_decode.py --lengths 16384 65536 262144
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import torch
+
+from lm_infinite.cache import RingKVCache
+
+HEADS_Q, HEADS_KV, DIM, N_GLOBAL = 9, 3, 64, 10
+STORES = {
+    "exact": None,
+    "paged": dict(kind="paged", block_size=64, top_k_blocks=8),
+    "paged+offload": dict(kind="paged", block_size=64, top_k_blocks=8, offload=True),
+    "paged+offload, max 64K": dict(kind="paged", block_size=64, top_k_blocks=8, offload=True,
+                                   max_middle_tokens=65536),
+}
+
+
+def filled_ring(n_tokens: int, n_local: int, middle_options, device: str) -> RingKVCache:
+    ring = RingKVCache(1, HEADS_KV, DIM, n_global=N_GLOBAL, n_local=n_local, device=device,
+                       keep_middle=True, middle_options=middle_options)
+    g = torch.Generator(device=device).manual_seed(0)
+    for start in range(0, n_tokens, 8192):
+        n = min(8192, n_tokens - start)
+        ring.append(torch.randn(1, HEADS_KV, n, DIM, generator=g, device=device),
+                    torch.randn(1, HEADS_KV, n, DIM, generator=g, device=device))
+    return ring
+
+
+def decode_step_seconds(ring: RingKVCache, inv_freq, n_local: int, top_k: int, repeats: int) -> float:
+    q = torch.randn(1, HEADS_Q, 1, DIM, device=ring.k.device)
+    k, v = torch.randn(2, 1, HEADS_KV, 1, DIM, device=ring.k.device)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        ring.attend(q, k, v, inv_freq, top_k=top_k, top_k_distance=n_local // 2)
+        if ring.k.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times[1:])  # the first call warms up
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 262144])
+    parser.add_argument("--n-local", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--stores", nargs="+", choices=list(STORES), default=list(STORES))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, DIM, 2, dtype=torch.float32, device=args.device) / DIM))
+    rows = []
+    for n in args.lengths:
+        for name in args.stores:
+            options = STORES[name]
+            ring = filled_ring(n, args.n_local, options, args.device)
+            middle = ring.middle
+            device_bytes = middle.device_nbytes() if hasattr(middle, "device_nbytes") else middle.nbytes()
+            rows.append(dict(tokens=n, store=name,
+                             top_k_ms=1e3 * decode_step_seconds(ring, inv_freq, args.n_local, 5, args.repeats),
+                             plain_ms=1e3 * decode_step_seconds(ring, inv_freq, args.n_local, 0, args.repeats),
+                             device_mib=device_bytes / 2**20, total_mib=middle.nbytes() / 2**20))
+            print(rows[-1], flush=True)
+            del ring, middle
+    print(f"\n| store | " + " | ".join(f"{n // 1024}K: top-k ms (no top-k ms)" for n in args.lengths)
+          + f" | growth {args.lengths[0] // 1024}K->{args.lengths[-1] // 1024}K | device MiB | total MiB |")
+    print("|---|" + "---|" * (len(args.lengths) + 3))
+    for name in args.stores:
+        sel = [r for r in rows if r["store"] == name]
+        cells = [f"{r['top_k_ms']:.2f} ({r['plain_ms']:.2f})" for r in sel]
+        growth = sel[-1]["top_k_ms"] / sel[0]["top_k_ms"]
+        mib = lambda key: " / ".join(f"{r[key]:.1f}" for r in sel)
+        print(f"| {name} | " + " | ".join(cells) + f" | {growth:.2f}x | {mib('device_mib')} | {mib('total_mib')} |")
+    if args.json:
+        args.json.write_text(json.dumps(dict(vars(args), json=str(args.json), rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
