@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-TRAINING_LENGTH = 32
+from tiny_model_dir import tiny_llama
+
 EOS = "<eos>"  # the only special token; it ends every turn
 CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}" + EOS + "{% endfor %}"
                  "{% if add_generation_prompt %}[assistant]{% endif %}")
@@ -31,12 +32,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 
 def save_tiny_chat_model(directory: Path, seed: int = 0) -> Path:
     tokenizer = _tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=TRAINING_LENGTH, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=None, pad_token_id=None)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tokenizer, seed)
     with torch.no_grad():  # random init is small: sharpen it, so that replies vary with the prompt
         for parameter in model.parameters():
             parameter.mul_(3.0)

@@ -20,13 +20,18 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
 
 
-def save_tiny_model(directory: Path, seed: int = 0) -> Path:
-    tokenizer = tiny_tokenizer()
+def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised 2-layer Llama (4 query / 2 KV heads) sized to the tokenizer."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=TRAINING_LENGTH, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=None, pad_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    return LlamaForCausalLM(config)
+
+
+def save_tiny_model(directory: Path, seed: int = 0) -> Path:
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer, seed).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
