@@ -57,28 +57,37 @@ struct LambdaAttentionParams {
   int64_t cache_k_batch_stride = 0, cache_k_head_stride = 0, cache_k_row_stride = 0;
   const void* cache_v = nullptr;  // [batch, n_heads_kv, cache_len, head_dim]; null if cache_len == 0
   int64_t cache_v_batch_stride = 0, cache_v_head_stride = 0, cache_v_row_stride = 0;
-  // [cache_len] absolute position of each cache slot, shared by the batch; negative = empty.
-  // Every present slot must hold a position < *query_start (an earlier token).
+  // Absolute position of each cache slot, negative = empty: [cache_len] shared by the batch
+  // (cache_positions_batch_stride 0) or [batch, cache_len] with that row stride (>= cache_len).
+  // Every present slot of sequence b must hold a position < query_start of b (an earlier token).
   const int64_t* cache_positions = nullptr;
+  int64_t cache_positions_batch_stride = 0;
   int64_t cache_len = 0;
 
-  // [1] absolute position of query 0; query t sits at *query_start + t. A pointer (device
-  // memory for CUDA) so that a captured CUDA graph can advance it without re-capture.
-  const int64_t* query_start = nullptr;
+  // Positions of the chunk's rows, sequence by sequence, so that a batch of different lengths
+  // behaves as if each sequence ran alone. Rows t < padding[b] are padding: no query attends to
+  // them and their output rows are zeros. Row t >= padding[b] sits at position
+  //   query_start[b * query_start_batch_stride] + (t - padding[b]),
+  // so query_start is the position of the sequence's first real row. Pointers (device memory
+  // for CUDA) so that a captured CUDA graph can advance them without re-capture.
+  const int64_t* query_start = nullptr;  // [batch], or [1] shared (query_start_batch_stride 0)
+  int64_t query_start_batch_stride = 0;  // 0 or 1
+  const int64_t* padding = nullptr;      // [batch] leading padding rows, in [0, n_queries]; null: none
 
   // Optional middle store for top-k attention: [batch, n_heads_kv, middle_len, head_dim] and
-  // [middle_len] positions (negative = empty), tokens before the chunk. Only positions in
-  // [n_global, i - n_local] are candidates for query i, so the store may also hold keys that
-  // the window still covers.
+  // positions (negative = empty) laid out like cache_positions, tokens before the chunk. Only
+  // positions in [n_global, i - n_local] are candidates for query i, so the store may also hold
+  // keys that the window still covers.
   const void* middle_k = nullptr;
   int64_t middle_k_batch_stride = 0, middle_k_head_stride = 0, middle_k_row_stride = 0;
   const void* middle_v = nullptr;
   int64_t middle_v_batch_stride = 0, middle_v_head_stride = 0, middle_v_row_stride = 0;
   const int64_t* middle_positions = nullptr;
+  int64_t middle_positions_batch_stride = 0;  // 0: [middle_len] shared; else [batch, middle_len]
   int64_t middle_len = 0;
   int64_t top_k = 0;             // middle keys per query head and row; 0 disables the variant
   int64_t top_k_distance = 0;    // rotary distance at which the chosen middle keys are placed
-  int64_t top_k_first_row = 0;   // first query row (0-based in the chunk) that uses top-k
+  int64_t top_k_first_row = 0;   // first chunk row (0-based, padding rows counted) using top-k
 
   void* out = nullptr;  // [batch, n_heads_q, n_queries, head_dim], written in dtype
   int64_t out_batch_stride = 0, out_head_stride = 0, out_row_stride = 0;
