@@ -210,6 +210,18 @@ __device__ __forceinline__ void online_softmax_step(float (&score)[kNTiles][4], 
   }
 }
 
+// The value unchanged, but opaque to the optimiser: something computed once before a key loop
+// (a per-sequence base pointer, a bound that depends on the sequence's padding) stays in its
+// register instead of being re-derived from its parts on every tile.
+template <typename T> __device__ __forceinline__ T* opaque(T* ptr) {
+  asm("" : "+l"(ptr));
+  return ptr;
+}
+__device__ __forceinline__ int opaque(int value) {
+  asm("" : "+r"(value));
+  return value;
+}
+
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 }  // namespace lminf::cuda

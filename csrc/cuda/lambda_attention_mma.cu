@@ -1,9 +1,11 @@
 // Λ-attention on tensor cores (bf16/fp16, head_dim 64 or 128): whole sequences and chunks
 // against a cache, after the pre-pass of rotate_chunk_keys.cu.
 //
-// Anchor a = *query_start. The pre-pass has rotated every key a query of the chunk can see
-// locally by j - a and laid them out as one key sequence, row u at position a - W + u (W =
-// window_rows: the cache window gathered by position, then the chunk's keys), and gathered
+// Anchor a = the sequence's start (the position of its first real row; a batch row's leading
+// padding rows are no keys and output zeros). The pre-pass has rotated every key a query of the
+// chunk can see locally by j - a and laid them out as one key sequence, row u at position
+// a - W + u (W = window_rows: the cache window gathered by position, then the chunk's real
+// rows), and gathered
 // the raw global keys (positions j < n_global) into a global tile. The kernel rotates its Q
 // tile once by i - a and forms R_D q once, so that
 //     local  (i - j < L):            (R_{i-a} q) . (R_{j-a} k) = (R_{i-j} q) . k
@@ -62,32 +64,38 @@ template <typename T, int D> struct SmemLayout {
 template <typename T, int D> struct KeySource {
   const T* keys;           // [W + n_queries][D] rotated key sequence
   const T* window_values;  // [W][D]
-  const T* chunk_values;   // v at (b, kv head); row stride v_row_stride
+  const T* chunk_values;   // v at (b, kv head) from the first real row; row stride v_row_stride
   const T* global_keys;    // [global_rows][D] raw
   const T* global_values;  // [global_rows][D]
   const int32_t* window_slot;    // [W] cache slot or -1
   const int32_t* global_source;  // [global_rows] source or -1
   const uint8_t* window_tile_state;  // [W / BN]
   int64_t v_row_stride;
-  int window_rows, chunk_rows;
+  int window_rows, chunk_rows;  // chunk_rows: the real rows (key row W + t' is chunk row pad + t')
 
   __device__ KeySource(const LambdaAttentionParams& p, const PrefillWorkspace& ws,
-                       const unsigned char* workspace, int64_t b, int64_t kv_head) {
+                       const unsigned char* workspace, int64_t b, int64_t kv_head, int pad) {
     const int64_t head_rows = b * p.n_heads_kv + kv_head;
+    const int64_t index_row = ws.index_row(b);
     window_rows = static_cast<int>(ws.window_rows);
-    chunk_rows = static_cast<int>(p.n_queries);
+    chunk_rows = static_cast<int>(p.n_queries) - pad;
     keys = reinterpret_cast<const T*>(workspace + ws.keys) +
-           head_rows * (window_rows + chunk_rows) * D;
+           head_rows * (window_rows + p.n_queries) * D;
     window_values = reinterpret_cast<const T*>(workspace + ws.values) + head_rows * window_rows * D;
     global_keys = reinterpret_cast<const T*>(workspace + ws.global_keys) +
                   head_rows * ws.global_rows * D;
     global_values = reinterpret_cast<const T*>(workspace + ws.global_values) +
                     head_rows * ws.global_rows * D;
-    chunk_values = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride;
+    chunk_values = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride +
+                   pad * p.v_row_stride;  // the first real row
     v_row_stride = p.v_row_stride;
-    window_slot = reinterpret_cast<const int32_t*>(workspace + ws.window_slot);
-    global_source = reinterpret_cast<const int32_t*>(workspace + ws.global_source);
-    window_tile_state = workspace + ws.window_tile_state;
+    // The sequence's index rows, formed once (opaque: not re-derived per tile).
+    window_slot = opaque(reinterpret_cast<const int32_t*>(workspace + ws.window_slot) +
+                         index_row * window_rows);
+    global_source = opaque(reinterpret_cast<const int32_t*>(workspace + ws.global_source) +
+                           index_row * ws.global_rows);
+    window_tile_state =
+        opaque(workspace + ws.window_tile_state + index_row * (window_rows / BN));
   }
 
   // Window tiles without a single cache slot are never loaded.
@@ -175,12 +183,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t b = blockIdx.z, head = blockIdx.y;
   const int64_t kv_head = head / (p.n_heads_q / p.n_heads_kv);
   const int n_q = static_cast<int>(p.n_queries);
-  const int t_lo = row_tile * BM, t_hi = min(t_lo + BM, n_q) - 1;
-  const int64_t a = *p.query_start;
+  const int t_lo = row_tile * BM, t_hi = min(t_lo + BM, n_q) - 1;  // rows of q and out
+  // The sequence: row t >= pad is real row t - pad, at position a + t - pad (read once).
+  const SequenceRows seq(p, b);
+  const int64_t a = seq.start;
+  const int pad = static_cast<int>(seq.padding);
 
-  const KeySource<T, D> src(p, plan.prefill, workspace, b, kv_head);
+  const KeySource<T, D> src(p, plan.prefill, workspace, b, kv_head, pad);
   const int window_rows = src.window_rows;
-  const PrefillTileList<BN> tiles(p, a, window_rows, t_lo, t_hi);
+  // The block's real rows (none in a block of padding rows only: no tile).
+  const PrefillTileList<BN> tiles(p, a, window_rows, max(t_lo - pad, 0), t_hi - pad);
   const int tile_begin = static_cast<int>(int64_t(tiles.count) * split / n_splits);
   const int tile_end = static_cast<int>(int64_t(tiles.count) * (split + 1) / n_splits);
 
@@ -220,8 +232,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int r = warp + kWarps * (lane / kLanesPerRow); r < BM; r += kRowStep) {
       if (rotates) {
         float c[2], s[2];
-        rope_sincos(t_lo + r, inv_freq[0], &c[0], &s[0]);
-        rope_sincos(t_lo + r, inv_freq[1], &c[1], &s[1]);
+        rope_sincos(t_lo + r - pad, inv_freq[0], &c[0], &s[0]);  // padding rows: unused
+        rope_sincos(t_lo + r - pad, inv_freq[1], &c[1], &s[1]);
         uint32_t* const lo = reinterpret_cast<uint32_t*>(s_q + swz<D>(r, f));
         uint32_t* const hi = reinterpret_cast<uint32_t*>(s_q + swz<D>(r, f + half));
         const float2 x1 = unpack2<T>(*lo), x2 = unpack2<T>(*hi);
@@ -247,25 +259,27 @@ __global__ void __launch_bounds__(kThreads, 2)
                                          ks * 16 + 8 * (lane / 16)));
 
   // The two rows this thread holds in every accumulator fragment: warp row lane/4 and +8.
-  // Row t sees key row u locally for u in [u_lo, u_hi] (i - j in [0, L)), and global row j
-  // for j <= g_hi (i - j >= L); padding rows see nothing.
+  // Real row t' = t - pad sees key row u locally for u in [u_lo, u_hi] (i - j in [0, L)), and
+  // global row j for j <= g_hi (i - j >= L); padding rows and rows past the chunk see nothing.
   const int warp_t0 = t_lo + warp * 16;
-  const bool warp_active = warp_t0 < n_q;
+  const bool warp_active = opaque(warp_t0 < n_q && warp_t0 + 15 >= pad);  // holds a real row
   int row_t[2], u_lo[2], u_hi[2], g_hi[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     row_t[h] = warp_t0 + lane / 4 + 8 * h;
-    const bool valid = row_t[h] < n_q;
-    u_lo[h] = valid ? row_t[h] + window_rows - static_cast<int>(p.n_local) + 1 : INT_MAX;
-    u_hi[h] = valid ? row_t[h] + window_rows : INT_MIN;
-    g_hi[h] = valid ? static_cast<int>(max64(-1, min64(a + row_t[h] - p.n_local,
+    const int real = row_t[h] - pad;
+    const bool valid = row_t[h] < n_q && real >= 0;
+    u_lo[h] = valid ? real + window_rows - static_cast<int>(p.n_local) + 1 : INT_MAX;
+    u_hi[h] = valid ? real + window_rows : INT_MIN;
+    g_hi[h] = valid ? static_cast<int>(max64(-1, min64(a + real - p.n_local,
                                                        plan.prefill.global_rows)))
                     : -1;
   }
-  // Band covered by every row of the warp, for the test "no select on this tile".
-  const int warp_t1 = min(warp_t0 + 15, n_q - 1);
-  const int band_lo = warp_t1 + window_rows - static_cast<int>(p.n_local) + 1;
-  const int band_hi = warp_t0 + window_rows;
+  // Band covered by every real row of the warp, for the test "no select on this tile" (the
+  // shortcut leaves padding rows with scores they must not use: the epilogue writes zeros).
+  const int warp_r0 = max(warp_t0 - pad, 0), warp_r1 = min(warp_t0 + 15, n_q - 1) - pad;
+  const int band_lo = opaque(warp_r1 + window_rows - static_cast<int>(p.n_local) + 1);
+  const int band_hi = opaque(warp_r0 + window_rows);
 
   float out_acc[kDTiles][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};  // raw scores (unscaled)
@@ -369,14 +383,20 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  if (!warp_active) return;
+  if (warp_t0 >= n_q) return;
   // Epilogue: finish the row sums across the quad that shares each row, normalise, store.
+  // Padding rows are zeros (and, split, partials that weigh nothing).
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float sum = row_sum[h];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     if (row_t[h] >= n_q) continue;
+    if (row_t[h] < pad) {  // whatever a no-select tile left in the row (even NaN) goes
+      sum = 0.f;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) out_acc[dt][2 * h] = out_acc[dt][2 * h + 1] = 0.f;
+    }
     const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
     if (n_splits == 1) {
       T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +

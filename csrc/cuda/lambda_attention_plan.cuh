@@ -25,19 +25,45 @@ inline constexpr int kMmaWarps = 4;
 inline constexpr int kMmaBlockRows = 16 * kMmaWarps;
 inline constexpr int kMmaBlockKeys = 64;
 
-// The chunk-anchored pre-pass (rotate_chunk_keys.cu) writes, with a = *query_start:
-//   keys    [batch][n_heads_kv][window_rows + n_queries][head_dim] T: row u holds the key at
-//           position a - window_rows + u rotated by its offset from a (u - window_rows): first
-//           the cache window (cache slots gathered by position; zero where none holds it),
-//           then the chunk's own keys (offset t);
+// Sequence b of a batch (LambdaAttentionParams): rows t < padding are padding, row t >= padding
+// sits at position start + (t - padding). Read once per block; with query_start_batch_stride 0
+// and no padding every sequence reads the same start and 0.
+struct SequenceRows {
+  int64_t start;    // position of the first real row
+  int64_t padding;  // leading padding rows
+  __device__ SequenceRows(const LambdaAttentionParams& p, int64_t b)
+      : start(p.query_start[b * p.query_start_batch_stride]),
+        padding(p.padding != nullptr ? p.padding[b] : 0) {}
+};
+
+// Whether every sequence of the batch sits at the same positions (shared query start and cache
+// positions, no padding): then the pre-pass's index (below) is built once for the whole batch.
+inline bool sequences_share_positions(const LambdaAttentionParams& p) {
+  return p.query_start_batch_stride == 0 && p.cache_positions_batch_stride == 0 &&
+         p.padding == nullptr;
+}
+
+// The chunk-anchored pre-pass (rotate_chunk_keys.cu) writes, for sequence b with a = its start
+// and pad = its padding (SequenceRows), n_real = n_queries - pad real rows:
+//   keys    [batch][n_heads_kv][window_rows + n_queries][head_dim] T: row u < window_rows +
+//           n_real holds the key at position a - window_rows + u rotated by its offset from a
+//           (u - window_rows): first the cache window (cache slots gathered by position; zero
+//           where none holds it), then the chunk's real rows (row window_rows + t' is chunk row
+//           pad + t', offset t'); the last pad rows are not written (the kernels never read
+//           past window_rows + n_real);
 //   values  [batch][n_heads_kv][window_rows][head_dim] T: the window's values (the chunk's
 //           own values are read from v in place);
 //   global_keys, global_values [batch][n_heads_kv][global_rows][head_dim] T: the raw key and
 //           value at position j < n_global in row j (zero where no slot or chunk row has it);
-//   window_slot [window_rows] int32: the cache slot gathered into window row u, or -1;
-//   global_source [global_rows] int32: -1, a cache slot (< cache_len), or cache_len + t for
-//           chunk row t;
-//   window_tile_state [window_rows / 64] uint8: kTileEmpty, kTilePartial or kTileFull.
+//   window_slot [index rows][window_rows] int32: the cache slot gathered into window row u,
+//           or -1;
+//   global_source [index rows][global_rows] int32: -1, a cache slot (< cache_len), or
+//           cache_len + t for chunk row t (padding counted);
+//   window_tile_state [index rows][window_rows / 64] uint8: kTileEmpty, kTilePartial or
+//           kTileFull.
+// The index arrays have one row per sequence (per_sequence), or one shared by the batch when
+// sequences_share_positions; the region is sized for a row per sequence either way, so its size
+// depends on sizes only.
 // window_rows = n_local - 1 rounded up to kPrefillRowAlign when there is a cache (every
 // position a query of the chunk can see locally in the cache lies in [a - n_local + 1, a)),
 // else 0; the window is tile-aligned, so the chunk's keys start on a tile of either kernel.
@@ -48,6 +74,10 @@ struct PrefillWorkspace {
   size_t keys = 0, values = 0, global_keys = 0, global_values = 0;  // byte offsets
   size_t window_slot = 0, global_source = 0, window_tile_state = 0;
   size_t end = 0;  // first byte after the region
+  bool per_sequence = false;  // index arrays: row b for sequence b, else row 0 for all
+
+  // The index row of sequence b.
+  __host__ __device__ int64_t index_row(int64_t b) const { return per_sequence ? b : 0; }
 };
 inline constexpr uint8_t kTileEmpty = 0, kTilePartial = 1, kTileFull = 2;
 

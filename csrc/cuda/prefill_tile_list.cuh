@@ -16,8 +16,9 @@ struct PrefillTile {
   int first;
 };
 
-// For queries t in [t_lo, t_hi] of the chunk (positions a + t): the global tiles holding the
-// positions j < n_global that some query sees beyond its window (j <= a + t_hi - n_local),
+// For the real query rows t in [t_lo, t_hi] of a sequence (positions a + t, t counted from its
+// first real row; none when t_hi < t_lo, a block of padding rows only): the global tiles holding
+// the positions j < n_global that some query sees beyond its window (j <= a + t_hi - n_local),
 // then the tiles of the band, key rows t_lo + window_rows - n_local + 1 .. t_hi + window_rows
 // (row u sits at position a - window_rows + u). Rows outside those are never visited.
 template <int kTileKeys> struct PrefillTileList {
@@ -29,7 +30,7 @@ template <int kTileKeys> struct PrefillTileList {
     global_tiles = static_cast<int>((global_keys + kTileKeys - 1) / kTileKeys);
     band_begin = max(0, t_lo + window_rows - static_cast<int>(p.n_local) + 1) / kTileKeys;
     const int band_end = (t_hi + window_rows) / kTileKeys + 1;
-    count = global_tiles + band_end - band_begin;
+    count = t_hi < t_lo ? 0 : global_tiles + band_end - band_begin;
   }
 
   __device__ PrefillTile operator[](int index) const {

@@ -1,15 +1,17 @@
 // ring_cache_append_cuda: writes a chunk of keys/values into the ring-buffer cache.
 //
-// Token t of the chunk (position p = *start_position + t) goes to slot ring_slot(p). Only the
-// tokens that survive the chunk are copied: those at p < n_global, and the last n_local (an
-// earlier token with p >= n_global shares its slot with the token n_local later). Survivors
-// occupy distinct slots, so blocks never race. The grid is sized from the bound
-// n_global + n_local on survivors (the start position lives on the device); block x maps to
-// the x-th survivor or exits.
+// Sequence b's real rows are t >= pad = padding[b] (0 without padding); row t is the token at
+// position p = start + (t - pad), start = start_position[b * start_position_batch_stride], and
+// goes to slot ring_slot(p) of sequence b's cache (its own row of cache_positions, or the
+// shared row). Padding rows are never written. Only the tokens that survive the chunk are
+// copied: those at p < n_global, and the last n_local (an earlier token with p >= n_global
+// shares its slot with the token n_local later). Survivors occupy distinct slots, so blocks
+// never race. The grid is sized from the bound n_global + n_local on survivors (starts and
+// padding live on the device); block x maps to the x-th survivor of its sequence or exits.
 //
 // One block per (survivor, kv head, batch row): a row of head_dim elements, in 16-byte words
-// when every row is 16-byte aligned, element by element otherwise. Block (x, 0, 0) also writes
-// the slot's position.
+// when every row is 16-byte aligned, element by element otherwise. Block (x, 0, b) also writes
+// the slot's position (only b == 0 when the batch shares one positions row).
 #include <cuda_runtime.h>
 
 #include <string>
@@ -27,18 +29,23 @@ constexpr int kThreads = 64;
 template <typename Word, int kElemsPerWord>
 __global__ void __launch_bounds__(kThreads) ring_cache_append_kernel(const RingCacheAppendParams p,
                                                                      int element_bytes) {
-  const int64_t start = *p.start_position;
-  const int64_t n_new = p.n_new, n_global = p.n_global, n_local = p.n_local;
-  // Survivors: t in [0, n_prefix) (global positions), then t in [suffix_begin, n_new).
-  const int64_t n_prefix = max64(0, min64(n_global - start, n_new));
-  const int64_t suffix_begin = max64(n_prefix, n_new - n_local);
-  const int64_t index = blockIdx.x;
-  const int64_t t = index < n_prefix ? index : suffix_begin + (index - n_prefix);
-  if (t >= n_new) return;
-  const int64_t position = start + t;
-  const int64_t slot = position < n_global ? position : n_global + (position - n_global) % n_local;
   const int64_t b = blockIdx.z, head = blockIdx.y;
-  if (b == 0 && head == 0 && threadIdx.x == 0) p.cache_positions[slot] = position;
+  // The sequence's start and padding: one read per block (stride 0 / null: shared, none).
+  const int64_t start = p.start_position[b * p.start_position_batch_stride];
+  const int64_t pad = p.padding != nullptr ? p.padding[b] : 0;
+  const int64_t n_real = p.n_new - pad, n_global = p.n_global, n_local = p.n_local;
+  // Survivors among the real rows t' = t - pad: t' in [0, n_prefix) (global positions), then
+  // t' in [suffix_begin, n_real).
+  const int64_t n_prefix = max64(0, min64(n_global - start, n_real));
+  const int64_t suffix_begin = max64(n_prefix, n_real - n_local);
+  const int64_t index = blockIdx.x;
+  const int64_t real_row = index < n_prefix ? index : suffix_begin + (index - n_prefix);
+  if (real_row >= n_real) return;
+  const int64_t position = start + real_row;
+  const int64_t t = pad + real_row;  // the row in k and v
+  const int64_t slot = position < n_global ? position : n_global + (position - n_global) % n_local;
+  if ((b == 0 || p.cache_positions_batch_stride != 0) && head == 0 && threadIdx.x == 0)
+    p.cache_positions[b * p.cache_positions_batch_stride + slot] = position;
 
   const char* k_src = static_cast<const char*>(p.k) +
                       (b * p.k_batch_stride + head * p.k_head_stride + t * p.k_row_stride) *

@@ -1,16 +1,23 @@
 // The chunk-anchored pre-pass of the tensor-core kernel (layout: PrefillWorkspace in
-// lambda_attention_plan.cuh). With a = *query_start, the local score of query i and key j is
+// lambda_attention_plan.cuh). With a the start of the sequence (the position of its first real
+// row), the local score of query i and key j is
 //     (R_i q) . (R_j k) = (R_{i-a} q) . (R_{j-a} k),
 // so once every key the chunk can see locally is rotated by j - a here, the kernel rotates its
 // Q tile once by i - a and its key loop holds no rotation at all. Every angle comes from an
 // int64 difference taken first (j - a lies in (-n_local, n_queries)), so a stream at 10^9 gives
 // bit-identical workspace contents to the same window at 10^3.
 //
+// Batches: each sequence has its own start, padding and (optionally) cache positions, so the
+// index below has a row per sequence, unless they all share one (sequences_share_positions).
+// Padding rows of the chunk are left out of the key sequence: its real rows follow the window
+// directly, so the kernel sees one contiguous sliding-window sequence per sequence whatever its
+// padding.
+//
 // Two launches, because the gather needs a barrier between clearing and filling its index:
-//   gather_index_kernel (one block): window_slot[u] = the cache slot holding position
-//     a - window_rows + u, global_source[j] = where position j < n_global lives, and the state
-//     (empty, partial, full) of each window tile, so the kernel skips empty tiles and masks
-//     only partial ones;
+//   gather_index_kernel (a block per index row): window_slot[u] = the cache slot holding
+//     position a - window_rows + u, global_source[j] = where position j < n_global lives, and
+//     the state (empty, partial, full) of each window tile, so the kernel skips empty tiles and
+//     masks only partial ones;
 //   rotate_keys_kernel: per row of the window, the chunk and the global tile, the rotated key
 //     (or the raw global key) and the value, zero where no slot holds the position.
 // A ring wraps its window across slots in any order; gathering by position makes the window a
@@ -31,27 +38,36 @@ constexpr int kRotateThreads = 128;
 size_t round_up_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 __global__ void __launch_bounds__(kIndexThreads)
-    gather_index_kernel(const int64_t* __restrict__ cache_positions, int64_t cache_len,
-                        const int64_t* __restrict__ query_start, int64_t n_queries,
-                        int64_t n_global, int window_rows, int global_rows,
-                        int32_t* __restrict__ window_slot, int32_t* __restrict__ global_source,
-                        uint8_t* __restrict__ window_tile_state) {
-  const int64_t a = *query_start;
+    gather_index_kernel(const LambdaAttentionParams p, const PrefillWorkspace ws,
+                        unsigned char* __restrict__ workspace) {
+  const int64_t b = blockIdx.x;  // the index row (= the sequence, or 0 for a shared index)
+  const SequenceRows seq(p, b);
+  const int64_t a = seq.start, n_real = p.n_queries - seq.padding;
+  const int64_t* const cache_positions = p.cache_positions + b * p.cache_positions_batch_stride;
+  const int window_rows = static_cast<int>(ws.window_rows);
+  const int global_rows = static_cast<int>(ws.global_rows);
+  int32_t* const window_slot = reinterpret_cast<int32_t*>(workspace + ws.window_slot) +
+                               b * window_rows;
+  int32_t* const global_source = reinterpret_cast<int32_t*>(workspace + ws.global_source) +
+                                 b * global_rows;
+  uint8_t* const window_tile_state =
+      workspace + ws.window_tile_state + b * (window_rows / kMmaBlockKeys);
   const int64_t window_first = a - window_rows;  // position of window row 0
   for (int u = threadIdx.x; u < window_rows; u += kIndexThreads) window_slot[u] = -1;
   for (int j = threadIdx.x; j < global_rows; j += kIndexThreads) global_source[j] = -1;
   __syncthreads();  // also orders this block's global-memory writes
-  for (int64_t slot = threadIdx.x; slot < cache_len; slot += kIndexThreads) {
+  for (int64_t slot = threadIdx.x; slot < p.cache_len; slot += kIndexThreads) {
     const int64_t pos = cache_positions[slot];
     if (pos < 0) continue;  // empty
     const int64_t u = pos - window_first;
     if (u >= 0 && u < window_rows) window_slot[u] = static_cast<int32_t>(slot);
-    if (pos < n_global) global_source[pos] = static_cast<int32_t>(slot);
+    if (pos < p.n_global) global_source[pos] = static_cast<int32_t>(slot);
   }
-  // Global positions held by the chunk itself: j in [a, a + n_queries).
-  const int64_t chunk_lo = max64(a, 0), chunk_hi = min64(n_global, a + n_queries);
+  // Global positions held by the chunk's real rows: j in [a, a + n_real), chunk row
+  // padding + (j - a).
+  const int64_t chunk_lo = max64(a, 0), chunk_hi = min64(p.n_global, a + n_real);
   for (int64_t j = chunk_lo + threadIdx.x; j < chunk_hi; j += kIndexThreads)
-    global_source[j] = static_cast<int32_t>(cache_len + (j - a));
+    global_source[j] = static_cast<int32_t>(p.cache_len + seq.padding + (j - a));
   __syncthreads();
   for (int tile = threadIdx.x; tile < window_rows / kMmaBlockKeys; tile += kIndexThreads) {
     int held = 0;
@@ -63,7 +79,8 @@ __global__ void __launch_bounds__(kIndexThreads)
 }
 
 // One rotate_half pair (or two plain features) per thread, D / 2 threads per row. Rows
-// [0, window_rows) are the window, then n_queries chunk rows, then global_rows global rows.
+// [0, window_rows) are the window, then n_queries chunk rows (the sequence's real rows first;
+// the last `padding` rows write nothing), then global_rows global rows.
 template <typename T, int D>
 __global__ void __launch_bounds__(kRotateThreads)
     rotate_keys_kernel(const LambdaAttentionParams p, const PrefillWorkspace ws,
@@ -76,9 +93,15 @@ __global__ void __launch_bounds__(kRotateThreads)
   const int64_t kv_head = blockIdx.y, b = blockIdx.z;
   const int lane = threadIdx.x % (D / 2);
   const int half = static_cast<int>(p.rotary_dim / 2);
-  const int64_t a = *p.query_start;
-  const auto* slot_of = reinterpret_cast<const int32_t*>(workspace + ws.window_slot);
-  const auto* source_of = reinterpret_cast<const int32_t*>(workspace + ws.global_source);
+  const SequenceRows seq(p, b);
+  const int64_t a = seq.start;
+  const int pad = static_cast<int>(seq.padding);
+  const int64_t index_row = ws.index_row(b);
+  const auto* slot_of = reinterpret_cast<const int32_t*>(workspace + ws.window_slot) +
+                        index_row * window_rows;
+  const auto* source_of = reinterpret_cast<const int32_t*>(workspace + ws.global_source) +
+                          index_row * ws.global_rows;
+  const int64_t* const cache_positions = p.cache_positions + b * p.cache_positions_batch_stride;
   const int64_t head_rows = b * p.n_heads_kv + kv_head;
 
   // Where the row's key and value come from, where they go, and its rotation offset.
@@ -103,12 +126,13 @@ __global__ void __launch_bounds__(kRotateThreads)
     if (slot >= 0) {
       src_k = cache_k + slot * p.cache_k_row_stride;
       src_v = cache_v + slot * p.cache_v_row_stride;
-      delta = p.cache_positions[slot] - a;  // in [-window_rows, 0)
+      delta = cache_positions[slot] - a;  // in [-window_rows, 0)
     }
   } else if (row < window_rows + chunk_rows) {
-    const int t = row - window_rows;
+    const int t = row - window_rows;  // the real row: chunk row pad + t, offset t from a
+    if (t >= chunk_rows - pad) return;  // past the real rows: never read
     dst_k = keys + int64_t(row) * D;
-    src_k = chunk_k + t * p.k_row_stride;  // the chunk's values stay where they are
+    src_k = chunk_k + int64_t(pad + t) * p.k_row_stride;  // the values stay where they are
     delta = t;
   } else {
     const int j = row - window_rows - chunk_rows;
@@ -183,9 +207,12 @@ PrefillWorkspace plan_prefill_workspace(const LambdaAttentionParams& p, size_t b
   ws.values = take(heads * static_cast<size_t>(ws.window_rows) * row_bytes);
   ws.global_keys = take(heads * static_cast<size_t>(ws.global_rows) * row_bytes);
   ws.global_values = take(heads * static_cast<size_t>(ws.global_rows) * row_bytes);
-  ws.window_slot = take(static_cast<size_t>(ws.window_rows) * sizeof(int32_t));
-  ws.global_source = take(static_cast<size_t>(ws.global_rows) * sizeof(int32_t));
-  ws.window_tile_state = take(static_cast<size_t>(ws.window_rows / kMmaBlockKeys));
+  // Index rows: one per sequence, whether or not they are all used (sizes only).
+  const auto sequences = static_cast<size_t>(p.batch);
+  ws.window_slot = take(sequences * static_cast<size_t>(ws.window_rows) * sizeof(int32_t));
+  ws.global_source = take(sequences * static_cast<size_t>(ws.global_rows) * sizeof(int32_t));
+  ws.window_tile_state = take(sequences * static_cast<size_t>(ws.window_rows / kMmaBlockKeys));
+  ws.per_sequence = !sequences_share_positions(p);
   ws.end = at;
   return ws;
 }
@@ -194,11 +221,9 @@ Status launch_rotate_chunk_keys(const LambdaAttentionParams& params, const Atten
                                 void* workspace, cudaStream_t stream) {
   const PrefillWorkspace& ws = plan.prefill;
   auto* base = static_cast<unsigned char*>(workspace);
-  gather_index_kernel<<<1, kIndexThreads, 0, stream>>>(
-      params.cache_positions, params.cache_len, params.query_start, params.n_queries,
-      params.n_global, static_cast<int>(ws.window_rows), static_cast<int>(ws.global_rows),
-      reinterpret_cast<int32_t*>(base + ws.window_slot),
-      reinterpret_cast<int32_t*>(base + ws.global_source), base + ws.window_tile_state);
+  // One index row per sequence, or one for the whole batch.
+  const auto index_rows = static_cast<unsigned>(ws.per_sequence ? params.batch : 1);
+  gather_index_kernel<<<index_rows, kIndexThreads, 0, stream>>>(params, ws, base);
   Status status = launch_status("gather_index_kernel");
   if (!status.ok()) return status;
   const bool bf16 = params.dtype == DType::kBFloat16;
