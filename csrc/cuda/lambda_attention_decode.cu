@@ -11,9 +11,16 @@
 // its launch latency overlaps the first; no global counters, so the pair is capturable in a
 // CUDA graph).
 //
-// RoPE, anchored at the chunk's first query a = *query_start: query t is rotated by t (< 16)
-// once, each key by j - a in registers, between its ldmatrix and its mma, so that
-//     (R_t q) . (R_{j-a} k) = q . R_{j-i} k,  i = a + t,
+// Batches: each sequence has its own start a (the position of its first real row), leading
+// padding rows and, optionally, its own row of cache positions (LambdaAttentionParams), read
+// once per block. Padding rows are left out of the virtual key list (it is the cache slots,
+// then the sequence's real rows), so the key loop is the same with or without padding; their
+// output rows are zeros.
+//
+// RoPE, anchored at the sequence's first real query a: real query t' (row pad + t') is
+// rotated by t' (< 16) once, each key by j - a in registers, between its ldmatrix and its mma,
+// so that
+//     (R_t' q) . (R_{j-a} k) = q . R_{j-i} k,  i = a + t',
 // the local score. A thread holds both halves of every rotate_half pair of its two keys (the
 // mma B fragment of feature f and of f + head_dim/2 sit in the same lane), so no shuffle is
 // needed. Angles: an exact float32 seed (rope_sincos_f32 of the int32 difference j - a) when
@@ -82,7 +89,8 @@ template <typename T, int D> struct DecodeSmem {
   static_assert(kWarpStats + kWarps * kRows * 2 * sizeof(float) <= kV, "epilogue scratch");
 };
 
-// Where one (batch row, KV head) reads its keys: the cache, then the chunk's own tokens.
+// Where one (batch row, KV head) reads its keys: the cache, then the chunk's real rows (k and v
+// from the first real row; query_start = the position of that row).
 template <typename T> struct KeySource {
   const T *cache_k, *cache_v, *k, *v;
   int64_t cache_k_stride, cache_v_stride, k_stride, v_stride;
@@ -217,23 +225,35 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int group = static_cast<int>(p.n_heads_q) / static_cast<int>(p.n_heads_kv);
   const int rows_total = group * n_q;
   const int r0 = row_tile * kRows;
-  const int64_t qs = *p.query_start;
+  // The sequence: row t >= pad of the chunk is real row t - pad, at position qs + t - pad.
+  const SequenceRows seq(p, b);
+  const int64_t qs = seq.start;
+  const int pad = static_cast<int>(seq.padding);
+  const int n_real = n_q - pad;
+  // The sequence's row of slot positions (formed once: opaque to the optimiser).
+  const int64_t* const cache_positions =
+      opaque(p.cache_positions + b * p.cache_positions_batch_stride);
 
   KeySource<T> src;
   src.cache_len = p.cache_len;
-  src.n_keys = p.cache_len + n_q;
+  src.n_keys = p.cache_len + n_real;
   src.query_start = qs;
   src.cache_k = static_cast<const T*>(p.cache_k) + b * p.cache_k_batch_stride +
                 kv_head * p.cache_k_head_stride;
   src.cache_v = static_cast<const T*>(p.cache_v) + b * p.cache_v_batch_stride +
                 kv_head * p.cache_v_head_stride;
-  src.k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride;
-  src.v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride;
+  src.k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride +
+          pad * p.k_row_stride;
+  src.v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride +
+          pad * p.v_row_stride;
+  src.cache_k = opaque(src.cache_k);
+  src.cache_v = opaque(src.cache_v);
   src.cache_k_stride = p.cache_k_row_stride;
   src.cache_v_stride = p.cache_v_row_stride;
   src.k_stride = p.k_row_stride;
   src.v_stride = p.v_row_stride;
-  const int n_chunks = static_cast<int>((src.n_keys + kChunk - 1) / kChunk);
+  // A sequence of padding rows only has no query: no chunk.
+  const int n_chunks = n_real > 0 ? static_cast<int>((src.n_keys + kChunk - 1) / kChunk) : 0;
   const int c_begin = n_chunks * split / n_splits;  // < 2^31: see decode_eligible
   const int c_end = n_chunks * (split + 1) / n_splits;
 
@@ -253,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     cp_async_commit();
     for (int st = 0; st < kStages - 1; ++st) {
       if (c_begin + st < c_end)
-        load_chunk<T, D>(src, p.cache_positions, c_begin + st, s_k + st * Smem::kTile,
+        load_chunk<T, D>(src, cache_positions, c_begin + st, s_k + st * Smem::kTile,
                          s_v + st * Smem::kTile, s_pos + st * kChunk);
       cp_async_commit();
     }
@@ -271,15 +291,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     s_cap[threadIdx.x] = cap;
     s_inv_freq[threadIdx.x] = w;
   }
-  // Rotate the staged queries: s_q <- R_t q, s_qcap <- R_D q, one (row, frequency) pair per
-  // thread and step (rotary_dim == D on this path). Padding rows were zero-filled and stay zero.
+  // Rotate the staged queries: s_q <- R_t' q, s_qcap <- R_D q, one (row, frequency) pair per
+  // thread and step (rotary_dim == D on this path). Rows past the tile were zero-filled and
+  // stay zero; padding rows are rotated by a small negative t' and never used.
   cp_async_wait<kStages - 1>();  // the Q group
   __syncthreads();
   for (int idx = threadIdx.x; idx < kRows * (D / 2); idx += kThreads) {
     const int r = idx / (D / 2), f = idx % (D / 2);
     const int row = r0 + r;
     float c = 1.f, s = 0.f;
-    if (row < rows_total) rope_sincos_f32(row % n_q, s_inv_freq[f], &c, &s);
+    if (row < rows_total) rope_sincos_f32(row % n_q - pad, s_inv_freq[f], &c, &s);
     const float2 cap = s_cap[f];
     T* const lo = s_q + q_swz<D>(r, f);
     T* const hi = s_q + q_swz<D>(r, f + D / 2);
@@ -298,16 +319,17 @@ __global__ void __launch_bounds__(kThreads, 2)
     ldmatrix_x4(q_frag[ks], s_q + q_swz<D>((lane % 8) + 8 * ((lane / 8) % 2),
                                           ks * 16 + 8 * (lane / 16)));
 
-  // The two rows this thread holds in every accumulator: lane/4 and lane/4 + 8.
+  // The two rows this thread holds in every accumulator: lane/4 and lane/4 + 8, as real rows
+  // t' (padding rows and rows past the tile are not valid: they see nothing).
   bool row_valid[2];
   int row_t[2];
 #pragma unroll
   for (int a = 0; a < 2; ++a) {
     const int row = r0 + lane / 4 + 8 * a;
-    row_valid[a] = row < rows_total;
-    row_t[a] = row_valid[a] ? row % n_q : 0;
+    row_valid[a] = row < rows_total && row % n_q >= pad;
+    row_t[a] = row_valid[a] ? row % n_q - pad : 0;
   }
-  const int last_t = n_q - 1;
+  const int last_t = n_real - 1;  // the last real query
   const int n_local = static_cast<int>(min64(p.n_local, kFar));
   const float scale_log2 = p.scale * 1.4426950408889634f;
 
@@ -335,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int next = c + kStages - 1;
       const int next_stage = (stage + kStages - 1) % kStages;
       if (next < c_end)
-        load_chunk<T, D>(src, p.cache_positions, next, s_k + next_stage * Smem::kTile,
+        load_chunk<T, D>(src, cache_positions, next, s_k + next_stage * Smem::kTile,
                          s_v + next_stage * Smem::kTile, s_pos + next_stage * kChunk);
       cp_async_commit();
     }
@@ -502,6 +524,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int r = threadIdx.x / kParts, part = threadIdx.x % kParts;
   const int row = r0 + r;
   if (row >= rows_total) return;
+  const int64_t head = kv_head * group + row / n_q;
+  const int t = row % n_q;
+  // A padding row is zeros (and, split, a partial that weighs nothing), whatever a no-select
+  // chunk (all_local) left in its accumulators.
+  const bool real = t >= pad;
   float weight[kWarps], max_all = -INFINITY, sum_all = 0.f;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) max_all = fmaxf(max_all, s_warp_stats[2 * (w * kRows + r)]);
@@ -512,6 +539,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     weight[w] = exp2f(stats.x * scale_log2 - ref);
     sum_all += weight[w] * stats.y;
   }
+  if (!real) sum_all = 0.f;
   const float inv_sum = sum_all > 0.f ? 1.f / sum_all : 0.f;
   float o[kCols];
 #pragma unroll
@@ -520,10 +548,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
     for (int w = 0; w < kWarps; ++w)
       acc += weight[w] * s_warp_out[(w * kRows + r) * D + part * kCols + i];
-    o[i] = acc * inv_sum;
+    o[i] = real ? acc * inv_sum : 0.f;
   }
-  const int64_t head = kv_head * group + row / n_q;
-  const int t = row % n_q;
   if (n_splits == 1) {
     T* const out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +
                    t * p.out_row_stride + part * kCols;
