@@ -5,6 +5,8 @@
 // Same semantics and the same relative RoPE as the tensor-core kernel: the block anchors at
 // q0, the position of its first query; queries are rotated by t - t0 (< 16), keys in the
 // block's window by j - q0 (> -n_local), global keys stay unrotated and meet R_D q.
+// Batches: a sequence's start, padding and cache-position row are read once per block; its
+// chunk keys are its real rows only (padding rows are no keys and output zeros).
 // Per tile: load and convert keys/values, rotate, score every (query, key) pair, online softmax
 // per row, O += P V. Barriers separate the steps; one block of 128 threads per 16 queries.
 #include <cuda_runtime.h>
@@ -61,16 +63,20 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.z, head = blockIdx.y;
   const int64_t kv_head = head / (p.n_heads_q / p.n_heads_kv);
   const int64_t n_q = p.n_queries;
-  const int64_t t0 = int64_t(blockIdx.x) * kRows;
+  const int64_t t0 = int64_t(blockIdx.x) * kRows;  // rows of q and out
   const int64_t t_hi = min64(t0 + kRows, n_q) - 1;
-  const int64_t qs = *p.query_start;
-  const int64_t q0 = qs + t0;  // rotation anchor
+  // The sequence: row t >= pad is real row t - pad, at position qs + t - pad.
+  const SequenceRows seq(p, b);
+  const int64_t qs = seq.start, pad = seq.padding, n_real = n_q - pad;
+  const int64_t* const cache_positions = p.cache_positions + b * p.cache_positions_batch_stride;
+  const int64_t q0 = qs + t0 - pad;  // rotation anchor: the position row t0 would have
 
-  // Queries: q_local = R_{t - t0} q, q_cap = R_D q; padding rows are zero.
+  // Queries: q_local = R_{t - t0} q, q_cap = R_D q; padding rows and rows past the chunk are
+  // zero.
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + head * p.q_head_stride;
   for (int64_t idx = threadIdx.x; idx < kRows * head_dim; idx += kThreads) {
     const int64_t r = idx / head_dim, c = idx % head_dim;
-    const bool valid = t0 + r < n_q;
+    const bool valid = t0 + r < n_q && t0 + r >= pad;
     const T* row = q + (t0 + r) * p.q_row_stride;
     float local = 0.f, cap = 0.f;
     if (valid && c < 2 * half) {
@@ -94,7 +100,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   const float scale_log2 = p.scale * 1.4426950408889634f;
-  const TileList<kKeys> tiles(p, qs, t0, t_hi);
+  // Tiles of the block's real rows, in real-row coordinates (chunk key row u is row pad + u).
+  const TileList<kKeys> tiles(p, qs, max64(t0 - pad, 0), t_hi - pad, n_real);
   for (int64_t it = 0; it < tiles.count; ++it) {
     const KeyTile tile = tiles[it];
     __syncthreads();  // the previous tile is fully consumed (and the queries are ready)
@@ -104,8 +111,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t row = tile.first + threadIdx.x;
       int64_t j = -1;
       if (tile.from_cache) {
-        if (row < p.cache_len) j = p.cache_positions[row];
-      } else if (row < n_q) {
+        if (row < p.cache_len) j = cache_positions[row];
+      } else if (row < n_real) {
         j = qs + row;
       }
       sm.pos[threadIdx.x] = j;
@@ -121,8 +128,10 @@ __global__ void __launch_bounds__(kThreads)
       k_stride = p.cache_k_row_stride;
       v_stride = p.cache_v_row_stride;
     } else {
-      k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride;
-      v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride;
+      k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride +
+               pad * p.k_row_stride;
+      v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride +
+               pad * p.v_row_stride;
       k_stride = p.k_row_stride;
       v_stride = p.v_row_stride;
     }
@@ -152,9 +161,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int idx = threadIdx.x; idx < kRows * kKeys; idx += kThreads) {
       const int r = idx / kKeys, key = idx % kKeys;
       const int64_t j = sm.pos[key];
-      const int64_t d = qs + t0 + r - j;
+      const int64_t d = q0 + r - j;
       const float *qv = nullptr, *kv = nullptr;
-      if (t0 + r < n_q && j >= 0 && d >= 0) {
+      if (t0 + r < n_q && t0 + r >= pad && j >= 0 && d >= 0) {
         if (d < p.n_local) {
           qv = sm.q_local + r * ld;
           kv = sm.k_rot + key * ld;
@@ -207,7 +216,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t idx = threadIdx.x; idx < kRows * head_dim; idx += kThreads) {
     const int64_t r = idx / head_dim, c = idx % head_dim;
     if (t0 + r >= n_q) continue;
-    const float sum = sm.row_sum[r];
+    const float sum = sm.row_sum[r];  // 0 for a padding row: it saw no key
     out[(t0 + r) * p.out_row_stride + c] = from_f32<T>(sum > 0.f ? sm.out[r * ld + c] / sum : 0.f);
   }
 }

@@ -14,22 +14,24 @@ struct KeyTile {
   int64_t first;
 };
 
-// For queries t in [t_lo, t_hi] of the chunk (positions qs + t): every cache tile (a ring's
-// slots carry arbitrary positions, so per-element masks decide), the chunk tiles holding global
-// keys that some query sees beyond its window, and the chunk tiles of the band, keys
-// t_lo - n_local + 1 .. t_hi. Chunk tiles outside those are never visited.
+// For the real query rows t in [t_lo, t_hi] of a sequence (positions qs + t; none when t_hi <
+// t_lo) and its chunk of n_chunk real rows: every cache tile (a ring's slots carry arbitrary
+// positions, so per-element masks decide), the chunk tiles holding global keys that some query
+// sees beyond its window, and the chunk tiles of the band, keys t_lo - n_local + 1 .. t_hi.
+// Chunk tiles outside those are never visited.
 template <int kTileKeys> struct TileList {
   int64_t cache_tiles, global_tiles, local_begin, count;
 
-  __device__ TileList(const LambdaAttentionParams& p, int64_t qs, int64_t t_lo, int64_t t_hi) {
+  __device__ TileList(const LambdaAttentionParams& p, int64_t qs, int64_t t_lo, int64_t t_hi,
+                      int64_t n_chunk) {
     cache_tiles = (p.cache_len + kTileKeys - 1) / kTileKeys;
     local_begin = max64(0, t_lo - p.n_local + 1) / kTileKeys;
     const int64_t local_end = t_hi / kTileKeys + 1;
     const int64_t n_global_keys =
-        max64(0, min64(min64(p.n_global - qs, t_hi - p.n_local + 1), p.n_queries));
+        max64(0, min64(min64(p.n_global - qs, t_hi - p.n_local + 1), n_chunk));
     // Global tiles that the band does not already cover.
     global_tiles = min64((n_global_keys + kTileKeys - 1) / kTileKeys, local_begin);
-    count = cache_tiles + global_tiles + (local_end - local_begin);
+    count = t_hi < t_lo ? 0 : cache_tiles + global_tiles + (local_end - local_begin);
   }
 
   __device__ KeyTile operator[](int64_t index) const {
