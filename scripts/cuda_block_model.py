@@ -5,6 +5,13 @@ states) and the blocks of csrc/cuda/lambda_attention_mma.cu (prefill_tile_list.c
 once by t = i - a and by D, the per-warp "no select" shortcut, the masks of mixed tiles, the
 online softmax, key splits and their log-sum-exp merge in lse_merge.cu).
 
+Batches (issue 16): every sequence has its own start, leading padding rows and, optionally, its
+own row of cache positions. The pre-pass index has a row per sequence (one shared row when the
+batch shares its positions), the key sequence is the window then the sequence's real rows, and
+padding rows are never keys and output zeros. Padding rows of q, k and v hold NaN here, so a
+padding row that leaks into a real one shows; each sequence of a batch is checked against the
+reference for that sequence alone and against the model run on it alone.
+
 It mirrors control flow and index arithmetic, not fragments or shared-memory layout. Empty
 cache slots hold NaN, so any use of them shows; rope_sincos is modelled in float32 like the
 device code. The decode kernel has its own model (scripts/cuda_block_model_decode.py), which
@@ -55,35 +62,46 @@ def round_up(n: int) -> int:
     return -(-n // ROW_ALIGN) * ROW_ALIGN
 
 
-def pre_pass(p, b, kv_head):
-    """rotate_chunk_keys.cu for one (batch, kv head): the key sequence (window gathered by
-    position, then the chunk) rotated by j - a, the window's values, the raw global tile, and
-    the index arrays. Window rows no slot holds are zero, as the kernel writes them."""
-    a, n_q, dim, half = p["qs"], p["n_q"], p["q"].shape[3], p["rotary_dim"] // 2
+def gather_index(p, row):
+    """gather_index_kernel for one index row (sequence `row`, or 0 for a shared index): the
+    window slots, the global sources (chunk rows counted with padding) and the tile states."""
+    a, pad, n_q = int(p["qs"][row]), int(p["pad"][row]), p["n_q"]
     W = round_up(p["L"] - 1) if p["cache_len"] else 0
     R = round_up(p["G"])
     window_slot = np.full(W, -1)
     global_source = np.full(R, -1)
-    for slot, pos in enumerate(p["cache_pos"]):
+    for slot, pos in enumerate(p["cache_pos"][row]):
         if pos < 0:
             continue
         if 0 <= pos - (a - W) < W:
             window_slot[pos - (a - W)] = slot
         if pos < p["G"]:
             global_source[pos] = slot
-    for j in range(max(a, 0), min(p["G"], a + n_q)):
-        global_source[j] = p["cache_len"] + j - a
+    for j in range(max(a, 0), min(p["G"], a + n_q - pad)):  # the chunk's real rows
+        global_source[j] = p["cache_len"] + pad + j - a
     held = (window_slot >= 0).reshape(-1, BN).sum(1) if W else np.zeros(0, int)
     tile_state = np.where(held == 0, EMPTY, np.where(held == BN, FULL, PARTIAL))
+    return W, R, window_slot, global_source, tile_state
 
-    keys, values = np.zeros((W + n_q, dim)), np.zeros((W, dim))
+
+def pre_pass(p, b, kv_head):
+    """rotate_chunk_keys.cu for one (batch, kv head): the key sequence (window gathered by
+    position, then the chunk's real rows) rotated by j - a, the window's values, the raw global
+    tile, and the index arrays (of the sequence's index row). Window rows no slot holds are
+    zero, as the kernel writes them; rows past the real rows are never written (NaN here)."""
+    a, pad, n_q, dim, half = (int(p["qs"][b]), int(p["pad"][b]), p["n_q"], p["q"].shape[3],
+                              p["rotary_dim"] // 2)
+    W, R, window_slot, global_source, tile_state = gather_index(p, 0 if p["shared"] else b)
+
+    keys, values = np.full((W + n_q, dim), np.nan), np.zeros((W, dim))
+    keys[:W] = 0.0
     for u, slot in enumerate(window_slot):
         if slot >= 0:
-            delta = int(p["cache_pos"][slot]) - a  # an int64 difference, in [-W, 0)
+            delta = int(p["cache_pos"][b, slot]) - a  # an int64 difference, in [-W, 0)
             keys[u] = rotate(p["cache_k"][b, kv_head, slot], delta, p["inv_freq"], half)
             values[u] = p["cache_v"][b, kv_head, slot]
-    for t in range(n_q):
-        keys[W + t] = rotate(p["k"][b, kv_head, t], t, p["inv_freq"], half)
+    for t in range(n_q - pad):  # real row t is chunk row pad + t, offset t from a
+        keys[W + t] = rotate(p["k"][b, kv_head, pad + t], t, p["inv_freq"], half)
     global_keys, global_values = np.zeros((R, dim)), np.zeros((R, dim))
     for j, source in enumerate(global_source):
         if 0 <= source < p["cache_len"]:
@@ -97,9 +115,12 @@ def pre_pass(p, b, kv_head):
                 global_source=global_source, tile_state=tile_state)
 
 
-def tile_list(p, W, t_lo, t_hi):
-    """PrefillTileList: (global, first row) of the tiles a block with queries t_lo..t_hi visits."""
-    global_keys = max(0, min(p["G"], p["qs"] + t_hi - p["L"] + 1))
+def tile_list(p, a, W, t_lo, t_hi):
+    """PrefillTileList: (global, first row) of the tiles a block with real queries t_lo..t_hi
+    (positions a + t) visits; none when t_hi < t_lo (padding rows only)."""
+    if t_hi < t_lo:
+        return []
+    global_keys = max(0, min(p["G"], a + t_hi - p["L"] + 1))
     band_begin = max(0, t_lo + W - p["L"] + 1) // BN
     band_end = (t_hi + W) // BN + 1
     return ([(True, g * BN) for g in range(-(-global_keys // BN))]
@@ -108,23 +129,26 @@ def tile_list(p, W, t_lo, t_hi):
 
 def run_block(p, ws, b, head, row_tile, split, n_splits, out, partial_out, partial_lse):
     n_q, hq, dim = p["n_q"], p["q"].shape[1], p["q"].shape[3]
-    W, a, L, half = ws["W"], p["qs"], p["L"], p["rotary_dim"] // 2
-    t_lo, t_hi = row_tile * BM, min(row_tile * BM + BM, n_q) - 1
-    tiles = tile_list(p, W, t_lo, t_hi)
+    W, L, half = ws["W"], p["L"], p["rotary_dim"] // 2
+    a, pad = int(p["qs"][b]), int(p["pad"][b])  # read once per block
+    n_real = n_q - pad
+    t_lo, t_hi = row_tile * BM, min(row_tile * BM + BM, n_q) - 1  # rows of q and out
+    tiles = tile_list(p, a, W, max(t_lo - pad, 0), t_hi - pad)
     tiles = tiles[len(tiles) * split // n_splits: len(tiles) * (split + 1) // n_splits]
 
-    # Q rotated once by t = i - a (local) and by D (global); padding rows are zero.
+    # Q rotated once by t' = i - a (local) and by D (global); rows past the chunk are zero.
     q_local, q_cap = np.zeros((BM, dim)), np.zeros((BM, dim))
     for r in range(BM):
         if t_lo + r < n_q:
             q = p["q"][b, head, t_lo + r]
-            q_local[r] = rotate(q, t_lo + r, p["inv_freq"], half)
+            q_local[r] = rotate(q, t_lo + r - pad, p["inv_freq"], half)
             q_cap[r] = rotate(q, p["D"], p["inv_freq"], half)
     t = np.arange(t_lo, t_lo + BM)
-    valid_row = t < n_q
-    u_lo = np.where(valid_row, t + W - L + 1, np.iinfo(np.int32).max)
-    u_hi = np.where(valid_row, t + W, np.iinfo(np.int32).min)
-    g_hi = np.where(valid_row, np.clip(a + t - L, -1, ws["R"]), -1)
+    real = t - pad
+    valid_row = (t < n_q) & (real >= 0)
+    u_lo = np.where(valid_row, real + W - L + 1, np.iinfo(np.int32).max)
+    u_hi = np.where(valid_row, real + W, np.iinfo(np.int32).min)
+    g_hi = np.where(valid_row, np.clip(a + real - L, -1, ws["R"]), -1)
     row_max, row_sum, acc = np.full(BM, -np.inf), np.zeros(BM), np.zeros((BM, dim))
     scale_log2 = p["scale"] * 1.4426950408889634
 
@@ -143,18 +167,20 @@ def run_block(p, ws, b, head, row_tile, split, n_splits, out, partial_out, parti
             k_tile, v_tile = ws["keys"][rows], ws["values"][rows]
             valid, full = ws["window_slot"][rows] >= 0, state == FULL
         else:
-            inside = rows < W + n_q  # rows past the chunk are zero-filled
-            k_tile = np.where(inside[:, None], ws["keys"][np.minimum(rows, W + n_q - 1)], 0.0)
-            v_tile = np.where(inside[:, None],
-                              p["v"][b, p["kv_head"], np.minimum(rows - W, n_q - 1)], 0.0)
-            valid, full = inside, first + BN <= W + n_q
+            inside = rows < W + n_real  # rows past the real rows are zero-filled
+            k_tile = np.where(inside[:, None], ws["keys"][np.minimum(rows, W + n_real - 1)], 0.0)
+            v_tile = np.where(inside[:, None],  # in place, from the first real row
+                              p["v"][b, p["kv_head"], pad + np.minimum(rows - W, n_real - 1)], 0.0)
+            valid, full = inside, first + BN <= W + n_real
         for w in range(WARPS):
             ws_rows = slice(16 * w, 16 * w + 16)
             warp_t0 = t_lo + 16 * w
-            if warp_t0 >= n_q:
+            if warp_t0 >= n_q or warp_t0 + 15 < pad:  # no real row
                 continue
-            warp_t1 = min(warp_t0 + 15, n_q - 1)
-            select = not (full and first >= warp_t1 + W - L + 1 and first + BN - 1 <= warp_t0 + W)
+            # The band every real row of the warp covers (the shortcut leaves padding rows
+            # with scores the epilogue discards).
+            warp_r0, warp_r1 = max(warp_t0 - pad, 0), min(warp_t0 + 15, n_q - 1) - pad
+            select = not (full and first >= warp_r1 + W - L + 1 and first + BN - 1 <= warp_r0 + W)
             if select:
                 if is_global:
                     seen = valid[None, :] & (rows[None, :] <= g_hi[ws_rows, None])
@@ -168,7 +194,8 @@ def run_block(p, ws, b, head, row_tile, split, n_splits, out, partial_out, parti
                 # The shortcut must only skip the select where every pair is visible.
                 exact = (rows[None, :] >= u_lo[ws_rows, None]) & (rows[None, :] <= u_hi[ws_rows, None])
                 assert exact[valid_row[ws_rows]].all() and valid.all()
-            score = (q_cap if is_global else q_local)[ws_rows] @ k_tile.T
+            with np.errstate(invalid="ignore"):  # NaN padding queries, discarded at the end
+                score = (q_cap if is_global else q_local)[ws_rows] @ k_tile.T
             score = np.where(seen, score, -np.inf)
             new_max = np.maximum(row_max[ws_rows], score.max(1))
             ref = np.where(new_max == -np.inf, 0.0, new_max * scale_log2)
@@ -181,6 +208,8 @@ def run_block(p, ws, b, head, row_tile, split, n_splits, out, partial_out, parti
     for r in range(BM):
         if t_lo + r >= n_q:
             continue
+        if t_lo + r < pad:  # a padding row: zeros, and a partial that weighs nothing
+            row_sum[r], acc[r] = 0.0, 0.0
         out_row = (b * hq + head) * n_q + t_lo + r
         normalised = acc[r] / row_sum[r] if row_sum[r] > 0 else np.zeros(dim)
         if n_splits == 1:
@@ -213,54 +242,114 @@ def model(p, n_splits):
             lse = partial_lse[row]
             weights = np.exp2(lse - (lse.max() if lse.max() > -np.inf else 0.0))
             t, head, b = row % n_q, row // n_q % hq, row // (n_q * hq)
-            out[b, head, t] = (weights[:, None] * partial_out[row]).sum(0) / weights.sum()
+            total = weights.sum()  # 0 for a padding row: every partial is (0, -inf)
+            out[b, head, t] = (weights[:, None] * partial_out[row]).sum(0) / total if total > 0 else 0.0
     return out
 
 
-def reference_case(batch, hq, hkv, dim, n_q, G, L, seen, rotary_dim=None, offset=0, cap=None,
-                   cache=True, seed=0):
-    """Inputs for queries at seen + offset .. against a ring cache of the first G and last L
-    tokens (as RingKVCache holds them after `seen` tokens, positions >= G shifted by offset),
-    and the float64 reference output."""
-    rng = np.random.default_rng(seed)
-    rotary_dim = rotary_dim or dim
+def per_sequence(value, batch):
+    """An int for every sequence, or one value per sequence."""
+    return np.array([value] * batch if np.isscalar(value) else value, dtype=np.int64)
+
+
+def ring_positions(G, L, seen, offset, cache=True):
+    """A RingKVCache's slot positions after `seen` tokens (positions >= G shifted by offset)."""
     cache_pos = np.full(G + L if cache else 0, -1, dtype=np.int64)
     if cache:
         for pos in range(max(0, seen - L), seen):
             cache_pos[pos if pos < G else G + (pos - G) % L] = pos
         cache_pos[:min(G, seen)] = np.arange(min(G, seen))
         cache_pos = np.where(cache_pos >= G, cache_pos + offset, cache_pos)
-    qs = seen + offset
+    return cache_pos
+
+
+def reference_case(batch, hq, hkv, dim, n_q, G, L, seen, rotary_dim=None, offset=0, cap=None,
+                   cache=True, seed=0, pad=0, shared=None):
+    """Inputs for a batch of chunks and the float64 reference. seen, offset and pad are one
+    value for every sequence or a list per sequence: sequence b's real rows t >= pad_b sit at
+    positions seen_b + offset_b + (t - pad_b), against a ring cache of the first G and last L
+    tokens as RingKVCache holds them after seen_b tokens (positions >= G shifted by offset_b).
+    Padding rows of q, k and v and empty slots hold NaN. shared: one row of cache positions and
+    one start for the whole batch (the default when every sequence sits at the same positions
+    without padding). The reference of sequence b is that sequence run alone; padding rows are
+    zeros."""
+    rng = np.random.default_rng(seed)
+    rotary_dim = rotary_dim or dim
+    seen, offset, pad = (per_sequence(x, batch) for x in (seen, offset, pad))
+    same = (seen == seen[0]).all() and (offset == offset[0]).all() and not pad.any()
+    shared = same if shared is None else shared
+    assert same or not shared
+    cache_pos = np.stack([ring_positions(G, L, int(n), int(o), cache) for n, o in zip(seen, offset)])
     p = dict(q=rng.standard_normal((batch, hq, n_q, dim)),
              k=rng.standard_normal((batch, hkv, n_q, dim)),
              v=rng.standard_normal((batch, hkv, n_q, dim)),
-             cache_k=rng.standard_normal((batch, hkv, len(cache_pos), dim)),
-             cache_v=rng.standard_normal((batch, hkv, len(cache_pos), dim)),
-             cache_pos=cache_pos, cache_len=len(cache_pos), qs=qs, n_q=n_q, G=G, L=L,
+             cache_k=rng.standard_normal((batch, hkv, cache_pos.shape[1], dim)),
+             cache_v=rng.standard_normal((batch, hkv, cache_pos.shape[1], dim)),
+             cache_pos=cache_pos, cache_len=cache_pos.shape[1], qs=seen + offset, pad=pad,
+             shared=shared, n_q=n_q, G=G, L=L,
              D=L if cap is None else cap, scale=dim ** -0.5, rotary_dim=rotary_dim,
              inv_freq=(1.0 / 10000 ** (np.arange(0, rotary_dim, 2) / rotary_dim)).astype(F32))
-    p["cache_k"][:, :, cache_pos < 0] = np.nan
-    p["cache_v"][:, :, cache_pos < 0] = np.nan
-    present = cache_pos >= 0
-    ref = li.lambda_attention_reference(
-        torch.from_numpy(p["q"]),
-        torch.from_numpy(np.concatenate([p["cache_k"][:, :, present], p["k"]], 2)),
-        torch.from_numpy(np.concatenate([p["cache_v"][:, :, present], p["v"]], 2)),
-        torch.from_numpy(p["inv_freq"]), n_global=G, n_local=L, distance_cap=p["D"],
-        query_positions=torch.arange(qs, qs + n_q),
-        key_positions=torch.from_numpy(
-            np.concatenate([cache_pos[present], np.arange(qs, qs + n_q)])),
-    ).numpy()
+    for b in range(batch):
+        for name in ("cache_k", "cache_v"):
+            p[name][b, :, cache_pos[b] < 0] = np.nan
+        for name in ("q", "k", "v"):
+            p[name][b, :, :pad[b]] = np.nan
+    ref = np.zeros(p["q"].shape)
+    for b in range(batch):
+        present, qs, real = cache_pos[b] >= 0, int(p["qs"][b]), slice(int(pad[b]), n_q)
+        n_real = n_q - int(pad[b])
+        if n_real == 0:
+            continue
+        ref[b, :, real] = li.lambda_attention_reference(
+            torch.from_numpy(p["q"][b:b + 1, :, real]),
+            torch.from_numpy(np.concatenate([p["cache_k"][b:b + 1, :, present],
+                                             p["k"][b:b + 1, :, real]], 2)),
+            torch.from_numpy(np.concatenate([p["cache_v"][b:b + 1, :, present],
+                                             p["v"][b:b + 1, :, real]], 2)),
+            torch.from_numpy(p["inv_freq"]), n_global=G, n_local=L, distance_cap=p["D"],
+            query_positions=torch.arange(qs, qs + n_real),
+            key_positions=torch.from_numpy(
+                np.concatenate([cache_pos[b][present], np.arange(qs, qs + n_real)])),
+        ).numpy()[0]
     return p, ref
 
 
+def alone(p, b):
+    """Sequence b of a batch as a batch of one without padding."""
+    real = slice(int(p["pad"][b]), p["n_q"])
+    q = dict(p, q=p["q"][b:b + 1, :, real], k=p["k"][b:b + 1, :, real],
+             v=p["v"][b:b + 1, :, real], cache_k=p["cache_k"][b:b + 1],
+             cache_v=p["cache_v"][b:b + 1], cache_pos=p["cache_pos"][b:b + 1],
+             qs=p["qs"][b:b + 1], pad=np.zeros(1, np.int64), shared=True,
+             n_q=p["n_q"] - int(p["pad"][b]))
+    return q
+
+
 def case(batch, hq, hkv, dim, n_q, G, L, seen, n_splits=1, **kwargs):
+    """The model against the reference; for a batch of different sequences, also each sequence
+    against the model run on it alone (to float64 rounding: the blocks cut its rows
+    differently)."""
     p, ref = reference_case(batch, hq, hkv, dim, n_q, G, L, seen, **kwargs)
     out = model(p, n_splits)
     err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-    print(f"batch={batch} heads={hq}/{hkv} dim={dim} n_q={n_q} G={G} L={L} start={p['qs']} "
-          f"splits={n_splits} rotary={p['rotary_dim']} cache={p['cache_len']}: rel err {err:.1e}")
+    print(f"batch={batch} heads={hq}/{hkv} dim={dim} n_q={n_q} G={G} L={L} "
+          f"start={p['qs'].tolist() if not p['shared'] else p['qs'][0]} "
+          f"{'pad=' + str(p['pad'].tolist()) + ' ' if p['pad'].any() else ''}"
+          f"splits={n_splits} rotary={p['rotary_dim']} cache={p['cache_len']}: rel err {err:.1e}",
+          end="")
     assert np.isfinite(out).all() and err < 1e-5, err
+    for b in range(batch):
+        assert not out[b, :, :p["pad"][b]].any(), "a padding row is not zeros"
+    if not p["shared"]:
+        worst = 0.0
+        for b in range(batch):
+            if p["pad"][b] == n_q:
+                continue
+            own = model(alone(p, b), n_splits)[0]
+            worst = max(worst, np.abs(out[b, :, p["pad"][b]:] - own).max())
+        print(f", alone max diff {worst:.1e}", end="")
+        assert worst < 1e-12, worst
+    print()
     return out
 
 
@@ -293,6 +382,23 @@ if __name__ == "__main__":
     # The real head dims.
     case(1, 2, 1, 128, 140, 3, 70, 0, cache=False)
     case(1, 4, 2, 64, 80, 4, 100, 1000, 2, rotary_dim=32)
+    # Batches of different sequences (issue 16): per-sequence starts and cache rows, leading
+    # padding (a block of padding rows only, a warp straddling the first real row, a sequence
+    # that is all padding), whole sequences and chunks against wrapped rings, GQA and splits.
+    case(3, 4, 2, 16, 150, 3, 70, 0, cache=False, pad=[0, 37, 100])
+    case(2, 2, 1, 16, 300, 4, 100, 0, 3, cache=False, pad=[70, 5])
+    case(3, 4, 2, 16, 90, 4, 100, [1000, 300, 57], pad=[0, 20, 64])
+    case(3, 4, 2, 16, 250, 4, 200, [5000, 999, 0], 2, pad=[3, 130, 0])
+    case(2, 6, 2, 16, 40, 10, 50, [5, 60], pad=[7, 40])  # the second sequence is all padding
+    case(2, 2, 2, 16, 120, 4, 100, [2000, 2000], pad=[0, 0], shared=False)  # own rows, same
+    case(1, 2, 1, 16, 80, 4, 100, 1000, pad=[17])  # padding alone changes the index row
+    case(2, 4, 2, 64, 100, 4, 100, [800, 3000], 2, rotary_dim=32, pad=[1, 66])
+    # Relative only, per sequence: one sequence moved near 10^9 leaves every output bit as it
+    # was (the others stay put).
+    near = case(3, 4, 2, 16, 130, 4, 100, [1000, 1200, 700], seed=2, pad=[0, 9, 80])
+    far = case(3, 4, 2, 16, 130, 4, 100, [1000, 1200, 700], seed=2, pad=[0, 9, 80],
+               offset=[0, 10**9 - 1200 + 17, 10**9 + 3])
+    assert np.array_equal(near, far), "the 10^9 shift changed a batched output"
     print("the model matches the reference")
     # The decode kernel (lambda_attention_decode.cu) has its own model.
     import cuda_block_model_decode
