@@ -12,6 +12,11 @@ the combination of the warps and the merge of the splits. Rotation angles are fl
 device code (rope_sincos_f32 and rope_sincos modelled operation by operation); values are
 float64, so what the model checks is the logic and the angle precision, not bf16 rounding.
 
+Batches (issue 16): each sequence has its own start, leading padding rows and row of cache
+positions; the virtual key list is its cache slots then its real rows only, real query t' (row
+pad + t') is rotated by t', padding rows output zeros. Padding rows of q, k and v are NaN, and
+each sequence is checked against the reference for it alone and against the model run alone.
+
 Values the kernel computes but must never use are NaN here: keys it leaves unrotated, score
 accumulators it skips, empty slots' keys (their values are zeroed, as the kernel does), so any
 use of them shows. Every call to a sine or cosine is checked to take a small relative distance.
@@ -97,29 +102,34 @@ def plan_decode(batch, hq, hkv, n_q, cache_len, sm_count, blocks_per_sm):
 
 
 def load_chunk(p, b, kv_head, chunk):
-    """One stage: positions, K, V of 64 virtual keys (padding: position -1, zeros)."""
-    dim, cache_len, n_q = p["q"].shape[3], p["cache_len"], p["n_q"]
+    """One stage: positions, K, V of 64 virtual keys (the sequence's cache slots, then its real
+    rows; past the end: position -1, zeros)."""
+    dim, cache_len, n_q, pad = p["q"].shape[3], p["cache_len"], p["n_q"], int(p["pad"][b])
     pos = np.full(CHUNK, -1, dtype=np.int64)
     k, v = np.zeros((CHUNK, dim)), np.zeros((CHUNK, dim))
     for r in range(CHUNK):
         key = chunk * CHUNK + r
         if key < cache_len:
-            pos[r], k[r], v[r] = (p["cache_pos"][key], p["cache_k"][b, kv_head, key],
+            pos[r], k[r], v[r] = (p["cache_pos"][b, key], p["cache_k"][b, kv_head, key],
                                   p["cache_v"][b, kv_head, key])
-        elif key < cache_len + n_q:
-            t = key - cache_len
-            pos[r], k[r], v[r] = p["qs"] + t, p["k"][b, kv_head, t], p["v"][b, kv_head, t]
+        elif key < cache_len + n_q - pad:
+            t = key - cache_len  # real row t: row pad + t of k and v
+            pos[r], k[r], v[r] = (p["qs"][b] + t, p["k"][b, kv_head, pad + t],
+                                  p["v"][b, kv_head, pad + t])
     return pos, k, v
 
 
 def run_block(p, b, kv_head, row_tile, split, n_splits, out, partial_out, partial_lse):
     hq, n_q, dim = p["q"].shape[1], p["n_q"], p["q"].shape[3]
-    group, qs, n_local, inv_freq = hq // p["k"].shape[1], p["qs"], min(p["L"], K_FAR), p["inv_freq"]
-    rows_total, r0, last_t = group * n_q, row_tile * ROWS, n_q - 1
-    n_chunks = -(-(p["cache_len"] + n_q) // CHUNK)
+    group, n_local, inv_freq = hq // p["k"].shape[1], min(p["L"], K_FAR), p["inv_freq"]
+    qs, pad = int(p["qs"][b]), int(p["pad"][b])  # read once per block
+    n_real = n_q - pad
+    rows_total, r0, last_t = group * n_q, row_tile * ROWS, n_real - 1
+    n_chunks = -(-(p["cache_len"] + n_real) // CHUNK) if n_real > 0 else 0
     c_begin, c_end = n_chunks * split // n_splits, n_chunks * (split + 1) // n_splits
 
-    # Prologue: R_t q and R_D q for the 16 rows (padding rows zero), the recurrence steps.
+    # Prologue: R_t' q and R_D q for the 16 rows (rows past the tile zero; padding rows are
+    # rotated by a negative t' and never used), the recurrence steps.
     rows = [(kv_head * group + row // n_q, row % n_q) if row < rows_total else None
             for row in range(r0, r0 + ROWS)]
     q_local, q_cap = np.zeros((ROWS, dim)), np.zeros((ROWS, dim))
@@ -127,11 +137,11 @@ def run_block(p, b, kv_head, row_tile, split, n_splits, out, partial_out, partia
     for r, info in enumerate(rows):
         if info:
             q = p["q"][b, info[0], info[1]]
-            q_local[r] = rotate(q, *rope_sincos_f32(info[1], inv_freq))
+            q_local[r] = rotate(q, *rope_sincos_f32(info[1] - pad, inv_freq))
             q_cap[r] = rotate(q, cap_cos, cap_sin)
     step1, step64 = rope_sincos(1, inv_freq), rope_sincos(CHUNK, inv_freq)
-    row_valid = np.array([info is not None for info in rows])
-    row_t = np.array([info[1] if info else 0 for info in rows])
+    row_valid = np.array([info is not None and info[1] >= pad for info in rows])
+    row_t = np.array([info[1] - pad if v else 0 for info, v in zip(rows, row_valid)])
     scale_log2 = p["scale"] * 1.4426950408889634
 
     warp_max = np.full((WARPS, ROWS), -np.inf)
@@ -192,7 +202,9 @@ def run_block(p, b, kv_head, row_tile, split, n_splits, out, partial_out, partia
                 local = row_valid[:, None] & (d >= 0) & (d < n_local)
                 glob = row_valid[:, None] & is_global[None, :] & (d >= n_local)
                 score = np.where(local, acc_local, np.where(glob, acc_global, -np.inf))
-            assert not np.isnan(score).any(), "a skipped or unrotated value was used"
+            # (Padding rows' NaN queries may reach their own scores under all_local: the
+            # epilogue discards them.)
+            assert not np.isnan(score[row_valid]).any(), "a skipped or unrotated value was used"
 
             new_max = np.maximum(warp_max[w], score.max(1))
             ref = np.where(new_max == -np.inf, 0.0, new_max * scale_log2)
@@ -212,6 +224,8 @@ def run_block(p, b, kv_head, row_tile, split, n_splits, out, partial_out, partia
     for r, info in enumerate(rows):
         if info is None:
             continue
+        if not row_valid[r]:  # a padding row: zeros, and a partial that weighs nothing
+            o[r], sum_all[r] = 0.0, 0.0
         head, t = info
         if n_splits == 1:
             out[b, head, t] = o[r]
@@ -245,16 +259,26 @@ def model(p, n_splits):
     return out
 
 
-def make_inputs(batch, hq, hkv, dim, n_q, G, L, seen, offset=0, shuffle=False, cap=None, seed=0):
-    """Queries at seen + offset ... against a ring cache of the first G and last L tokens (as
-    RingKVCache holds them after `seen` tokens; positions >= G shifted by offset). Empty slots
-    hold NaN keys and values."""
+def per_sequence(value, batch):
+    """One value for every sequence, or a list per sequence."""
+    return np.array([value] * batch if np.isscalar(value) else value, dtype=np.int64)
+
+
+def make_inputs(batch, hq, hkv, dim, n_q, G, L, seen, offset=0, shuffle=False, cap=None, seed=0,
+                pad=0):
+    """Sequence b's real rows t >= pad_b at positions seen_b + offset_b + (t - pad_b) against a
+    ring cache of the first G and last L tokens (as RingKVCache holds them after seen_b tokens;
+    positions >= G shifted by offset_b); seen, offset and pad are one value or a list per
+    sequence. Each sequence has its own row of slot positions (the same rows when they agree:
+    the kernel reads a shared row the same way). Empty slots and padding rows hold NaN."""
     rng = np.random.default_rng(seed)
-    cache_pos = np.full(G + L, -1, dtype=np.int64)
-    for pos in range(max(0, seen - L), seen):
-        cache_pos[pos if pos < G else G + (pos - G) % L] = pos
-    cache_pos[:min(G, seen)] = np.arange(min(G, seen))
-    cache_pos = np.where(cache_pos >= G, cache_pos + offset, cache_pos)
+    seen, offset, pad = (per_sequence(x, batch) for x in (seen, offset, pad))
+    cache_pos = np.full((batch, G + L), -1, dtype=np.int64)
+    for b in range(batch):
+        for pos in range(max(0, seen[b] - L), seen[b]):
+            cache_pos[b, pos if pos < G else G + (pos - G) % L] = pos
+        cache_pos[b, :min(G, seen[b])] = np.arange(min(G, seen[b]))
+    cache_pos = np.where(cache_pos >= G, cache_pos + offset[:, None], cache_pos)
     p = dict(q=rng.standard_normal((batch, hq, n_q, dim)),
              k=rng.standard_normal((batch, hkv, n_q, dim)),
              v=rng.standard_normal((batch, hkv, n_q, dim)),
@@ -262,42 +286,77 @@ def make_inputs(batch, hq, hkv, dim, n_q, G, L, seen, offset=0, shuffle=False, c
              cache_v=rng.standard_normal((batch, hkv, G + L, dim)))
     if shuffle:  # slots in any order: the kernel must not rely on the ring layout
         order = rng.permutation(G + L)
-        cache_pos, p["cache_k"], p["cache_v"] = (cache_pos[order], p["cache_k"][:, :, order],
+        cache_pos, p["cache_k"], p["cache_v"] = (cache_pos[:, order], p["cache_k"][:, :, order],
                                                  p["cache_v"][:, :, order])
-    p["cache_k"][:, :, cache_pos < 0] = np.nan
-    p["cache_v"][:, :, cache_pos < 0] = np.nan
-    p.update(cache_pos=cache_pos, cache_len=G + L, qs=seen + offset, n_q=n_q, G=G, L=L,
+    for b in range(batch):
+        for name in ("cache_k", "cache_v"):
+            p[name][b, :, cache_pos[b] < 0] = np.nan
+        for name in ("q", "k", "v"):
+            p[name][b, :, :pad[b]] = np.nan
+    p.update(cache_pos=cache_pos, cache_len=G + L, qs=seen + offset, pad=pad, n_q=n_q, G=G, L=L,
              D=L if cap is None else cap, scale=dim ** -0.5,
              inv_freq=(1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).astype(F32))
     return p
 
 
 def reference(p):
-    present = p["cache_pos"] >= 0
-    qs, n_q = p["qs"], p["n_q"]
-    return li.lambda_attention_reference(
-        torch.from_numpy(p["q"]),
-        torch.from_numpy(np.concatenate([p["cache_k"][:, :, present], p["k"]], 2)),
-        torch.from_numpy(np.concatenate([p["cache_v"][:, :, present], p["v"]], 2)),
-        torch.from_numpy(p["inv_freq"]), n_global=p["G"], n_local=p["L"], distance_cap=p["D"],
-        query_positions=torch.arange(qs, qs + n_q),
-        key_positions=torch.from_numpy(np.concatenate([p["cache_pos"][present],
-                                                       np.arange(qs, qs + n_q)])),
-    ).numpy()
+    """Each sequence alone (its real rows against its present slots); padding rows zeros."""
+    out = np.zeros(p["q"].shape)
+    for b in range(p["q"].shape[0]):
+        present, qs, pad = p["cache_pos"][b] >= 0, int(p["qs"][b]), int(p["pad"][b])
+        n_real = p["n_q"] - pad
+        if n_real == 0:
+            continue
+        real = slice(pad, p["n_q"])
+        out[b, :, real] = li.lambda_attention_reference(
+            torch.from_numpy(p["q"][b:b + 1, :, real]),
+            torch.from_numpy(np.concatenate([p["cache_k"][b:b + 1, :, present],
+                                             p["k"][b:b + 1, :, real]], 2)),
+            torch.from_numpy(np.concatenate([p["cache_v"][b:b + 1, :, present],
+                                             p["v"][b:b + 1, :, real]], 2)),
+            torch.from_numpy(p["inv_freq"]), n_global=p["G"], n_local=p["L"],
+            distance_cap=p["D"], query_positions=torch.arange(qs, qs + n_real),
+            key_positions=torch.from_numpy(np.concatenate([p["cache_pos"][b][present],
+                                                           np.arange(qs, qs + n_real)])),
+        ).numpy()[0]
+    return out
+
+
+def alone(p, b):
+    """Sequence b as a batch of one without padding."""
+    real = slice(int(p["pad"][b]), p["n_q"])
+    return dict(p, q=p["q"][b:b + 1, :, real], k=p["k"][b:b + 1, :, real],
+                v=p["v"][b:b + 1, :, real], cache_k=p["cache_k"][b:b + 1],
+                cache_v=p["cache_v"][b:b + 1], cache_pos=p["cache_pos"][b:b + 1],
+                qs=p["qs"][b:b + 1], pad=np.zeros(1, np.int64), n_q=p["n_q"] - int(p["pad"][b]))
 
 
 def case(batch, hq, hkv, dim, n_q, G, L, seen, *, n_splits=None, sm_count=132, blocks_per_sm=2,
-         offset=0, shuffle=False, cap=None):
-    """One shape through the model against the reference; n_splits defaults to the planner's."""
-    p = make_inputs(batch, hq, hkv, dim, n_q, G, L, seen, offset, shuffle, cap)
+         offset=0, shuffle=False, cap=None, pad=0, seed=0):
+    """One shape through the model against the reference; n_splits defaults to the planner's.
+    With padding or sequences at different positions, each sequence must also give exactly the
+    bits of the model run on it alone with the same splits (a block depends on its own
+    sequence only; other split counts move the recurrences' seeds, covered by the reference)."""
+    p = make_inputs(batch, hq, hkv, dim, n_q, G, L, seen, offset, shuffle, cap, seed, pad)
     if n_splits is None:
         n_splits = plan_decode(batch, hq, hkv, n_q, G + L, sm_count, blocks_per_sm)[1]
     out = model(p, n_splits)
     ref = reference(p)
     err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-    print(f"batch={batch} heads={hq}/{hkv} dim={dim} n_q={n_q} G={G} L={L} start={p['qs']} "
-          f"splits={n_splits}{' shuffled' if shuffle else ''}: rel err {err:.1e}")
+    batched = p["pad"].any() or len(set(p["qs"])) > 1
+    print(f"batch={batch} heads={hq}/{hkv} dim={dim} n_q={n_q} G={G} L={L} "
+          f"start={p['qs'].tolist() if batched else p['qs'][0]} "
+          f"{'pad=' + str(p['pad'].tolist()) + ' ' if p['pad'].any() else ''}"
+          f"splits={n_splits}{' shuffled' if shuffle else ''}: rel err {err:.1e}", end="")
     assert np.isfinite(out).all() and err < 1e-5, err
+    for b in range(batch):
+        assert not out[b, :, :p["pad"][b]].any(), "a padding row is not zeros"
+    if batched:
+        for b in range(batch):
+            if p["pad"][b] < n_q:
+                assert np.array_equal(out[b, :, p["pad"][b]:], model(alone(p, b), n_splits)[0]), b
+        print(", each sequence as alone", end="")
+    print()
     return out
 
 
@@ -324,6 +383,19 @@ def main():
     near = case(1, 8, 2, 128, 5, 4, 256, 1000, n_splits=5)
     far = case(1, 8, 2, 128, 5, 4, 256, 1000, n_splits=5, offset=10**9 - 1000 + 17)
     assert np.array_equal(near, far), "a shift of the stream changed the result"
+    # Batches of different sequences (issue 16): per-sequence starts and slot rows, leading
+    # padding (a row tile of padding rows only, a sequence that is all padding, its splits),
+    # GQA 4:1 and 8:1, empty slots and a fresh ring beside a wrapped one, shuffled slots.
+    case(3, 32, 8, 128, 1, 4, 4096, [10_000, 5000, 4200], blocks_per_sm=2)
+    case(4, 16, 2, 64, 5, 4, 300, [999, 40, 0, 5000], pad=[0, 2, 4, 5], n_splits=3)
+    case(2, 8, 2, 128, 16, 4, 200, [1000, 150], pad=[9, 0])
+    case(3, 9, 3, 64, 3, 10, 200, [150, 3000, 7], pad=[1, 0, 2], shuffle=True, cap=120)
+    case(2, 4, 4, 64, 2, 0, 77, [5000, 60], pad=[1, 2], n_splits=4)  # MHA; one all padding
+    # One sequence moved near 10^9: every output bit stays as it was.
+    near = case(3, 8, 2, 128, 4, 4, 256, [1000, 2000, 600], pad=[0, 1, 3], n_splits=3, seed=3)
+    far = case(3, 8, 2, 128, 4, 4, 256, [1000, 2000, 600], pad=[0, 1, 3], n_splits=3, seed=3,
+               offset=[0, 10**9 - 2000 + 17, 10**9 + 5])
+    assert np.array_equal(near, far), "a per-sequence shift changed a batched result"
     assert LARGEST_ANGLE_ARGUMENT[0] <= 4096 + 16, LARGEST_ANGLE_ARGUMENT[0]
     print(f"largest distance given to sin/cos: {LARGEST_ANGLE_ARGUMENT[0]}")
     print("the decode model matches the reference")
