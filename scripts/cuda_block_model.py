@@ -243,7 +243,8 @@ def model(p, n_splits):
             weights = np.exp2(lse - (lse.max() if lse.max() > -np.inf else 0.0))
             t, head, b = row % n_q, row // n_q % hq, row // (n_q * hq)
             total = weights.sum()  # 0 for a padding row: every partial is (0, -inf)
-            out[b, head, t] = (weights[:, None] * partial_out[row]).sum(0) / total if total > 0 else 0.0
+            out[b, head, t] = ((weights[:, None] * partial_out[row]).sum(0) / total
+                               if total > 0 else 0.0)
     return out
 
 
@@ -279,7 +280,8 @@ def reference_case(batch, hq, hkv, dim, n_q, G, L, seen, rotary_dim=None, offset
     same = (seen == seen[0]).all() and (offset == offset[0]).all() and not pad.any()
     shared = same if shared is None else shared
     assert same or not shared
-    cache_pos = np.stack([ring_positions(G, L, int(n), int(o), cache) for n, o in zip(seen, offset)])
+    cache_pos = np.stack([ring_positions(G, L, int(n), int(o), cache)
+                          for n, o in zip(seen, offset)])
     p = dict(q=rng.standard_normal((batch, hq, n_q, dim)),
              k=rng.standard_normal((batch, hkv, n_q, dim)),
              v=rng.standard_normal((batch, hkv, n_q, dim)),
