@@ -15,7 +15,8 @@
 #           with decode_sanitize (memcheck, racecheck on the decode shapes) alongside;
 #           decode_bench.
 #   second: build; cuda_tests (the rest of test_cuda_kernels.py, test_top_k_middle.py,
-#           test_hf_cuda.py) with sanitize (every case, memcheck and racecheck) alongside;
+#           test_hf_cuda.py, then all of test_cuda_batched.py) with sanitize (every case,
+#           memcheck and racecheck) alongside;
 #           prefill_bench_32k, prefill_bench_128k (whole and a 4096-token chunk, vs Flex).
 # Every phase runs under `timeout` with min(its limit, what is left of LMINF_GPU_BUDGET_S,
 # default 470 s); one that would get under 20 s is skipped. So a call always ends in time, and
@@ -123,9 +124,15 @@ phase_decode_bench() {
     cp "$LOGS/bench_decode/attention_gpu.json" "$OUT/bench_decode.json"
 }
 phase_cuda_tests() {
+  # The batched kernels' tests (issue 16) run whole, decode ones included: the -k filter
+  # below only keeps test_cuda_kernels.py's decode tests for the first call.
+  local rc=0
   # shellcheck disable=SC2086
   "$PY" -m pytest -q -m "not slow" --maxfail=30 $XDIST tests/test_cuda_kernels.py \
-    tests/test_top_k_middle.py tests/test_hf_cuda.py -k "not ($DECODE_TESTS)"
+    tests/test_top_k_middle.py tests/test_hf_cuda.py -k "not ($DECODE_TESTS)" || rc=$?
+  # shellcheck disable=SC2086
+  "$PY" -m pytest -q --maxfail=30 $XDIST tests/test_cuda_batched.py || rc=$?
+  return "$rc"
 }
 prefill_bench() {  # LENGTH NAME
   "$PY" bench/attention_gpu.py --lengths "$1" --decode-batches 1 --out "$LOGS/$2" &&
@@ -181,7 +188,11 @@ summary() {
   [ -f "$LOGS/wgmma_tile.log" ] && echo "== wgmma tile: $(tail -2 "$LOGS/wgmma_tile.log" | tr '\n' ' ')"
   for log in bad_input decode_tests cuda_tests; do
     [ -f "$LOGS/$log.log" ] || continue
-    echo "== $log: $(tail -1 "$LOGS/$log.log")"
+    # pytest's result lines (cuda_tests runs it twice), else the log's last line.
+    local results
+    results="$(grep -E "^(=+ )?[0-9]+ (passed|failed|errors?|skipped|deselected)" "$LOGS/$log.log" |
+      tail -2 | tr '\n' ' ')"
+    echo "== $log: ${results:-$(tail -1 "$LOGS/$log.log")}"
     grep -E "^(FAILED|ERROR)" "$LOGS/$log.log" | head -10
   done
   for log in memcheck racecheck; do
