@@ -10,6 +10,9 @@
 //                                      keys split across blocks when fewer than 2 waves, then
 //                                      lse_merge.cu)
 //   anything else up to head_dim 256 (float32, odd layouts) -> lambda_attention_generic.cu
+// The plan depends on sizes only; batches of different sequences (per-sequence query starts,
+// padding, cache-position rows) take the same paths, each kernel reading its sequence's start
+// and padding once per block (SequenceRows, lambda_attention_plan.cuh).
 #include <cuda_runtime.h>
 
 #include <atomic>
