@@ -6,7 +6,8 @@ mode too (few blocks: partials merged by log-sum-exp); the generic kernel (float
 unaligned rows); the ring-buffer append. Inputs are fresh random tensors for every test,
 outputs come from memory poisoned with NaN first, and the reference runs in float64 on the
 CPU. Low-precision errors are bounded by twice PyTorch's own error in that dtype (the
-reference evaluated in bf16/fp16 on the GPU), as FlashAttention's tests do.
+reference evaluated in bf16/fp16 on the GPU), as FlashAttention's tests do. Batches of different
+sequences (per-sequence starts, padding, cache-position rows) are tests/test_cuda_batched.py.
 """
 
 from __future__ import annotations
