@@ -11,6 +11,10 @@ s * (R_D q) . k with k unrotated, so with q' = R_D q
 an upper bound, two small matmuls over the summaries. Each query head keeps its `top_k_blocks`
 best blocks (its bound maximised over the chunk's top-k rows), the union over heads and batch is
 gathered into one compact middle tensor, and the kernel takes its exact top-k among those keys.
+The gathered middle has a fixed size, min(blocks, batch x heads_q x top_k_blocks) blocks, the
+slots outside the union hidden by position -1: no step waits for the device to count the union.
+Per call, only the scoring pass reads O(blocks) memory (the summaries); the gather copies at most
+batch x heads_q x top_k_blocks blocks, whatever the stream's length.
 Whenever the true top-k keys lie in the fetched blocks the result is the exact store's; with
 every block fetched it always is. Otherwise it is an approximation: a block is missed only if
 top_k_blocks others have a higher bound for every row of that head.
