@@ -4,9 +4,12 @@ paged one (in memory and offloaded), with the store's bytes on the compute devic
 SmolLM2-135M shapes (9 query / 3 KV heads, head_dim 64, n_local 8192, G 10), batch 1, random
 keys and values: what is timed is one decode step's `RingKVCache.attend` with top-5 (block
 selection, gather and the kernel's exact top-k over what it is given), the stream filled to
-each length first. Timings are the minimum over --repeats calls (the least-disturbed one: the
-development machine's 2 cores are shared), on --threads threads (default 1, which keeps
-OpenMP waits on a loaded machine out of the numbers). A model's decode step adds this once per top-k layer (26 for SmolLM2 with
+each length first, a fresh random query each call (so the paged store fetches other blocks
+each time, as in decoding, not the same cached ones). Timings are the minimum over --repeats
+calls (the least-disturbed one: the development machine's 2 cores are shared), on --threads
+threads (default 1, which keeps OpenMP waits on a loaded machine out of the numbers). The
+"candidates" column is the store's own share of the step (`candidates()`: block scoring,
+selection and gather for the paged store, views for the exact one), timed the same way. A model's decode step adds this once per top-k layer (26 for SmolLM2 with
 top-k from layer 4) on top of its constant Λ attention and MLPs.
 
     python bench/middle_store_decode.py --lengths 16384 65536 262144
@@ -44,17 +47,30 @@ def filled_ring(n_tokens: int, n_local: int, middle_options, device: str) -> Rin
     return ring
 
 
-def decode_step_seconds(ring: RingKVCache, inv_freq, n_local: int, top_k: int, repeats: int) -> float:
-    q = torch.randn(1, HEADS_Q, 1, DIM, device=ring.k.device)
-    k, v = torch.randn(2, 1, HEADS_KV, 1, DIM, device=ring.k.device)
+def min_seconds(step, ring: RingKVCache, repeats: int) -> float:
+    """Minimum over `repeats` calls of step(q, k, v), a fresh decode token each call (the
+    first call only warms up)."""
+    g = torch.Generator(device=ring.k.device).manual_seed(1)
     times = []
     for _ in range(repeats + 1):
+        q = torch.randn(1, HEADS_Q, 1, DIM, generator=g, device=ring.k.device)
+        k, v = torch.randn(2, 1, HEADS_KV, 1, DIM, generator=g, device=ring.k.device)
         start = time.perf_counter()
-        ring.attend(q, k, v, inv_freq, top_k=top_k, top_k_distance=n_local // 2)
+        step(q, k, v)
         if ring.k.is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return min(times[1:])  # the first call warms up
+    return min(times[1:])
+
+
+def decode_step_seconds(ring: RingKVCache, inv_freq, n_local: int, top_k: int, repeats: int) -> float:
+    return min_seconds(lambda q, k, v: ring.attend(q, k, v, inv_freq, top_k=top_k, top_k_distance=n_local // 2),
+                       ring, repeats)
+
+
+def candidates_seconds(ring: RingKVCache, inv_freq, n_local: int, repeats: int) -> float:
+    return min_seconds(lambda q, k, v: ring.middle.candidates(q, ring.n_seen, inv_freq, top_k_distance=n_local // 2,
+                                                              n_local=n_local), ring, repeats)
 
 
 def main() -> None:
@@ -79,15 +95,16 @@ def main() -> None:
             rows.append(dict(tokens=n, store=name,
                              top_k_ms=1e3 * decode_step_seconds(ring, inv_freq, args.n_local, 5, args.repeats),
                              plain_ms=1e3 * decode_step_seconds(ring, inv_freq, args.n_local, 0, args.repeats),
+                             candidates_ms=1e3 * candidates_seconds(ring, inv_freq, args.n_local, args.repeats),
                              device_mib=device_bytes / 2**20, total_mib=middle.nbytes() / 2**20))
             print(rows[-1], flush=True)
             del ring, middle
-    print(f"\n| store | " + " | ".join(f"{n // 1024}K: top-k ms (no top-k ms)" for n in args.lengths)
+    print(f"\n| store | " + " | ".join(f"{n // 1024}K: top-k ms (candidates; no top-k)" for n in args.lengths)
           + f" | growth {args.lengths[0] // 1024}K->{args.lengths[-1] // 1024}K | device MiB | total MiB |")
     print("|---|" + "---|" * (len(args.lengths) + 3))
     for name in args.stores:
         sel = [r for r in rows if r["store"] == name]
-        cells = [f"{r['top_k_ms']:.2f} ({r['plain_ms']:.2f})" for r in sel]
+        cells = [f"{r['top_k_ms']:.2f} ({r['candidates_ms']:.2f}; {r['plain_ms']:.2f})" for r in sel]
         growth = sel[-1]["top_k_ms"] / sel[0]["top_k_ms"]
         mib = lambda key: " / ".join(f"{r[key]:.1f}" for r in sel)
         print(f"| {name} | " + " | ".join(cells) + f" | {growth:.2f}x | {mib('device_mib')} | {mib('total_mib')} |")
