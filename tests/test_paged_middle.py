@@ -248,3 +248,26 @@ def test_low_precision_blocks_keep_float32_summaries_that_bound_every_key():
     big, small = keys.masked_fill(~filled[..., None], float("-inf")), keys.masked_fill(~filled[..., None], float("inf"))
     torch.testing.assert_close(store.kmax[:, :, :n], big.amax(3), atol=0, rtol=0)
     torch.testing.assert_close(store.kmin[:, :, :n], small.amin(3), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("top_k_blocks", [1, 40])
+def test_candidates_hide_blocks_no_row_may_read(top_k_blocks):
+    """Rows early in the stream see few or no blocks (a block is readable from row i only if
+    it starts at or before i - n_local): what candidates() hands over is exactly those of the
+    chosen ones, nothing when none is readable."""
+    paged = _ring(block_size=4, top_k_blocks=top_k_blocks)
+    for q, k, v in _chunks([100]):
+        _attend(paged, q, k, v)
+    store = paged.middle
+    q = next(_chunks([2], seed=30))[0]
+    call = dict(top_k_distance=DISTANCE, n_local=N_LOCAL)
+    for first in (N_GLOBAL + N_LOCAL - 2, N_GLOBAL + N_LOCAL + 5, N_GLOBAL + N_LOCAL + 40):
+        positions = store.candidates(q, first, INV_FREQ, **call)["middle_positions"]
+        held = positions[positions >= 0].tolist()
+        starts = store.block_start[: store.n_blocks].tolist()
+        handed = {s for s in starts if any(0 <= p - s < 4 for p in held)}  # blocks with a key handed
+        readable = store.block_start[: store.n_blocks] <= first + 1 - N_LOCAL
+        expected = {int(store.block_start[s]) for s in store.select_blocks(q, first, INV_FREQ, **call)}
+        assert handed == expected
+        assert expected <= set(store.block_start[: store.n_blocks][readable].tolist())
+        assert (len(expected) == 0) == (first + 1 - N_LOCAL < N_GLOBAL)
