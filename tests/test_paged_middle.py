@@ -220,16 +220,20 @@ def test_candidates_hand_the_op_exactly_the_union_of_chosen_blocks(top_k_blocks,
     assert lengths == {slots_handed * 4}
 
 
-def test_bound_buffer_is_reused_across_calls():
+def test_bound_and_gather_buffers_are_reused_while_the_store_grows_within_its_capacity():
+    """Decode steps allocate nothing in proportion to the store: the bounds buffer is sized for
+    the capacity (not for the blocks held, which grow by one every block_size tokens) and the
+    gather buffer for the fixed number of slots."""
     paged = _ring(block_size=4, top_k_blocks=2)
-    for q, k, v in _chunks([60]):
+    for q, k, v in _chunks([70]):
         _attend(paged, q, k, v)
     store = paged.middle
-    pointers = set()
-    for seed in range(3):
-        q = next(_chunks([1], seed=20 + seed))[0]
-        store.candidates(q, paged.n_seen, INV_FREQ, top_k_distance=DISTANCE, n_local=N_LOCAL)
+    capacity, pointers, blocks = store.capacity, set(), set()
+    for q, k, v in _chunks([1] * 20, seed=20):
+        _attend(paged, q, k, v)
         pointers.add((store._bounds.data_ptr(), store._gathered.data_ptr()))
+        blocks.add(store.n_blocks)
+    assert store.capacity == capacity and len(blocks) > 1  # new blocks, no doubling
     assert len(pointers) == 1
 
 

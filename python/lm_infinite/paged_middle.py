@@ -187,7 +187,9 @@ class PagedMiddleStore:
             keep = keyed < n
             keep[1:] &= keyed[1:] != keyed[:-1]
             slots = keyed.clamp(max=n - 1)
-        return self.gather(slots, keep)
+        # The gather buffer is sized for what this many choices can take at the capacity, so
+        # that a store still growing block by block does not reallocate it each step.
+        return self.gather(slots, keep, room=min(self.capacity, chosen.numel()))
 
     def select_blocks(self, queries, first_position, inv_freq, *, top_k_distance, n_local):
         """Slots (int64, ascending, on the compute device) of the blocks the union holds: the
@@ -228,11 +230,13 @@ class PagedMiddleStore:
         return per_head.topk(min(self.top_k_blocks, n), dim=-1)
 
     def _scratch(self, *shape: int) -> torch.Tensor:
-        """A float32 buffer of `shape` for the block bounds, reused across calls (it grows with
-        the store, once per doubling, instead of being allocated per call)."""
+        """A float32 buffer of `shape` (its last dimension the blocks held) for the block
+        bounds, reused across calls: sized for the capacity, so it is reallocated only when
+        the store doubles or more rows come, not per call nor per new block."""
         size = math.prod(shape)
         if self._bounds is None or self._bounds.numel() < size:
-            self._bounds = torch.empty(size, dtype=torch.float32, device=self.device)
+            room = math.prod(shape[:-1]) * self.capacity
+            self._bounds = torch.empty(room, dtype=torch.float32, device=self.device)
         return self._bounds[:size].view(shape)
 
     def _all_slots(self, n: int) -> torch.Tensor:
@@ -241,14 +245,15 @@ class PagedMiddleStore:
             self._arange = torch.arange(self.capacity, device=self.device)
         return self._arange[:n]
 
-    def gather(self, slots: torch.Tensor, keep: torch.Tensor | None = None) -> dict:
+    def gather(self, slots: torch.Tensor, keep: torch.Tensor | None = None, room: int = 0) -> dict:
         """The blocks at `slots` as one compact middle: [batch, heads_kv, len(slots) * block_size,
         head_dim] on the compute device, positions -1 for the newest block's empty tail and for
         blocks where `keep` ([len(slots)] bool, default all) is False. The tensors are views of
-        a buffer that the next call overwrites: hand them to the op now."""
+        a buffer that the next call overwrites: hand them to the op now. room: blocks to size
+        that buffer for when it must grow (at least len(slots))."""
         m = slots.numel()
         batch, heads_kv, _, block_size, head_dim = self.k.shape
-        pages = self._buffer(m)
+        pages = self._buffer(m, max(m, room))
         host_slots = slots.to(self.block_device)
         torch.index_select(self.k, 2, host_slots, out=pages[0])
         torch.index_select(self.v, 2, host_slots, out=pages[1])
@@ -269,16 +274,17 @@ class PagedMiddleStore:
             self._offsets = torch.arange(self.block_size, device=self.device)
         return self._offsets
 
-    def _buffer(self, m: int) -> torch.Tensor:
+    def _buffer(self, m: int, room: int) -> torch.Tensor:
         """[2 (k, v), batch, heads_kv, m, block_size, head_dim], contiguous, from the reused
-        flat buffer (grown when m blocks do not fit)."""
+        flat buffer (grown to `room` blocks when m blocks do not fit)."""
         shape = (2, *self.k.shape[:2], m, *self.k.shape[3:])
         size = math.prod(shape)
         if self._copied is not None:
             self._copied.synchronize()  # the previous copy out of the pinned buffer is done
         if self._gathered is None or self._gathered.numel() < size:
-            self._gathered = torch.empty(max(size, 1), dtype=self.k.dtype, device=self.block_device,
-                                         pin_memory=self.pinned)
+            per_block = math.prod(shape) // m if m else 0
+            self._gathered = torch.empty(max(per_block * room, size, 1), dtype=self.k.dtype,
+                                         device=self.block_device, pin_memory=self.pinned)
         return self._gathered[:size].view(shape)
 
     def _to_device(self, pages: torch.Tensor) -> torch.Tensor:
