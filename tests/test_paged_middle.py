@@ -27,10 +27,10 @@ def _chunks(lengths, seed=0):
                torch.randn(BATCH, HEADS_KV, n, DIM, generator=g))
 
 
-def _ring(**paged):
+def _ring(dtype=torch.float32, **paged):
     """A ring with the exact middle store, or with the paged one given its options."""
     return RingKVCache(BATCH, HEADS_KV, DIM, n_global=N_GLOBAL, n_local=N_LOCAL, keep_middle=True,
-                       middle_options=dict(kind="paged", **paged) if paged else None)
+                       dtype=dtype, middle_options=dict(kind="paged", **paged) if paged else None)
 
 
 def _attend(ring, q, k, v, first_row=0):
@@ -184,3 +184,94 @@ def test_a_copied_store_is_independent():
     for q, k, v in chunks[1:]:
         torch.testing.assert_close(_attend(twin, q, k, v), _attend(paged, q, k, v), atol=0, rtol=0)
     assert twin.middle.k.data_ptr() != paged.middle.k.data_ptr()
+
+
+def _op_with(ring, q, k, v, middle):
+    return ops.lambda_attention_chunk(q, k, v, ring.k, ring.v, ring.positions, ring.n_seen, INV_FREQ,
+                                      top_k=TOP_K, top_k_distance=DISTANCE, n_global=N_GLOBAL,
+                                      n_local=N_LOCAL, **middle)
+
+
+@pytest.mark.parametrize("top_k_blocks", [1, 2, 3, 40])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_candidates_hand_the_op_exactly_the_union_of_chosen_blocks(top_k_blocks, rows):
+    """candidates() gathers a fixed number of slots (all blocks when the heads' choices could
+    cover them, else one per choice) and hides the rest by position; the op's result must be
+    the one for the compact union that select_blocks names. top_k_blocks 1 and 2 take the
+    one-slot-per-choice path (2 x 6 x t < 25 blocks), 3 and 40 the every-block path."""
+    paged = _ring(block_size=4, top_k_blocks=top_k_blocks)
+    for q, k, v in _chunks([100]):
+        _attend(paged, q, k, v)
+    store = paged.middle
+    assert store.n_blocks == 25 and store.fill == 1  # the newest block's tail is empty
+    lengths = set()
+    for seed in range(4):
+        q, k, v = next(_chunks([rows], seed=10 + seed))
+        call = dict(top_k_distance=DISTANCE, n_local=N_LOCAL)
+        slots = store.select_blocks(q, paged.n_seen, INV_FREQ, **call)
+        union = _op_with(paged, q, k, v, store.gather(slots))
+        handed = store.candidates(q, paged.n_seen, INV_FREQ, **call)
+        lengths.add(handed["middle_positions"].numel())
+        held = handed["middle_positions"][handed["middle_positions"] >= 0]
+        assert sorted(held.tolist()) == sorted(set(held.tolist()))  # no key handed twice
+        torch.testing.assert_close(_op_with(paged, q, k, v, handed), union, atol=0, rtol=0)
+    # The middle's length follows from the sizes alone, not from which blocks were chosen.
+    slots_handed = min(store.n_blocks, BATCH * HEADS_Q * min(top_k_blocks, store.n_blocks))
+    assert lengths == {slots_handed * 4}
+
+
+def test_bound_and_gather_buffers_are_reused_while_the_store_grows_within_its_capacity():
+    """Decode steps allocate nothing in proportion to the store: the bounds buffer is sized for
+    the capacity (not for the blocks held, which grow by one every block_size tokens) and the
+    gather buffer for the fixed number of slots."""
+    paged = _ring(block_size=4, top_k_blocks=2)
+    for q, k, v in _chunks([70]):
+        _attend(paged, q, k, v)
+    store = paged.middle
+    capacity, pointers, blocks = store.capacity, set(), set()
+    for q, k, v in _chunks([1] * 20, seed=20):
+        _attend(paged, q, k, v)
+        pointers.add((store._bounds.data_ptr(), store._gathered.data_ptr()))
+        blocks.add(store.n_blocks)
+    assert store.capacity == capacity and len(blocks) > 1  # new blocks, no doubling
+    assert len(pointers) == 1
+
+
+def test_low_precision_blocks_keep_float32_summaries_that_bound_every_key():
+    """bf16 keys: the summaries are float32 (exact min/max of the bf16 values), the bound still
+    holds for every key, and with every block fetched the result is the exact store's."""
+    exact, paged = _ring(torch.bfloat16), _ring(torch.bfloat16, block_size=5, top_k_blocks=10_000)
+    for q, k, v in _chunks([60, 1, 9]):
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        torch.testing.assert_close(_attend(paged, q, k, v), _attend(exact, q, k, v), atol=0, rtol=0)
+    store = paged.middle
+    assert store.kmin.dtype == store.kmax.dtype == torch.float32 and store.k.dtype == torch.bfloat16
+    n, last = store.n_blocks, store.fill
+    keys = store.k[:, :, :n].float()
+    filled = torch.arange(5)[None, :] < torch.tensor([5] * (n - 1) + [last])[:, None]  # [n, 5]
+    big, small = keys.masked_fill(~filled[..., None], float("-inf")), keys.masked_fill(~filled[..., None], float("inf"))
+    torch.testing.assert_close(store.kmax[:, :, :n], big.amax(3), atol=0, rtol=0)
+    torch.testing.assert_close(store.kmin[:, :, :n], small.amin(3), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("top_k_blocks", [1, 40])
+def test_candidates_hide_blocks_no_row_may_read(top_k_blocks):
+    """Rows early in the stream see few or no blocks (a block is readable from row i only if
+    it starts at or before i - n_local): what candidates() hands over is exactly those of the
+    chosen ones, nothing when none is readable."""
+    paged = _ring(block_size=4, top_k_blocks=top_k_blocks)
+    for q, k, v in _chunks([100]):
+        _attend(paged, q, k, v)
+    store = paged.middle
+    q = next(_chunks([2], seed=30))[0]
+    call = dict(top_k_distance=DISTANCE, n_local=N_LOCAL)
+    for first in (N_GLOBAL + N_LOCAL - 2, N_GLOBAL + N_LOCAL + 5, N_GLOBAL + N_LOCAL + 40):
+        positions = store.candidates(q, first, INV_FREQ, **call)["middle_positions"]
+        held = positions[positions >= 0].tolist()
+        starts = store.block_start[: store.n_blocks].tolist()
+        handed = {s for s in starts if any(0 <= p - s < 4 for p in held)}  # blocks with a key handed
+        readable = store.block_start[: store.n_blocks] <= first + 1 - N_LOCAL
+        expected = {int(store.block_start[s]) for s in store.select_blocks(q, first, INV_FREQ, **call)}
+        assert handed == expected
+        assert expected <= set(store.block_start[: store.n_blocks][readable].tolist())
+        assert (len(expected) == 0) == (first + 1 - N_LOCAL < N_GLOBAL)

@@ -11,6 +11,10 @@ s * (R_D q) . k with k unrotated, so with q' = R_D q
 an upper bound, two small matmuls over the summaries. Each query head keeps its `top_k_blocks`
 best blocks (its bound maximised over the chunk's top-k rows), the union over heads and batch is
 gathered into one compact middle tensor, and the kernel takes its exact top-k among those keys.
+The gathered middle has a fixed size, min(blocks, batch x heads_q x top_k_blocks) blocks, the
+slots outside the union hidden by position -1: no step waits for the device to count the union.
+Per call, only the scoring pass reads O(blocks) memory (the summaries); the gather copies at most
+batch x heads_q x top_k_blocks blocks, whatever the stream's length.
 Whenever the true top-k keys lie in the fetched blocks the result is the exact store's; with
 every block fetched it always is. Otherwise it is an approximation: a block is missed only if
 top_k_blocks others have a higher bound for every row of that head.
@@ -39,7 +43,7 @@ class PagedMiddleStore:
     Storage (blocks: on `device`, or on the host with offload):
       k, v:        [batch, heads_kv, capacity, block_size, head_dim]
     On `device`:
-      kmin, kmax:  [batch, heads_kv, capacity, head_dim]  per-block key summaries
+      kmin, kmax:  float32 [batch, heads_kv, capacity, head_dim]  per-block key summaries
       block_start: int64 [capacity]  position of each block's first token
     Blocks form a ring of slots: while the store grows, slot i is the i-th block; once
     max_middle_tokens is reached the newest block overwrites the oldest.
@@ -67,7 +71,10 @@ class PagedMiddleStore:
         shape = (batch, n_heads_kv, capacity, block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.block_device, pin_memory=self.pinned)
         self.v = torch.zeros(shape, dtype=dtype, device=self.block_device, pin_memory=self.pinned)
-        self.kmin = torch.zeros(batch, n_heads_kv, capacity, head_dim, dtype=dtype, device=self.device)
+        # float32 whatever the blocks' dtype: the scoring matmuls then read the summaries as
+        # they are (no per-call conversion), and the min/max of bf16/fp16 keys is exact in them.
+        self.kmin = torch.zeros(batch, n_heads_kv, capacity, head_dim, dtype=torch.float32,
+                                device=self.device)
         self.kmax = torch.zeros_like(self.kmin)
         self.block_start = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
         self.n_blocks = 0   # slots in use: always slots 0 .. n_blocks - 1
@@ -78,6 +85,8 @@ class PagedMiddleStore:
         # multi-MB allocations cost more than the gather on the CPU); pinned with offload on CUDA.
         self._gathered = None
         self._copied = None  # CUDA event: the last copy out of the pinned buffer is done
+        # Small reused tensors of the selection: the bounds buffer, arange(capacity), arange(block_size).
+        self._bounds = self._arange = self._offsets = None
 
     @property
     def capacity(self) -> int:
@@ -153,64 +162,129 @@ class PagedMiddleStore:
         middle_positions arguments: the union of each query head's best blocks.
 
         queries: [batch, heads_q, rows, head_dim], unrotated, at positions first_position..
+
+        Every size here follows from shapes and host-side counts, never from the selection: a
+        fixed number of slots is gathered (all blocks, or one per head's choice when that is
+        fewer) and the slots outside the union get positions -1, which the kernel skips. So
+        nothing waits on the device to learn how many blocks were chosen (offload excepted: the
+        host must know which blocks to copy).
         """
-        slots = self.select_blocks(queries, first_position, inv_freq,
-                                   top_k_distance=top_k_distance, n_local=n_local)
-        return self.gather(slots)
+        if queries.shape[2] == 0 or self.n_blocks == 0:
+            return self.gather(torch.zeros(0, dtype=torch.int64, device=self.device))
+        best, chosen = self._best_blocks(queries, first_position, inv_freq,
+                                         top_k_distance=top_k_distance, n_local=n_local)
+        n = self.n_blocks
+        if chosen.numel() >= n:
+            # Room for every block: take them all in slot order, flag the chosen ones.
+            slots = self._all_slots(n)
+            flagged = torch.zeros(n + 1, dtype=torch.bool, device=self.device)
+            flagged[torch.where(best > float("-inf"), chosen, n).flatten()] = True
+            keep = flagged[:n]
+        else:
+            # One slot per choice, ascending; repeats and unusable choices (-inf bound, sorted
+            # last as slot n) are kept out by position.
+            keyed = torch.where(best > float("-inf"), chosen, n).flatten().sort().values
+            keep = keyed < n
+            keep[1:] &= keyed[1:] != keyed[:-1]
+            slots = keyed.clamp(max=n - 1)
+        # The gather buffer is sized for what this many choices can take at the capacity, so
+        # that a store still growing block by block does not reallocate it each step.
+        return self.gather(slots, keep, room=min(self.capacity, chosen.numel()))
 
     def select_blocks(self, queries, first_position, inv_freq, *, top_k_distance, n_local):
-        """Slots (int64, ascending, on the compute device) of the blocks to fetch."""
-        batch, heads_q, rows, head_dim = queries.shape
-        heads_kv = self.kmin.shape[1]
-        n = self.n_blocks
-        if rows == 0 or n == 0:
+        """Slots (int64, ascending, on the compute device) of the blocks the union holds: the
+        ones `candidates` keeps. Its size depends on the data (a device sync on CUDA), so the
+        hot path does not use it; tests and bench/middle_store_recall.py do."""
+        if queries.shape[2] == 0 or self.n_blocks == 0:
             return torch.zeros(0, dtype=torch.int64, device=self.device)
+        best, chosen = self._best_blocks(queries, first_position, inv_freq,
+                                         top_k_distance=top_k_distance, n_local=n_local)
+        return torch.unique(chosen[best > float("-inf")])
+
+    def _best_blocks(self, queries, first_position, inv_freq, *, top_k_distance, n_local):
+        """(bound, slot) of each query head's top_k_blocks blocks, both [batch, heads_kv, group,
+        min(top_k_blocks, n_blocks)]: the block's bound maximised over the rows, -inf for a
+        block that no row may read (every row's own choice would be the same blocks).
+
+        The bound is one pass over the summaries: two matmuls with each KV head's group of
+        query rows stacked (no copy of the summaries per query head), written into a reused
+        buffer, then a top-k over blocks. No Python runs per block."""
+        batch, heads_q, rows, head_dim = queries.shape
+        heads_kv, n = self.kmin.shape[1], self.n_blocks
         group = heads_q // heads_kv
         placed = _rotate(queries.float().reshape(batch, heads_kv, group * rows, head_dim),
                          torch.full((group * rows,), top_k_distance, device=queries.device), inv_freq)
-        # One matmul per summary with the group's rows stacked: no broadcast copy of the
-        # summaries per query head.
-        kmax = self.kmax[:, :, :n].float().transpose(-1, -2)  # [batch, heads_kv, dim, n]
-        kmin = self.kmin[:, :, :n].float().transpose(-1, -2)
-        bound = placed.clamp(min=0) @ kmax + placed.clamp(max=0) @ kmin
-        bound = bound.reshape(batch, heads_kv, group, rows, n)
+        placed = placed.reshape(batch * heads_kv, group * rows, head_dim)
+        kmax = self.kmax[:, :, :n].view(batch * heads_kv, n, head_dim).transpose(1, 2)
+        kmin = self.kmin[:, :, :n].view(batch * heads_kv, n, head_dim).transpose(1, 2)
+        bound = self._scratch(batch * heads_kv, group * rows, n)
+        torch.bmm(placed.clamp(min=0), kmax, out=bound)
+        bound.baddbmm_(placed.clamp(max=0), kmin)
+        bound = bound.view(batch, heads_kv, group, rows, n)
         # A block helps row i only if it starts at or before i - n_local (the kernel masks the
         # rest of it by position); blocks the bound cannot rank stay out.
-        row_positions = first_position + torch.arange(rows, device=self.device)
-        visible = self.block_start[None, :n] <= (row_positions - n_local)[:, None]  # [rows, n]
-        bound = bound.masked_fill(~visible, float("-inf")).amax(dim=3)  # [b, kv, group, n]
-        best, chosen = bound.topk(min(self.top_k_blocks, n), dim=-1)
-        return torch.unique(chosen[best > float("-inf")])
+        last_visible = first_position - n_local + torch.arange(rows, device=self.device)
+        hidden = self.block_start[None, :n] > last_visible[:, None]  # [rows, n]
+        bound.masked_fill_(hidden, float("-inf"))
+        per_head = bound[:, :, :, 0] if rows == 1 else bound.amax(dim=3)  # [b, kv, group, n]
+        return per_head.topk(min(self.top_k_blocks, n), dim=-1)
 
-    def gather(self, slots: torch.Tensor) -> dict:
+    def _scratch(self, *shape: int) -> torch.Tensor:
+        """A float32 buffer of `shape` (its last dimension the blocks held) for the block
+        bounds, reused across calls: sized for the capacity, so it is reallocated only when
+        the store doubles or more rows come, not per call nor per new block."""
+        size = math.prod(shape)
+        if self._bounds is None or self._bounds.numel() < size:
+            room = math.prod(shape[:-1]) * self.capacity
+            self._bounds = torch.empty(room, dtype=torch.float32, device=self.device)
+        return self._bounds[:size].view(shape)
+
+    def _all_slots(self, n: int) -> torch.Tensor:
+        """arange(n) on the compute device, from a cached arange over the capacity."""
+        if self._arange is None or self._arange.numel() < n:
+            self._arange = torch.arange(self.capacity, device=self.device)
+        return self._arange[:n]
+
+    def gather(self, slots: torch.Tensor, keep: torch.Tensor | None = None, room: int = 0) -> dict:
         """The blocks at `slots` as one compact middle: [batch, heads_kv, len(slots) * block_size,
-        head_dim] on the compute device, positions -1 for the newest block's empty tail. The
-        tensors are views of a buffer that the next call overwrites: hand them to the op now."""
+        head_dim] on the compute device, positions -1 for the newest block's empty tail and for
+        blocks where `keep` ([len(slots)] bool, default all) is False. The tensors are views of
+        a buffer that the next call overwrites: hand them to the op now. room: blocks to size
+        that buffer for when it must grow (at least len(slots))."""
         m = slots.numel()
         batch, heads_kv, _, block_size, head_dim = self.k.shape
-        pages = self._buffer(m)
-        torch.index_select(self.k, 2, slots.to(self.block_device), out=pages[0])
-        torch.index_select(self.v, 2, slots.to(self.block_device), out=pages[1])
+        pages = self._buffer(m, max(m, room))
+        host_slots = slots.to(self.block_device)
+        torch.index_select(self.k, 2, host_slots, out=pages[0])
+        torch.index_select(self.v, 2, host_slots, out=pages[1])
         if self.offload:
             pages = self._to_device(pages)
-        offsets = torch.arange(block_size, device=self.device)
+        offsets = self._all_offsets()
         positions = self.block_start[slots, None] + offsets
         if self.n_blocks:
             unfilled = (slots == self.newest)[:, None] & (offsets >= self.fill)[None, :]
-            positions = positions.masked_fill(unfilled, -1)
+            if keep is not None:
+                unfilled |= ~keep[:, None]
+            positions.masked_fill_(unfilled, -1)
         k, v = pages.reshape(2, batch, heads_kv, m * block_size, head_dim)
         return dict(middle_k=k, middle_v=v, middle_positions=positions.reshape(-1))
 
-    def _buffer(self, m: int) -> torch.Tensor:
+    def _all_offsets(self) -> torch.Tensor:
+        if self._offsets is None:
+            self._offsets = torch.arange(self.block_size, device=self.device)
+        return self._offsets
+
+    def _buffer(self, m: int, room: int) -> torch.Tensor:
         """[2 (k, v), batch, heads_kv, m, block_size, head_dim], contiguous, from the reused
-        flat buffer (grown when m blocks do not fit)."""
+        flat buffer (grown to `room` blocks when m blocks do not fit)."""
         shape = (2, *self.k.shape[:2], m, *self.k.shape[3:])
         size = math.prod(shape)
         if self._copied is not None:
             self._copied.synchronize()  # the previous copy out of the pinned buffer is done
         if self._gathered is None or self._gathered.numel() < size:
-            self._gathered = torch.empty(max(size, 1), dtype=self.k.dtype, device=self.block_device,
-                                         pin_memory=self.pinned)
+            per_block = math.prod(shape) // m if m else 0
+            self._gathered = torch.empty(max(per_block * room, size, 1), dtype=self.k.dtype,
+                                         device=self.block_device, pin_memory=self.pinned)
         return self._gathered[:size].view(shape)
 
     def _to_device(self, pages: torch.Tensor) -> torch.Tensor:
@@ -229,6 +303,7 @@ class PagedMiddleStore:
         for name in ("k", "v", "kmin", "kmax", "block_start"):
             setattr(twin, name, copy.deepcopy(getattr(self, name), memo))
         twin._gathered = twin._copied = None
+        twin._bounds = twin._arange = twin._offsets = None
         return twin
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
