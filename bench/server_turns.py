@@ -20,6 +20,7 @@ cost of each token, not the shape of the curves.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import subprocess
@@ -60,7 +61,8 @@ class Server:
         command = [sys.executable, "-m", "lm_infinite.cli", "serve", "--port", str(self.port),
                    "--model-name", MODEL_NAME, "--n-local", str(args.n_local),
                    "--max-conversations", str(max_conversations)] + (["--model", args.model] if args.model else [])
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "Server":
@@ -118,6 +120,8 @@ def main() -> int:
     parser.add_argument("--reply-tokens", type=int, default=8, help="max_tokens of each reply")
     parser.add_argument("--baseline-every", type=int, default=20, help="stateless baseline on every k-th turn")
     parser.add_argument("--tolerance", type=float, default=0.20, help="allowed change, turns 10-19 to the last 10")
+    parser.add_argument("--threads", type=int, help="the server's torch threads (default: torch's); on a "
+                        "shared machine, 1 thread pinned to an otherwise idle core (taskset) times steadiest")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args()

@@ -4,6 +4,7 @@ Every answer is checked against an independent reference: a fresh LambdaStream, 
 process, over the whole prompt the server should have built (chat template included).
 """
 
+import json
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from lm_infinite.streaming import LambdaStream
 from tiny_chat_model import save_tiny_chat_model
 
 SETTINGS = dict(n_global=2, n_local=16)  # a window the conversations outgrow many times
-MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT = 600, 64
+MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT = 600, 512
 START_TIMEOUT_S, REQUEST_TIMEOUT_S = 120, 60
 
 
@@ -250,6 +251,26 @@ def test_a_client_that_disconnects_mid_stream_leaves_the_server_consistent(serve
                                             temperature=0)
     assert answer.choices[0].message.content == text
     assert answer.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens + again.usage.completion_tokens
+
+
+def test_a_client_that_leaves_before_a_json_answer_stops_its_request(server, client, reference):
+    messages = _chat("Write a long poem.")  # hundreds of tokens: far longer than the client stays
+    body = json.dumps(dict(model="tiny-chat-model", messages=messages, max_tokens=MAX_TOKENS_LIMIT,
+                           temperature=0)).encode()
+    cancelled = httpx.get(f"{server}/health").json()["cancelled_requests"]
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body))
+        time.sleep(0.05)  # the server has read the request; then the client hangs up
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S
+    while (health := httpx.get(f"{server}/health").json())["active_requests"]:
+        assert time.monotonic() < deadline, "the abandoned request never ended"
+        time.sleep(0.05)
+    assert health["cancelled_requests"] == cancelled + 1
+    text, *_ = reference(messages, 20)
+    again = client.chat.completions.create(model="tiny-chat-model", messages=messages, max_tokens=20, temperature=0)
+    assert again.choices[0].message.content == text
 
 
 def _error_of(response: httpx.Response) -> dict:

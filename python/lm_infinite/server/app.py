@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from .errors import APIError, install_error_handlers
 from .schemas import (ChatCompletionRequest, CompletionRequest, Usage, chat_chunk, chat_completion,
                       completion, completion_chunk, new_id, usage_chunk)
-from .worker import Engine, Failed, Finished, Job, Sampling, TextDelta
+from .worker import ClientGone, Engine, Failed, Finished, Job, Sampling, TextDelta
 
 __all__ = ["create_app"]
 
@@ -67,7 +68,7 @@ def create_app(engine: Engine, *, model_name: str, max_tokens_limit: int) -> Fas
                            param="max_tokens")
         return Sampling(max_tokens, body.temperature, body.seed, tuple(body.stop))
 
-    async def respond(body, prompt: str | list[dict], shape: _Shape):
+    async def respond(request: Request, body, prompt: str | list[dict], shape: _Shape):
         job = engine.submit(prompt, sampling_of(body))
         try:
             first = await job.next_event()
@@ -76,22 +77,37 @@ def create_app(engine: Engine, *, model_name: str, max_tokens_limit: int) -> Fas
             if body.stream:
                 events, job = stream_events(job, shape, body.include_usage), None  # it owns the job now
                 return StreamingResponse(events, media_type="text/event-stream")
-            return await collect(job, shape)
+            return await collect(request, job, shape)
         finally:
             if job is not None:
                 job.cancel()  # no-op once finished; stops the work of a cancelled request
 
-    async def collect(job: Job, shape: _Shape) -> dict:
+    async def cancel_on_disconnect(request: Request, job: Job) -> None:
+        """A JSON answer is written only at the end, so nothing tells the request that its
+        client left; the ASGI server's http.disconnect message does. The body is read, so the
+        next message can only be that one."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel()
+        job.emit(ClientGone())
+
+    async def collect(request: Request, job: Job, shape: _Shape) -> dict | None:
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         parts = []
-        while True:
-            event = await job.next_event()
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            elif isinstance(event, Finished):
-                return shape.whole(new_id(shape.id_prefix), model_name, "".join(parts),
-                                   event.finish_reason, event.usage)
-            else:
-                raise event.error
+        try:
+            while True:
+                event = await job.next_event()
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                elif isinstance(event, Finished):
+                    return shape.whole(new_id(shape.id_prefix), model_name, "".join(parts),
+                                       event.finish_reason, event.usage)
+                elif isinstance(event, ClientGone):
+                    return None  # nobody is there to read an answer
+                else:
+                    raise event.error
+        finally:
+            watcher.cancel()
 
     async def stream_events(job: Job, shape: _Shape, include_usage: bool) -> AsyncIterator[str]:
         id = new_id(shape.id_prefix)
@@ -115,12 +131,12 @@ def create_app(engine: Engine, *, model_name: str, max_tokens_limit: int) -> Fas
             job.cancel()  # the client disconnected, or the stream is done
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        return await respond(body, [{"role": m.role, "content": m.text()} for m in body.messages], _CHAT)
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        return await respond(request, body, [{"role": m.role, "content": m.text()} for m in body.messages], _CHAT)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await respond(body, body.prompt, _COMPLETION)
+    async def completions(request: Request, body: CompletionRequest):
+        return await respond(request, body, body.prompt, _COMPLETION)
 
     @app.get("/v1/models")
     async def models():
@@ -130,6 +146,7 @@ def create_app(engine: Engine, *, model_name: str, max_tokens_limit: int) -> Fas
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "active_requests": engine.active_requests,
+                "cancelled_requests": engine.cancelled_requests,
                 "conversations": len(engine.store), "max_conversations": engine.store.capacity,
                 "conversation_bytes": engine.conversation_bytes}
 

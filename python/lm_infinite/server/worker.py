@@ -26,7 +26,7 @@ from .errors import APIError
 from .schemas import Usage
 from .text import CompletionText
 
-__all__ = ["Engine", "Failed", "Finished", "Job", "Sampling", "Started", "TextDelta"]
+__all__ = ["ClientGone", "Engine", "Failed", "Finished", "Job", "Sampling", "Started", "TextDelta"]
 
 log = logging.getLogger("lm_infinite.server")
 
@@ -60,6 +60,11 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     error: APIError
+
+
+@dataclass(frozen=True)
+class ClientGone:
+    """The request's client disconnected (sent by the HTTP side, not the worker)."""
 
 
 class Job:
@@ -98,6 +103,7 @@ class Engine:
         self.store = ConversationStore(max_conversations, lambda: LambdaStream(model, chunk_size=chunk_size))
         self.stop_token_ids = _end_of_turn_ids(model, tokenizer)
         self.active_requests = 0
+        self.cancelled_requests = 0  # stopped early because their client went away
         self.conversation_bytes: int | None = None  # one conversation's cache, once known
         self._incoming: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="lminf-generation", daemon=True)
@@ -150,6 +156,7 @@ class Engine:
             new = prompt[cached:]
             for start in range(0, len(new), self.chunk_size):
                 if job.cancelled:
+                    self.cancelled_requests += 1
                     return
                 conversation.feed(new[start:start + self.chunk_size])
                 yield
@@ -185,6 +192,7 @@ class Engine:
                     finish_reason = "stop"
                     break
                 if job.cancelled:
+                    self.cancelled_requests += 1
                     return
                 yield
         finally:
