@@ -83,7 +83,8 @@ def chunk_call(**kw):
     (dict(cache_positions=torch.full((6,), -1, dtype=torch.int32)), "cache_positions must be int64"),
     (dict(cache_k=torch.zeros(1, 2, 6, 32)), "heads_kv"),
     (dict(cache_v=torch.zeros(1, 1, 5, 32)), "cache_v must have cache_k's shape"),
-    (dict(query_start=torch.tensor([1, 2])), "query_start must be an int64 tensor with one element"),
+    (dict(query_start=torch.tensor([1, 2])),
+     "query_start must be an int64 tensor of shape \\[1\\] \\(shared by the batch\\) or \\[1\\] \\(one per sequence\\)"),
     (dict(query_start=1.5), "position must be an int"),
 ])
 def test_chunk_rejects(kwargs, message):
