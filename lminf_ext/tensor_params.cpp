@@ -101,9 +101,9 @@ Strided sequence_starts(const char* op, const char* name, const torch::Tensor& t
   const bool shared = t.numel() == 1 && t.dim() <= 1;
   const bool per_sequence = t.dim() == 1 && t.size(0) == batch;
   require(t.scalar_type() == torch::kInt64 && (shared || per_sequence), op, [&] {
-    return std::string(name) + " must be an int64 tensor of shape [1] (shared by the batch) or [" +
-           std::to_string(batch) + "] (one per sequence), got " + dtype_str(t) + " of shape " +
-           shape_str(t);
+    return std::string(name) + " must be an int64 tensor with one element (shared by the batch) " +
+           "or of shape [" + std::to_string(batch) + "] (one per sequence), got " + dtype_str(t) +
+           " of shape " + shape_str(t);
   });
   check_device(op, name, t, device);
   return {t.reshape({-1}).contiguous(), shared ? 0 : 1};
