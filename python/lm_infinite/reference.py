@@ -109,7 +109,8 @@ def lambda_attention_reference(
             middle_k = middle_k.to(q.dtype).repeat_interleave(group, dim=1)
             middle_v = middle_v.to(q.dtype).repeat_interleave(group, dim=1)
         middle_positions = _per_sequence(middle_positions)
-        rows = max(middle_positions.shape[0], key_positions.shape[0])
+        # Broadcast the two leading dimensions (1 = shared; an empty batch stays empty).
+        rows = middle_positions.shape[0] if key_positions.shape[0] == 1 else key_positions.shape[0]
         candidate_positions = torch.cat([middle_positions.expand(rows, -1),
                                          key_positions.expand(rows, -1)], dim=-1)
         middle_scores, middle_v, middle_bad = _top_k_middle_scores(
