@@ -19,6 +19,22 @@ from helpers import rel_error, rope_inv_freq
 
 HEAD_DIM = 32
 INV_FREQ = rope_inv_freq(HEAD_DIM)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device"))]
+# Batched vs alone on one device, and against the float64 reference: the CUDA kernels sum in
+# other orders (and use fast exp), so their float32 results sit a little further away.
+TOLERANCE = {"cpu": dict(rtol=1e-5, atol=1e-6, reference=1e-5),
+             "cuda": dict(rtol=1e-4, atol=2e-5, reference=1e-4)}
+
+
+def on(device, *tensors):
+    """The tensors (None passes through) on `device`."""
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+def close(got, want, device):
+    tol = TOLERANCE[device]
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=tol["rtol"], atol=tol["atol"])
 
 
 def left_padded(tensors: list[torch.Tensor], garbage: float = 1e3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,24 +127,25 @@ def test_reference_padding_is_a_shift_of_positions():
 
 # --- lambda_attention with padding. ---
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lengths,heads_q,heads_kv,n_global,n_local", LENGTH_CASES)
 def test_lambda_attention_padded_batch_equals_each_sequence_alone(lengths, heads_q, heads_kv,
-                                                                  n_global, n_local):
+                                                                  n_global, n_local, device):
     qs = [torch.randn(heads_q, n, HEAD_DIM) for n in lengths]
     ks = [torch.randn(heads_kv, n, HEAD_DIM) for n in lengths]
     vs = [torch.randn(heads_kv, n, HEAD_DIM) for n in lengths]
     (q, padding), (k, _), (v, _) = left_padded(qs), left_padded(ks), left_padded(vs)
-    out = li.lambda_attention(q, k, v, INV_FREQ, n_global=n_global, n_local=n_local,
-                              padding=padding)
+    out = li.lambda_attention(*on(device, q, k, v, INV_FREQ), n_global=n_global, n_local=n_local,
+                              padding=padding.to(device)).cpu()
     longest = q.shape[2]
     positions = chunk_positions(torch.zeros(len(lengths), dtype=torch.int64), padding, longest)
     ref = reference(q, k, v, n_global=n_global, n_local=n_local, query_positions=positions,
                     key_positions=positions)
     for b, n in enumerate(lengths):
-        alone = li.lambda_attention(qs[b][None], ks[b][None], vs[b][None], INV_FREQ,
+        alone = li.lambda_attention(*on(device, qs[b][None], ks[b][None], vs[b][None], INV_FREQ),
                                     n_global=n_global, n_local=n_local)
-        torch.testing.assert_close(out[b:b + 1, :, longest - n:], alone, rtol=1e-5, atol=1e-6)
-        assert rel_error(out[b, :, longest - n:], ref[b, :, longest - n:]) < 1e-5
+        close(out[b:b + 1, :, longest - n:], alone, device)
+        assert rel_error(out[b, :, longest - n:], ref[b, :, longest - n:]) < TOLERANCE[device]["reference"]
         assert (out[b, :, :longest - n] == 0).all()
 
 
@@ -191,13 +208,14 @@ CHUNK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("starts,n_new,padding,heads_q,heads_kv,n_global,n_local", CHUNK_CASES)
 def test_chunk_per_sequence_equals_each_sequence_alone(starts, n_new, padding, heads_q, heads_kv,
-                                                       n_global, n_local):
+                                                       n_global, n_local, device):
     q, k, v, ck, cv, cpos, qs, pad = chunk_case(starts, n_new, padding, heads_q, heads_kv,
                                                 n_global, n_local)
-    out = lambda_attention_chunk(q, k, v, ck, cv, cpos, qs, INV_FREQ, n_global=n_global,
-                                 n_local=n_local, padding=pad)
+    out = lambda_attention_chunk(*on(device, q, k, v, ck, cv, cpos, qs, INV_FREQ), n_global=n_global,
+                                 n_local=n_local, padding=pad.to(device)).cpu()
     positions = chunk_positions(qs, pad, n_new)
     ref = reference(q, torch.cat([ck, k], 2), torch.cat([cv, v], 2), n_global=n_global,
                     n_local=n_local, query_positions=positions,
@@ -207,11 +225,12 @@ def test_chunk_per_sequence_equals_each_sequence_alone(starts, n_new, padding, h
         assert (out[b, :, :p] == 0).all()
         if p == n_new:
             continue
-        alone = lambda_attention_chunk(q[b:b + 1, :, real], k[b:b + 1, :, real], v[b:b + 1, :, real],
-                                       ck[b:b + 1], cv[b:b + 1], cpos[b], starts[b], INV_FREQ,
-                                       n_global=n_global, n_local=n_local)
-        torch.testing.assert_close(out[b:b + 1, :, real], alone, rtol=1e-5, atol=1e-6)
-        assert rel_error(out[b, :, real], ref[b, :, real]) < 1e-5
+        alone = lambda_attention_chunk(
+            *on(device, q[b:b + 1, :, real], k[b:b + 1, :, real], v[b:b + 1, :, real], ck[b:b + 1],
+                cv[b:b + 1], cpos[b]), starts[b], INV_FREQ.to(device), n_global=n_global,
+            n_local=n_local)
+        close(out[b:b + 1, :, real], alone, device)
+        assert rel_error(out[b, :, real], ref[b, :, real]) < TOLERANCE[device]["reference"]
 
 
 def test_shared_and_per_sequence_layouts_agree():
@@ -243,21 +262,25 @@ def history_case(starts, n_new, padding, heads_q, heads_kv, n_global, n_local):
             history_positions, middle_positions)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("top_k_first_row", [0, 3])
 @pytest.mark.parametrize("starts,n_new,padding,heads_q,heads_kv,n_global,n_local", CHUNK_CASES)
 def test_chunk_top_k_per_sequence_equals_each_sequence_alone(starts, n_new, padding, heads_q,
                                                              heads_kv, n_global, n_local,
-                                                             top_k_first_row):
+                                                             top_k_first_row, device):
     """Top-k with per-sequence middle positions; top_k_first_row counts padding rows, so
     alone the first top-k row is top_k_first_row - padding[b]. The reference sees each
     sequence's whole history as keys (so its candidates are the middle store's). The composed
-    path (what CUDA runs) agrees with the kernel."""
+    path (what CUDA runs; called here on CPU too) agrees with the kernel."""
     (q, k, v, ck, cv, cpos, qs, pad, hk, hv, hpos,
      middle_positions) = history_case(starts, n_new, padding, heads_q, heads_kv, n_global, n_local)
     top = dict(middle_k=hk, middle_v=hv, middle_positions=middle_positions, top_k=2,
                top_k_distance=5)
-    out = lambda_attention_chunk(q, k, v, ck, cv, cpos, qs, INV_FREQ, n_global=n_global,
-                                 n_local=n_local, padding=pad, top_k_first_row=top_k_first_row, **top)
+    top_on = dict(top, middle_k=hk.to(device), middle_v=hv.to(device),
+                  middle_positions=middle_positions.to(device))
+    out = lambda_attention_chunk(*on(device, q, k, v, ck, cv, cpos, qs, INV_FREQ), n_global=n_global,
+                                 n_local=n_local, padding=pad.to(device),
+                                 top_k_first_row=top_k_first_row, **top_on).cpu()
     positions = chunk_positions(qs, pad, n_new)
     ref = reference(q, torch.cat([hk, k], 2), torch.cat([hv, v], 2), n_global=n_global,
                     n_local=n_local, query_positions=positions,
@@ -272,12 +295,13 @@ def test_chunk_top_k_per_sequence_equals_each_sequence_alone(starts, n_new, padd
         if p == n_new:
             continue
         alone = lambda_attention_chunk(
-            q[b:b + 1, :, real], k[b:b + 1, :, real], v[b:b + 1, :, real], ck[b:b + 1],
-            cv[b:b + 1], cpos[b], starts[b], INV_FREQ, n_global=n_global, n_local=n_local,
-            middle_k=hk[b:b + 1], middle_v=hv[b:b + 1], middle_positions=middle_positions[b],
-            top_k=2, top_k_distance=5, top_k_first_row=max(0, top_k_first_row - p))
-        torch.testing.assert_close(out[b:b + 1, :, real], alone, rtol=1e-5, atol=1e-6)
-        assert rel_error(out[b, :, real], ref[b, :, real]) < 1e-5
+            *on(device, q[b:b + 1, :, real], k[b:b + 1, :, real], v[b:b + 1, :, real], ck[b:b + 1],
+                cv[b:b + 1], cpos[b]), starts[b], INV_FREQ.to(device), n_global=n_global,
+            n_local=n_local, middle_k=hk[b:b + 1].to(device), middle_v=hv[b:b + 1].to(device),
+            middle_positions=middle_positions[b].to(device), top_k=2, top_k_distance=5,
+            top_k_first_row=max(0, top_k_first_row - p))
+        close(out[b:b + 1, :, real], alone, device)
+        assert rel_error(out[b, :, real], ref[b, :, real]) < TOLERANCE[device]["reference"]
         if top_k_first_row == 0:
             assert rel_error(composed[b, :, real], ref[b, :, real]) < 1e-5
 
@@ -306,14 +330,14 @@ def test_ring_append_per_sequence_follows_each_sequence_alone():
     assert torch.equal(positions[2], ring_positions(30, n_global, n_local))  # all padding
 
 
-def stream_ragged(qs, ks, vs, chunk, *, n_global, n_local):
+def stream_ragged(qs, ks, vs, chunk, *, n_global, n_local, device="cpu"):
     """Feed sequences of different lengths as one batch: each step takes the next `chunk`
     tokens of every sequence, left-padded where a sequence has fewer (or none) left; the cache
     holds per-sequence positions. Returns each sequence's outputs."""
     batch, heads_kv = len(qs), ks[0].shape[0]
-    cache_k = torch.zeros(batch, heads_kv, n_global + n_local, HEAD_DIM)
+    cache_k = torch.zeros(batch, heads_kv, n_global + n_local, HEAD_DIM, device=device)
     cache_v = torch.zeros_like(cache_k)
-    cache_positions = torch.full((batch, n_global + n_local), -1, dtype=torch.int64)
+    cache_positions = torch.full((batch, n_global + n_local), -1, dtype=torch.int64, device=device)
     seen = torch.zeros(batch, dtype=torch.int64)
     outs = [[] for _ in qs]
     while any(int(seen[b]) < qs[b].shape[1] for b in range(batch)):
@@ -328,33 +352,38 @@ def stream_ragged(qs, ks, vs, chunk, *, n_global, n_local):
                 out[b, :, width - p[i].shape[1]:] = p[i]
             return out
 
-        q, k, v = padded(0), padded(1), padded(2)
-        out = lambda_attention_chunk(q, k, v, cache_k, cache_v, cache_positions, seen.clone(),
-                                     INV_FREQ, n_global=n_global, n_local=n_local,
-                                     padding=padding)
-        ring_cache_append(cache_k, cache_v, cache_positions, k, v, seen.clone(), n_global=n_global,
-                          n_local=n_local, padding=padding)
+        q, k, v = on(device, padded(0), padded(1), padded(2))
+        out = lambda_attention_chunk(q, k, v, cache_k, cache_v, cache_positions, seen.to(device),
+                                     INV_FREQ.to(device), n_global=n_global, n_local=n_local,
+                                     padding=padding.to(device)).cpu()
+        ring_cache_append(cache_k, cache_v, cache_positions, k, v, seen.to(device),
+                          n_global=n_global, n_local=n_local, padding=padding.to(device))
         for b, p in enumerate(pieces):
             outs[b].append(out[b:b + 1, :, width - p[0].shape[1]:])
         seen += width - padding
     return [torch.cat(o, dim=2) for o in outs]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [1, 4, 64])
 @pytest.mark.parametrize("lengths,heads_q,heads_kv,n_global,n_local", LENGTH_CASES)
 def test_chunked_ragged_stream_equals_each_sequence_alone(chunk, lengths, heads_q, heads_kv,
-                                                          n_global, n_local):
+                                                          n_global, n_local, device):
     """Chunked feeding through ring_cache_append with per-sequence positions: each sequence's
     outputs equal its whole-sequence attention alone and the float64 reference."""
     qs = [torch.randn(heads_q, n, HEAD_DIM) for n in lengths]
     ks = [torch.randn(heads_kv, n, HEAD_DIM) for n in lengths]
     vs = [torch.randn(heads_kv, n, HEAD_DIM) for n in lengths]
-    streamed = stream_ragged(qs, ks, vs, chunk, n_global=n_global, n_local=n_local)
+    streamed = stream_ragged(qs, ks, vs, chunk, n_global=n_global, n_local=n_local, device=device)
     for b in range(len(lengths)):
         q, k, v = qs[b][None], ks[b][None], vs[b][None]
-        alone = li.lambda_attention(q, k, v, INV_FREQ, n_global=n_global, n_local=n_local)
-        torch.testing.assert_close(streamed[b], alone, rtol=1e-5, atol=5e-6)
-        assert rel_error(streamed[b], reference(q, k, v, n_global=n_global, n_local=n_local)) < 1e-5
+        alone = li.lambda_attention(*on(device, q, k, v, INV_FREQ), n_global=n_global,
+                                    n_local=n_local).cpu()
+        # Chunks rotate from other anchors than the whole pass: a few ulps more.
+        torch.testing.assert_close(streamed[b], alone, rtol=5 * TOLERANCE[device]["rtol"],
+                                   atol=5 * TOLERANCE[device]["atol"])
+        assert rel_error(streamed[b], reference(q, k, v, n_global=n_global, n_local=n_local)) < \
+            TOLERANCE[device]["reference"]
 
 
 # --- opcheck on the changed ops with the new arguments. ---
