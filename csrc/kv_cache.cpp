@@ -1,6 +1,8 @@
 #include "lminf/kv_cache.h"
 
+#include <algorithm>
 #include <cmath>
+#include <new>
 #include <utility>
 
 #include "lminf/lambda_attention.h"
@@ -67,12 +69,19 @@ DenseStrides dense(int64_t heads, int64_t rows, int64_t head_dim) {
   return {heads * rows * head_dim, rows * head_dim, head_dim};
 }
 
+// How the kernels see the cache's positions: one shared row (uniform batch) or one row per
+// sequence, and the padding of a ragged chunk (null: none), in memory the kernels read.
+struct SequenceLayout {
+  bool uniform = true;
+  const int64_t* padding = nullptr;
+};
+
 // The kernel's view of n_tokens new tokens (dense q, k, v, out) attending to a cache.
 LambdaAttentionParams chunk_attention_params(const KVCacheShape& shape,
                                              const KVCacheStorage& storage,
                                              const AttentionConfig& attention, const void* q,
                                              const void* k, const void* v, int64_t n_tokens,
-                                             void* out) {
+                                             void* out, SequenceLayout layout = {}) {
   const int64_t d = shape.head_dim;
   const DenseStrides q_strides = dense(attention.n_heads_q, n_tokens, d);
   const DenseStrides kv_strides = dense(shape.n_heads_kv, n_tokens, d);
@@ -100,8 +109,11 @@ LambdaAttentionParams chunk_attention_params(const KVCacheShape& shape,
   p.cache_v_head_stride = cache_strides.head;
   p.cache_v_row_stride = cache_strides.row;
   p.cache_positions = storage.slot_positions;
+  p.cache_positions_batch_stride = layout.uniform ? 0 : slots(shape);
   p.cache_len = slots(shape);
   p.query_start = storage.next_position;
+  p.query_start_batch_stride = layout.uniform ? 0 : 1;
+  p.padding = layout.padding;
   p.out = out;
   p.out_batch_stride = q_strides.batch;
   p.out_head_stride = q_strides.head;
@@ -122,7 +134,8 @@ LambdaAttentionParams chunk_attention_params(const KVCacheShape& shape,
 
 // The kernel's view of n_tokens new tokens (dense k, v) written into a cache.
 RingCacheAppendParams chunk_append_params(const KVCacheShape& shape, const KVCacheStorage& storage,
-                                          const void* k, const void* v, int64_t n_tokens) {
+                                          const void* k, const void* v, int64_t n_tokens,
+                                          SequenceLayout layout = {}) {
   const DenseStrides kv_strides = dense(shape.n_heads_kv, n_tokens, shape.head_dim);
   const DenseStrides cache_strides = dense(shape.n_heads_kv, slots(shape), shape.head_dim);
   RingCacheAppendParams p;
@@ -136,6 +149,7 @@ RingCacheAppendParams chunk_append_params(const KVCacheShape& shape, const KVCac
   p.cache_v_head_stride = cache_strides.head;
   p.cache_v_row_stride = cache_strides.row;
   p.cache_positions = storage.slot_positions;
+  p.cache_positions_batch_stride = layout.uniform ? 0 : slots(shape);
   p.k = k;
   p.k_batch_stride = kv_strides.batch;
   p.k_head_stride = kv_strides.head;
@@ -145,6 +159,8 @@ RingCacheAppendParams chunk_append_params(const KVCacheShape& shape, const KVCac
   p.v_head_stride = kv_strides.head;
   p.v_row_stride = kv_strides.row;
   p.start_position = storage.next_position;
+  p.start_position_batch_stride = layout.uniform ? 0 : 1;
+  p.padding = layout.padding;
   p.batch = shape.batch;
   p.n_heads_kv = shape.n_heads_kv;
   p.n_new = n_tokens;
@@ -152,6 +168,21 @@ RingCacheAppendParams chunk_append_params(const KVCacheShape& shape, const KVCac
   p.n_global = shape.n_global;
   p.n_local = shape.n_local;
   return p;
+}
+
+// Position held by ring slot `slot` once positions 0 .. n_seen - 1 have been appended (-1:
+// empty): the latest such position p with ring_slot(p) == slot.
+int64_t ring_slot_position(int64_t slot, int64_t n_seen, int64_t n_global, int64_t n_local) {
+  if (slot < n_global) return slot < n_seen ? slot : -1;
+  if (n_seen <= n_global) return -1;
+  const int64_t last = n_seen - 1, index = slot - n_global;
+  const int64_t last_index = (last - n_global) % n_local;
+  const int64_t p = last - ((last_index - index) % n_local + n_local) % n_local;
+  return p >= n_global ? p : -1;
+}
+
+bool any_padding(const int64_t* padding, int64_t batch) {
+  return padding != nullptr && std::any_of(padding, padding + batch, [](int64_t p) { return p != 0; });
 }
 
 }  // namespace
@@ -165,7 +196,8 @@ KVCache& KVCache::operator=(KVCache&& other) noexcept {
     memory_ = other.memory_;
     storage_ = std::exchange(other.storage_, KVCacheStorage{});
     owns_storage_ = std::exchange(other.owns_storage_, false);
-    n_seen_ = std::exchange(other.n_seen_, 0);
+    n_seen_ = std::exchange(other.n_seen_, {});
+    uniform_ = std::exchange(other.uniform_, true);
   }
   return *this;
 }
@@ -177,7 +209,8 @@ void KVCache::release() {
   if (owns_storage_) detail::deallocate(memory_, storage_.keys);
   storage_ = KVCacheStorage{};
   owns_storage_ = false;
-  n_seen_ = 0;
+  n_seen_.clear();
+  uniform_ = true;
 }
 
 size_t KVCache::slot_bytes(const KVCacheShape& shape) {
@@ -186,12 +219,42 @@ size_t KVCache::slot_bytes(const KVCacheShape& shape) {
 }
 
 size_t KVCache::position_bytes(const KVCacheShape& shape) {
-  return static_cast<size_t>(slots(shape)) * sizeof(int64_t);
+  return static_cast<size_t>(shape.batch * slots(shape)) * sizeof(int64_t);
+}
+
+size_t KVCache::sequence_bytes(const KVCacheShape& shape) {
+  return static_cast<size_t>(shape.batch) * sizeof(int64_t);
 }
 
 size_t KVCache::storage_bytes() const {
   if (storage_.keys == nullptr) return 0;
-  return 2 * slot_bytes(shape_) + position_bytes(shape_) + sizeof(int64_t);
+  return 2 * slot_bytes(shape_) + position_bytes(shape_) +
+         (storage_.padding_rows != nullptr ? 2 : 1) * sequence_bytes(shape_);
+}
+
+// The cache over `storage`, emptied; the host counts are its only allocation.
+Status KVCache::adopt(const KVCacheShape& shape, MemoryKind memory, const KVCacheStorage& storage,
+                      bool owns_storage, KVCache* cache) {
+  KVCache fresh;
+  fresh.shape_ = shape;
+  fresh.memory_ = memory;
+  fresh.storage_ = storage;
+  fresh.owns_storage_ = owns_storage;
+  try {
+    fresh.n_seen_.assign(shape.batch, 0);
+  } catch (const std::bad_alloc&) {
+    if (!owns_storage) fresh.storage_ = KVCacheStorage{};  // never free the caller's memory
+    return Status::OutOfMemory("cannot allocate the host counts of " +
+                               std::to_string(shape.batch) + " sequences");
+  }
+  Status s = fresh.reset();
+  if (s.ok()) s = detail::synchronize(memory, nullptr);
+  if (!s.ok()) {
+    if (!owns_storage) fresh.storage_ = KVCacheStorage{};
+    return s;
+  }
+  *cache = std::move(fresh);
+  return Status::Ok();
 }
 
 Status KVCache::allocate(const KVCacheShape& shape, MemoryKind memory, KVCache* cache) {
@@ -199,9 +262,11 @@ Status KVCache::allocate(const KVCacheShape& shape, MemoryKind memory, KVCache* 
   if (Status s = check_memory("allocate", memory); !s.ok()) return s;
   if (cache == nullptr) return invalid("allocate", "cache must not be null");
 
-  // One block: keys | values | slot_positions | next_position, each aligned.
+  // One block: keys | values | slot_positions | next_position | padding_rows, each aligned.
   const size_t kv_bytes = round_up(slot_bytes(shape));
-  const size_t total = 2 * kv_bytes + round_up(position_bytes(shape)) + sizeof(int64_t);
+  const size_t positions_bytes = round_up(position_bytes(shape));
+  const size_t per_sequence_bytes = round_up(sequence_bytes(shape));
+  const size_t total = 2 * kv_bytes + positions_bytes + 2 * per_sequence_bytes;
   void* block = nullptr;
   if (Status s = detail::allocate(memory, total, &block); !s.ok()) return in_call("allocate", s);
   char* bytes = static_cast<char*>(block);
@@ -209,22 +274,16 @@ Status KVCache::allocate(const KVCacheShape& shape, MemoryKind memory, KVCache* 
   storage.keys = bytes;
   storage.values = bytes + kv_bytes;
   storage.slot_positions = reinterpret_cast<int64_t*>(bytes + 2 * kv_bytes);
-  storage.next_position =
-      reinterpret_cast<int64_t*>(bytes + 2 * kv_bytes + round_up(position_bytes(shape)));
+  storage.next_position = reinterpret_cast<int64_t*>(bytes + 2 * kv_bytes + positions_bytes);
+  storage.padding_rows = reinterpret_cast<int64_t*>(bytes + 2 * kv_bytes + positions_bytes +
+                                                    per_sequence_bytes);
 
   // Empty slots are never attended, but zeroed keys and values keep every byte a kernel may
   // load defined (and reproducible).
-  KVCache fresh;
-  fresh.shape_ = shape;
-  fresh.memory_ = memory;
-  fresh.storage_ = storage;
-  fresh.owns_storage_ = true;
   Status s = detail::fill_bytes(memory, block, 0, 2 * kv_bytes, nullptr);
-  if (s.ok()) s = fresh.reset();
-  if (s.ok()) s = detail::synchronize(memory, nullptr);
-  if (!s.ok()) return in_call("allocate", s);
-  *cache = std::move(fresh);
-  return Status::Ok();
+  if (s.ok()) s = adopt(shape, memory, storage, /*owns_storage=*/true, cache);
+  else detail::deallocate(memory, block);
+  return in_call("allocate", s);
 }
 
 Status KVCache::wrap(const KVCacheShape& shape, MemoryKind memory, const KVCacheStorage& storage,
@@ -238,15 +297,7 @@ Status KVCache::wrap(const KVCacheShape& shape, MemoryKind memory, const KVCache
     return invalid("wrap", "storage.slot_positions must not be null");
   if (storage.next_position == nullptr)
     return invalid("wrap", "storage.next_position must not be null");
-  KVCache wrapped;
-  wrapped.shape_ = shape;
-  wrapped.memory_ = memory;
-  wrapped.storage_ = storage;
-  Status s = wrapped.reset();
-  if (s.ok()) s = detail::synchronize(memory, nullptr);
-  if (!s.ok()) return in_call("wrap", s);
-  *cache = std::move(wrapped);
-  return Status::Ok();
+  return in_call("wrap", adopt(shape, memory, storage, /*owns_storage=*/false, cache));
 }
 
 Status KVCache::reset(const Launch& launch) {
@@ -255,9 +306,44 @@ Status KVCache::reset(const Launch& launch) {
   Status s = detail::fill_bytes(memory_, storage_.slot_positions, 0xff, position_bytes(shape_),
                                 launch.stream);
   if (s.ok())
-    s = detail::fill_bytes(memory_, storage_.next_position, 0, sizeof(int64_t), launch.stream);
+    s = detail::fill_bytes(memory_, storage_.next_position, 0, sequence_bytes(shape_),
+                           launch.stream);
   if (!s.ok()) return in_call("reset", s);
-  n_seen_ = 0;
+  std::fill(n_seen_.begin(), n_seen_.end(), 0);
+  uniform_ = true;
+  return Status::Ok();
+}
+
+// A ragged chunk's padding, read on the host: each value in [0, n_tokens], and each
+// sequence's positions within range.
+Status KVCache::check_padding(const char* function, const int64_t* padding,
+                              int64_t n_tokens) const {
+  if (padding == nullptr) return Status::Ok();
+  return in_call(function, validate_sequence_positions("n_seen", n_seen_.data(), 1, padding,
+                                                       shape_.batch, n_tokens));
+}
+
+// Leaves the uniform layout: every sequence's row of slot positions and its next position
+// written out (they equal row 0's, which the host knows from the shared count).
+Status KVCache::spread_positions(const Launch& launch) {
+  const int64_t n = n_seen_[0], n_slots = slots(shape_);
+  std::vector<int64_t> row;
+  try {
+    row.resize(n_slots);
+  } catch (const std::bad_alloc&) {
+    return Status::OutOfMemory("KVCache::append: cannot allocate one row of slot positions");
+  }
+  for (int64_t slot = 0; slot < n_slots; ++slot)
+    row[slot] = ring_slot_position(slot, n, shape_.n_global, shape_.n_local);
+  for (int64_t b = 1; b < shape_.batch; ++b) {
+    Status s = detail::copy_from_host(memory_, storage_.slot_positions + b * n_slots, row.data(),
+                                      n_slots * sizeof(int64_t), launch.stream);
+    if (!s.ok()) return s;
+  }
+  Status s = detail::copy_from_host(memory_, storage_.next_position, n_seen_.data(),
+                                    sequence_bytes(shape_), launch.stream);
+  if (!s.ok()) return s;
+  uniform_ = false;
   return Status::Ok();
 }
 
@@ -272,31 +358,63 @@ size_t KVCache::attention_workspace_bytes(const AttentionConfig& attention,
                              storage_.keys, n_tokens, storage_.values));
 }
 
-Status KVCache::append(const void* k, const void* v, int64_t n_tokens, const Launch& launch) {
+Status KVCache::append(const void* k, const void* v, int64_t n_tokens, const Launch& launch,
+                       const int64_t* padding) {
   if (storage_.keys == nullptr) return invalid("append", "the cache holds no storage");
   if (n_tokens < 0) return invalid("append", "n_tokens must be >= 0, got ", n_tokens);
-  const RingCacheAppendParams p = chunk_append_params(shape_, storage_, k, v, n_tokens);
+  if (Status s = check_padding("append", padding, n_tokens); !s.ok()) return s;
+  const bool ragged = any_padding(padding, shape_.batch);
   const bool on_cuda = memory_ == MemoryKind::kCuda;
+  if (ragged && on_cuda && storage_.padding_rows == nullptr)
+    return invalid("append", "storage.padding_rows must not be null for a ragged chunk");
+  // Sequences that will sit at different positions need one row of positions each; a batch of
+  // one stays in the shared layout.
+  const bool uniform = uniform_ && !(ragged && shape_.batch > 1);
+  const SequenceLayout layout{uniform, ragged ? (on_cuda ? storage_.padding_rows : padding) : nullptr};
+  const RingCacheAppendParams p = chunk_append_params(shape_, storage_, k, v, n_tokens, layout);
+  // Every argument is checked before the layout changes, so a refused call changes nothing.
+  if (Status s = validate(p); !s.ok()) return in_call("append", s);
+  if (uniform_ && !uniform) {
+    if (Status s = spread_positions(launch); !s.ok()) return in_call("append", s);
+  }
+  if (ragged && on_cuda) {
+    if (Status s = detail::copy_from_host(memory_, storage_.padding_rows, padding,
+                                          sequence_bytes(shape_), launch.stream);
+        !s.ok()) {
+      return in_call("append", s);
+    }
+  }
   if (Status s = on_cuda ? ring_cache_append_cuda(p, launch.stream) : ring_cache_append_cpu(p);
       !s.ok()) {
     return in_call("append", s);
   }
-  const int64_t next = n_seen_ + n_tokens;
-  if (Status s = detail::copy_from_host(memory_, storage_.next_position, &next, sizeof next,
+  for (int64_t b = 0; b < shape_.batch; ++b)
+    n_seen_[b] += n_tokens - (ragged ? padding[b] : 0);
+  // The shared layout keeps one count on the device; the per-sequence one, one per sequence.
+  if (Status s = detail::copy_from_host(memory_, storage_.next_position, n_seen_.data(),
+                                        uniform_ ? sizeof(int64_t) : sequence_bytes(shape_),
                                         launch.stream);
       !s.ok()) {
     return in_call("append", s);
   }
-  n_seen_ = next;
   return Status::Ok();
 }
 
 Status KVCache::attend(const AttentionConfig& attention, const void* q, const void* k,
-                       const void* v, int64_t n_tokens, void* out, const Launch& launch) const {
+                       const void* v, int64_t n_tokens, void* out, const Launch& launch,
+                       const int64_t* padding) const {
   if (storage_.keys == nullptr) return invalid("attend", "the cache holds no storage");
   if (n_tokens < 0) return invalid("attend", "n_tokens must be >= 0, got ", n_tokens);
+  if (Status s = check_padding("attend", padding, n_tokens); !s.ok()) return s;
+  const bool ragged = any_padding(padding, shape_.batch);
+  const bool on_cuda = memory_ == MemoryKind::kCuda;
+  if (ragged && on_cuda && storage_.padding_rows == nullptr)
+    return invalid("attend", "storage.padding_rows must not be null for a ragged chunk");
+  // A uniform cache serves a ragged chunk as is: one shared start and row of positions, and
+  // each sequence's rows shifted by its padding.
+  const SequenceLayout layout{uniform_, ragged ? (on_cuda ? storage_.padding_rows : padding) : nullptr};
   const LambdaAttentionParams p =
-      chunk_attention_params(shape_, storage_, attention, q, k, v, n_tokens, out);
+      chunk_attention_params(shape_, storage_, attention, q, k, v, n_tokens, out, layout);
   if (memory_ == MemoryKind::kHost)
     return in_call("attend", lambda_attention_cpu(p, launch.n_threads));
   const size_t needed = lambda_attention_cuda_workspace_size(p);
@@ -304,14 +422,22 @@ Status KVCache::attend(const AttentionConfig& attention, const void* q, const vo
     return invalid("attend", "launch.workspace must hold ", needed, " bytes of device memory, got ",
                    launch.workspace == nullptr ? 0 : launch.workspace_bytes);
   }
+  if (Status s = validate(p); !s.ok()) return in_call("attend", s);
+  if (ragged) {
+    if (Status s = detail::copy_from_host(memory_, storage_.padding_rows, padding,
+                                          sequence_bytes(shape_), launch.stream);
+        !s.ok()) {
+      return in_call("attend", s);
+    }
+  }
   return in_call("attend", lambda_attention_cuda(p, launch.workspace, launch.stream));
 }
 
 Status KVCache::attend_and_append(const AttentionConfig& attention, const void* q, const void* k,
                                   const void* v, int64_t n_tokens, void* out,
-                                  const Launch& launch) {
-  if (Status s = attend(attention, q, k, v, n_tokens, out, launch); !s.ok()) return s;
-  return append(k, v, n_tokens, launch);
+                                  const Launch& launch, const int64_t* padding) {
+  if (Status s = attend(attention, q, k, v, n_tokens, out, launch, padding); !s.ok()) return s;
+  return append(k, v, n_tokens, launch, padding);
 }
 
 Status KVCache::decode(const AttentionConfig& attention, const void* q, const void* k,

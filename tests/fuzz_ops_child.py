@@ -5,7 +5,8 @@ crash fails the test instead of killing the suite).
 
 Each example draws an op and its arguments from the whole argument space: valid, edge and
 hostile values (negative, 0, 2^62, 2^63 - 1 sizes and positions; NaN and Inf in tensors and
-the scale; aliased and expanded caches; wrong ranks, dtypes and Python types). An example
+the scale; aliased and expanded caches; wrong ranks, dtypes and Python types; ragged batches:
+padding, per-sequence starts and slot positions, in range or not). An example
 passes when the op either returns what the float64 reference computes (NaN rows included) or
 raises RuntimeError/ValueError/TypeError/MemoryError naming the op. Before each call the
 example is written to stderr, so a crash shows the input that caused it. Prints
@@ -55,6 +56,30 @@ def tensor(draw, shape, dtype=torch.float32, poison=True):
     return t
 
 
+def padding_of(draw, batch, seq):
+    """None (half the time) or leading padding rows per sequence: mostly in [0, seq], rarely
+    out of range or of the wrong shape or dtype."""
+    if draw(st.booleans()):
+        return None
+    values = [draw(st.integers(0, seq)) for _ in range(batch)]
+    hostile = draw(st.integers(1, 12))
+    if hostile == 1 and batch:
+        values[draw(st.integers(0, batch - 1))] = draw(st.sampled_from([-1, seq + 1, 2**62, 2**63 - 1]))
+    padding = torch.tensor(values, dtype=torch.int64).reshape(batch)
+    if hostile == 2:
+        padding = torch.cat([padding, torch.zeros(1, dtype=torch.int64)])
+    elif hostile == 3:
+        padding = padding.int()
+    return padding
+
+
+def per_sequence_starts(draw, batch, start):
+    """query_start / start_position as one shared value (an int or [1]) or [batch] values."""
+    if draw(st.integers(0, 2)) == 0:
+        return [start] + [position(draw) for _ in range(max(batch - 1, 0))] if batch else []
+    return start
+
+
 @st.composite
 def attention_case(draw):
     batch, seq, head_dim = draw(st.integers(0, 2)), draw(st.integers(0, 9)), draw(st.sampled_from([1, 2, 8, 16]))
@@ -71,6 +96,7 @@ def attention_case(draw):
         distance_cap=None if draw(st.booleans()) else size(draw, 0),
         scale=rarely(draw, st.one_of(st.none(), st.floats(-2, 2)),
                      st.sampled_from([float("nan"), float("inf"), 1e300]), one_in=12))
+    case["padding"] = padding_of(draw, batch, seq)
     if draw(st.integers(0, 19)) == 0:  # a Python type the op does not take
         name = draw(st.sampled_from(["n_local", "n_global", "scale", "q"]))
         case[name] = draw(st.sampled_from([True, 2.0, "3", case["q"].numpy() if dtype != torch.bfloat16 else None]))
@@ -84,17 +110,27 @@ def chunk_case(draw):
     slots = draw(st.integers(0, 10))
     shape = (q.shape[0], case["k"].shape[1], slots, q.shape[3]) if isinstance(q, torch.Tensor) else (1, 1, slots, 1)
     dtype = q.dtype if isinstance(q, torch.Tensor) else torch.float32
-    positions = draw(st.lists(rarely_position(), min_size=slots, max_size=slots))
+    # Slot positions shared by the batch ([slots]) or one row per sequence ([batch, slots]).
+    rows = shape[0] if draw(st.booleans()) else None
+    count = slots * (1 if rows is None else rows)
+    positions = draw(st.lists(rarely_position(), min_size=count, max_size=count))
     case.update(cache_k=tensor(draw, shape, dtype), cache_v=tensor(draw, shape, dtype),
-                cache_positions=torch.tensor(positions, dtype=torch.int64).reshape(slots),
+                cache_positions=torch.tensor(positions, dtype=torch.int64).reshape(
+                    (slots,) if rows is None else (rows, slots)),
                 query_start=position(draw))
-    if draw(st.booleans()):
+    starts = per_sequence_starts(draw, shape[0], case["query_start"])
+    if isinstance(starts, list):
+        case["query_start"] = torch.tensor([min(s, 2**63 - 1) for s in starts], dtype=torch.int64)
+    elif draw(st.booleans()):
         case["query_start"] = torch.tensor([case["query_start"]]) if case["query_start"] < 2**63 else 0
     if draw(st.booleans()):  # top-k middle attention
         middle = draw(st.integers(0, 12))
+        middle_positions = torch.arange(middle) + draw(st.integers(-2, 5))
+        if draw(st.booleans()):  # one row per sequence
+            middle_positions = middle_positions + torch.randint(0, 30, (shape[0], 1))
         case.update(middle_k=tensor(draw, shape[:2] + (middle,) + shape[3:], dtype),
                     middle_v=tensor(draw, shape[:2] + (middle,) + shape[3:], dtype),
-                    middle_positions=torch.arange(middle) + draw(st.integers(-2, 5)),
+                    middle_positions=middle_positions,
                     top_k=rarely(draw, st.integers(0, 6), st.sampled_from(BIG + [-1])),
                     top_k_distance=None if draw(st.booleans()) else size(draw, 0),
                     top_k_first_row=rarely(draw, st.integers(0, 9), st.sampled_from([-1, 2**63 - 1])))
@@ -120,9 +156,16 @@ def append_case(draw):
     if aliasing == "k_view" and slots:
         k = cache_k[:, :, : min(n_new, slots)]
     start = position(draw)
-    return dict(cache_k=cache_k, cache_v=cache_v, cache_positions=torch.full((slots,), -1),
-                k=k, v=k.clone(), start_position=torch.tensor([start]) if start < 2**63 and draw(st.booleans()) else start,
-                n_global=n_global, n_local=n_local)
+    start = per_sequence_starts(draw, batch, start)
+    if isinstance(start, list):
+        start = torch.tensor([min(s, 2**63 - 1) for s in start], dtype=torch.int64)
+    elif start < 2**63 and draw(st.booleans()):
+        start = torch.tensor([start])
+    per_sequence = draw(st.booleans())
+    positions = torch.full((batch, slots) if per_sequence else (slots,), -1)
+    return dict(cache_k=cache_k, cache_v=cache_v, cache_positions=positions,
+                k=k, v=k.clone(), start_position=start, n_global=n_global, n_local=n_local,
+                padding=padding_of(draw, batch, n_new))
 
 
 def describe(case) -> str:
@@ -136,10 +179,12 @@ def reference_of(op, case):
     c = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "inv_freq" else v)
          for k, v in case.items()}
     options = dict(n_global=c["n_global"], n_local=c["n_local"], distance_cap=c["distance_cap"], scale=c["scale"])
+    batch, n = c["q"].shape[0], c["q"].shape[2]
     if op == "lambda_attention":
-        return li.lambda_attention_reference(c["q"], c["k"], c["v"], c["inv_freq"], **options)
-    start = int(c["query_start"])
-    n = c["q"].shape[2]
+        rows = row_positions(0, c["padding"], batch, n)
+        return li.lambda_attention_reference(c["q"], c["k"], c["v"], c["inv_freq"], query_positions=rows,
+                                             key_positions=rows, **options)
+    rows = row_positions(c["query_start"], c.get("padding"), batch, n)
     top_k = c.get("top_k", 0)
     if top_k:
         options.update(middle_k=c["middle_k"], middle_v=c["middle_v"], middle_positions=c["middle_positions"],
@@ -147,8 +192,17 @@ def reference_of(op, case):
                        top_k_distance=c["n_local"] // 2 if c["top_k_distance"] is None else c["top_k_distance"])
     return li.lambda_attention_reference(
         c["q"], torch.cat([c["cache_k"], c["k"]], 2), torch.cat([c["cache_v"], c["v"]], 2), c["inv_freq"],
-        query_positions=torch.arange(n) + start,
-        key_positions=torch.cat([c["cache_positions"], torch.arange(n) + start]), **options)
+        query_positions=rows, key_positions=torch.cat([c["cache_positions"].expand(batch, -1), rows], 1),
+        **options)
+
+
+def row_positions(start, padding, batch, n):
+    """[batch, n] positions of a chunk's rows (the reference's convention): start_b + t -
+    padding_b for real rows, -1 for padding rows."""
+    starts = torch.as_tensor(start, dtype=torch.int64).reshape(-1).expand(batch)
+    pad = torch.zeros(batch, dtype=torch.int64) if padding is None else padding
+    t = torch.arange(n)[None, :]
+    return torch.where(t >= pad[:, None], starts[:, None] + t - pad[:, None], -1)
 
 
 def run(op, case):
@@ -164,8 +218,9 @@ def run(op, case):
         return
     expected = reference_of(op, case)
     assert out.shape == case["q"].shape
-    if case["cache_positions" if op != "lambda_attention" else "q"].numel() and op != "lambda_attention":
-        if (case["cache_positions"] >= int(case["query_start"])).any():
+    if op != "lambda_attention" and case["cache_positions"].numel() and out.shape[0]:
+        starts = torch.as_tensor(case["query_start"]).reshape(-1, 1)
+        if (case["cache_positions"] >= starts).any():
             return  # a cache slot from the future breaks the op's contract; only no-crash is asserted
     torch.testing.assert_close(out.double(), expected, rtol=2e-4, atol=2e-4, equal_nan=True)
 

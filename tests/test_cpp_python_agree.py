@@ -110,3 +110,61 @@ def test_kv_cache_matches_python_ring_cache(kv_cache_stream, tmp_path, case, dty
             distance_cap=config["distance_cap"], scale=config["scale"],
         )
         torch.testing.assert_close(cpp.double(), reference, atol=2e-6, rtol=1e-5)
+
+
+def _stream_ragged_through_python(config: dict, chunks: list, padding: list, tensors: dict,
+                                  dtype: torch.dtype) -> torch.Tensor:
+    """The ops themselves with per-sequence positions (what KVCache runs for a ragged batch)."""
+    batch, slots = config["batch"], config["n_global"] + config["n_local"]
+    cache_k = torch.zeros(batch, config["n_heads_kv"], slots, config["head_dim"], dtype=dtype)
+    cache_v = torch.zeros_like(cache_k)
+    positions = torch.full((batch, slots), -1, dtype=torch.int64)
+    seen = torch.zeros(batch, dtype=torch.int64)
+    options = dict(n_global=config["n_global"], n_local=config["n_local"])
+    outputs, begin = [], 0
+    for n, pad in zip(chunks, padding):
+        part = {name: tensors[name][:, :, begin : begin + n].to(dtype) for name in "qkv"}
+        pad = torch.tensor(pad, dtype=torch.int64)
+        outputs.append(lm_infinite.lambda_attention_chunk(
+            part["q"], part["k"], part["v"], cache_k, cache_v, positions, seen.clone(),
+            tensors["inv_freq"], distance_cap=config["distance_cap"], scale=config["scale"],
+            padding=pad, **options))
+        lm_infinite.ring_cache_append(cache_k, cache_v, positions, part["k"], part["v"], seen.clone(),
+                                      padding=pad, **options)
+        seen += n - pad
+        begin += n
+    return torch.cat(outputs, dim=2).to(torch.float32)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_kv_cache_ragged_batch_matches_the_python_ops(kv_cache_stream, tmp_path, dtype_name):
+    """Sequences of different lengths, left-padded chunk by chunk (uniform chunks first, then
+    ragged ones, then decode steps where a sequence has ended): the C++ cache and the Python
+    ops with per-sequence positions agree, padding rows zeros on both sides."""
+    config = dict(batch=3, n_heads_q=4, n_heads_kv=2, head_dim=64, rotary_dim=64, n_global=4,
+                  n_local=16, distance_cap=16)
+    chunks = [8, 8, 20, 1, 1, 5, 1]
+    padding = [[0, 0, 0], [0, 0, 0], [3, 0, 15], [0, 0, 1], [0, 1, 1], [4, 0, 5], [1, 0, 0]]
+    config.update(dtype=dtype_name, n_tokens=sum(chunks), scale=config["head_dim"] ** -0.5)
+    generator = torch.Generator().manual_seed(1)
+    shape_q = (config["batch"], config["n_heads_q"], config["n_tokens"], config["head_dim"])
+    shape_kv = (config["batch"], config["n_heads_kv"], config["n_tokens"], config["head_dim"])
+    tensors = {
+        "q": torch.rand(shape_q, generator=generator) * 2 - 1,
+        "k": torch.rand(shape_kv, generator=generator) * 2 - 1,
+        "v": torch.rand(shape_kv, generator=generator) * 2 - 1,
+        "inv_freq": 10000.0 ** (-torch.arange(0, config["rotary_dim"], 2, dtype=torch.float32)
+                                / config["rotary_dim"]),
+    }
+    config_lines = dict(config, padding=" ".join(str(p) for row in padding for p in row))
+    cpp = _stream_through_cpp(kv_cache_stream, tmp_path, config_lines, chunks, tensors)
+    python = _stream_ragged_through_python(config, chunks, padding, tensors, DTYPES[dtype_name])
+    atol, rtol = TOLERANCE[dtype_name]
+    torch.testing.assert_close(cpp, python, atol=atol, rtol=rtol)
+    # Padding rows are zeros, real rows are not.
+    begin = 0
+    for n, pad in zip(chunks, padding):
+        for b, p in enumerate(pad):
+            assert (cpp[b, :, begin : begin + p] == 0).all()
+            assert (cpp[b, :, begin + p : begin + n].abs().sum(-1) > 0).all()
+        begin += n

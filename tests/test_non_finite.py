@@ -89,3 +89,30 @@ def test_causal_case_is_softmax_over_the_keys_each_row_sees():
     rows = [torch.softmax(q[0, 0, i] @ k[0, 0, : i + 1].T * 0.25, -1) @ v[0, 0, : i + 1] for i in range(9)]
     assert nan_rows(out) == [2, 6, 7, 8]
     torch.testing.assert_close(out[0, 0], torch.stack(rows), equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_padding_rows_never_reach_a_row_nor_the_cache(bad):
+    """Padding rows are no key: non-finite values there leave every real row finite (kernel
+    and reference agree), are not written into the ring, and a real non-finite key still
+    poisons exactly the rows that see it."""
+    q, k, v = random_qkv(2, 2, 1, 8, 32)
+    padding = torch.tensor([3, 0])
+    for t in (q, k, v):
+        t[0, :, :3] = bad
+    k[1, 0, 6, 0] = bad  # a real key of sequence 1, seen by its rows 6 and 7
+    positions = torch.where(torch.arange(8)[None] >= padding[:, None],
+                            torch.arange(8)[None] - padding[:, None], -1)
+    out = li.lambda_attention(q, k, v, INV, padding=padding, **SETTINGS)
+    ref = li.lambda_attention_reference(q.double(), k.double(), v.double(), INV, query_positions=positions,
+                                        key_positions=positions, **SETTINGS)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.isfinite(out[0]).all() and (out[0, :, :3] == 0).all()
+    assert torch.isnan(out[1]).all(-1).any(0).nonzero().flatten().tolist() == [6, 7]
+
+    cache_k, cache_v = torch.zeros(2, 1, 5, 32), torch.zeros(2, 1, 5, 32)
+    cache_positions = torch.full((2, 5), -1)
+    li.ring_cache_append(cache_k, cache_v, cache_positions, k, v, torch.zeros(2, dtype=torch.int64),
+                         n_global=1, n_local=4, padding=padding)
+    assert torch.isfinite(cache_k[0]).all() and torch.isfinite(cache_v[0]).all()
+    assert cache_positions[0].tolist() == [0, 1, 2, 3, 4]

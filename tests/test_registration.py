@@ -17,6 +17,7 @@ def attention_samples():
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v = random_qkv(2, 4, 2, 13, 64, dtype)
         yield (q, k, v, rope_inv_freq(64), 2, 5, 5, 0.125)
+        yield (q, k, v, rope_inv_freq(64), 2, 5, 5, 0.125, torch.tensor([4, 0]))  # ragged batch
 
 
 def chunk_samples():
@@ -27,12 +28,22 @@ def chunk_samples():
     middle_k, middle_v = torch.randn(1, 3, 90, 64), torch.randn(1, 3, 90, 64)
     yield (q, k, v, cache_k, cache_v, positions, torch.tensor([98]), rope_inv_freq(64), 3, 5, 4, 0.1,
            middle_k, middle_v, torch.arange(3, 93), 4, 2, 6)
+    # A ragged batch: per-sequence starts, slot and middle positions, padding.
+    q, k, v = random_qkv(2, 6, 3, 7, 64)
+    cache_k, cache_v = torch.randn(2, 3, 9, 64), torch.randn(2, 3, 9, 64)
+    positions = torch.tensor([[0, 1, 2, 93, 94, 95, 96, -1, 97], [0, 1, 2, 3, -1, -1, -1, -1, -1]])
+    middle_k, middle_v = torch.randn(2, 3, 90, 64), torch.randn(2, 3, 90, 64)
+    yield (q, k, v, cache_k, cache_v, positions, torch.tensor([98, 4]), rope_inv_freq(64), 3, 5, 4,
+           0.1, middle_k, middle_v, torch.stack([torch.arange(3, 93), torch.arange(-86, 4)]), 4, 2, 6,
+           torch.tensor([0, 3]))
 
 
 def append_samples():
     k, v = torch.randn(2, 3, 11, 16), torch.randn(2, 3, 11, 16)
     yield (torch.zeros(2, 3, 6, 16), torch.zeros(2, 3, 6, 16), torch.full((6,), -1), k, v,
            torch.tensor([5]), 2, 4)
+    yield (torch.zeros(2, 3, 6, 16), torch.zeros(2, 3, 6, 16), torch.full((2, 6), -1), k, v,
+           torch.tensor([5, 0]), 2, 4, torch.tensor([3, 11]))
 
 
 @pytest.mark.parametrize("op,samples", [
@@ -54,6 +65,17 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), block(q, k, v))
+
+
+def test_torch_compile_fullgraph_with_padding():
+    q, k, v = random_qkv(2, 4, 2, 17, 64)
+    inv_freq, padding = rope_inv_freq(64), torch.tensor([5, 0])
+
+    def block(q, k, v, padding):
+        return li.lambda_attention(q, k, v, inv_freq, n_global=2, n_local=8, padding=padding) * 3
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, padding), block(q, k, v, padding))
 
 
 def test_build_info():

@@ -5,7 +5,8 @@
 //
 // DIR/config.txt holds "key value..." lines: dtype (float32, bfloat16 or float16), batch,
 // n_heads_q, n_heads_kv, head_dim, rotary_dim, n_global, n_local, distance_cap, scale,
-// n_tokens, and chunks (the chunk sizes, fed in order; 1 = a decode step).
+// n_tokens, and chunks (the chunk sizes, fed in order; 1 = a decode step); optionally padding,
+// batch values per chunk (a ragged batch: each chunk's leading padding rows per sequence).
 // DIR/q.f32 [batch, n_heads_q, n_tokens, head_dim], DIR/k.f32 and DIR/v.f32 [batch, n_heads_kv,
 // n_tokens, head_dim] and DIR/inv_freq.f32 [rotary_dim / 2] are raw float32 (native byte
 // order); q, k, v are rounded to dtype. Writes the attention output, as float32 shaped like q,
@@ -52,7 +53,7 @@ int main(int argc, char** argv) {
   }
   const std::string dir = argv[1];
   std::map<std::string, std::string> config;
-  std::vector<int64_t> chunks;
+  std::vector<int64_t> chunks, padding;
   std::ifstream config_file(dir + "/config.txt");
   for (std::string line; std::getline(config_file, line);) {
     std::istringstream fields(line);
@@ -60,6 +61,8 @@ int main(int argc, char** argv) {
     fields >> key;
     if (key == "chunks") {
       for (int64_t n; fields >> n;) chunks.push_back(n);
+    } else if (key == "padding") {
+      for (int64_t n; fields >> n;) padding.push_back(n);
     } else {
       fields >> config[key];
     }
@@ -97,17 +100,25 @@ int main(int argc, char** argv) {
       !s.ok()) {
     return fail("allocate", s);
   }
+  if (!padding.empty() && padding.size() != chunks.size() * static_cast<size_t>(shape.batch)) {
+    std::fprintf(stderr, "padding has %zu values, expected batch x chunks = %zu\n",
+                 padding.size(), chunks.size() * static_cast<size_t>(shape.batch));
+    return 2;
+  }
   HostTensor out(shape.dtype, q.size());
   size_t begin = 0;
-  for (const int64_t n : chunks) {
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const int64_t n = chunks[i];
+    const int64_t* chunk_padding = padding.empty() ? nullptr : padding.data() + i * shape.batch;
     const HostTensor cq = q.slice(q_rows, t, begin, n, d);
     const HostTensor ck = k.slice(kv_rows, t, begin, n, d);
     const HostTensor cv = v.slice(kv_rows, t, begin, n, d);
     HostTensor chunk_out(shape.dtype, cq.size());
     const lminf::Status s =
-        n == 1 ? cache.decode(attention, cq.data(), ck.data(), cv.data(), chunk_out.data())
-               : cache.attend_and_append(attention, cq.data(), ck.data(), cv.data(), n,
-                                         chunk_out.data());
+        n == 1 && chunk_padding == nullptr
+            ? cache.decode(attention, cq.data(), ck.data(), cv.data(), chunk_out.data())
+            : cache.attend_and_append(attention, cq.data(), ck.data(), cv.data(), n,
+                                      chunk_out.data(), {}, chunk_padding);
     if (!s.ok()) return fail("attention", s);
     out.assign_slice(chunk_out, q_rows, t, begin, n, d);
     begin += n;

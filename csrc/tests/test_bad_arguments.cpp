@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,8 @@ struct ValidAttention {
   HostTensor kv{DType::kFloat32, random_values(kTokens * kHeadDim, 2)};
   HostTensor out{DType::kFloat32, 2 * kTokens * kHeadDim};
   int64_t query_start = 0;
+  std::optional<int64_t> padding;  // leading padding rows of the one sequence, if any
+  bool per_sequence = false;       // query_start as a [batch] array (stride 1)
   std::vector<int64_t> cache_positions = std::vector<int64_t>(4, -1);
 
   lminf::LambdaAttentionParams params() {
@@ -53,6 +56,8 @@ struct ValidAttention {
     p.q_batch_stride = p.out_batch_stride = 2 * kTokens * kHeadDim;
     p.k_batch_stride = p.v_batch_stride = kTokens * kHeadDim;
     p.query_start = &query_start;
+    p.query_start_batch_stride = per_sequence ? 1 : 0;
+    p.padding = padding ? &*padding : nullptr;
     p.inv_freq = inv_freq.data();
     p.rotary_dim = kHeadDim;
     p.batch = 1;
@@ -110,6 +115,25 @@ TEST(lambda_attention_cpu_names_the_bad_field) {
       {"top_k", [](Params& p) { p.top_k = INT64_MAX; }},
       {"scale", [](Params& p) { p.scale = std::numeric_limits<float>::quiet_NaN(); }},
       {"scale", [](Params& p) { p.scale = std::numeric_limits<float>::infinity(); }},
+      // Per-sequence layouts (issue #16): a start per sequence or one shared, slot rows that
+      // never overlap.
+      {"query_start_batch_stride must be 0 (one value shared by the batch) or 1",
+       [](Params& p) { p.query_start_batch_stride = 2; }},
+      {"query_start_batch_stride", [](Params& p) { p.query_start_batch_stride = -1; }},
+      {"cache_positions_batch_stride must be 0 (shared by the batch) or in [4, 2^62]",
+       [](Params& p) {
+         p.cache_len = 4;
+         p.cache_k = p.cache_v = p.q;
+         p.cache_positions_batch_stride = 3;
+       }},
+      {"middle_positions_batch_stride must be 0 (shared by the batch) or in [2, 2^62]",
+       [](Params& p) {
+         p.top_k = 1;
+         p.middle_len = 2;
+         p.middle_k = p.middle_v = p.q;
+         p.middle_positions = p.query_start;
+         p.middle_positions_batch_stride = 1;
+       }},
   };
   for (const auto& [field, corrupt] : cases) {
     ValidAttention valid;
@@ -131,6 +155,20 @@ TEST(lambda_attention_cpu_checks_the_values_it_reads) {
        [](ValidAttention& a) { a.query_start = lminf::kMaxPosition - 4; }},
       {"inv_freq must be finite",
        [](ValidAttention& a) { a.inv_freq[1] = std::numeric_limits<float>::quiet_NaN(); }},
+      // Padding rows: a count in [0, n_queries]; the real rows' positions in range.
+      {"padding must be in [0, 5] (leading padding rows of the chunk), got 6 for sequence 0",
+       [](ValidAttention& a) { a.padding = 6; }},
+      {"padding must be in [0, 5] (leading padding rows of the chunk), got -1 for sequence 0",
+       [](ValidAttention& a) { a.padding = -1; }},
+      {"query_start must be in [0, 2^62 - 3]",
+       [](ValidAttention& a) {
+         a.padding = 2;
+         a.query_start = lminf::kMaxPosition - 2;
+       }},
+      {"query_start must be in [0, 2^62 - 5]", [](ValidAttention& a) {
+         a.per_sequence = true;
+         a.query_start = -1;
+       }},
   };
   for (const auto& [message, corrupt] : cases) {
     ValidAttention valid;
@@ -191,20 +229,52 @@ TEST(ring_cache_append_cpu_names_the_bad_field) {
        [](Params& p) { *const_cast<int64_t*>(p.start_position) = INT64_MAX - 1; }},
       {"start_position must be in [0, 2^62 - 2]",
        [](Params& p) { *const_cast<int64_t*>(p.start_position) = -1; }},
+      {"start_position_batch_stride must be 0 (one value shared by the batch) or 1",
+       [](Params& p) { p.start_position_batch_stride = 3; }},
+      {"cache_positions_batch_stride must be 0 (shared by the batch) or in [4, 2^62]",
+       [](Params& p) { p.cache_positions_batch_stride = 2; }},
+      // Two sequences at different positions cannot share one row of slot positions.
+      {"cache_positions_batch_stride must be at least n_global + n_local (4, one row of slot "
+       "positions per sequence) when start_position is per sequence, got 0",
+       [](Params& p) {
+         p.batch = 2;
+         p.start_position_batch_stride = 1;
+       }},
+      {"cache_positions_batch_stride must be at least n_global + n_local (4, one row of slot "
+       "positions per sequence) when padding is given, got 0",
+       [](Params& p) {
+         p.batch = 2;
+         p.padding = p.start_position;  // [0, 0]
+       }},
+      {"padding must be in [0, 2] (leading padding rows of the chunk), got 3 for sequence 0",
+       [](Params& p) { p.padding = p.start_position + 2; }},  // holds 3
+      {"start_position must be in [0, 2^62 - 1] (the chunk's 1 positions must stay below 2^62), "
+       "got 4611686018427387904 for sequence 1",
+       [](Params& p) {
+         p.batch = 2;
+         p.cache_positions_batch_stride = 4;
+         p.start_position_batch_stride = 1;
+         p.padding = p.start_position + 3;  // [1, 1]
+       }},
   };
   for (const auto& [field, corrupt] : cases) {
     std::vector<float> cache(4 * 8), chunk = random_values(2 * 8, 3);
-    std::vector<int64_t> positions(4, -1);
-    int64_t start = 0;
+    // Two sequences' worth, so that a case can make the batch per-sequence; k's second
+    // sequence reads the first's rows (batch stride 0).
+    std::vector<int64_t> positions(8, -1);
+    // start_position [0, 0] or [0, 2^62], then spare values a case points padding at.
+    int64_t start[5] = {0, field.find("for sequence 1") != std::string::npos ? lminf::kMaxPosition : 0,
+                        3, 1, 1};
     Params p;
     p.cache_k = p.cache_v = cache.data();
     p.cache_k_row_stride = p.cache_v_row_stride = p.k_row_stride = p.v_row_stride = 8;
-    p.cache_k_head_stride = p.cache_v_head_stride = p.cache_k_batch_stride =
-        p.cache_v_batch_stride = 32;
-    p.k_head_stride = p.v_head_stride = p.k_batch_stride = p.v_batch_stride = 16;
+    p.cache_k_head_stride = p.cache_v_head_stride = 32;
+    p.cache_k_batch_stride = p.cache_v_batch_stride = 0;
+    p.k_head_stride = p.v_head_stride = 16;
+    p.k_batch_stride = p.v_batch_stride = 0;
     p.cache_positions = positions.data();
     p.k = p.v = chunk.data();
-    p.start_position = &start;
+    p.start_position = start;
     p.batch = p.n_heads_kv = 1;
     p.n_new = 2;
     p.head_dim = 8;
@@ -212,7 +282,7 @@ TEST(ring_cache_append_cpu_names_the_bad_field) {
     p.n_local = 3;
     corrupt(p);
     expect_error(lminf::ring_cache_append_cpu(p), StatusCode::kInvalidArgument, field, field);
-    CHECK(positions == std::vector<int64_t>(4, -1)) << field << ": the cache was written";
+    CHECK(positions == std::vector<int64_t>(8, -1)) << field << ": the cache was written";
   }
 }
 

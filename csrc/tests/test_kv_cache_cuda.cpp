@@ -1,6 +1,7 @@
 // lminf::KVCache in CUDA memory against the same stream through a host KVCache (which the other
 // tests hold to the naive loop): outputs, and the cache contents, after chunked prefill and
-// decoding on a non-default stream. Built with -DLMINF_CUDA=ON; skipped (exit code 77) on a
+// decoding on a non-default stream, for a uniform batch and a ragged one (left-padded chunks,
+// sequences at different positions). Built with -DLMINF_CUDA=ON; skipped (exit code 77) on a
 // machine without a GPU.
 #include <cuda_runtime_api.h>
 
@@ -57,7 +58,15 @@ Tolerance gpu_tolerance(DType dtype) {
   return {0.0, 0.0};
 }
 
-void stream_on_both(const Geometry& c) {
+// Leading padding rows of sequence b in chunk i of n tokens: none for a uniform batch; for a
+// ragged one, the sequences take turns to pad a prefill chunk or sit out a decode step.
+int64_t padding_of(bool ragged, size_t i, int64_t n, int64_t b) {
+  if (!ragged) return 0;
+  if (n > 1) return (static_cast<int64_t>(i) + b) % 2 == 0 ? n / 3 : 0;
+  return i % 5 == 0 && static_cast<int64_t>(i / 5) % 2 == b ? 1 : 0;
+}
+
+void stream_on_both(const Geometry& c, bool ragged) {
   lminf::KVCacheShape shape;
   shape.dtype = c.dtype;
   shape.batch = 2;
@@ -109,17 +118,24 @@ void stream_on_both(const Geometry& c) {
 
   HostTensor host_out(c.dtype, q.size()), device_out(c.dtype, q.size());
   size_t begin = 0;
-  for (const int64_t n : chunks) {
+  std::vector<int64_t> seen(shape.batch, 0);
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const int64_t n = chunks[i];
+    std::vector<int64_t> padding(shape.batch);
+    for (int64_t b = 0; b < shape.batch; ++b) {
+      padding[b] = padding_of(ragged, i, n, b);
+      seen[b] += n - padding[b];
+    }
     const HostTensor cq = q.slice(q_rows, t, begin, n, d), ck = k.slice(kv_rows, t, begin, n, d);
     const HostTensor cv = v.slice(kv_rows, t, begin, n, d);
     HostTensor chunk_out(c.dtype, cq.size()), chunk_device_out(c.dtype, cq.size());
     CHECK_OK(host.attend_and_append(host_attention, cq.data(), ck.data(), cv.data(), n,
-                                    chunk_out.data()));
+                                    chunk_out.data(), {}, padding.data()));
     cudaMemcpyAsync(dq.data(), cq.data(), cq.size() * element, cudaMemcpyHostToDevice, stream);
     cudaMemcpyAsync(dk.data(), ck.data(), ck.size() * element, cudaMemcpyHostToDevice, stream);
     cudaMemcpyAsync(dv.data(), cv.data(), cv.size() * element, cudaMemcpyHostToDevice, stream);
     CHECK_OK(device.attend_and_append(device_attention, dq.data(), dk.data(), dv.data(), n,
-                                      dout.data(), launch));
+                                      dout.data(), launch, padding.data()));
     cudaMemcpyAsync(chunk_device_out.data(), dout.data(), cq.size() * element,
                     cudaMemcpyDeviceToHost, stream);
     CHECK(cudaStreamSynchronize(stream) == cudaSuccess) << cudaGetErrorString(cudaGetLastError());
@@ -135,13 +151,18 @@ void stream_on_both(const Geometry& c) {
                       << c.n_heads_kv << " head_dim " << c.head_dim << ": worst error / tolerance "
                       << worst;
 
-  // The same tokens in the same slots: appending is a copy.
-  const size_t slots = shape.n_global + shape.n_local;
-  std::vector<int64_t> positions(slots), next(1);
+  // The same tokens in the same slots: appending is a copy. A uniform batch keeps row 0 only.
+  CHECK(device.uniform() == !ragged && host.uniform() == !ragged);
+  const size_t rows = ragged ? shape.batch : 1;
+  const size_t slots = (shape.n_global + shape.n_local) * rows;
+  std::vector<int64_t> positions(slots), next(rows);
   cudaMemcpy(positions.data(), device.storage().slot_positions, slots * sizeof(int64_t),
              cudaMemcpyDeviceToHost);
-  cudaMemcpy(next.data(), device.storage().next_position, sizeof(int64_t), cudaMemcpyDeviceToHost);
-  CHECK(next[0] == n_tokens && device.n_seen() == n_tokens) << next[0];
+  cudaMemcpy(next.data(), device.storage().next_position, rows * sizeof(int64_t),
+             cudaMemcpyDeviceToHost);
+  for (size_t b = 0; b < rows; ++b)
+    CHECK(next[b] == seen[b] && device.n_seen(b) == seen[b] && host.n_seen(b) == seen[b])
+        << "sequence " << b << ": " << next[b] << " vs " << seen[b];
   CHECK(std::equal(positions.begin(), positions.end(), host.storage().slot_positions))
       << "slot positions differ";
   std::vector<unsigned char> keys(KVCache::slot_bytes(shape));
@@ -170,7 +191,15 @@ TEST(a_cuda_cache_streams_like_a_host_cache) {
       {DType::kFloat16, 8, 1, 128},  // MQA, head_dim 128, tensor cores
       {DType::kFloat32, 4, 2, 64},   // the generic kernel
   };
-  for (const Geometry& g : geometries) stream_on_both(g);
+  for (const Geometry& g : geometries) stream_on_both(g, /*ragged=*/false);
+}
+
+TEST(a_ragged_batch_on_a_cuda_cache_streams_like_a_host_cache) {
+  const Geometry geometries[] = {
+      {DType::kBFloat16, 9, 3, 64},
+      {DType::kFloat32, 4, 2, 64},
+  };
+  for (const Geometry& g : geometries) stream_on_both(g, /*ragged=*/true);
 }
 
 int main() {

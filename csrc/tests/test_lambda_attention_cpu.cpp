@@ -1,6 +1,7 @@
 // lambda_attention_cpu against the naive float64 loop: whole sequences and chunks over a ring
 // cache, odd sizes, GQA and MHA, n_global 0 and > 0, wrap-around, distance_cap != n_local,
-// partial rotary, all three dtypes, and positions near 10^9.
+// partial rotary, all three dtypes, positions near 10^9, and ragged batches (per-sequence
+// starts, strided slot rows, padding, top-k) against each sequence alone.
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -243,4 +244,119 @@ TEST(thread_count_does_not_change_the_result) {
   const Chunk chunk(c, 500, ring_positions(c, 500), 9);
   const double worst = worst_error_ratio(chunk.run(1), chunk.run(0), 1e-7, 1e-6);
   CHECK(worst <= 1.0) << "1 thread vs default: worst error / tolerance " << worst;
+}
+
+// --- Batches of different lengths (issue #16). ---
+
+namespace {
+
+// A batch whose sequences sit at different positions: per-sequence query starts, slot rows
+// (spaced further apart than their length, as a caller's strided buffer may be), padding and
+// top-k middle positions, in float32.
+struct RaggedBatch {
+  static constexpr int64_t kHeadsQ = 4, kHeadsKV = 2, kDim = 16, kRows = 9, kSlots = 12,
+                           kSlotStride = 15, kMiddle = 10;
+  std::vector<int64_t> starts, padding, cache_positions, middle_positions;
+  std::vector<float> inv_freq = rope_inv_freq(kDim);
+  std::vector<float> q, k, v, cache_k, cache_v, middle_k, middle_v;
+  int64_t batch, n_global = 2, n_local = 6, top_k = 0;
+
+  RaggedBatch(std::vector<int64_t> starts_, std::vector<int64_t> padding_, uint64_t seed)
+      : starts(std::move(starts_)), padding(std::move(padding_)),
+        batch(static_cast<int64_t>(starts.size())) {
+    q = random_values(batch * kHeadsQ * kRows * kDim, seed);
+    k = random_values(batch * kHeadsKV * kRows * kDim, seed + 1);
+    v = random_values(batch * kHeadsKV * kRows * kDim, seed + 2);
+    cache_k = random_values(batch * kHeadsKV * kSlots * kDim, seed + 3);
+    cache_v = random_values(batch * kHeadsKV * kSlots * kDim, seed + 4);
+    middle_k = random_values(batch * kHeadsKV * kMiddle * kDim, seed + 5);
+    middle_v = random_values(batch * kHeadsKV * kMiddle * kDim, seed + 6);
+    // Each sequence's ring after starts[b] tokens (rows spaced kSlotStride apart) and a middle store of some of its earlier tokens.
+    cache_positions.assign(batch * kSlotStride, 1);  // a global key, were the gap ever read
+    middle_positions.assign(batch * kMiddle, -1);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t slot = 0; slot < kSlots; ++slot) cache_positions[b * kSlotStride + slot] = -1;
+      for (int64_t p = 0; p < starts[b]; ++p)
+        cache_positions[b * kSlotStride + lminf::ring_slot(p, n_global, kSlots - n_global)] = p;
+      for (int64_t m = 0; m < kMiddle && 2 * m + n_global < starts[b]; ++m)
+        middle_positions[b * kMiddle + m] = 2 * m + n_global;
+    }
+  }
+
+  // The whole batch (per_sequence) or sequence b alone, its real rows only (rows from `from`).
+  lminf::LambdaAttentionParams params(std::vector<float>& out, int64_t only = -1) const {
+    const bool alone = only >= 0;
+    const int64_t b0 = alone ? only : 0, from = alone ? padding[only] : 0;
+    lminf::LambdaAttentionParams p;
+    p.q = q.data() + b0 * kHeadsQ * kRows * kDim + from * kDim;
+    p.k = k.data() + b0 * kHeadsKV * kRows * kDim + from * kDim;
+    p.v = v.data() + b0 * kHeadsKV * kRows * kDim + from * kDim;
+    p.q_row_stride = p.k_row_stride = p.v_row_stride = p.out_row_stride = kDim;
+    p.q_head_stride = p.k_head_stride = p.v_head_stride = p.out_head_stride = kRows * kDim;
+    p.q_batch_stride = p.out_batch_stride = kHeadsQ * kRows * kDim;
+    p.k_batch_stride = p.v_batch_stride = kHeadsKV * kRows * kDim;
+    p.cache_k = cache_k.data() + b0 * kHeadsKV * kSlots * kDim;
+    p.cache_v = cache_v.data() + b0 * kHeadsKV * kSlots * kDim;
+    p.cache_k_row_stride = p.cache_v_row_stride = kDim;
+    p.cache_k_head_stride = p.cache_v_head_stride = kSlots * kDim;
+    p.cache_k_batch_stride = p.cache_v_batch_stride = kHeadsKV * kSlots * kDim;
+    p.cache_positions = cache_positions.data() + b0 * kSlotStride;
+    p.cache_positions_batch_stride = alone ? 0 : kSlotStride;
+    p.cache_len = kSlots;
+    p.query_start = starts.data() + b0;
+    p.query_start_batch_stride = alone ? 0 : 1;
+    p.padding = alone ? nullptr : padding.data();
+    p.middle_k = middle_k.data() + b0 * kHeadsKV * kMiddle * kDim;
+    p.middle_v = middle_v.data() + b0 * kHeadsKV * kMiddle * kDim;
+    p.middle_k_row_stride = p.middle_v_row_stride = kDim;
+    p.middle_k_head_stride = p.middle_v_head_stride = kMiddle * kDim;
+    p.middle_k_batch_stride = p.middle_v_batch_stride = kHeadsKV * kMiddle * kDim;
+    p.middle_positions = middle_positions.data() + b0 * kMiddle;
+    p.middle_positions_batch_stride = alone ? 0 : kMiddle;
+    p.middle_len = kMiddle;
+    p.top_k = top_k;
+    p.top_k_distance = 3;
+    p.top_k_first_row = alone ? std::max<int64_t>(0, 4 - from) : 4;  // counts padding rows
+    p.out = out.data() + (alone ? from * kDim : 0);
+    p.inv_freq = inv_freq.data();
+    p.rotary_dim = kDim;
+    p.batch = alone ? 1 : batch;
+    p.n_heads_q = kHeadsQ;
+    p.n_heads_kv = kHeadsKV;
+    p.n_queries = kRows - from;
+    p.head_dim = kDim;
+    p.n_global = n_global;
+    p.n_local = n_local;
+    p.distance_cap = n_local;
+    p.scale = 0.25f;
+    return p;
+  }
+};
+
+}  // namespace
+
+TEST(a_ragged_batch_gives_each_sequence_its_result_alone) {
+  using B = RaggedBatch;
+  for (int64_t top_k : {0, 2}) {
+    // Starts below and beyond the window, one sequence all padding.
+    B batch({0, 3, 40, 17}, {2, 0, 5, 9}, 11 + top_k);
+    batch.top_k = top_k;
+    std::vector<float> out(batch.batch * B::kHeadsQ * B::kRows * B::kDim, std::nanf(""));
+    CHECK_OK(lminf::lambda_attention_cpu(batch.params(out)));
+    for (int64_t b = 0; b < batch.batch; ++b) {
+      // Alone: a batch of one, shared layout, only the real rows; written into its own buffer.
+      std::vector<float> alone(B::kHeadsQ * B::kRows * B::kDim, 0.f);
+      if (batch.padding[b] < B::kRows) {
+        CHECK_OK(lminf::lambda_attention_cpu(batch.params(alone, b)));
+      }
+      std::vector<double> got, want;
+      for (int64_t i = 0; i < B::kHeadsQ * B::kRows * B::kDim; ++i) {
+        got.push_back(out[b * B::kHeadsQ * B::kRows * B::kDim + i]);
+        want.push_back(alone[i]);  // padding rows stay zeros
+      }
+      const double worst = worst_error_ratio(got, want, 1e-6, 1e-5);
+      CHECK(worst <= 1.0) << "top_k " << top_k << " sequence " << b << ": worst error / tolerance "
+                          << worst;
+    }
+  }
 }

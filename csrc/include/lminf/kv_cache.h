@@ -8,6 +8,14 @@
 // Typical loop, per layer, for each chunk of n_tokens new tokens (n_tokens = 1 when decoding):
 //   cache.attend_and_append(attention, q, k, v, n_tokens, out);
 //
+// Sequences of different lengths: each sequence of the batch has its own position (n_seen(b)).
+// A ragged chunk is left-padded: padding[b] (host memory, [batch], in [0, n_tokens]) leading
+// rows of sequence b are padding, neither attended to nor stored, and their output rows are
+// zeros; the other n_tokens - padding[b] rows are that sequence's next tokens. Each sequence
+// then gets exactly what it gets streamed alone. While every sequence sits at the same
+// position the cache keeps one shared row of positions (the kernels' batch-uniform layout,
+// no extra work); the first ragged append spreads it to one row per sequence until reset().
+//
 // Conventions for every function below:
 //   * Nothing throws. Every call returns a Status; a bad argument leaves the cache unchanged
 //     and the message names the argument.
@@ -25,6 +33,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "lminf/dtype.h"
 #include "lminf/export.h"
@@ -38,7 +47,7 @@ enum class MemoryKind : int { kHost = 0, kCuda = 1 };
 // The fixed geometry of one layer's cache.
 struct KVCacheShape {
   DType dtype = DType::kFloat32;  // element type of the keys, values, queries and outputs
-  int64_t batch = 1;              // sequences streamed side by side, all at the same position
+  int64_t batch = 1;              // sequences streamed side by side, each at its own position
   int64_t n_heads_kv = 0;         // key/value heads
   int64_t head_dim = 0;           // features per head
   int64_t n_global = 10;          // G: the first G tokens stay visible at any distance (>= 0)
@@ -50,8 +59,15 @@ struct KVCacheShape {
 struct KVCacheStorage {
   void* keys = nullptr;               // [batch, n_heads_kv, n_global + n_local, head_dim], dtype
   void* values = nullptr;             // [batch, n_heads_kv, n_global + n_local, head_dim], dtype
-  int64_t* slot_positions = nullptr;  // [n_global + n_local] position held by each slot
-  int64_t* next_position = nullptr;   // [1] position of the next token to arrive
+  // [batch, n_global + n_local] position held by each slot of each sequence, -1 = empty. While
+  // the batch is uniform (every sequence at one position, no ragged append since reset) only
+  // row 0 is kept up to date.
+  int64_t* slot_positions = nullptr;
+  int64_t* next_position = nullptr;   // [batch] position of each sequence's next token (row 0
+                                      // only while the batch is uniform)
+  // [batch] scratch in the cache's memory where a CUDA cache copies a ragged chunk's padding
+  // for the kernels; unused by a host cache. Null: a CUDA cache refuses ragged chunks.
+  int64_t* padding_rows = nullptr;
 };
 
 // The attention a layer computes over its cache; the same for every call of a stream.
@@ -95,9 +111,11 @@ class LMINF_API KVCache {
                      KVCache* cache);
 
   // Bytes of each buffer of KVCacheStorage for `shape`: keys and values each take
-  // slot_bytes(shape), slot_positions position_bytes(shape), next_position sizeof(int64_t).
+  // slot_bytes(shape), slot_positions position_bytes(shape), next_position and padding_rows
+  // sequence_bytes(shape) (batch int64 values).
   static size_t slot_bytes(const KVCacheShape& shape);
   static size_t position_bytes(const KVCacheShape& shape);
+  static size_t sequence_bytes(const KVCacheShape& shape);
 
   // Device scratch a CUDA cache needs to attend n_tokens queries of `attention` at once; 0 for
   // a host cache. It depends on sizes only, so one allocation serves every layer, but not
@@ -108,22 +126,28 @@ class LMINF_API KVCache {
   // Forgets every token: the next token appended sits at position 0.
   Status reset(const Launch& launch = {});
 
-  // Stores the keys and values of the next n_tokens tokens (positions n_seen() ..
-  // n_seen() + n_tokens - 1). Keeps the first n_global and the last n_local of the stream.
-  //   k, v: [batch, n_heads_kv, n_tokens, head_dim]
-  Status append(const void* k, const void* v, int64_t n_tokens, const Launch& launch = {});
+  // Stores the keys and values of the next n_tokens tokens (for sequence b, positions
+  // n_seen(b) .. n_seen(b) + n_tokens - padding[b] - 1). Keeps the first n_global and the last
+  // n_local of each sequence's stream.
+  //   k, v:    [batch, n_heads_kv, n_tokens, head_dim]
+  //   padding: [batch] in host memory, leading padding rows per sequence; null: none
+  Status append(const void* k, const void* v, int64_t n_tokens, const Launch& launch = {},
+                const int64_t* padding = nullptr);
 
   // Attention output of the next n_tokens tokens over the cache and the chunk itself (each
   // query sees the chunk's keys up to its own position). Does not store the chunk.
-  //   q:    [batch, n_heads_q, n_tokens, head_dim]
-  //   k, v: [batch, n_heads_kv, n_tokens, head_dim]
-  //   out:  [batch, n_heads_q, n_tokens, head_dim], written
+  //   q:       [batch, n_heads_q, n_tokens, head_dim]
+  //   k, v:    [batch, n_heads_kv, n_tokens, head_dim]
+  //   out:     [batch, n_heads_q, n_tokens, head_dim], written (padding rows as zeros)
+  //   padding: as in append()
   Status attend(const AttentionConfig& attention, const void* q, const void* k, const void* v,
-                int64_t n_tokens, void* out, const Launch& launch = {}) const;
+                int64_t n_tokens, void* out, const Launch& launch = {},
+                const int64_t* padding = nullptr) const;
 
   // attend() then append(): one step of a stream. Shapes as in attend().
   Status attend_and_append(const AttentionConfig& attention, const void* q, const void* k,
-                           const void* v, int64_t n_tokens, void* out, const Launch& launch = {});
+                           const void* v, int64_t n_tokens, void* out, const Launch& launch = {},
+                           const int64_t* padding = nullptr);
 
   // One decoding step: attend_and_append() of a single token.
   //   q, out: [batch, n_heads_q, 1, head_dim];  k, v: [batch, n_heads_kv, 1, head_dim]
@@ -134,19 +158,30 @@ class LMINF_API KVCache {
   MemoryKind memory() const { return memory_; }
   const KVCacheStorage& storage() const { return storage_; }
   bool owns_storage() const { return owns_storage_; }
-  // Tokens appended since the last reset (the position of the next token).
-  int64_t n_seen() const { return n_seen_; }
+  // Tokens of sequence `sequence` appended since the last reset (the position of its next
+  // token); 0 for an index outside [0, batch).
+  int64_t n_seen(int64_t sequence = 0) const {
+    return sequence >= 0 && sequence < static_cast<int64_t>(n_seen_.size()) ? n_seen_[sequence]
+                                                                             : 0;
+  }
+  // Whether every sequence sits at one position with one shared row of slot positions.
+  bool uniform() const { return uniform_; }
   // Bytes of storage the cache uses, fixed at creation.
   size_t storage_bytes() const;
 
  private:
   void release();
+  static Status adopt(const KVCacheShape& shape, MemoryKind memory, const KVCacheStorage& storage,
+                      bool owns_storage, KVCache* cache);
+  Status check_padding(const char* function, const int64_t* padding, int64_t n_tokens) const;
+  Status spread_positions(const Launch& launch);
 
   KVCacheShape shape_;
   MemoryKind memory_ = MemoryKind::kHost;
   KVCacheStorage storage_;
   bool owns_storage_ = false;
-  int64_t n_seen_ = 0;
+  std::vector<int64_t> n_seen_;  // [batch] host copy of next_position
+  bool uniform_ = true;          // one shared row of positions (row 0) serves the batch
 };
 
 }  // namespace lminf

@@ -21,8 +21,10 @@
 // the CUDA kernels are not yet checked against it.
 //
 // Bad arguments: validate() names the field and the range (sizes and positions at most 2^62,
-// limits.h; a finite scale). The CPU entry point also checks the values it reads from host
-// memory (*query_start, inv_freq); a CUDA caller must pass positions in range itself.
+// limits.h; a finite scale; batch strides 0 or 1 for query_start, 0 or at least a row for slot
+// positions). The CPU entry point also checks the values it reads from host memory (each
+// sequence's query_start and padding, with validate_sequence_positions of limits.h, and
+// inv_freq); a CUDA caller must pass positions and padding in range itself.
 #pragma once
 
 #include <cstddef>

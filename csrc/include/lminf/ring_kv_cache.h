@@ -2,7 +2,8 @@
 //
 // Layout (one per layer): keys and values [batch, n_heads_kv, n_global + n_local, head_dim],
 // unrotated, and an int64 position per slot, -1 = empty ([n_global + n_local] shared by the
-// batch, or one row per sequence when the sequences sit at different positions). Position p lives in slot ring_slot(p): p itself when p < n_global, otherwise
+// batch, or one row per sequence when the sequences sit at different positions). Position p
+// lives in slot ring_slot(p): p itself when p < n_global, otherwise
 // n_global + (p - n_global) mod n_local. Memory is fixed whatever the stream length.
 #pragma once
 
@@ -56,7 +57,9 @@ struct RingCacheAppendParams {
   int64_t n_local = 0;   // >= 1
 };
 
-// Checks sizes, strides and pointers; the message names the offending field.
+// Checks sizes, strides and pointers (per-sequence starts or padding with a shared row of slot
+// positions are refused when batch > 1); the message names the offending field. The CPU entry
+// point also checks each sequence's start and padding in host memory.
 LMINF_API Status validate(const RingCacheAppendParams& params);
 
 LMINF_API Status ring_cache_append_cpu(const RingCacheAppendParams& params);
