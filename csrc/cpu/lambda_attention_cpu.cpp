@@ -30,6 +30,7 @@
 #include <limits>
 #include <new>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/convert.h"
@@ -325,6 +326,24 @@ class LambdaAttentionCpu {
     }
   }
 
+  // The key as float32 into row ([dp_], zero-padded), rotated by its offset from base if
+  // local. A float32 key is rotated straight from its source.
+  template <bool kLocal>
+  void load_key(const KeyRef<T>& key, float* row, int64_t base) const {
+    std::fill(row + p_.head_dim, row + dp_, 0.f);
+    const float* cos = kLocal ? table_->cos_row(key.position - base) : nullptr;
+    const float* sin = kLocal ? table_->sin_row(key.position - base) : nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      if (kLocal) {
+        rotate_half_into(key.k, row, cos, sin, half_);
+        std::copy(key.k + 2 * half_, key.k + p_.head_dim, row + 2 * half_);
+        return;
+      }
+    }
+    row_to_float(key.k, row, p_.head_dim);
+    if (kLocal) rotate_half_inplace(row, cos, sin, half_);
+  }
+
   // One block of keys: convert (and for local keys rotate) into kt/values, score, mask,
   // then fold into the running softmax of every row.
   template <bool kLocal>
@@ -340,21 +359,19 @@ class LambdaAttentionCpu {
     // block once and score it with the register-tiled kernel.
     const bool direct = rows < kQkRows;
     for (int c = 0; c < kBlockKeys; ++c) {
-      std::fill(row, row + dp_, 0.f);
       if (c < n_keys) {
-        row_to_float(keys[c].k, row, p_.head_dim);
-        if (kLocal)
-          rotate_half_inplace(row, table_->cos_row(keys[c].position - base),
-                              table_->sin_row(keys[c].position - base), half_);
+        load_key<kLocal>(keys[c], row, base);
         float* value = values + c * dp_;
         std::fill(value + p_.head_dim, value + dp_, 0.f);
         row_to_float(keys[c].v, value, p_.head_dim);
         // A non-finite value poisons the rows that see its key (below) and must not reach
         // the others through a zero weight (0 * inf is NaN).
-        ws.value_bad[c] = !row_is_finite(value, p_.head_dim);
+        ws.value_bad[c] = !vall_finite(value, dp_);
         if (ws.value_bad[c]) std::fill(value, value + p_.head_dim, 0.f);
         lowest = std::min(lowest, keys[c].position);
         highest = std::max(highest, keys[c].position);
+      } else {
+        std::fill(row, row + dp_, 0.f);  // past the last key: scored, then masked
       }
       if (direct) {
         for (int64_t r = 0; r < rows; ++r) {

@@ -40,10 +40,32 @@ inline float vreduce_max(vfloat v) {
   for (int i = 1; i < kVecWidth; ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
-inline float vreduce_sum(vfloat v) {
-  float s = 0.f;
-  for (int i = 0; i < kVecWidth; ++i) s += v[i];
-  return s;
+// Pairwise: the vector is folded in halves, log2(kVecWidth) vector adds instead of a chain of
+// kVecWidth dependent scalar ones (the decode path sums one such vector per key and row).
+namespace simd_detail {
+using v4f = float __attribute__((vector_size(4 * sizeof(float))));
+using v8f = float __attribute__((vector_size(8 * sizeof(float))));
+using v16f = float __attribute__((vector_size(16 * sizeof(float))));
+template <typename Half, typename Whole>
+inline Half fold(Whole v) {
+  Half low, high;
+  std::memcpy(&low, &v, sizeof low);
+  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof low, sizeof high);
+  return low + high;
+}
+inline float sum(v4f v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+inline float sum(v8f v) { return sum(fold<v4f>(v)); }
+inline float sum(v16f v) { return sum(fold<v8f>(v)); }
+}  // namespace simd_detail
+inline float vreduce_sum(vfloat v) { return simd_detail::sum(v); }
+
+// True when none of x[0..n) is NaN or infinite (n a multiple of kVecWidth): x * 0 is 0 for
+// finite x and NaN otherwise. No early exit, so the loop stays a few vector multiply-adds;
+// the decode path runs it on every value it reads.
+inline bool vall_finite(const float* x, int64_t n) {
+  vfloat zero_if_finite = {};
+  for (int64_t i = 0; i < n; i += kVecWidth) zero_if_finite += vload(x + i) * 0.f;
+  return vreduce_sum(zero_if_finite) == 0.f;
 }
 
 // exp(x) for x <= 0 (softmax arguments are scores minus the row maximum), to about 1 ulp:
