@@ -485,6 +485,21 @@ def hopper_loops_no_int64_division(k):
     return ok, "; ".join(f"{role}: {n} calls" for role, n in counts.items())
 
 
+HOPPER_REGISTERS = {"producer": 24, "consumer": 240}  # setmaxnreg in lambda_attention_hopper.cu
+
+
+def hopper_roles_fit_their_registers(k):
+    """Each role's loop names only registers below its setmaxnreg budget (a register past it
+    would belong to another warpgroup)."""
+    top = {}
+    for role, loop in hopper_loops(k):
+        regs = [int(r) for i in loop for r in re.findall(r"\bR(\d+)\b", i.operands)]
+        top[role] = max(regs, default=-1)
+    ok = all(loop for _, loop in hopper_loops(k)) and \
+        all(top[role] < HOPPER_REGISTERS[role] for role in top)
+    return ok, "; ".join(f"{role}: R{top[role]} (budget {HOPPER_REGISTERS[role]})" for role in top)
+
+
 def no_mma_sync(k):
     n = sum(i.opcode.startswith("HMMA") for i in k.sass)
     return n == 0, f"{n} HMMA"
@@ -508,7 +523,8 @@ def no_ptxas_warnings(k):
 
 HOPPER_RULES = [hopper_consumer_loop_has_hgmma, hopper_producer_loop_has_utmaldg,
                 hopper_loops_no_fp64, hopper_loops_no_rotation, hopper_loops_no_int64_division,
-                no_mma_sync, registers_moved_between_roles, no_ptxas_warnings, no_int64_division]
+                no_mma_sync, registers_moved_between_roles, hopper_roles_fit_their_registers,
+                no_ptxas_warnings, no_int64_division]
 
 
 ALWAYS = [no_spills, no_stack_frame, no_local_memory]
