@@ -136,11 +136,13 @@ phase_cuda_tests() {
 phase_hopper_tests() {
   local hopper=0
   if [ "${LMINF_PREFILL_KERNEL:-auto}" != mma ]; then
-    timeout -k 5 100 "$PY" -m pytest -q -x tests/test_cuda_hopper.py; hopper=$?
+    # shellcheck disable=SC2086  # XDIST is empty or two words
+    timeout -k 5 100 "$PY" -m pytest -q -x $XDIST tests/test_cuda_hopper.py; hopper=$?
     [ "$hopper" -eq 0 ] || touch "$LOGS/hopper_failed"
   fi
   echo "== LMINF_PREFILL_KERNEL=mma"
-  LMINF_PREFILL_KERNEL=mma "$PY" -m pytest -q tests/test_cuda_hopper.py || return $?
+  # shellcheck disable=SC2086
+  LMINF_PREFILL_KERNEL=mma "$PY" -m pytest -q $XDIST tests/test_cuda_hopper.py || return $?
   return "$hopper"
 }
 prefill_bench() {  # LENGTH NAME [bench options]
