@@ -133,11 +133,24 @@ phase_cuda_tests() {
 }
 # The Hopper kernel (auto) first, then the mma.sync fallback; a failing Hopper run stops at
 # 100 s so that the fallback keeps its share. Exit status: the Hopper run's, else the mma's.
+# shellcheck disable=SC2089  # python source, passed as one argument
+HOPPER_SMOKE='import torch, lm_infinite as li
+for dim, heads in ((128, (4, 2)), (64, (9, 3))):
+    q, k, v = (torch.randn(1, h, 300, dim, dtype=torch.bfloat16, device="cuda") for h in (heads[0], heads[1], heads[1]))
+    f = (1.0 / 10000 ** (torch.arange(0, dim, 2) / dim)).float()
+    out = li.lambda_attention(q, k, v, f.cuda(), n_global=4, n_local=100)
+    torch.cuda.synchronize()
+    ref = li.lambda_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), f, n_global=4, n_local=100)
+    err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+    print(f"smoke hd{dim}: rel err {err:.2e}")
+    assert err < 2e-2, "far beyond bf16 rounding"'
 phase_hopper_tests() {
   local hopper=0
   if [ "${LMINF_PREFILL_KERNEL:-auto}" != mma ]; then
+    # One call per head_dim first: a hang (a wrong mbarrier phase) costs 40 s, not 100.
+    timeout -k 5 40 "$PY" -c "$HOPPER_SMOKE"; hopper=$?
     # shellcheck disable=SC2086  # XDIST is empty or two words
-    timeout -k 5 100 "$PY" -m pytest -q -x $XDIST tests/test_cuda_hopper.py; hopper=$?
+    [ "$hopper" -eq 0 ] && { timeout -k 5 100 "$PY" -m pytest -q -x $XDIST tests/test_cuda_hopper.py; hopper=$?; }
     [ "$hopper" -eq 0 ] || touch "$LOGS/hopper_failed"
   fi
   echo "== LMINF_PREFILL_KERNEL=mma"
@@ -294,7 +307,7 @@ trap 'exit 143' TERM INT
 # Each phase runs as `bash -c` under timeout (which kills its whole process group), so the
 # functions travel as text (declare -f) and the variables they read through the environment.
 # shellcheck disable=SC2090
-export LOGS OUT PY SANITIZER DECODE_TESTS BAD_CALL XDIST
+export LOGS OUT PY SANITIZER DECODE_TESTS BAD_CALL XDIST HOPPER_SMOKE
 
 for item in $PLAN; do
   case "$item" in
