@@ -9,8 +9,10 @@ no slot fills is skipped by every role, so the producer's and the consumers' til
 and stage numbers agree); the per-group "no select" shortcut, asserted exact wherever it is
 taken; the masks of mixed tiles; the online softmax; key splits and their merge; per-sequence
 query starts and padding rows (rows t < p see nothing and output zeros; chunk row t >= p sits
-at a + t - p). Not modelled: fragments, shared-memory layout, barrier phases (the GPU tests
-and the one-tile test check those).
+at a + t - p). Also the barrier protocol on its own (check_pipeline_protocol): the producer,
+the two consumers and the TMA unit interleaved at random over mbarrier phases, transaction
+bytes and the named turn barriers. Not modelled: fragments, descriptors, shared-memory layout
+(the one-tile test and the GPU tests check those).
 
     python scripts/cuda_block_model_hopper.py     # a minute or two; one line per case
 """
@@ -221,7 +223,124 @@ def case(batch, hq, hkv, dim, n_q, G, L, seen, n_splits=1, pads=None, start_shif
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The barrier protocol of one block, as three roles (producer, consumer 0, consumer 1) and the
+# TMA unit interleaved at random: mbarrier phases and transaction bytes, the named barriers of
+# the consumers' turns. Checks that every interleaving finishes (no deadlock), that a consumer
+# only reads a stage holding the tile it expects, that no load overwrites a stage a consumer
+# still reads, and that each named barrier phase gets exactly its 256 arrivals.
+
+class MBarrier:
+    def __init__(self, arrivals):
+        self.expected, self.arrived, self.tx, self.completed = arrivals, 0, 0, 0
+
+    def _maybe_complete(self):
+        if self.arrived == self.expected and self.tx == 0:
+            self.completed, self.arrived = self.completed + 1, 0
+
+    def arrive(self, tx=0):
+        self.arrived += 1
+        self.tx += tx
+        self._maybe_complete()
+
+    def complete_tx(self, n):
+        self.tx -= n
+        assert self.tx >= 0
+        self._maybe_complete()
+
+    def passed(self, parity):  # mbarrier.try_wait.parity
+        return self.completed % 2 != parity
+
+
+class NamedBarrier:
+    def __init__(self):
+        self.count, self.generation = 0, 0
+
+    def arrive(self):  # 128 threads (one warpgroup)
+        self.count += 128
+        assert self.count <= 256, "two phases of a named barrier merged"
+        if self.count == 256:
+            self.count, self.generation = 0, self.generation + 1
+
+
+def protocol_run(n_tiles, stages, rng):
+    full = [MBarrier(1) for _ in range(stages)]
+    empty = [MBarrier(2) for _ in range(stages)]
+    turn = [NamedBarrier(), NamedBarrier()]
+    stage_tile = [None] * stages   # the tile a stage holds once its load lands
+    reading = [set() for _ in range(stages)]  # consumers between full-wait and empty-arrive
+    in_flight = []                 # (stage, tile)
+    tile_bytes = 2
+
+    def producer():
+        for n in range(n_tiles):
+            st = n % stages
+            if n >= stages:
+                while not empty[st].passed((n // stages - 1) & 1):
+                    yield
+            assert not reading[st], f"tile {n} loaded over a stage consumer {reading[st]} reads"
+            full[st].arrive(tx=tile_bytes)
+            in_flight.append((st, n))
+
+    def consumer(c):
+        if c == 1 and n_tiles > 0:
+            turn[0].arrive()
+        for n in range(n_tiles):
+            st = n % stages
+            while not full[st].passed((n // stages) & 1):
+                yield
+            assert stage_tile[st] == n, (c, n, stage_tile[st])
+            reading[st].add(c)
+            gen = turn[c].generation
+            turn[c].arrive()  # bar.sync: arrive, then wait for the phase to complete
+            while turn[c].generation == gen:
+                yield
+            yield  # Q K^T issued
+            if c == 0 or n + 1 < n_tiles:
+                turn[1 - c].arrive()
+            yield  # softmax, P V
+            assert stage_tile[st] == n
+            reading[st].discard(c)
+            empty[st].arrive()
+
+    def tma():
+        while True:
+            if in_flight:
+                st, n = in_flight.pop(rng.integers(len(in_flight)))
+                stage_tile[st] = n  # the bytes land, then complete on the barrier
+                full[st].complete_tx(tile_bytes)
+            yield
+
+    roles = {"producer": producer(), "consumer 0": consumer(0), "consumer 1": consumer(1)}
+    engine, steps = tma(), 0
+    while roles:
+        name = list(roles)[rng.integers(len(roles))] if rng.random() < 0.8 else None
+        if name is None:
+            next(engine)
+        else:
+            try:
+                next(roles[name])
+            except StopIteration:
+                del roles[name]
+        steps += 1
+        assert steps < 100_000, f"deadlock: {sorted(roles)} never finish ({n_tiles} tiles)"
+    assert not in_flight and all(b.count == 0 for b in turn), "barriers left mid-phase"
+
+
+def check_pipeline_protocol():
+    rng = np.random.default_rng(0)
+    runs = 0
+    for stages in (2, 3):
+        for n_tiles in range(0, 9):
+            for _ in range(40):
+                protocol_run(n_tiles, stages, rng)
+                runs += 1
+    print(f"barrier protocol: {runs} random interleavings of producer, two consumers and TMA, "
+          f"0-8 tiles, 2 and 3 stages: no deadlock, no stale or overwritten stage")
+
+
 def main():
+    check_pipeline_protocol()
     # Whole sequences: one block, block and group edges, band edges inside and across tiles,
     # global tiles (G beyond a tile), rows i < L, splits, partial rotary, G = 0.
     case(1, 2, 1, 16, 17, 3, 8, 0, cache=False)
