@@ -42,7 +42,7 @@ done
 # wait_<name> is where the script waits for it.
 FIRST="{diag:110} {wgmma_tile:60} build:210 wait_wgmma_tile wait_diag link_inspect:20 bad_input:45
 {decode_sanitize:120} decode_tests:120 wait_decode_sanitize decode_bench:75"
-SECOND="build:150 hopper_tests:150 {sanitize:190} cuda_tests:180 wait_sanitize
+SECOND="build:150 hopper_tests:200 {sanitize:190} cuda_tests:180 wait_sanitize
 prefill_bench_32k:130 prefill_bench_128k:130"
 PLAN=""
 for s in "${SELECT[@]}"; do
