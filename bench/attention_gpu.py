@@ -254,8 +254,10 @@ def main() -> None:
     parser.add_argument("--decode-only", action="store_true",
                         help="decode only: every --heads config at every --decode-batches")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
-    parser.add_argument("--kernel", choices=["auto", "hopper", "mma"], default="auto",
-                        help="prefill kernel (LMINF_PREFILL_KERNEL): auto = Hopper on sm_90")
+    parser.add_argument("--kernel", choices=["auto", "hopper", "mma"],
+                        default=os.environ.get("LMINF_PREFILL_KERNEL") or "auto",
+                        help="prefill kernel (sets LMINF_PREFILL_KERNEL; default: its value, "
+                             "else auto = Hopper on sm_90)")
     args = parser.parse_args()
     os.environ["LMINF_PREFILL_KERNEL"] = args.kernel  # before the extension's first call
 
