@@ -143,6 +143,13 @@ def bench_prefill(n: int, heads: str, n_global: int, n_local: int, with_flex: bo
     return row
 
 
+def prefill_kernel(choice: str) -> str:
+    """The prefill kernel LMINF_PREFILL_KERNEL=choice runs here: "hopper" or "mma"."""
+    built = li.build_info().get("hopper_prefill", False)
+    hopper = built and torch.cuda.get_device_capability() == (9, 0)
+    return "hopper" if choice == "hopper" or (choice == "auto" and hopper) else "mma"
+
+
 def graph_of(calls, repeat: int):
     """A CUDA graph running calls[i % len(calls)] for i < repeat (warmed up first)."""
     side = torch.cuda.Stream()
@@ -273,7 +280,7 @@ def main() -> None:
                 for chunk in ([None, args.chunk] if args.chunk and args.chunk < n else [None]):
                     rows.append(dict(bench_prefill(n, heads, args.n_global, args.n_local,
                                                    not args.no_flex, chunk, matmul),
-                                     kernel=args.kernel))
+                                     kernel=args.kernel, kernel_ran=prefill_kernel(args.kernel)))
     copy_tbps = copy_bandwidth_tbps()
     rows.append(dict(kind="copy", tbps=copy_tbps))
     for heads in args.heads if args.decode_only else ["32/8"]:
