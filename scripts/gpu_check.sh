@@ -225,7 +225,7 @@ summary() {
   done
   local json=()
   [ -f "$LOGS/hopper_failed" ] && echo "== the Hopper kernel failed its tests: later phases ran with LMINF_PREFILL_KERNEL=mma"
-  [ -f "$LOGS/hopper_tests.log" ] && echo "== hopper_tests: $(grep -E "passed|failed" "$LOGS/hopper_tests.log" | tr '\n' ' ')"
+  [ -f "$LOGS/hopper_tests.log" ] && echo "== hopper_tests: $(grep -E "passed|failed|skipped|smoke|Error" "$LOGS/hopper_tests.log" | tr '\n' ' ')"
   for f in bench_decode bench_prefill_32k bench_prefill_32k_mma bench_prefill_128k; do
     [ -f "$OUT/$f.json" ] && json+=("$OUT/$f.json")
   done
