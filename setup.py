@@ -12,7 +12,11 @@ Environment:
   LMINF_CUDA=0 / 1     CPU only / CUDA or fail (default: CUDA when possible)
   CUDA_HOME            the toolkit to use (default: the one holding the nvcc on PATH, else
                        /usr/local/cuda); a toolkit has bin/nvcc and include/cuda_runtime_api.h
-  LMINF_CUDA_ARCHS     GPU architectures, e.g. "90" (the default, H100/H200) or "80;90a"
+  LMINF_CUDA_ARCHS     GPU architectures, e.g. "90" (the default, H100/H200) or "80;90"
+  LMINF_HOPPER_KERNEL  0: leave out the Hopper prefill kernel (csrc/cuda/lambda_attention_hopper.cu,
+                       wgmma + TMA), which is otherwise built, for sm_90a alone, whenever the
+                       archs include 90 and nvcc is 12.3 or newer; the other kernels are built
+                       for every arch of LMINF_CUDA_ARCHS either way
   LMINF_CPU_ARCH       -march for the CPU kernels (default: native, this machine's ISA; e.g.
                        x86-64-v3 for a build that runs elsewhere)
 """
@@ -129,6 +133,31 @@ def decide_build(lminf_cuda, torch_version, torch_cuda, toolkit, toolkit_note, a
                        f"{toolkit.home}, torch {torch_version} (CUDA {torch_cuda})")
 
 
+# The one source compiled for sm_90a alone (wgmma, TMA and setmaxnreg exist nowhere else), in
+# its own nvcc run: torch's build gives every .cu file the same flags.
+HOPPER_SOURCE = "csrc/cuda/lambda_attention_hopper.cu"
+
+
+def hopper_kernel_wanted(archs: str, nvcc_version: str, environ=os.environ) -> bool:
+    """Whether to build the Hopper prefill kernel: sm_90 targeted, nvcc >= 12.3 (the first to
+    take inline-PTX wgmma from this code), and LMINF_HOPPER_KERNEL not 0."""
+    if environ.get("LMINF_HOPPER_KERNEL", "1") == "0":
+        return False
+    major, minor = (int(x) for x in nvcc_version.split(".")[:2])
+    return (major, minor) >= (12, 3) and any(a.strip().startswith("90") for a in archs.split(";"))
+
+
+def hopper_nvcc_command(nvcc: str, output: str, cxx11_abi: bool) -> list[str]:
+    """The nvcc line for HOPPER_SOURCE: torch-free, so only the core's include paths, the
+    kernels' own flags, position-independent code, and torch's C++ ABI (Status holds a
+    std::string)."""
+    return [nvcc, "-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+            "-gencode=arch=compute_90a,code=sm_90a", "-DLMINF_WITH_HOPPER_KERNEL",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(cxx11_abi)}", "-Xcompiler", "-fPIC",
+            f"-I{os.path.join(ROOT, 'csrc/include')}", f"-I{os.path.join(ROOT, 'csrc')}",
+            "-c", os.path.join(ROOT, HOPPER_SOURCE), "-o", output]
+
+
 def rel(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -139,7 +168,7 @@ def rel(pattern: str) -> list[str]:
 LINK_ARGS = ["-fopenmp", "-Wl,--push-state,--no-as-needed", "-lstdc++", "-Wl,--pop-state"]
 
 
-def configured_extension(build: Build, archs: str) -> Extension:
+def configured_extension(build: Build, archs: str, hopper: bool = False) -> Extension:
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     cpu_arch = os.environ.get("LMINF_CPU_ARCH", "native")
@@ -161,7 +190,11 @@ def configured_extension(build: Build, archs: str) -> Extension:
     nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + [
         f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.split(";")
     ]
-    return CUDAExtension(EXTENSION, sources + rel("csrc/cuda/*.cu"),
+    if hopper:  # the planner's dispatch (lambda_attention.cu) and build_info see it
+        cxx_flags.append("-DLMINF_WITH_HOPPER_KERNEL")
+        nvcc_flags.append("-DLMINF_WITH_HOPPER_KERNEL")
+    cuda_sources = [s for s in rel("csrc/cuda/*.cu") if s != HOPPER_SOURCE]
+    return CUDAExtension(EXTENSION, sources + cuda_sources,
                          extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **common)
 
 
@@ -182,13 +215,46 @@ if BuildExtension is not None:
             except BuildConfigError as error:
                 raise SystemExit(f"lm-infinite: error: {error}") from None
             print(f"lm-infinite: {build.summary}", flush=True)
+            self.hopper_command = None
+            hopper = build.cuda and hopper_kernel_wanted(archs, toolkit.nvcc_version)
             if build.cuda:  # torch compiles with its own guess of CUDA_HOME: make it ours
                 cpp_extension.CUDA_HOME = toolkit.home
+                print(f"lm-infinite: Hopper prefill kernel (sm_90a): "
+                      f"{'built' if hopper else 'not built'}", flush=True)
             (ext,) = self.extensions
             # setuptools has finalized `ext` (file name, stub flags): keep the object, give it
             # the configured sources and flags.
-            vars(ext).update(vars(configured_extension(build, archs)))
+            vars(ext).update(vars(configured_extension(build, archs, hopper)))
+            if hopper:
+                obj = os.path.join(os.path.abspath(self.build_temp), "lambda_attention_hopper.o")
+                os.makedirs(os.path.dirname(obj), exist_ok=True)
+                self.hopper_command = hopper_nvcc_command(
+                    os.path.join(toolkit.home, "bin", "nvcc"), obj, torch._C._GLIBCXX_USE_CXX11_ABI)
+                ext.extra_objects = [*ext.extra_objects, obj]
             super().run()
+
+        def build_extension(self, ext):
+            """torch's build, with the Hopper object compiled beside it by its own nvcc run
+            and waited for just before the link."""
+            if self.hopper_command is None:
+                return super().build_extension(ext)
+            print("lm-infinite: " + " ".join(self.hopper_command), flush=True)
+            hopper = subprocess.Popen(self.hopper_command)
+            link = self.compiler.link_shared_object
+
+            def link_after_hopper(*args, **kwargs):
+                if hopper.wait() != 0:
+                    raise SystemExit(f"lm-infinite: error: nvcc failed on {HOPPER_SOURCE}")
+                return link(*args, **kwargs)
+
+            self.compiler.link_shared_object = link_after_hopper
+            try:
+                return super().build_extension(ext)
+            finally:
+                self.compiler.link_shared_object = link
+                if hopper.poll() is None:  # the build failed before the link
+                    hopper.kill()
+                    hopper.wait()
 
 else:
 

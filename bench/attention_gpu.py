@@ -21,12 +21,18 @@ Times are medians of CUDA-event timings after warm-up. Prints a table, writes JS
     python bench/attention_gpu.py                         # the issue's configurations
     python bench/attention_gpu.py --lengths 8192 32768 --heads 32/8 --chunk 0
     python bench/attention_gpu.py --decode-only           # decode at batch 1 and 16, both heads
+    python bench/attention_gpu.py --kernel mma --no-flex  # the step-2 prefill kernel, for A/B
+
+--kernel sets LMINF_PREFILL_KERNEL (csrc/cuda/hopper_prefill.cuh) before the first call: the
+extension reads it once per process, so an A/B comparison is two runs (scripts/gpu_check.sh's
+prefill_bench phases do both and read the mma run against the first run's FlexAttention).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 
@@ -135,6 +141,13 @@ def bench_prefill(n: int, heads: str, n_global: int, n_local: int, with_flex: bo
     row["speedup_vs_flex"] = row["flex_ms"] / row["lminf_ms"] if row["flex_ms"] else None
     row["lminf_of_matmul"] = row["lminf_tflops"] / matmul if matmul else None
     return row
+
+
+def prefill_kernel(choice: str) -> str:
+    """The prefill kernel LMINF_PREFILL_KERNEL=choice runs here: "hopper" or "mma"."""
+    built = li.build_info().get("hopper_prefill", False)
+    hopper = built and torch.cuda.get_device_capability() == (9, 0)
+    return "hopper" if choice == "hopper" or (choice == "auto" and hopper) else "mma"
 
 
 def graph_of(calls, repeat: int):
@@ -248,7 +261,12 @@ def main() -> None:
     parser.add_argument("--decode-only", action="store_true",
                         help="decode only: every --heads config at every --decode-batches")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
+    parser.add_argument("--kernel", choices=["auto", "hopper", "mma"],
+                        default=os.environ.get("LMINF_PREFILL_KERNEL") or "auto",
+                        help="prefill kernel (sets LMINF_PREFILL_KERNEL; default: its value, "
+                             "else auto = Hopper on sm_90)")
     args = parser.parse_args()
+    os.environ["LMINF_PREFILL_KERNEL"] = args.kernel  # before the extension's first call
 
     torch.backends.cuda.matmul.allow_tf32 = True
     print(f"device={torch.cuda.get_device_name()} torch={torch.__version__} build={li.build_info()}")
@@ -260,8 +278,9 @@ def main() -> None:
         for heads in args.heads:
             for n in args.lengths:
                 for chunk in ([None, args.chunk] if args.chunk and args.chunk < n else [None]):
-                    rows.append(bench_prefill(n, heads, args.n_global, args.n_local,
-                                              not args.no_flex, chunk, matmul))
+                    rows.append(dict(bench_prefill(n, heads, args.n_global, args.n_local,
+                                                   not args.no_flex, chunk, matmul),
+                                     kernel=args.kernel, kernel_ran=prefill_kernel(args.kernel)))
     copy_tbps = copy_bandwidth_tbps()
     rows.append(dict(kind="copy", tbps=copy_tbps))
     for heads in args.heads if args.decode_only else ["32/8"]:
@@ -280,7 +299,7 @@ def main() -> None:
         return format(x, spec) if x is not None else "-"
 
     if not args.decode_only:
-        print(f"\nprefill, bf16, G={args.n_global} L={args.n_local} (useful TFLOP/s: unmasked pairs "
+        print(f"\nprefill ({args.kernel} kernel), bf16, G={args.n_global} L={args.n_local} (useful TFLOP/s: unmasked pairs "
               f"only; bf16 matmul {matmul:.0f} TFLOP/s)")
         print(f"{'heads':>6} {'N':>7} {'chunk':>6} {'lminf ms':>9} {'flex ms':>8} {'sdpa ms':>8} "
               f"{'lminf TF/s':>10} {'of mm':>6} {'flex TF/s':>9} {'sdpa TF/s':>9} {'vs flex':>7}")

@@ -18,7 +18,14 @@ pybind11::dict build_info() {
   backends.append("cuda");
   info["cuda_version"] = LMINF_STR(LMINF_CUDA_VERSION);
   info["cuda_archs"] = LMINF_STR(LMINF_CUDA_ARCHS);
+#endif
+  // The sm_90a prefill kernel (csrc/cuda/hopper_prefill.cuh: LMINF_PREFILL_KERNEL picks it).
+#ifdef LMINF_WITH_HOPPER_KERNEL
+  info["hopper_prefill"] = true;
 #else
+  info["hopper_prefill"] = false;
+#endif
+#ifndef LMINF_WITH_CUDA
   info["cuda_version"] = pybind11::none();
   info["cuda_archs"] = pybind11::none();
 #endif

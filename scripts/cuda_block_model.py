@@ -405,3 +405,6 @@ if __name__ == "__main__":
     # The decode kernel (lambda_attention_decode.cu) has its own model.
     import cuda_block_model_decode
     cuda_block_model_decode.main()
+    # The Hopper kernel's blocks and barrier protocol (lambda_attention_hopper.cu) too.
+    import cuda_block_model_hopper
+    cuda_block_model_hopper.main()

@@ -94,8 +94,9 @@ class Kernel:
     """One kernel instance: ptxas numbers, its instructions and labels, and its key loop."""
 
     def __init__(self, mangled: str, name: str, source: pathlib.Path, stats: dict,
-                 instructions: list[Instr], labels: dict[str, int]):
+                 instructions: list[Instr], labels: dict[str, int], report: str = ""):
         self.mangled, self.name, self.source, self.stats = mangled, name, source, stats
+        self.report = report  # the source's whole ptxas output
         self.sass, self.labels = instructions, labels
         self.index = {i.address: n for n, i in enumerate(instructions)}
 
@@ -109,6 +110,17 @@ class Kernel:
         with the subroutines it calls."""
         hmma = {n for n, i in enumerate(self.sass) if i.opcode.startswith("HMMA")}
         holding = [loop for loop in self.loops if hmma and hmma <= loop]
+        if not holding:
+            return []
+        body = set(min(holding, key=len))
+        for n in list(body):
+            body |= set(self.subroutine(self.sass[n]))
+        return [self.sass[n] for n in sorted(body)]
+
+    def smallest_loop_holding(self, wanted: set[int]) -> list[Instr]:
+        """The smallest natural loop holding every instruction index in `wanted`, with the
+        subroutines it calls (empty if none holds them all, or `wanted` is empty)."""
+        holding = [loop for loop in self.loops if wanted and wanted <= loop]
         if not holding:
             return []
         body = set(min(holding, key=len))
@@ -240,7 +252,8 @@ def natural_loops(sass: list[Instr], labels: dict[str, int]) -> list[set[int]]:
     share a header merged.
 
     Basic blocks start at labels and after branches; a guarded BRA (or BRA.DIV, or one with a
-    predicate operand) has two successors, an unguarded one a single one, EXIT and RET none;
+    predicate operand) has two successors, an unguarded one a single one, EXIT and RET none
+    (a guarded one falls through: warp-specialised kernels exit the idle lanes of a role so);
     CALL falls through (subroutines are entered only by CALL, so they lie outside every loop;
     Kernel.key_loop adds the ones a loop calls). A back edge u -> h is one whose target h
     dominates u. Branches into the middle of a loop (an irreducible region) give no back edge,
@@ -262,8 +275,8 @@ def natural_loops(sass: list[Instr], labels: dict[str, int]) -> list[set[int]]:
                 re.match(r"!?U?P\w+\s*,", i.operands)
             if conditional and end < len(sass):
                 succ[b].add(block_of[end])
-        elif not i.opcode.startswith(("BRA", "EXIT", "RET")) and end < len(sass):
-            succ[b].add(block_of[end])
+        elif (not i.opcode.startswith(("BRA", "EXIT", "RET")) or i.guarded) and end < len(sass):
+            succ[b].add(block_of[end])  # a guarded EXIT or RET (`@P0 EXIT`) falls through
     reachable, stack = {0}, [0]
     while stack:
         for s in succ[stack.pop()]:
@@ -328,7 +341,7 @@ def load_kernels(sources: list[pathlib.Path]) -> list[Kernel]:
                                  capture_output=True, text=True).stdout
         functions = parse_listing(listing)
         names = demangle(list(functions))
-        kernels += [Kernel(m, names[m], source.resolve(), stats.get(m, {}), *functions[m])
+        kernels += [Kernel(m, names[m], source.resolve(), stats.get(m, {}), *functions[m], report)
                     for m in functions]
     return kernels
 
@@ -408,6 +421,112 @@ def utmaldg_present(k):
     return n > 0, f"{n} UTMALDG"
 
 
+# ---------------------------------------------------------------------------------------------
+# The Hopper prefill kernel (lambda_attention_hopper.cu). It is warp-specialised, so it has
+# two key loops, one per role, each found as the smallest natural loop holding all of one kind
+# of instruction: the consumers' loop holds every HGMMA (Q K^T and P V per 128-key tile;
+# nothing before or after the loop issues a wgmma), the producer's holds the most UTMALDG
+# (the K and V loads per tile; Q's loads run once, before it). Both loops must
+# be free of rotation, FP64 and 64-bit division, as the mma.sync kernel's is; the kernel must
+# have no mma.sync left, move registers between roles (USETMAXREG), and compile without a
+# ptxas warning (a serialised wgmma or an ignored setmaxnreg is one).
+
+def hopper_consumer_loop(k) -> list[Instr]:
+    return k.smallest_loop_holding({n for n, i in enumerate(k.sass) if i.opcode.startswith("HGMMA")})
+
+
+def hopper_producer_loop(k) -> list[Instr]:
+    """The natural loop holding the most UTMALDG (the smallest such): nvcc wraps each TMA
+    issue in a one-load retry loop (ELECT ... BRA.U.ANY), so "every UTMALDG in a loop" would
+    also take in Q's loads before the tile loop; the tile loop encloses all its own."""
+    utmaldg = {n for n, i in enumerate(k.sass) if i.opcode.startswith("UTMALDG")}
+    best = max((len(loop & utmaldg) for loop in k.loops), default=0)
+    if best == 0:
+        return []
+    loop = min((l for l in k.loops if len(l & utmaldg) == best), key=len)
+    return k.smallest_loop_holding(loop & utmaldg)
+
+
+def hopper_loops(k) -> list[tuple[str, list[Instr]]]:
+    return [("consumer", hopper_consumer_loop(k)), ("producer", hopper_producer_loop(k))]
+
+
+def hopper_consumer_loop_has_hgmma(k):
+    loop = hopper_consumer_loop(k)
+    n = sum(i.opcode.startswith("HGMMA") for i in loop)
+    shapes = sorted({i.opcode for i in loop if i.opcode.startswith("HGMMA")})
+    return n > 0, f"{len(loop)} instructions, {n} HGMMA ({', '.join(shapes) or 'none'})"
+
+
+def hopper_producer_loop_has_utmaldg(k):
+    loop, consumer = hopper_producer_loop(k), hopper_consumer_loop(k)
+    n = sum(i.opcode.startswith("UTMALDG") for i in loop)
+    overlap = {i.address for i in loop} & {i.address for i in consumer}
+    ok = n > 0 and not overlap and not any(i.opcode.startswith("HGMMA") for i in loop)
+    return ok, (f"{len(loop)} instructions, {n} UTMALDG, "
+                f"{'disjoint from' if not overlap else 'OVERLAPS'} the consumer loop")
+
+
+def hopper_loops_no_fp64(k):
+    bad = {role: fp64_ops(loop) for role, loop in hopper_loops(k)}
+    ok = all(loop for _, loop in hopper_loops(k)) and not any(bad.values())
+    return ok, "; ".join(f"{role}: {ops or 'none'}" for role, ops in bad.items())
+
+
+def hopper_loops_no_rotation(k):
+    counts = {role: sum(rotation(i) for i in loop) for role, loop in hopper_loops(k)}
+    ok = all(loop for _, loop in hopper_loops(k)) and not any(counts.values())
+    return ok, "; ".join(f"{role}: {n} on rotation lines" for role, n in counts.items())
+
+
+def hopper_loops_no_int64_division(k):
+    counts = {role: len(k.int64_divisions(loop)) for role, loop in hopper_loops(k)}
+    ok = all(loop for _, loop in hopper_loops(k)) and not any(counts.values())
+    return ok, "; ".join(f"{role}: {n} calls" for role, n in counts.items())
+
+
+HOPPER_REGISTERS = {"producer": 24, "consumer": 240}  # setmaxnreg in lambda_attention_hopper.cu
+
+
+def hopper_roles_fit_their_registers(k):
+    """Each role's loop names only registers below its setmaxnreg budget (a register past it
+    would belong to another warpgroup)."""
+    top = {}
+    for role, loop in hopper_loops(k):
+        regs = [int(r) for i in loop for r in re.findall(r"\bR(\d+)\b", i.operands)]
+        top[role] = max(regs, default=-1)
+    ok = all(loop for _, loop in hopper_loops(k)) and \
+        all(top[role] < HOPPER_REGISTERS[role] for role in top)
+    return ok, "; ".join(f"{role}: R{top[role]} (budget {HOPPER_REGISTERS[role]})" for role in top)
+
+
+def no_mma_sync(k):
+    n = sum(i.opcode.startswith("HMMA") for i in k.sass)
+    return n == 0, f"{n} HMMA"
+
+
+def registers_moved_between_roles(k):
+    ops = sorted(i.opcode for i in k.sass if i.opcode.startswith("USETMAXREG"))
+    ok = any("DEALLOC" in op for op in ops) and any("ALLOC" in op and "DEALLOC" not in op
+                                                   for op in ops)
+    return ok, ", ".join(ops) or "none"
+
+
+def no_ptxas_warnings(k):
+    """ptxas lines that warn (or report a performance loss) about this kernel, or about no
+    function in particular."""
+    bad = [line.strip() for line in k.report.splitlines()
+           if re.search(r"warning|Performance Loss", line, re.I)
+           and (k.mangled in line or not re.search(r"'_Z\w+'", line))]
+    return not bad, "; ".join(bad)[:200] or "none"
+
+
+HOPPER_RULES = [hopper_consumer_loop_has_hgmma, hopper_producer_loop_has_utmaldg,
+                hopper_loops_no_fp64, hopper_loops_no_rotation, hopper_loops_no_int64_division,
+                no_mma_sync, registers_moved_between_roles, hopper_roles_fit_their_registers,
+                no_ptxas_warnings, no_int64_division]
+
+
 ALWAYS = [no_spills, no_stack_frame, no_local_memory]
 # (kernel name pattern (demangled), extra rules)
 RULES = [
@@ -418,7 +537,8 @@ RULES = [
     (r"lambda_attention_mma_kernel",
      [key_loop_found, no_fp64_in_key_loop, no_rotation_in_key_loop,
       no_int64_division_in_key_loop]),
-    (r"wgmma_tile_kernel", [hgmma_present, utmaldg_present]),
+    (r"wgmma_tile_kernel", [hgmma_present, utmaldg_present, no_ptxas_warnings]),
+    (r"lambda_attention_hopper_kernel", HOPPER_RULES),
 ]
 
 

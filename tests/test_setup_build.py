@@ -121,3 +121,48 @@ def test_nothing_found_says_where_it_looked(setup_py, tmp_path):
     found, note = setup_py.find_cuda_toolkit({"PATH": str(tmp_path)}, str(tmp_path / "cuda"))
     assert found is None
     assert note == f"CUDA_HOME unset; no nvcc on PATH; {tmp_path / 'cuda'} has no bin/nvcc"
+
+
+# The Hopper prefill kernel: one source compiled for sm_90a alone, beside torch's build.
+
+@pytest.mark.parametrize("archs,nvcc,environ,wanted", [
+    ("90", "13.0", {}, True),
+    ("80;90", "12.3", {}, True),
+    ("90a", "12.4", {}, True),
+    ("80", "13.0", {}, False),            # no Hopper arch targeted
+    ("90", "12.2", {}, False),            # nvcc too old for this wgmma code
+    ("90", "13.0", {"LMINF_HOPPER_KERNEL": "0"}, False),
+])
+def test_hopper_kernel_is_built_where_sm90_is_targeted(setup_py, archs, nvcc, environ, wanted):
+    assert setup_py.hopper_kernel_wanted(archs, nvcc, environ) is wanted
+
+
+def test_hopper_source_is_left_to_its_own_nvcc_run(setup_py, monkeypatch, tmp_path):
+    cpp_extension = pytest.importorskip("torch.utils.cpp_extension")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))  # as build_ext sets it
+    build = setup_py.Build(True, "CUDA build")
+    for hopper in (False, True):
+        ext = setup_py.configured_extension(build, "80;90", hopper)
+        assert setup_py.HOPPER_SOURCE not in ext.sources
+        assert any(s.endswith("lambda_attention.cu") for s in ext.sources)
+        assert ("-DLMINF_WITH_HOPPER_KERNEL" in ext.extra_compile_args["nvcc"]) is hopper
+        assert ("-DLMINF_WITH_HOPPER_KERNEL" in ext.extra_compile_args["cxx"]) is hopper
+        assert not any("90a" in flag for flag in ext.extra_compile_args["nvcc"])
+
+
+def test_hopper_nvcc_command_compiles_the_kernel(setup_py, tmp_path):
+    """The exact command build_ext runs: sm_90a code for the kernel and the launcher symbol
+    the planner links against (compiles only; needs nvcc, no GPU)."""
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc")
+    obj = tmp_path / "hopper.o"
+    command = setup_py.hopper_nvcc_command(nvcc, str(obj), True)
+    assert "-gencode=arch=compute_90a,code=sm_90a" in command
+    subprocess.run(command, check=True, capture_output=True)
+    symbols = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True).stdout
+    assert "lminf::cuda::launch_lambda_attention_hopper(" in symbols
+    assert "lminf::cuda::plan_hopper_prefill(" in symbols

@@ -8,7 +8,8 @@
 //                                      relative to the chunk start, cache window gathered by
 //                                      position), then lambda_attention_mma.cu (tensor cores;
 //                                      keys split across blocks when fewer than 2 waves, then
-//                                      lse_merge.cu)
+//                                      lse_merge.cu), or on sm_90 lambda_attention_hopper.cu
+//                                      (wgmma + TMA; LMINF_PREFILL_KERNEL, hopper_prefill.cuh)
 //   anything else up to head_dim 256 (float32, odd layouts) -> lambda_attention_generic.cu
 // The plan depends on sizes only; batches of different sequences (per-sequence query starts,
 // padding, cache-position rows) take the same paths, each kernel reading its sequence's start
@@ -19,6 +20,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "hopper_prefill.cuh"
 #include "lambda_attention_plan.cuh"
 #include "lminf/lambda_attention.h"
 
@@ -125,6 +127,7 @@ AttentionPlan plan_attention(const LambdaAttentionParams& p) {
                               (p.n_global + kMmaBlockKeys - 1) / kMmaBlockKeys;
     plan.n_splits = min64(min64((target + blocks - 1) / blocks, key_tiles), kMaxSplits);
   }
+  if (hopper_prefill_takes(p)) plan_hopper_prefill(p, sm_count(), plan);  // its tiles and splits
   plan.prefill = plan_prefill_workspace(p, partials_bytes(p, plan));
   plan.workspace_bytes = plan.prefill.end;
   return plan;
@@ -171,9 +174,13 @@ Status lambda_attention_cuda(const LambdaAttentionParams& params, void* workspac
                                    " bytes (lambda_attention_cuda_workspace_size), got null");
   if (plan.path == cuda::AttentionPath::kDecode)
     return cuda::launch_lambda_attention_decode(params, plan, workspace, cuda_stream);
+  status = cuda::prefill_kernel_switch_status(plan);
+  if (!status.ok()) return status;
   status = cuda::launch_rotate_chunk_keys(params, plan, workspace, cuda_stream);
   if (!status.ok()) return status;
-  status = cuda::launch_lambda_attention_mma(params, plan, workspace, cuda_stream);
+  status = plan.path == cuda::AttentionPath::kHopper
+               ? cuda::launch_lambda_attention_hopper(params, plan, workspace, cuda_stream)
+               : cuda::launch_lambda_attention_mma(params, plan, workspace, cuda_stream);
   if (!status.ok() || plan.n_splits == 1) return status;
   return cuda::launch_lse_merge(params, plan, workspace, cuda_stream);
 }

@@ -18,6 +18,7 @@ enum class AttentionPath : int {
   kTensorCore = 0,  // bf16/fp16, head_dim 64 or 128: lambda_attention_mma.cu
   kGeneric = 1,     // anything else up to head_dim 256: lambda_attention_generic.cu
   kDecode = 2,      // bf16/fp16, head_dim 64 or 128, n_queries <= 16: lambda_attention_decode.cu
+  kHopper = 3,      // the tensor-core path on sm_90: lambda_attention_hopper.cu (hopper_prefill.cuh)
 };
 
 // Tile sizes of the tensor-core kernel: 4 warps of 16 query rows, 64 keys per step.

@@ -1,0 +1,569 @@
+// Λ-attention prefill on Hopper (sm_90a): wgmma and TMA over the pre-pass rows of
+// rotate_chunk_keys.cu. The same arithmetic as lambda_attention_mma.cu (read its header for
+// the chunk anchor: keys rotated by j - a, Q rotated once by i - a, R_D q for the global keys),
+// in 128 x 128 tiles on the Hopper tensor cores.
+//
+// A block owns 128 consecutive queries of one head, as three warpgroups:
+//   WG0, the producer (24 registers): one thread issues every TMA load, Q once (both
+//     consumers' rows, barrier q_full), then per key tile K and V into a ring of kStages
+//     stages (full[s]: one arrival with the tile's bytes; empty[s]: one arrival per consumer
+//     warpgroup once its last wgmma on the stage has retired);
+//   WG1, WG2, the consumers (240 registers), 64 query rows each: rotate their Q rows in
+//     shared memory (R_{t-p} q in place, R_D q beside it), then per tile S = Q K^T (wgmma
+//     m64n128k16, both operands in shared memory; R_D q as A on global tiles), the select
+//     only on mixed tiles, the online softmax in float32 (common.cuh), P rounded to T as the
+//     register A operand of O += P V (wgmma m64nDk16, V transposed from shared memory).
+// The two consumers take turns issuing their Q K^T through two named barriers (FA3's
+// ping-pong), so that one group's softmax runs while the other's matmuls occupy the tensor
+// cores.
+//
+// Tiles, in the same order in all three roles (HopperTileList): the global tiles, then the
+// band's window tiles (those the pre-pass found empty are skipped by every role), then its
+// chunk tiles. A 128-key tile never straddles the window and the chunk: the window is a
+// multiple of kPrefillRowAlign = 128 rows. Splits (few blocks) cut that list as the mma.sync
+// kernel does and write the same partials for lse_merge.cu.
+//
+// Positions, sequence by sequence: a = query_start[b * query_start_batch_stride], p =
+// padding[b] (0 without padding); chunk row t >= p is the query and key at position
+// a + t - p, rows t < p are padding (never a key; output zeros). Key row u of the pre-pass
+// sequence sits at position a - W + u in the window (u < W) and a + (u - W) - p in the chunk,
+// so in "effective" rows (u in the window, u - p in the chunk) query t sees locally the rows
+// [W + t - p - L + 1, W + t - p].
+// This file is the Hopper kernel: hopper_prefill.cuh declares (not stubs) what it defines.
+#ifndef LMINF_WITH_HOPPER_KERNEL
+#define LMINF_WITH_HOPPER_KERNEL 1
+#endif
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+
+#include "common.cuh"
+#include "hopper.cuh"
+#include "hopper_prefill.cuh"
+#include "lambda_attention_plan.cuh"
+
+namespace lminf::cuda {
+namespace {
+
+constexpr int BM = kHopperBlockRows;  // query rows per block
+constexpr int BN = kHopperBlockKeys;  // keys per tile
+constexpr int kGroupRows = 64;        // query rows per consumer warpgroup
+constexpr int kThreads = 384;         // producer + two consumers
+constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;  // 128 x (24 + 2 x 240) <= 64K
+// Named barriers (0 is __syncthreads): a consumer's turn to issue its Q K^T (1, 2), and one
+// per consumer warpgroup for its Q rotation (3, 4).
+constexpr int kTurnBarrier = 1, kGroupBarrier = 3;
+constexpr int kMaxSplits = 128;
+
+// The tensor maps of one call (__grid_constant__: they stay in parameter space, where TMA
+// reads them). Boxes are one 64-column panel of 64 (Q) or 128 (keys, values) rows.
+struct HopperMaps {
+  CUtensorMap q;              // 4D {D, n_queries, n_heads_q, batch}
+  CUtensorMap keys;           // 3D {D, W + n_queries, batch * n_heads_kv}: rotated key sequence
+  CUtensorMap window_values;  // 3D {D, W, batch * n_heads_kv} (not encoded when W == 0)
+  CUtensorMap chunk_values;   // 4D {D, n_queries, n_heads_kv, batch}: v in place
+  CUtensorMap global_keys;    // 3D {D, global_rows, batch * n_heads_kv} (not encoded when 0)
+  CUtensorMap global_values;
+};
+
+// Shared memory, from a 1024-byte aligned base (the 128-byte swizzle atom): every tile is
+// D / 64 panels of [rows][64] elements, as TMA writes them.
+template <int D> struct HopperSmem {
+  static constexpr int kStages = D == 64 ? 3 : 2;  // hd128: 192 KB with two
+  static constexpr int kQBytes = kGroupRows * D * 2;  // one consumer's Q rows
+  static constexpr int kTileBytes = BN * D * 2;       // one K or V tile
+  static constexpr int kQ = 0;                            // [2][64][D] Q, rotated by t - p
+  static constexpr int kQCap = kQ + 2 * kQBytes;          // [2][64][D] R_D q
+  static constexpr int kK = kQCap + 2 * kQBytes;          // [kStages][128][D]
+  static constexpr int kV = kK + kStages * kTileBytes;    // [kStages][128][D]
+  static constexpr int kBarriers = kV + kStages * kTileBytes;  // q_full, full[], empty[]
+  static constexpr int kBytes = kBarriers + 8 * (1 + 2 * kStages);
+  static constexpr int kAlloc = kBytes + sm90::kPanelAlign;  // slack to align the base
+  static_assert(kQBytes % sm90::kPanelAlign == 0 && kTileBytes % sm90::kPanelAlign == 0,
+                "panels stay 1024-byte aligned");
+};
+
+// Byte offset of element (r, col) in a panelled, 128-byte swizzled tile of `rows` rows.
+__device__ __forceinline__ int swizzled(int rows, int r, int col) {
+  return (col / 64) * rows * 128 + r * 128 + ((((col % 64) / 8) ^ (r % 8)) * 16) + (col % 8) * 2;
+}
+
+enum TileKind : int { kGlobalTile = 0, kWindowTile = 1, kChunkTile = 2 };
+struct KeyTile {
+  int kind;
+  int first;  // first row: of the global tile, or of the key sequence (window, then chunk)
+};
+
+// The tiles a block visits for its real query rows [r_lo, r_hi] (none if r_lo > r_hi): the
+// global tiles holding positions j < n_global some row sees beyond its window (j <= a + r_hi -
+// p - L), the window tiles and the chunk tiles of the band. Index arithmetic is int32 (the
+// planner bounds every row count by 2^31 / head_dim).
+struct HopperTileList {
+  int global_tiles, window_begin, window_tiles, chunk_begin, count;
+
+  __device__ HopperTileList(int64_t a, int pad, int window_rows, int n_local, int64_t n_global,
+                            int r_lo, int r_hi) {
+    global_tiles = window_tiles = count = window_begin = chunk_begin = 0;
+    if (r_lo > r_hi) return;
+    const int64_t global_keys = max64(0, min64(n_global, a + r_hi - pad - n_local + 1));
+    global_tiles = static_cast<int>((global_keys + BN - 1) / BN);
+    const int band_lo = window_rows + r_lo - pad - n_local + 1;  // effective rows
+    const int band_hi = window_rows + r_hi - pad;
+    const int window_lo = max(0, band_lo), window_hi = min(window_rows - 1, band_hi);
+    if (window_lo <= window_hi) {
+      window_begin = window_lo / BN;
+      window_tiles = window_hi / BN + 1 - window_begin;
+    }
+    const int chunk_lo = max(window_rows, band_lo) + pad, chunk_hi = band_hi + pad;  // rows u
+    int chunk_tiles = 0;
+    if (chunk_lo <= chunk_hi) {
+      chunk_begin = chunk_lo / BN;
+      chunk_tiles = chunk_hi / BN + 1 - chunk_begin;
+    }
+    count = global_tiles + window_tiles + chunk_tiles;
+  }
+
+  __device__ KeyTile operator[](int index) const {
+    if (index < global_tiles) return {kGlobalTile, index * BN};
+    index -= global_tiles;
+    if (index < window_tiles) return {kWindowTile, (window_begin + index) * BN};
+    return {kChunkTile, (chunk_begin + index - window_tiles) * BN};
+  }
+};
+
+// The pre-pass's index arrays, and what they say about a tile.
+struct PrepassIndex {
+  const int32_t* window_slot;        // [W] cache slot or -1
+  const int32_t* global_source;      // [global_rows] source or -1
+  const uint8_t* window_tile_state;  // [W / 64], per 64-key tile of the mma.sync kernel
+
+  __device__ PrepassIndex(const PrefillWorkspace& ws, const unsigned char* workspace)
+      : window_slot(reinterpret_cast<const int32_t*>(workspace + ws.window_slot)),
+        global_source(reinterpret_cast<const int32_t*>(workspace + ws.global_source)),
+        window_tile_state(workspace + ws.window_tile_state) {}
+
+  // A window tile no cache slot fills is loaded by nobody.
+  __device__ bool needed(KeyTile tile) const {
+    static_assert(BN == 2 * kMmaBlockKeys, "a tile is two of the pre-pass's 64-row states");
+    if (tile.kind != kWindowTile) return true;
+    const int s = tile.first / kMmaBlockKeys;
+    return window_tile_state[s] != kTileEmpty || window_tile_state[s + 1] != kTileEmpty;
+  }
+  __device__ bool window_full(KeyTile tile) const {
+    const int s = tile.first / kMmaBlockKeys;
+    return window_tile_state[s] == kTileFull && window_tile_state[s + 1] == kTileFull;
+  }
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    lambda_attention_hopper_kernel(const __grid_constant__ HopperMaps maps,
+                                   const LambdaAttentionParams p, const AttentionPlan plan,
+                                   const unsigned char* workspace, float* partial_out,
+                                   float* partial_lse) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace sm90;
+  using Smem = HopperSmem<D>;
+  constexpr int kStages = Smem::kStages;
+  constexpr int kPanels = D / kPanelElems;
+  constexpr int kDTiles = D / 8;  // n8 blocks of O
+
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* const smem =
+      smem_raw + (kPanelAlign - smem_addr(smem_raw) % kPanelAlign) % kPanelAlign;
+  auto* const q_full = reinterpret_cast<uint64_t*>(smem + Smem::kBarriers);
+  uint64_t* const full = q_full + 1;
+  uint64_t* const empty = full + kStages;
+
+  const int n_splits = static_cast<int>(plan.n_splits);
+  const int split = blockIdx.x % n_splits;
+  // Heaviest row tiles (latest queries: the full band) first, for a balanced tail.
+  const int row_tile = static_cast<int>(plan.row_tiles) - 1 - blockIdx.x / n_splits;
+  const int b = blockIdx.z, head = blockIdx.y;
+  const int kv_head = head / (static_cast<int>(p.n_heads_q) / static_cast<int>(p.n_heads_kv));
+  const int n_q = static_cast<int>(p.n_queries);
+  const int window_rows = static_cast<int>(plan.prefill.window_rows);
+  const int n_local = static_cast<int>(p.n_local);
+  const int64_t a = p.query_start[b * p.query_start_batch_stride];
+  const int pad = p.padding != nullptr ? static_cast<int>(p.padding[b]) : 0;
+  const int t_lo = row_tile * BM;
+  const HopperTileList tiles(a, pad, window_rows, n_local, p.n_global, max(t_lo, pad),
+                             min(t_lo + BM, n_q) - 1);
+  // int32: count < 2^31 / 64 / 128 (the planner's row bound), times at most 128 splits.
+  const int tile_begin = tiles.count * split / n_splits;
+  const int tile_end = tiles.count * (split + 1) / n_splits;
+  const PrepassIndex index(plan.prefill, workspace);
+  const int kv_row = b * static_cast<int>(p.n_heads_kv) + kv_head;  // of the 3D pre-pass maps
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&full[s], 1);   // the producer's arrive.expect_tx
+      mbarrier_init(&empty[s], 2);  // one per consumer warpgroup
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int group = threadIdx.x / 128;  // 0 producer, 1 and 2 consumers
+  if (group == 0) {
+    // ---- Producer.
+    setmaxnreg_dec<kProducerRegisters>();
+    if (threadIdx.x != 0) return;
+    prefetch_tensor_map(&maps.q);
+    prefetch_tensor_map(&maps.keys);
+    prefetch_tensor_map(&maps.chunk_values);
+    mbarrier_arrive_expect_tx(q_full, 2 * Smem::kQBytes);
+    for (int c = 0; c < 2; ++c)
+      for (int panel = 0; panel < kPanels; ++panel)
+        tma_load_4d(smem + Smem::kQ + c * Smem::kQBytes + panel * kGroupRows * 128, &maps.q,
+                    panel * kPanelElems, t_lo + c * kGroupRows, head, b, q_full);
+    int n = 0;  // tiles loaded
+    for (int it = tile_begin; it < tile_end; ++it) {
+      const KeyTile tile = tiles[it];
+      if (!index.needed(tile)) continue;
+      const int stage = n % kStages;
+      if (n >= kStages) mbarrier_wait(&empty[stage], (n / kStages - 1) & 1);
+      mbarrier_arrive_expect_tx(&full[stage], 2 * Smem::kTileBytes);
+      unsigned char* const k_st = smem + Smem::kK + stage * Smem::kTileBytes;
+      unsigned char* const v_st = smem + Smem::kV + stage * Smem::kTileBytes;
+      for (int panel = 0; panel < kPanels; ++panel) {
+        const int x = panel * kPanelElems, at = panel * BN * 128;
+        if (tile.kind == kGlobalTile) {
+          tma_load_3d(k_st + at, &maps.global_keys, x, tile.first, kv_row, &full[stage]);
+          tma_load_3d(v_st + at, &maps.global_values, x, tile.first, kv_row, &full[stage]);
+        } else {
+          tma_load_3d(k_st + at, &maps.keys, x, tile.first, kv_row, &full[stage]);
+          if (tile.kind == kWindowTile)
+            tma_load_3d(v_st + at, &maps.window_values, x, tile.first, kv_row, &full[stage]);
+          else  // rows past the chunk read zeros
+            tma_load_4d(v_st + at, &maps.chunk_values, x, tile.first - window_rows, kv_head, b,
+                        &full[stage]);
+        }
+      }
+      ++n;
+    }
+    return;
+  }
+
+  // ---- Consumers.
+  setmaxnreg_inc<kConsumerRegisters>();
+  const int consumer = group - 1;
+  const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+  unsigned char* const s_q = smem + Smem::kQ + consumer * Smem::kQBytes;
+  unsigned char* const s_qcap = smem + Smem::kQCap + consumer * Smem::kQBytes;
+  const int group_t0 = t_lo + consumer * kGroupRows;
+
+  // Rotate this group's Q rows in place: s_q <- R_{t-p} q (local), s_qcap <- R_D q (global).
+  // Thread tid owns the 32-bit word of features (f, f + 1), f = 2 (tid % (D / 2)), in rows
+  // tid / (D / 2) + k * kRowStep; plan_attention sends rotary_dim % 4 != 0 elsewhere, so a
+  // word is rotated whole or not at all.
+  {
+    constexpr int kWordsPerRow = D / 2, kRowStep = 128 / kWordsPerRow;
+    const int half = static_cast<int>(p.rotary_dim / 2);
+    const int f = 2 * (tid % kWordsPerRow);
+    float inv_freq[2] = {0.f, 0.f}, cap_cos[2] = {1.f, 1.f}, cap_sin[2] = {0.f, 0.f};
+    if (f < half) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        inv_freq[e] = p.inv_freq[f + e];
+        rope_sincos(p.distance_cap, inv_freq[e], &cap_cos[e], &cap_sin[e]);
+      }
+    }
+    mbarrier_wait(q_full, 0);
+    for (int r = tid / kWordsPerRow; r < kGroupRows; r += kRowStep) {
+      if (f < half) {
+        float c[2], s[2];
+        rope_sincos(group_t0 + r - pad, inv_freq[0], &c[0], &s[0]);
+        rope_sincos(group_t0 + r - pad, inv_freq[1], &c[1], &s[1]);
+        auto* const lo = reinterpret_cast<uint32_t*>(s_q + swizzled(kGroupRows, r, f));
+        auto* const hi = reinterpret_cast<uint32_t*>(s_q + swizzled(kGroupRows, r, f + half));
+        const float2 x1 = unpack2<T>(*lo), x2 = unpack2<T>(*hi);
+        *lo = pack2<T>(x1.x * c[0] - x2.x * s[0], x1.y * c[1] - x2.y * s[1]);
+        *hi = pack2<T>(x2.x * c[0] + x1.x * s[0], x2.y * c[1] + x1.y * s[1]);
+        *reinterpret_cast<uint32_t*>(s_qcap + swizzled(kGroupRows, r, f)) = pack2<T>(
+            x1.x * cap_cos[0] - x2.x * cap_sin[0], x1.y * cap_cos[1] - x2.y * cap_sin[1]);
+        *reinterpret_cast<uint32_t*>(s_qcap + swizzled(kGroupRows, r, f + half)) = pack2<T>(
+            x2.x * cap_cos[0] + x1.x * cap_sin[0], x2.y * cap_cos[1] + x1.y * cap_sin[1]);
+      } else if (f >= 2 * half) {  // past rotary_dim: R_D q = q
+        *reinterpret_cast<uint32_t*>(s_qcap + swizzled(kGroupRows, r, f)) =
+            *reinterpret_cast<const uint32_t*>(s_q + swizzled(kGroupRows, r, f));
+      }
+    }
+    fence_proxy_async();  // these generic-proxy writes, before wgmma reads them
+    named_barrier_sync(kGroupBarrier + consumer, 128);
+  }
+
+  // The two rows this thread holds in every accumulator fragment (warp row lane/4 and +8),
+  // as ranges of key rows: window rows [lo, hi], chunk rows [lo + p, hi + p], global rows
+  // [0, g_hi]. Padding rows and rows past the chunk see nothing.
+  int lo[2], hi[2], chunk_lo[2], chunk_hi[2], g_hi[2], row_t[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row_t[h] = group_t0 + warp * 16 + lane / 4 + 8 * h;
+    const bool real = row_t[h] >= pad && row_t[h] < n_q;
+    lo[h] = real ? window_rows + row_t[h] - pad - n_local + 1 : INT_MAX;
+    hi[h] = real ? window_rows + row_t[h] - pad : INT_MIN;
+    chunk_lo[h] = real ? lo[h] + pad : INT_MAX;
+    chunk_hi[h] = real ? hi[h] + pad : INT_MIN;
+    g_hi[h] = real ? static_cast<int>(max64(-1, min64(a + row_t[h] - pad - p.n_local,
+                                                      plan.prefill.global_rows)))
+                   : -1;
+  }
+  // The key rows every row of the group sees (effective rows), for "no select on this tile".
+  const bool group_real = group_t0 >= pad && group_t0 + kGroupRows <= n_q;
+  const int band_lo = window_rows + group_t0 + kGroupRows - 1 - pad - n_local + 1;
+  const int band_hi = window_rows + group_t0 - pad;
+
+  // Tiles this block loads (window tiles without a slot are skipped by every role), so that
+  // the second consumer's last turn hands nothing on to a first consumer that has finished.
+  int n_tiles = 0;
+  for (int it = tile_begin; it < tile_end; ++it) n_tiles += index.needed(tiles[it]);
+  if (consumer == 1 && n_tiles > 0) named_barrier_arrive(kTurnBarrier + 0, 256);  // 0 goes first
+
+  float o[kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[i][e] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // raw scores (unscaled)
+  float row_sum[2] = {0.f, 0.f};              // this thread's share; reduced at the end
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+
+  int n = 0;  // tiles consumed
+  for (int it = tile_begin; it < tile_end; ++it) {
+    const KeyTile tile = tiles[it];
+    if (!index.needed(tile)) continue;
+    const int stage = n % kStages;
+    const unsigned char* const k_st = smem + Smem::kK + stage * Smem::kTileBytes;
+    const unsigned char* const v_st = smem + Smem::kV + stage * Smem::kTileBytes;
+    mbarrier_wait(&full[stage], (n / kStages) & 1);
+
+    // S = Q K^T (R_D q K^T on global tiles), issued in this group's turn.
+    float s[BN / 8][4];
+    named_barrier_sync(kTurnBarrier + consumer, 256);
+    const unsigned char* const a_tile = tile.kind == kGlobalTile ? s_qcap : s_q;
+    fence_operands(s);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+      Wgmma<T, BN>::ss(s, desc_k_major(a_tile, kGroupRows, ks), desc_k_major(k_st, BN, ks),
+                       ks > 0);
+    wgmma_commit();
+    if (consumer == 0 || n + 1 < n_tiles) named_barrier_arrive(kTurnBarrier + (1 - consumer), 256);
+    wgmma_wait<0>();
+    fence_operands(s);
+
+    // The select, only where some pair of the tile is hidden from some row of the group.
+    bool all_seen = false;
+    if (tile.kind == kWindowTile)
+      all_seen = group_real && tile.first >= band_lo && tile.first + BN - 1 <= band_hi &&
+                 index.window_full(tile);
+    else if (tile.kind == kChunkTile)
+      all_seen = group_real && tile.first >= window_rows + pad &&
+                 tile.first + BN <= window_rows + n_q && tile.first - pad >= band_lo &&
+                 tile.first + BN - 1 - pad <= band_hi;
+    if (!all_seen) {
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int u = tile.first + 8 * i + 2 * (lane % 4) + e;  // key row of column
+          bool valid;
+          int key_lo[2], key_hi[2];
+          if (tile.kind == kGlobalTile) {
+            valid = index.global_source[u] >= 0;
+            key_lo[0] = key_lo[1] = 0;
+            key_hi[0] = g_hi[0];
+            key_hi[1] = g_hi[1];
+          } else if (tile.kind == kWindowTile) {
+            valid = index.window_slot[u] >= 0;
+            key_lo[0] = lo[0], key_lo[1] = lo[1], key_hi[0] = hi[0], key_hi[1] = hi[1];
+          } else {
+            valid = u >= window_rows + pad && u < window_rows + n_q;
+            key_lo[0] = chunk_lo[0], key_lo[1] = chunk_lo[1];
+            key_hi[0] = chunk_hi[0], key_hi[1] = chunk_hi[1];
+          }
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            if (!(valid && u >= key_lo[h] && u <= key_hi[h])) s[i][2 * h + e] = -INFINITY;
+        }
+    }
+
+    online_softmax_step(s, row_max, row_sum, o, scale_log2);
+
+    // O += P V: k16 step kk of P is n8 blocks 2kk and 2kk + 1 of S, rounded to T.
+    uint32_t pf[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        pf[kk][r] = pack2<T>(s[2 * kk + r / 2][2 * (r % 2)], s[2 * kk + r / 2][2 * (r % 2) + 1]);
+    fence_operands(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) Wgmma<T, D>::rs(o, pf[kk], desc_mn_major(v_st, BN, kk), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(o);
+    if (tid == 0) mbarrier_arrive(&empty[stage]);  // this group is done with the stage
+    ++n;
+  }
+
+  // Epilogue: finish the row sums across the quad that shares each row, normalise, store.
+  // Padding rows saw nothing: zeros (or an empty split).
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = row_sum[h];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (row_t[h] >= n_q) continue;
+    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+    if (n_splits == 1) {
+      T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +
+               row_t[h] * p.out_row_stride;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        const int col = 8 * dt + 2 * (lane % 4);
+        *reinterpret_cast<uint32_t*>(out + col) =
+            pack2<T>(o[dt][2 * h] * inv_sum, o[dt][2 * h + 1] * inv_sum);
+      }
+    } else {
+      const int64_t out_row = (int64_t(b) * p.n_heads_q + head) * n_q + row_t[h];
+      float* out = partial_out + (out_row * n_splits + split) * D;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        const int col = 8 * dt + 2 * (lane % 4);
+        *reinterpret_cast<float2*>(out + col) =
+            make_float2(o[dt][2 * h] * inv_sum, o[dt][2 * h + 1] * inv_sum);
+      }
+      if (lane % 4 == 0)
+        partial_lse[out_row * n_splits + split] =
+            sum > 0.f ? row_max[h] * scale_log2 + log2f(sum) : -INFINITY;
+    }
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host.
+
+Status map_error(const char* which, cudaError_t error) {
+  return Status(StatusCode::kCudaError,
+                std::string("lambda_attention_hopper: cuTensorMapEncodeTiled failed for ") +
+                    which + ": " + cudaGetErrorString(error));
+}
+
+// Byte stride of a dimension of extent 1, whose stride the caller may have left at anything
+// (TMA wants a multiple of 16 below 2^40): the packed stride, which it never uses.
+uint64_t stride_bytes(int64_t stride, int64_t extent, uint64_t packed) {
+  return extent == 1 ? packed : static_cast<uint64_t>(stride) * 2;
+}
+
+Status encode_maps(const LambdaAttentionParams& p, const AttentionPlan& plan,
+                   const unsigned char* workspace, HopperMaps* maps) {
+  using sm90::encode_panel_map_nd;
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  const auto D = static_cast<uint64_t>(p.head_dim);
+  const auto n_q = static_cast<uint64_t>(p.n_queries);
+  const uint64_t kv_rows = static_cast<uint64_t>(p.batch * p.n_heads_kv);
+  const PrefillWorkspace& ws = plan.prefill;
+  const auto W = static_cast<uint64_t>(ws.window_rows), G = static_cast<uint64_t>(ws.global_rows);
+  cudaError_t error;
+  {
+    const uint64_t row = p.q_row_stride * 2;
+    const uint64_t head = stride_bytes(p.q_head_stride, p.n_heads_q, row * n_q);
+    const uint64_t dims[4] = {D, n_q, static_cast<uint64_t>(p.n_heads_q),
+                              static_cast<uint64_t>(p.batch)};
+    const uint64_t strides[3] = {stride_bytes(p.q_row_stride, p.n_queries, D * 2), head,
+                                 stride_bytes(p.q_batch_stride, p.batch, head * p.n_heads_q)};
+    if ((error = encode_panel_map_nd(&maps->q, p.q, bf16, 4, dims, strides, kGroupRows)))
+      return map_error("q", error);
+  }
+  {
+    const uint64_t row = p.v_row_stride * 2;
+    const uint64_t head = stride_bytes(p.v_head_stride, p.n_heads_kv, row * n_q);
+    const uint64_t dims[4] = {D, n_q, static_cast<uint64_t>(p.n_heads_kv),
+                              static_cast<uint64_t>(p.batch)};
+    const uint64_t strides[3] = {stride_bytes(p.v_row_stride, p.n_queries, D * 2), head,
+                                 stride_bytes(p.v_batch_stride, p.batch, head * p.n_heads_kv)};
+    if ((error = encode_panel_map_nd(&maps->chunk_values, p.v, bf16, 4, dims, strides, BN)))
+      return map_error("v", error);
+  }
+  const auto packed_3d = [&](CUtensorMap* map, size_t offset, uint64_t rows, const char* which) {
+    const uint64_t dims[3] = {D, rows, kv_rows}, strides[2] = {D * 2, rows * D * 2};
+    const cudaError_t e = encode_panel_map_nd(map, workspace + offset, bf16, 3, dims, strides, BN);
+    return e == cudaSuccess ? Status::Ok() : map_error(which, e);
+  };
+  Status status = packed_3d(&maps->keys, ws.keys, W + n_q, "the rotated keys");
+  if (status.ok() && W > 0) status = packed_3d(&maps->window_values, ws.values, W, "the window values");
+  if (status.ok() && G > 0) status = packed_3d(&maps->global_keys, ws.global_keys, G, "the global keys");
+  if (status.ok() && G > 0)
+    status = packed_3d(&maps->global_values, ws.global_values, G, "the global values");
+  return status;
+}
+
+template <typename T, int D>
+Status launch(const LambdaAttentionParams& params, const AttentionPlan& plan, void* workspace,
+              cudaStream_t stream) {
+  constexpr int kSmem = HopperSmem<D>::kAlloc;
+  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
+    return Status::InvalidArgument("lambda_attention_cuda: workspace must be 16-byte aligned "
+                                   "for the Hopper prefill kernel (TMA)");
+  HopperMaps maps;
+  Status status = encode_maps(params, plan, static_cast<const unsigned char*>(workspace), &maps);
+  if (!status.ok()) return status;
+  auto* kernel = lambda_attention_hopper_kernel<T, D>;
+  // Setting the attribute is not a stream operation, so it is allowed during graph capture.
+  const cudaError_t error =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (error != cudaSuccess)
+    return Status(StatusCode::kCudaError,
+                  std::string("lambda_attention_hopper: cudaFuncSetAttribute failed: ") +
+                      cudaGetErrorString(error));
+  float* partial_out = nullptr;
+  float* partial_lse = nullptr;
+  if (plan.n_splits > 1) {
+    partial_out = static_cast<float*>(workspace);
+    partial_lse = reinterpret_cast<float*>(static_cast<char*>(workspace) + plan.partial_lse_offset);
+  }
+  const dim3 grid(static_cast<unsigned>(plan.row_tiles * plan.n_splits),
+                  static_cast<unsigned>(params.n_heads_q), static_cast<unsigned>(params.batch));
+  kernel<<<grid, kThreads, kSmem, stream>>>(maps, params, plan,
+                                            static_cast<const unsigned char*>(workspace),
+                                            partial_out, partial_lse);
+  return launch_status("lambda_attention_hopper_kernel");
+}
+
+}  // namespace
+
+void plan_hopper_prefill(const LambdaAttentionParams& p, int sm_count, AttentionPlan& plan) {
+  plan.path = AttentionPath::kHopper;
+  plan.row_tiles = (p.n_queries + BM - 1) / BM;
+  plan.n_splits = 1;
+  const int64_t blocks = plan.row_tiles * p.n_heads_q * p.batch;
+  const int64_t target = sm_count;  // one block per SM (up to 197 KB of shared memory)
+  if (blocks > 0 && blocks < target) {
+    // Upper bound on the key tiles a block visits: the band (cache window and chunk keys)
+    // and the global tiles.
+    const int64_t band_keys = min64(p.n_queries, p.n_local + BM) + (p.cache_len > 0 ? p.n_local : 0);
+    const int64_t key_tiles = (band_keys + BN - 1) / BN + (p.n_global + BN - 1) / BN;
+    plan.n_splits = min64(min64((target + blocks - 1) / blocks, key_tiles), kMaxSplits);
+  }
+}
+
+Status launch_lambda_attention_hopper(const LambdaAttentionParams& params,
+                                      const AttentionPlan& plan, void* workspace,
+                                      cudaStream_t stream) {
+  const bool bf16 = params.dtype == DType::kBFloat16;
+  if (params.head_dim == 64)
+    return bf16 ? launch<__nv_bfloat16, 64>(params, plan, workspace, stream)
+                : launch<__half, 64>(params, plan, workspace, stream);
+  return bf16 ? launch<__nv_bfloat16, 128>(params, plan, workspace, stream)
+              : launch<__half, 128>(params, plan, workspace, stream);
+}
+
+}  // namespace lminf::cuda
