@@ -41,7 +41,7 @@ def pre_pass(p, b, kv_head, a, pad):
     W = round_up(p["L"] - 1) if p["cache_len"] else 0
     R = round_up(p["G"])
     window_slot, global_source = np.full(W, -1), np.full(R, -1)
-    for slot, pos in enumerate(p["cache_pos"]):
+    for slot, pos in enumerate(p["cache_pos"][b]):  # sequence b's row of slot positions
         if pos < 0:
             continue
         if 0 <= pos - (a - W) < W:
@@ -55,7 +55,7 @@ def pre_pass(p, b, kv_head, a, pad):
     keys, values = np.zeros((W + n_q, dim)), np.zeros((W, dim))
     for u, slot in enumerate(window_slot):
         if slot >= 0:
-            keys[u] = rotate(p["cache_k"][b, kv_head, slot], int(p["cache_pos"][slot]) - a,
+            keys[u] = rotate(p["cache_k"][b, kv_head, slot], int(p["cache_pos"][b, slot]) - a,
                              p["inv_freq"], half)
             values[u] = p["cache_v"][b, kv_head, slot]
     for t in range(pad, n_q):
@@ -199,11 +199,11 @@ def case(batch, hq, hkv, dim, n_q, G, L, seen, n_splits=1, pads=None, start_shif
     pads = pads or [0] * batch
     shifts = start_shift or [0] * batch
     p, _ = reference_case(batch, hq, hkv, dim, n_q, G, L, seen, **kwargs)
-    starts = [p["qs"] + s for s in shifts]
+    starts = [int(p["qs"][b]) + s for b, s in enumerate(shifts)]
     out = model(p, starts, pads, n_splits)
     ref_all = np.zeros_like(out)
     for b in range(batch):
-        present = p["cache_pos"] >= 0
+        present = p["cache_pos"][b] >= 0
         t = np.arange(n_q)
         q_pos = np.where(t >= pads[b], starts[b] + t - pads[b], -1)
         ref = li.lambda_attention_reference(
@@ -212,7 +212,7 @@ def case(batch, hq, hkv, dim, n_q, G, L, seen, n_splits=1, pads=None, start_shif
             torch.from_numpy(np.concatenate([p["cache_v"][b:b + 1, :, present], p["v"][b:b + 1]], 2)),
             torch.from_numpy(p["inv_freq"]), n_global=G, n_local=L, distance_cap=p["D"],
             query_positions=torch.from_numpy(q_pos),
-            key_positions=torch.from_numpy(np.concatenate([p["cache_pos"][present], q_pos])),
+            key_positions=torch.from_numpy(np.concatenate([p["cache_pos"][b][present], q_pos])),
         ).numpy()
         ref[:, :, :pads[b]] = 0.0  # padding rows: zeros
         ref_all[b:b + 1] = ref
