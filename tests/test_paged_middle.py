@@ -142,7 +142,7 @@ def test_offload_keeps_blocks_on_the_host_and_device_bytes_flat():
     assert store.offload and store.block_device.type == "cpu" and store.k.device.type == "cpu"
     assert store.kmin.device == paged.k.device and store.block_start.device == paged.k.device
     assert store.device_nbytes() == sum(t.numel() * t.element_size()
-                                        for t in (store.kmin, store.kmax, store.block_start))
+                                        for t in (store.kmin, store.kmax, store.positions))
     assert store.host_nbytes() == 2 * store.k.numel() * store.k.element_size()
     assert len(set(device_bytes[1:])) == 1  # flat once the bound is reached (8 blocks)
 

@@ -40,7 +40,10 @@ class PagedMiddleStore:
       k, v:        [batch, heads_kv, capacity, block_size, head_dim]
     On `device`:
       kmin, kmax:  [batch, heads_kv, capacity, head_dim]  per-block key summaries
-      block_start: int64 [capacity]  position of each block's first token
+      positions:   int64 [batch, capacity, block_size]  each stored token's position in its
+                   sequence (-1: padding or not yet filled). Blocks are filled column by
+                   column across the batch; a sequence's padding rows (left padding, or a
+                   finished sequence fed a placeholder) take a slot but no position.
     Blocks form a ring of slots: while the store grows, slot i is the i-th block; once
     max_middle_tokens is reached the newest block overwrites the oldest.
     """
@@ -69,7 +72,7 @@ class PagedMiddleStore:
         self.v = torch.zeros(shape, dtype=dtype, device=self.block_device, pin_memory=self.pinned)
         self.kmin = torch.zeros(batch, n_heads_kv, capacity, head_dim, dtype=dtype, device=self.device)
         self.kmax = torch.zeros_like(self.kmin)
-        self.block_start = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        self.positions = torch.full((batch, capacity, block_size), -1, dtype=torch.int64, device=self.device)
         self.n_blocks = 0   # slots in use: always slots 0 .. n_blocks - 1
         self.newest = -1    # slot of the block being filled
         self.fill = 0       # tokens in the newest block
@@ -82,6 +85,12 @@ class PagedMiddleStore:
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def block_start(self) -> torch.Tensor:
+        """int64 [capacity]: the first sequence's position of each block's first token (in an
+        unpadded batch, every sequence's)."""
+        return self.positions[0, :, 0]
 
     @property
     def length(self) -> int:
@@ -99,23 +108,38 @@ class PagedMiddleStore:
         while self.capacity < needed:
             self._grow()
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        """Store a chunk's keys and values ([batch, heads_kv, n, head_dim], positions start..)."""
-        skip = max(0, min(k.shape[-2], self.n_global - start))  # globals live in the ring
+    def append(self, k: torch.Tensor, v: torch.Tensor, start: int,
+               positions: torch.Tensor | None = None) -> None:
+        """Store a chunk's keys and values ([batch, heads_kv, n, head_dim]) that starts at
+        column `start` of the stream. positions: int64 [batch, n] per row (-1: padding, left
+        out of the summaries); None: start + t for every sequence. A row's position never
+        exceeds its column, so the first n_global - start rows are globals or padding in every
+        sequence: they live in the ring."""
+        skip = max(0, min(k.shape[-2], self.n_global - start))
         done, n = skip, k.shape[-2]
         while done < n:
             if self.n_blocks == 0 or self.fill == self.block_size:
-                self._open_block(start + done)
+                self._open_block()
             m = min(n - done, self.block_size - self.fill)
             piece_k, piece_v = k[:, :, done:done + m], v[:, :, done:done + m]
             slot, end = self.newest, self.fill + m
             self.k[:, :, slot, self.fill:end].copy_(piece_k)
             self.v[:, :, slot, self.fill:end].copy_(piece_v)
-            self.kmin[:, :, slot] = torch.minimum(self.kmin[:, :, slot], piece_k.amin(2))
-            self.kmax[:, :, slot] = torch.maximum(self.kmax[:, :, slot], piece_k.amax(2))
+            if positions is None:
+                self.positions[:, slot, self.fill:end] = torch.arange(
+                    start + done, start + done + m, device=self.device)
+                low, high = piece_k.amin(2), piece_k.amax(2)
+            else:
+                piece_positions = positions[:, done:done + m]
+                self.positions[:, slot, self.fill:end] = piece_positions
+                padding = (piece_positions < 0)[:, None, :, None]
+                low = piece_k.masked_fill(padding, float("inf")).amin(2)
+                high = piece_k.masked_fill(padding, float("-inf")).amax(2)
+            self.kmin[:, :, slot] = torch.minimum(self.kmin[:, :, slot], low)
+            self.kmax[:, :, slot] = torch.maximum(self.kmax[:, :, slot], high)
             self.fill, done = end, done + m
 
-    def _open_block(self, position: int) -> None:
+    def _open_block(self) -> None:
         if self.max_blocks is not None and self.n_blocks == self.max_blocks:
             slot = (self.newest + 1) % self.n_blocks  # the oldest block: dropped whole
             self.dropped_blocks += 1
@@ -125,7 +149,7 @@ class PagedMiddleStore:
             slot = self.n_blocks
             self.n_blocks += 1
         self.newest, self.fill = slot, 0
-        self.block_start[slot] = position
+        self.positions[:, slot] = -1
         self.kmin[:, :, slot] = float("inf")
         self.kmax[:, :, slot] = float("-inf")
 
@@ -137,7 +161,7 @@ class PagedMiddleStore:
         n, grown = self.n_blocks, {}
         # Every new buffer is allocated before any replaces the old one: a failed allocation
         # leaves the store as it was.
-        for name, dim in (("k", 2), ("v", 2), ("kmin", 2), ("kmax", 2), ("block_start", 0)):
+        for name, dim in (("k", 2), ("v", 2), ("kmin", 2), ("kmax", 2), ("positions", 1)):
             old = getattr(self, name)
             shape = list(old.shape)
             shape[dim] = capacity
@@ -147,20 +171,25 @@ class PagedMiddleStore:
         for name, new in grown.items():
             setattr(self, name, new)
 
-    def candidates(self, queries: torch.Tensor, first_position: int, inv_freq: torch.Tensor, *,
+    def candidates(self, queries: torch.Tensor, query_positions: torch.Tensor, inv_freq: torch.Tensor, *,
                    top_k_distance: int, n_local: int) -> dict:
         """The middle keys to hand the op for these top-k rows, as its middle_k / middle_v /
         middle_positions arguments: the union of each query head's best blocks.
 
-        queries: [batch, heads_q, rows, head_dim], unrotated, at positions first_position..
+        queries: [batch, heads_q, rows, head_dim], unrotated; query_positions: int64
+        [batch, rows] their positions (-1: padding rows, which choose nothing).
         """
-        slots = self.select_blocks(queries, first_position, inv_freq,
+        slots = self.select_blocks(queries, query_positions, inv_freq,
                                    top_k_distance=top_k_distance, n_local=n_local)
         return self.gather(slots)
 
-    def select_blocks(self, queries, first_position, inv_freq, *, top_k_distance, n_local):
-        """Slots (int64, ascending, on the compute device) of the blocks to fetch."""
+    def select_blocks(self, queries, query_positions, inv_freq, *, top_k_distance, n_local):
+        """Slots (int64, ascending, on the compute device) of the blocks to fetch.
+        query_positions: int64 [batch, rows], or an int: the first row's position in every
+        sequence."""
         batch, heads_q, rows, head_dim = queries.shape
+        if not isinstance(query_positions, torch.Tensor):
+            query_positions = query_positions + torch.arange(rows, device=self.device).expand(batch, rows)
         heads_kv = self.kmin.shape[1]
         n = self.n_blocks
         if rows == 0 or n == 0:
@@ -176,9 +205,9 @@ class PagedMiddleStore:
         bound = bound.reshape(batch, heads_kv, group, rows, n)
         # A block helps row i only if it starts at or before i - n_local (the kernel masks the
         # rest of it by position); blocks the bound cannot rank stay out.
-        row_positions = first_position + torch.arange(rows, device=self.device)
-        visible = self.block_start[None, :n] <= (row_positions - n_local)[:, None]  # [rows, n]
-        bound = bound.masked_fill(~visible, float("-inf")).amax(dim=3)  # [b, kv, group, n]
+        first = self.positions[:, :n].masked_fill(self.positions[:, :n] < 0, 2**62).amin(-1)  # [b, n]
+        visible = first[:, None, :] <= (query_positions - n_local)[:, :, None]  # [b, rows, n]
+        bound = bound.masked_fill(~visible[:, None, None], float("-inf")).amax(dim=3)  # [b, kv, group, n]
         best, chosen = bound.topk(min(self.top_k_blocks, n), dim=-1)
         return torch.unique(chosen[best > float("-inf")])
 
@@ -193,13 +222,9 @@ class PagedMiddleStore:
         torch.index_select(self.v, 2, slots.to(self.block_device), out=pages[1])
         if self.offload:
             pages = self._to_device(pages)
-        offsets = torch.arange(block_size, device=self.device)
-        positions = self.block_start[slots, None] + offsets
-        if self.n_blocks:
-            unfilled = (slots == self.newest)[:, None] & (offsets >= self.fill)[None, :]
-            positions = positions.masked_fill(unfilled, -1)
+        positions = self.positions.index_select(1, slots)  # the newest block's empty tail: -1
         k, v = pages.reshape(2, batch, heads_kv, m * block_size, head_dim)
-        return dict(middle_k=k, middle_v=v, middle_positions=positions.reshape(-1))
+        return dict(middle_k=k, middle_v=v, middle_positions=positions.reshape(batch, -1))
 
     def _buffer(self, m: int) -> torch.Tensor:
         """[2 (k, v), batch, heads_kv, m, block_size, head_dim], contiguous, from the reused
@@ -226,7 +251,7 @@ class PagedMiddleStore:
         """The stored blocks and summaries, not the transient gather buffer and its CUDA event
         (which cannot be copied), e.g. for LambdaStream.fork."""
         twin = copy.copy(self)
-        for name in ("k", "v", "kmin", "kmax", "block_start"):
+        for name in ("k", "v", "kmin", "kmax", "positions"):
             setattr(twin, name, copy.deepcopy(getattr(self, name), memo))
         twin._gathered = twin._copied = None
         return twin
@@ -235,7 +260,7 @@ class PagedMiddleStore:
         """Follow a beam search's reordering of the batch (beam_idx already checked): every
         reordered copy exists before the first tensor is overwritten, and the tensors keep
         their storage (pinned host blocks stay pinned)."""
-        stores = (self.k, self.v, self.kmin, self.kmax)
+        stores = (self.k, self.v, self.kmin, self.kmax, self.positions)
         reordered = [t.index_select(0, beam_idx.to(t.device)) for t in stores]
         for store, new in zip(stores, reordered):
             store.copy_(new)
@@ -244,7 +269,7 @@ class PagedMiddleStore:
         """Bytes on the compute device: summaries and block starts, plus the blocks unless
         offloaded. Not counted: the transient gather of at most batch x heads_q x top_k_blocks
         blocks per top-k call."""
-        held = [self.kmin, self.kmax, self.block_start]
+        held = [self.kmin, self.kmax, self.positions]
         if not self.offload:
             held += [self.k, self.v]
         return sum(t.numel() * t.element_size() for t in held)

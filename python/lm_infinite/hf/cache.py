@@ -50,7 +50,9 @@ class LambdaLayer(CacheLayerMixin):
         return self.ring.attend_and_append(query, key, value, inv_freq, **attend_options)
 
     def get_seq_length(self) -> int:
-        """Tokens seen, not tokens stored: the next token's position."""
+        """Tokens seen, not tokens stored: the next token's column (its position in an
+        unpadded batch; with left padding, each sequence's position is this minus its
+        padding, kept per sequence in the ring's next_position)."""
         return 0 if self.ring is None else self.ring.n_seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
