@@ -34,6 +34,23 @@ Status check_range(const char* name, int64_t value, int64_t low) {
   return Status::Ok();
 }
 
+// A per-sequence array ([batch], stride 1) or one value shared by the batch (stride 0).
+Status check_sequence_stride(const char* name, int64_t stride) {
+  if (stride != 0 && stride != 1)
+    return invalid(name, " must be 0 (one value shared by the batch) or 1 (one per sequence), got ",
+                   stride);
+  return Status::Ok();
+}
+
+// Slot positions are one row shared by the batch (stride 0) or one row of `length` per
+// sequence: rows may be spaced further apart, never overlap.
+Status check_positions_stride(const char* name, int64_t stride, int64_t length) {
+  if (stride != 0 && (stride < length || stride > kMaxPosition))
+    return invalid(name, " must be 0 (shared by the batch) or in [", length,
+                   ", 2^62] (one row per sequence), got ", stride);
+  return Status::Ok();
+}
+
 #define LMINF_RETURN_IF_ERROR(expression)   \
   do {                                      \
     Status status_ = (expression);          \
@@ -61,6 +78,9 @@ Status validate(const LambdaAttentionParams& p) {
   LMINF_RETURN_IF_ERROR(check_range("cache_len", p.cache_len, 0));
   if (!std::isfinite(p.scale)) return invalid("scale must be a finite number, got ", p.scale);
   if (p.query_start == nullptr) return invalid("query_start must not be null");
+  LMINF_RETURN_IF_ERROR(check_sequence_stride("query_start_batch_stride", p.query_start_batch_stride));
+  LMINF_RETURN_IF_ERROR(check_positions_stride("cache_positions_batch_stride",
+                                               p.cache_positions_batch_stride, p.cache_len));
   if (p.rotary_dim > 0 && p.inv_freq == nullptr) return invalid("inv_freq must not be null");
   const bool empty = p.batch == 0 || p.n_queries == 0;
   if (!empty && (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.out == nullptr))
@@ -73,6 +93,8 @@ Status validate(const LambdaAttentionParams& p) {
     LMINF_RETURN_IF_ERROR(check_range("top_k_distance", p.top_k_distance, 0));
     LMINF_RETURN_IF_ERROR(check_range("top_k_first_row", p.top_k_first_row, 0));
     LMINF_RETURN_IF_ERROR(check_range("middle_len", p.middle_len, 0));
+    LMINF_RETURN_IF_ERROR(check_positions_stride("middle_positions_batch_stride",
+                                                 p.middle_positions_batch_stride, p.middle_len));
     if (!empty && p.middle_len > 0 &&
         (p.middle_k == nullptr || p.middle_v == nullptr || p.middle_positions == nullptr))
       return invalid("middle_k, middle_v and middle_positions must not be null when middle_len > 0");
@@ -91,6 +113,18 @@ Status validate(const RingCacheAppendParams& p) {
   LMINF_RETURN_IF_ERROR(check_window(p.n_global, p.n_local));
   if (p.start_position == nullptr) return invalid("start_position must not be null");
   if (p.cache_positions == nullptr) return invalid("cache_positions must not be null");
+  LMINF_RETURN_IF_ERROR(
+      check_sequence_stride("start_position_batch_stride", p.start_position_batch_stride));
+  LMINF_RETURN_IF_ERROR(check_positions_stride("cache_positions_batch_stride",
+                                               p.cache_positions_batch_stride,
+                                               p.n_global + p.n_local));
+  // One shared row of slot positions cannot record sequences that sit at different positions.
+  if (p.batch > 1 && p.cache_positions_batch_stride == 0 &&
+      (p.start_position_batch_stride != 0 || p.padding != nullptr))
+    return invalid("cache_positions_batch_stride must be at least n_global + n_local (",
+                   p.n_global + p.n_local, ", one row of slot positions per sequence) when ",
+                   p.padding != nullptr ? "padding is given" : "start_position is per sequence",
+                   ", got 0 (shared by the batch)");
   if (p.batch > 0 && p.n_new > 0 &&
       (p.cache_k == nullptr || p.cache_v == nullptr || p.k == nullptr || p.v == nullptr))
     return invalid("cache_k, cache_v, k and v must not be null");
@@ -101,6 +135,25 @@ Status validate_position(const char* name, int64_t start, int64_t count) {
   if (start < 0 || start > kMaxPosition - count)
     return invalid(name, " must be in [0, 2^62 - ", count, "] (the chunk's ", count,
                    " positions must stay below 2^62), got ", start);
+  return Status::Ok();
+}
+
+Status validate_sequence_positions(const char* start_name, const int64_t* start,
+                                   int64_t start_stride, const int64_t* padding, int64_t batch,
+                                   int64_t n_rows) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t pad = padding == nullptr ? 0 : padding[b];
+    if (pad < 0 || pad > n_rows)
+      return invalid("padding must be in [0, ", n_rows, "] (leading padding rows of the chunk), got ",
+                     pad, " for sequence ", b);
+    Status status = validate_position(start_name, start[b * start_stride], n_rows - pad);
+    if (!status.ok()) {
+      if (start_stride == 0) return status;
+      return invalid(status.message(), " for sequence ", b);
+    }
+  }
+  // An empty batch still names a bad shared start.
+  if (batch == 0 && start_stride == 0) return validate_position(start_name, *start, n_rows);
   return Status::Ok();
 }
 

@@ -25,11 +25,12 @@ torch::Tensor lambda_attention_chunk(const torch::Tensor& q, const torch::Tensor
                                      const std::optional<torch::Tensor>& middle_v,
                                      const std::optional<torch::Tensor>& middle_positions,
                                      int64_t top_k, int64_t top_k_distance,
-                                     int64_t top_k_first_row) {
+                                     int64_t top_k_first_row,
+                                     const std::optional<torch::Tensor>& padding) {
   const char* op = "lminf::lambda_attention_chunk";
   AttentionInputs in = make_attention_inputs(op, q, k, v, cache_k, cache_v, cache_positions,
                                              query_start, inv_freq, n_global, n_local,
-                                             distance_cap, scale);
+                                             distance_cap, scale, padding);
   attach_middle_store(op, in, middle_k, middle_v, middle_positions, top_k, top_k_distance,
                       top_k_first_row);
   launch(op, in);
@@ -40,17 +41,19 @@ template <AttentionLauncher launch>
 torch::Tensor lambda_attention(const torch::Tensor& q, const torch::Tensor& k,
                                const torch::Tensor& v, const torch::Tensor& inv_freq,
                                int64_t n_global, int64_t n_local, int64_t distance_cap,
-                               double scale) {
+                               double scale, const std::optional<torch::Tensor>& padding) {
   const char* op = "lminf::lambda_attention";
   require(k.dim() == 4, op, [&] {
     return "k must be 4-D [batch, heads_kv, seq, head_dim], got shape " + shape_str(k);
   });
-  // A whole sequence is a chunk at position 0 with an empty cache.
+  // A whole sequence is a chunk at position 0 with an empty cache (each sequence's first real
+  // row, after its padding, at position 0).
   const auto no_cache = k.new_empty({k.size(0), k.size(1), 0, k.size(3)});
   const auto no_positions = torch::empty({0}, k.options().dtype(torch::kInt64));
   const auto start = torch::zeros({1}, k.options().dtype(torch::kInt64));
   AttentionInputs in = make_attention_inputs(op, q, k, v, no_cache, no_cache, no_positions, start,
-                                             inv_freq, n_global, n_local, distance_cap, scale);
+                                             inv_freq, n_global, n_local, distance_cap, scale,
+                                             padding);
   launch(op, in);
   return in.out;
 }
@@ -59,9 +62,10 @@ template <AppendLauncher launch>
 void ring_cache_append(const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                        const torch::Tensor& cache_positions, const torch::Tensor& k,
                        const torch::Tensor& v, const torch::Tensor& start_position,
-                       int64_t n_global, int64_t n_local) {
+                       int64_t n_global, int64_t n_local,
+                       const std::optional<torch::Tensor>& padding) {
   AppendInputs in = make_append_inputs(cache_k, cache_v, cache_positions, k, v, start_position,
-                                       n_global, n_local);
+                                       n_global, n_local, padding);
   launch("lminf::ring_cache_append", in);
 }
 

@@ -19,16 +19,17 @@ void append_cpu(const char* op, AppendInputs& in) {
 TORCH_LIBRARY(lminf, m) {
   m.def(
       "lambda_attention(Tensor q, Tensor k, Tensor v, Tensor inv_freq, int n_global, "
-      "int n_local, int distance_cap, float scale) -> Tensor");
+      "int n_local, int distance_cap, float scale, Tensor? padding=None) -> Tensor");
   m.def(
       "lambda_attention_chunk(Tensor q, Tensor k, Tensor v, Tensor cache_k, Tensor cache_v, "
       "Tensor cache_positions, Tensor query_start, Tensor inv_freq, int n_global, int n_local, "
       "int distance_cap, float scale, Tensor? middle_k=None, Tensor? middle_v=None, "
       "Tensor? middle_positions=None, int top_k=0, int top_k_distance=0, "
-      "int top_k_first_row=0) -> Tensor");
+      "int top_k_first_row=0, Tensor? padding=None) -> Tensor");
   m.def(
       "ring_cache_append(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor(c!) cache_positions, "
-      "Tensor k, Tensor v, Tensor start_position, int n_global, int n_local) -> ()");
+      "Tensor k, Tensor v, Tensor start_position, int n_global, int n_local, "
+      "Tensor? padding=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lminf, CPU, m) {

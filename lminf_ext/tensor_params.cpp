@@ -64,28 +64,63 @@ void check_same_shape(const char* op, const char* name, const torch::Tensor& t,
   });
 }
 
-// int64 [length] on `device` (one position per slot).
-void check_positions(const char* op, const char* name, const torch::Tensor& t, int64_t length,
-                     const torch::Device& device, const char* what) {
-  require(t.scalar_type() == torch::kInt64 && t.dim() == 1 && t.size(0) == length, op, [&] {
-    return std::string(name) + " must be int64 of shape [" + std::to_string(length) + "] (" +
-           what + "), got " + dtype_str(t) + " of shape " + shape_str(t);
-  });
+void check_device(const char* op, const char* name, const torch::Tensor& t,
+                  const torch::Device& device) {
   require(t.device() == device, op, [&] {
     return std::string(name) + " must be on " + device_str(device) + ", got " + device_str(t);
   });
 }
 
-torch::Tensor position_scalar(const char* op, const char* name, const torch::Tensor& t,
-                              const torch::Device& device) {
-  require(t.scalar_type() == torch::kInt64 && t.numel() == 1, op, [&] {
-    return std::string(name) + " must be an int64 tensor with one element, got " + dtype_str(t) +
+// A tensor the kernel reads through a pointer and a batch stride, with that stride.
+struct Strided {
+  torch::Tensor tensor;
+  int64_t batch_stride;
+};
+
+// Slot positions: int64 [length] shared by the batch (batch stride 0) or [batch, length], one
+// row per sequence (batch stride length once contiguous).
+Strided slot_positions(const char* op, const char* name, const torch::Tensor& t, int64_t batch,
+                       int64_t length, const torch::Device& device, const char* what) {
+  const bool shared = t.dim() == 1 && t.size(0) == length;
+  const bool per_sequence = t.dim() == 2 && t.size(0) == batch && t.size(1) == length;
+  require(t.scalar_type() == torch::kInt64 && (shared || per_sequence), op, [&] {
+    return std::string(name) + " must be int64 of shape [" + std::to_string(length) + "] or [" +
+           std::to_string(batch) + ", " + std::to_string(length) + "] (" + what +
+           ", shared by the batch or one row per sequence), got " + dtype_str(t) + " of shape " +
+           shape_str(t);
+  });
+  check_device(op, name, t, device);
+  torch::Tensor contiguous = t.contiguous();
+  return {contiguous, per_sequence ? length : 0};
+}
+
+// A position per sequence: an int64 tensor with one element (shared by the batch, stride 0)
+// or of shape [batch] (stride 1).
+Strided sequence_starts(const char* op, const char* name, const torch::Tensor& t, int64_t batch,
+                        const torch::Device& device) {
+  const bool shared = t.numel() == 1 && t.dim() <= 1;
+  const bool per_sequence = t.dim() == 1 && t.size(0) == batch;
+  require(t.scalar_type() == torch::kInt64 && (shared || per_sequence), op, [&] {
+    return std::string(name) + " must be an int64 tensor with one element (shared by the batch) " +
+           "or of shape [" + std::to_string(batch) + "] (one per sequence), got " + dtype_str(t) +
            " of shape " + shape_str(t);
   });
-  require(t.device() == device, op, [&] {
-    return std::string(name) + " must be on " + device_str(device) + ", got " + device_str(t);
+  check_device(op, name, t, device);
+  return {t.reshape({-1}).contiguous(), shared ? 0 : 1};
+}
+
+// Leading padding rows per sequence: int64 [batch], or none.
+torch::Tensor padding_rows(const char* op, const std::optional<torch::Tensor>& padding,
+                           int64_t batch, const torch::Device& device) {
+  if (!padding) return {};
+  const torch::Tensor& t = *padding;
+  require(t.scalar_type() == torch::kInt64 && t.dim() == 1 && t.size(0) == batch, op, [&] {
+    return "padding must be int64 of shape [" + std::to_string(batch) +
+           "] (leading padding rows per sequence), got " + dtype_str(t) + " of shape " +
+           shape_str(t);
   });
-  return t.reshape({1}).contiguous();
+  check_device(op, "padding", t, device);
+  return t.contiguous();
 }
 
 // A tensor written in place must own each of its elements (an expanded, stride-0 tensor
@@ -120,7 +155,8 @@ AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
                                       const torch::Tensor& cache_positions,
                                       const torch::Tensor& query_start,
                                       const torch::Tensor& inv_freq, int64_t n_global,
-                                      int64_t n_local, int64_t distance_cap, double scale) {
+                                      int64_t n_local, int64_t distance_cap, double scale,
+                                      const std::optional<torch::Tensor>& padding) {
   check_4d(op, "q", q, "[batch, heads_q, seq, head_dim]");
   check_4d(op, "k", k, "[batch, heads_kv, seq, head_dim]");
   check_4d(op, "v", v, "[batch, heads_kv, seq, head_dim]");
@@ -144,7 +180,10 @@ AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
   check_dim(op, "cache_k", cache_k, 1, heads_kv, "k.size(1), heads_kv");
   check_dim(op, "cache_k", cache_k, 3, head_dim, "q.size(3), head_dim");
   check_same_shape(op, "cache_v", cache_v, "cache_k", cache_k);
-  check_positions(op, "cache_positions", cache_positions, slots, q.device(), "one per cache slot");
+  Strided positions =
+      slot_positions(op, "cache_positions", cache_positions, batch, slots, q.device(),
+                     "one per cache slot");
+  Strided starts = sequence_starts(op, "query_start", query_start, batch, q.device());
   require(inv_freq.dim() == 1 && inv_freq.is_floating_point(), op, [&] {
     return "inv_freq must be a 1-D float tensor [rotary_dim / 2], got " + dtype_str(inv_freq) +
            " of shape " + shape_str(inv_freq);
@@ -163,8 +202,9 @@ AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
   in.v = rows_contiguous(v);
   in.cache_k = rows_contiguous(cache_k);
   in.cache_v = rows_contiguous(cache_v);
-  in.cache_positions = cache_positions.contiguous();
-  in.query_start = position_scalar(op, "query_start", query_start, q.device());
+  in.cache_positions = positions.tensor;
+  in.query_start = starts.tensor;
+  in.padding = padding_rows(op, padding, batch, q.device());
   in.inv_freq = inv_freq.to(torch::kFloat32).contiguous();
   in.out = torch::empty({batch, heads_q, seq, head_dim}, q.options());
 
@@ -183,8 +223,11 @@ AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
   p.cache_v_batch_stride = in.cache_v.stride(0), p.cache_v_head_stride = in.cache_v.stride(1);
   p.cache_v_row_stride = in.cache_v.stride(2);
   p.cache_positions = in.cache_positions.data_ptr<int64_t>();
+  p.cache_positions_batch_stride = positions.batch_stride;
   p.cache_len = slots;
   p.query_start = in.query_start.data_ptr<int64_t>();
+  p.query_start_batch_stride = starts.batch_stride;
+  p.padding = in.padding.defined() ? in.padding.data_ptr<int64_t>() : nullptr;
   p.out = in.out.data_ptr();
   p.out_batch_stride = in.out.stride(0), p.out_head_stride = in.out.stride(1);
   p.out_row_stride = in.out.stride(2);
@@ -218,11 +261,12 @@ void attach_middle_store(const char* op, AttentionInputs& in,
   check_dim(op, "middle_k", *middle_k, 3, q.size(3), "q.size(3), head_dim");
   check_same_shape(op, "middle_v", *middle_v, "middle_k", *middle_k);
   const int64_t slots = middle_k->size(2);
-  check_positions(op, "middle_positions", *middle_positions, slots, q.device(),
-                  "one per middle slot");
+  Strided positions = slot_positions(op, "middle_positions", *middle_positions, q.size(0), slots,
+                                     q.device(), "one per middle slot");
   in.middle_k = rows_contiguous(*middle_k);
   in.middle_v = rows_contiguous(*middle_v);
-  in.middle_positions = middle_positions->contiguous();
+  in.middle_positions = positions.tensor;
+  p.middle_positions_batch_stride = positions.batch_stride;
   p.middle_k = in.middle_k.data_ptr();
   p.middle_k_batch_stride = in.middle_k.stride(0), p.middle_k_head_stride = in.middle_k.stride(1);
   p.middle_k_row_stride = in.middle_k.stride(2);
@@ -236,7 +280,8 @@ void attach_middle_store(const char* op, AttentionInputs& in,
 AppendInputs make_append_inputs(const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                                 const torch::Tensor& cache_positions, const torch::Tensor& k,
                                 const torch::Tensor& v, const torch::Tensor& start_position,
-                                int64_t n_global, int64_t n_local) {
+                                int64_t n_global, int64_t n_local,
+                                const std::optional<torch::Tensor>& padding) {
   const char* op = "lminf::ring_cache_append";
   check_4d(op, "cache_k", cache_k, "[batch, heads_kv, n_global + n_local, head_dim]");
   check_4d(op, "k", k, "[batch, heads_kv, seq, head_dim]");
@@ -253,21 +298,39 @@ AppendInputs make_append_inputs(const torch::Tensor& cache_k, const torch::Tenso
     require(t.stride(-1) == 1 || t.size(-1) <= 1, op, [&] {
       return std::string(name) + " must have a contiguous last dimension (it is written in place)";
     });
-  check_positions(op, "cache_positions", cache_positions, cache_k.size(2), cache_k.device(),
-                  "one per cache slot");
+  const int64_t batch = cache_k.size(0);
+  const Strided positions = slot_positions(op, "cache_positions", cache_positions, batch,
+                                           cache_k.size(2), cache_k.device(), "one per cache slot");
   require(cache_positions.is_contiguous(), op, [] {
     return std::string("cache_positions must be contiguous (it is written in place)");
   });
   check_writable(op, "cache_k", cache_k,
                  {{"cache_v", cache_v}, {"cache_positions", cache_positions}, {"k", k}, {"v", v}});
   check_writable(op, "cache_v", cache_v, {{"cache_positions", cache_positions}, {"k", k}, {"v", v}});
-  check_writable(op, "cache_positions", cache_positions,
-                 {{"k", k}, {"v", v}, {"start_position", start_position}});
+  const torch::Tensor no_padding;
+  const torch::Tensor& padding_or_none = padding ? *padding : no_padding;
+  if (padding)
+    check_writable(op, "cache_positions", cache_positions,
+                   {{"k", k}, {"v", v}, {"start_position", start_position},
+                    {"padding", padding_or_none}});
+  else
+    check_writable(op, "cache_positions", cache_positions,
+                   {{"k", k}, {"v", v}, {"start_position", start_position}});
+  const Strided starts =
+      sequence_starts(op, "start_position", start_position, batch, cache_k.device());
+  require(batch <= 1 || positions.batch_stride != 0 || (starts.batch_stride == 0 && !padding), op,
+          [&] {
+            return "cache_positions must be [" + std::to_string(batch) + ", " +
+                   std::to_string(cache_k.size(2)) +
+                   "] (one row per sequence) when start_position is per sequence or padding is "
+                   "given, got shape " + shape_str(cache_positions);
+          });
 
   AppendInputs in;
   in.k = rows_contiguous(k);
   in.v = rows_contiguous(v);
-  in.start_position = position_scalar(op, "start_position", start_position, cache_k.device());
+  in.start_position = starts.tensor;
+  in.padding = padding_rows(op, padding, batch, cache_k.device());
   lminf::RingCacheAppendParams& p = in.params;
   p.dtype = dtype;
   p.cache_k = cache_k.data_ptr();
@@ -277,11 +340,14 @@ AppendInputs make_append_inputs(const torch::Tensor& cache_k, const torch::Tenso
   p.cache_v_batch_stride = cache_v.stride(0), p.cache_v_head_stride = cache_v.stride(1);
   p.cache_v_row_stride = cache_v.stride(2);
   p.cache_positions = cache_positions.data_ptr<int64_t>();
+  p.cache_positions_batch_stride = positions.batch_stride;
   p.k = in.k.data_ptr();
   p.k_batch_stride = in.k.stride(0), p.k_head_stride = in.k.stride(1), p.k_row_stride = in.k.stride(2);
   p.v = in.v.data_ptr();
   p.v_batch_stride = in.v.stride(0), p.v_head_stride = in.v.stride(1), p.v_row_stride = in.v.stride(2);
   p.start_position = in.start_position.data_ptr<int64_t>();
+  p.start_position_batch_stride = starts.batch_stride;
+  p.padding = in.padding.defined() ? in.padding.data_ptr<int64_t>() : nullptr;
   p.batch = k.size(0), p.n_heads_kv = k.size(1), p.n_new = k.size(2), p.head_dim = k.size(3);
   p.n_global = n_global, p.n_local = n_local;
   // The slot count is the one size the params do not carry; it needs n_global + n_local,

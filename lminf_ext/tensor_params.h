@@ -14,7 +14,7 @@ namespace lminf_ext {
 // Tensors a LambdaAttentionParams points into; kept alive (and, where the caller's tensor was
 // not usable as is, copied) for the duration of the kernel.
 struct AttentionInputs {
-  torch::Tensor q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, out;
+  torch::Tensor q, k, v, cache_k, cache_v, cache_positions, query_start, padding, inv_freq, out;
   torch::Tensor middle_k, middle_v, middle_positions;
   lminf::LambdaAttentionParams params;
 };
@@ -25,7 +25,8 @@ AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
                                       const torch::Tensor& cache_positions,
                                       const torch::Tensor& query_start,
                                       const torch::Tensor& inv_freq, int64_t n_global,
-                                      int64_t n_local, int64_t distance_cap, double scale);
+                                      int64_t n_local, int64_t distance_cap, double scale,
+                                      const std::optional<torch::Tensor>& padding);
 
 // Adds the optional top-k middle store to `in` (all three tensors given, or none when
 // top_k == 0).
@@ -36,14 +37,15 @@ void attach_middle_store(const char* op, AttentionInputs& in,
                          int64_t top_k_distance, int64_t top_k_first_row);
 
 struct AppendInputs {
-  torch::Tensor k, v, start_position;
+  torch::Tensor k, v, start_position, padding;
   lminf::RingCacheAppendParams params;
 };
 
 AppendInputs make_append_inputs(const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                                 const torch::Tensor& cache_positions, const torch::Tensor& k,
                                 const torch::Tensor& v, const torch::Tensor& start_position,
-                                int64_t n_global, int64_t n_local);
+                                int64_t n_global, int64_t n_local,
+                                const std::optional<torch::Tensor>& padding);
 
 // Raises a c10::Error carrying the core's message when status is not ok.
 void check_status(const char* op, const lminf::Status& status);

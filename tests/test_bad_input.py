@@ -206,6 +206,99 @@ def test_append_refuses_sizes_whose_sum_overflows():
                              k, k, 0, n_global=2**62, n_local=2**63 - 1)
 
 
+# --- Batches of different lengths: padding, per-sequence starts and slot positions. ---
+
+def batch_chunk_call(**kw):
+    """A batch of two with per-sequence positions; kw replaces any argument."""
+    q, k, v = random_qkv(2, 2, 1, 3, 32)
+    args = dict(q=q, k=k, v=v, cache_k=torch.zeros(2, 1, 6, 32), cache_v=torch.zeros(2, 1, 6, 32),
+                cache_positions=torch.full((2, 6), -1), query_start=torch.tensor([0, 5]),
+                inv_freq=rope_inv_freq(32), padding=torch.tensor([1, 0]))
+    args.update(kw)
+    return li.lambda_attention_chunk(**args, n_global=2, n_local=4)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(padding=torch.tensor([1, 0], dtype=torch.int32)), "padding must be int64 of shape \\[2\\]"),
+    (dict(padding=torch.tensor([1, 0, 0])), "padding must be int64 of shape \\[2\\] .*got Long of shape \\[3\\]"),
+    (dict(padding=torch.tensor([[1, 0]])), "padding must be int64 of shape \\[2\\]"),
+    (dict(padding=torch.tensor([0, 4])), "padding must be in \\[0, 3\\] .*got 4 for sequence 1"),
+    (dict(padding=torch.tensor([-1, 0])), "padding must be in \\[0, 3\\] .*got -1 for sequence 0"),
+    (dict(padding=[1, 0]), "padding must be a torch.Tensor, got list"),
+    (dict(padding=torch.tensor([1, 0], device="meta")), "padding must be on q's device"),
+    (dict(query_start=torch.tensor([0, 5, 7])),
+     "query_start must be an int64 tensor with one element \\(shared by the batch\\) or of shape \\[2\\]"),
+    (dict(query_start=torch.tensor([[0, 5]])), "query_start must be an int64 tensor"),
+    (dict(query_start=torch.tensor([0, -1])), "query_start must be in \\[0, 2\\^62 - 3\\] .*got -1 for sequence 1"),
+    (dict(query_start=torch.tensor([0, 2**62])), "query_start must be in .*for sequence 1"),
+    (dict(cache_positions=torch.full((3, 6), -1)), "cache_positions must be int64 of shape \\[6\\] or \\[2, 6\\]"),
+    (dict(cache_positions=torch.full((2, 5), -1)), "cache_positions must be int64 of shape \\[6\\] or \\[2, 6\\]"),
+    (dict(cache_positions=torch.full((2, 1, 6), -1)), "cache_positions must be int64 of shape"),
+])
+def test_batched_chunk_rejects(kwargs, message):
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=message):
+        batch_chunk_call(**kwargs)
+
+
+def test_batched_chunk_rejects_bad_middle_positions():
+    middle = torch.zeros(2, 1, 4, 32)
+    for positions in (torch.zeros(3, 4, dtype=torch.int64), torch.zeros(2, 5, dtype=torch.int64)):
+        with pytest.raises(RuntimeError, match="middle_positions must be int64 of shape \\[4\\] or \\[2, 4\\]"):
+            batch_chunk_call(middle_k=middle, middle_v=middle, middle_positions=positions, top_k=1)
+
+
+def test_lambda_attention_rejects_bad_padding():
+    q, k, v = random_qkv(2, 4, 2, 9, 64)
+    with pytest.raises(RuntimeError, match="padding must be in \\[0, 9\\] .*got 10 for sequence 0"):
+        li.lambda_attention(q, k, v, INV, n_local=4, padding=torch.tensor([10, 0]))
+    with pytest.raises(RuntimeError, match="padding must be int64 of shape \\[2\\]"):
+        li.lambda_attention(q, k, v, INV, n_local=4, padding=torch.tensor([1]))
+
+
+def append_batch(**kw):
+    """ring_cache_append on a batch of two; kw replaces any argument."""
+    args = dict(cache_k=torch.zeros(2, 1, 6, 8), cache_v=torch.zeros(2, 1, 6, 8),
+                cache_positions=torch.full((2, 6), -1), k=torch.randn(2, 1, 3, 8),
+                v=torch.randn(2, 1, 3, 8), start_position=torch.tensor([0, 4]),
+                padding=torch.tensor([0, 2]))
+    args.update(kw)
+    li.ring_cache_append(**args, n_global=2, n_local=4)
+    return args
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    # One shared row of slot positions cannot hold two sequences at different positions.
+    (dict(cache_positions=torch.full((6,), -1)),
+     "cache_positions must be \\[2, 6\\] \\(one row per sequence\\) when start_position is per "
+     "sequence or padding is given, got shape \\[6\\]"),
+    (dict(cache_positions=torch.full((6,), -1), start_position=torch.tensor([3])),
+     "cache_positions must be \\[2, 6\\] \\(one row per sequence\\)"),
+    (dict(cache_positions=torch.full((2, 7), -1)), "cache_positions must be int64 of shape \\[6\\] or \\[2, 6\\]"),
+    (dict(cache_positions=torch.full((6, 2), -1).t()), "cache_positions must be contiguous"),
+    (dict(start_position=torch.tensor([0, 1, 2])), "start_position must be an int64 tensor with one element"),
+    (dict(start_position=torch.tensor([0, -3])), "start_position must be in .*got -3 for sequence 1"),
+    (dict(padding=torch.tensor([0, 4])), "padding must be in \\[0, 3\\] .*got 4 for sequence 1"),
+    (dict(padding=torch.tensor([0.0, 1.0])), "padding must be int64 of shape \\[2\\]"),
+])
+def test_batched_append_rejects(kwargs, message):
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=message):
+        append_batch(**kwargs)
+
+
+def test_batched_append_refused_leaves_the_cache_untouched():
+    cache_k, positions = torch.zeros(2, 1, 6, 8), torch.full((2, 6), -1)
+    with pytest.raises(RuntimeError, match="for sequence 1"):
+        append_batch(cache_k=cache_k, cache_positions=positions,
+                     start_position=torch.tensor([0, 2**62]))
+    assert (positions == -1).all() and (cache_k == 0).all()
+
+
+def test_batched_append_refuses_padding_that_aliases_positions():
+    positions = torch.full((2, 6), -1)
+    with pytest.raises(RuntimeError, match="cache_positions must not share memory with padding"):
+        append_batch(cache_positions=positions, padding=positions[0, :2])
+
+
 def test_no_autograd_a_clear_error_when_a_gradient_is_asked_for():
     """backward() used to give no gradients without a word; the forward still runs (a model
     called without no_grad), the backward says why it cannot."""

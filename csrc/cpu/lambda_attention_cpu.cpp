@@ -11,6 +11,11 @@
 // tile_queries), so (R_{i-base} q) . (R_{j-base} k) = (R_{i-j} q) . k with only small angles.
 // Global keys beyond the window are scored unrotated against R_{distance_cap} q.
 //
+// Batches of different lengths: each sequence b has its own origin (the position of chunk row
+// 0, query_start[b] - padding[b]), its own slot positions and its own padding rows. A tile
+// never mixes sequences, so it starts at the sequence's first real row and sees only that
+// sequence's keys; padding rows are written as zeros and are no key of anyone.
+//
 // Non-finite inputs (lambda_attention.h): a row with a NaN or infinite score among the keys
 // it sees, or such a value among their values, is NaN; masked keys never reach a row.
 //
@@ -156,7 +161,7 @@ class LambdaAttentionCpu {
   explicit LambdaAttentionCpu(const LambdaAttentionParams& p)
       : p_(p),
         group_(p.n_heads_q / p.n_heads_kv),
-        query_start_(*p.query_start),
+        max_query_start_(max_query_start(p)),
         // More than the candidates (the middle store and the chunk) would choose them all.
         top_k_(std::min(p.top_k, p.middle_len + p.n_queries)),
         dp_(round_up(p.head_dim, kVecWidth)),
@@ -165,7 +170,7 @@ class LambdaAttentionCpu {
         // Largest relative offset: a query or key at most n_local + tile_queries - 1 past
         // its tile's anchor, never beyond the last query.
         table_(shared_rope_table(p.inv_freq, half_,
-                                 std::min(p.n_local, query_start_ + p.n_queries) + tile_queries_ + 1)),
+                                 std::min(p.n_local, max_query_start_ + p.n_queries) + tile_queries_ + 1)),
         global_cos_(half_),
         global_sin_(half_),
         middle_cos_(half_),
@@ -216,15 +221,27 @@ class LambdaAttentionCpu {
     return static_cast<T*>(p_.out) + b * p_.out_batch_stride + h * p_.out_head_stride +
            t * p_.out_row_stride;
   }
+  // Position of chunk row 0 of sequence b; row t >= padding(b) sits at origin(b) + t.
+  int64_t origin(int64_t b) const {
+    return p_.query_start[b * p_.query_start_batch_stride] - padding(b);
+  }
+  int64_t padding(int64_t b) const { return p_.padding == nullptr ? 0 : p_.padding[b]; }
+  const int64_t* cache_positions(int64_t b) const {
+    return p_.cache_positions + b * p_.cache_positions_batch_stride;
+  }
+  const int64_t* middle_positions(int64_t b) const {
+    return p_.middle_positions + b * p_.middle_positions_batch_stride;
+  }
+
   KeyRef<T> chunk_key(int64_t b, int64_t h, int64_t s) const {
-    return {query_start_ + s,
+    return {origin(b) + s,
             static_cast<const T*>(p_.k) + b * p_.k_batch_stride + h * p_.k_head_stride +
                 s * p_.k_row_stride,
             static_cast<const T*>(p_.v) + b * p_.v_batch_stride + h * p_.v_head_stride +
                 s * p_.v_row_stride};
   }
   KeyRef<T> cache_key(int64_t b, int64_t h, int64_t slot) const {
-    return {p_.cache_positions[slot],
+    return {cache_positions(b)[slot],
             static_cast<const T*>(p_.cache_k) + b * p_.cache_k_batch_stride +
                 h * p_.cache_k_head_stride + slot * p_.cache_k_row_stride,
             static_cast<const T*>(p_.cache_v) + b * p_.cache_v_batch_stride +
@@ -233,8 +250,19 @@ class LambdaAttentionCpu {
 
   // The tile's rows are (query t0 + r / group, head kv_head * group + r % group).
   void run_tile(TileWorkspace<T>& ws, int64_t b, int64_t kv_head, int64_t t0, int64_t t1) const {
+    // Padding rows are zeros; the tile proper starts at the sequence's first real row.
+    const int64_t pad = padding(b);
+    if (t0 < pad) {
+      std::fill(ws.row.begin(), ws.row.end(), 0.f);
+      for (int64_t t = t0; t < std::min(pad, t1); ++t)
+        for (int64_t g = 0; g < group_; ++g)
+          row_from_float(ws.row.data(), out_row(b, kv_head * group_ + g, t), p_.head_dim);
+      t0 = pad;
+      if (t0 >= t1) return;
+    }
     const int64_t rows = (t1 - t0) * group_;
-    const int64_t first = query_start_ + t0, last = query_start_ + t1 - 1;
+    const int64_t start = origin(b);  // position of chunk row 0
+    const int64_t first = start + t0, last = start + t1 - 1;
     // Anchor for rotary offsets; never below -1 so offsets stay small near the stream start.
     const int64_t base = std::max<int64_t>(first - p_.n_local, -1);
 
@@ -246,8 +274,8 @@ class LambdaAttentionCpu {
       row_to_float(q_row(b, h, t), local, p_.head_dim);
       for (int64_t d = 0; d < p_.head_dim; ++d) local[d] *= p_.scale;  // fold the scale in
       std::copy(local, local + dp_, global);
-      rotate_half_inplace(local, table_->cos_row(query_start_ + t - base),
-                          table_->sin_row(query_start_ + t - base), half_);
+      rotate_half_inplace(local, table_->cos_row(start + t - base),
+                          table_->sin_row(start + t - base), half_);
       rotate_half_inplace(global, global_cos_.data(), global_sin_.data(), half_);
     }
     std::fill(ws.acc.begin(), ws.acc.begin() + rows * dp_, 0.f);
@@ -264,11 +292,12 @@ class LambdaAttentionCpu {
       if (key.position < p_.n_global && last - key.position >= p_.n_local)
         ws.global_keys.push_back(key);
     };
+    const int64_t* slot_positions = cache_positions(b);
     for (int64_t slot = 0; slot < p_.cache_len; ++slot)
-      if (p_.cache_positions[slot] >= 0) classify(cache_key(b, kv_head, slot));
-    for (int64_t s = std::max<int64_t>(0, t0 - p_.n_local + 1); s < t1; ++s)
+      if (slot_positions[slot] >= 0) classify(cache_key(b, kv_head, slot));
+    for (int64_t s = std::max<int64_t>(pad, t0 - p_.n_local + 1); s < t1; ++s)
       ws.local_keys.push_back(chunk_key(b, kv_head, s));
-    for (int64_t s = 0; s < t1 && query_start_ + s < p_.n_global && t1 - 1 - s >= p_.n_local; ++s)
+    for (int64_t s = pad; s < t1 && start + s < p_.n_global && t1 - 1 - s >= p_.n_local; ++s)
       ws.global_keys.push_back(chunk_key(b, kv_head, s));
 
     for (size_t k0 = 0; k0 < ws.global_keys.size(); k0 += kBlockKeys)
@@ -406,7 +435,8 @@ class LambdaAttentionCpu {
   // them into that head's running softmax.
   void attend_middle(TileWorkspace<T>& ws, int64_t b, int64_t kv_head, int64_t t,
                      int64_t row_in_tile) const {
-    const int64_t i = query_start_ + t;
+    const int64_t start = origin(b), pad = padding(b);
+    const int64_t i = start + t;
     const int64_t highest = i - p_.n_local;  // candidates: n_global <= j <= i - n_local
     if (highest < p_.n_global) return;
     for (int64_t g = 0; g < group_; ++g) {
@@ -431,15 +461,16 @@ class LambdaAttentionCpu {
       }
     };
     // Candidates: the middle store (tokens before the chunk) and the chunk's own early tokens.
+    const int64_t* slot_positions = middle_positions(b);
     for (int64_t slot = 0; slot < p_.middle_len; ++slot) {
-      const int64_t j = p_.middle_positions[slot];
+      const int64_t j = slot_positions[slot];
       if (j >= p_.n_global && j <= highest)
         consider(middle_row(p_.middle_k, b, kv_head, slot, p_.middle_k_batch_stride,
                             p_.middle_k_head_stride, p_.middle_k_row_stride),
                  middle_row(p_.middle_v, b, kv_head, slot, p_.middle_v_batch_stride,
                             p_.middle_v_head_stride, p_.middle_v_row_stride));
     }
-    for (int64_t s = std::max<int64_t>(0, p_.n_global - query_start_); query_start_ + s <= highest; ++s) {
+    for (int64_t s = std::max(pad, p_.n_global - start); start + s <= highest; ++s) {
       const KeyRef<T> key = chunk_key(b, kv_head, s);
       consider(key.k, key.v);
     }
@@ -500,7 +531,15 @@ class LambdaAttentionCpu {
 
   const LambdaAttentionParams& p_;
   const int64_t group_;
-  const int64_t query_start_;
+  // The largest query_start of the batch: bounds the relative offsets the rotary table holds.
+  static int64_t max_query_start(const LambdaAttentionParams& p) {
+    int64_t highest = p.query_start[0];
+    for (int64_t b = 1; b < p.batch && p.query_start_batch_stride != 0; ++b)
+      highest = std::max(highest, p.query_start[b]);
+    return highest;
+  }
+
+  const int64_t max_query_start_;
   const int64_t top_k_;  // middle keys chosen per head: p.top_k, at most the candidates
   const int64_t dp_;    // head_dim rounded up to whole vectors (zero padded)
   const int64_t half_;  // rotary_dim / 2
@@ -519,8 +558,7 @@ Status run_typed(const LambdaAttentionParams& params, int n_threads) {
   } catch (const std::bad_alloc&) {
     return Status::OutOfMemory("lambda_attention_cpu: cannot allocate the workspace for head_dim=" +
                                std::to_string(params.head_dim) + ", n_local=" +
-                               std::to_string(params.n_local) + ", query_start=" +
-                               std::to_string(*params.query_start));
+                               std::to_string(params.n_local));
   } catch (const std::length_error&) {
     return Status::OutOfMemory("lambda_attention_cpu: the workspace for head_dim=" +
                                std::to_string(params.head_dim) + " exceeds the address space");
@@ -530,7 +568,9 @@ Status run_typed(const LambdaAttentionParams& params, int n_threads) {
 
 // Values the CPU kernel reads from host memory: positions in range, finite frequencies.
 Status validate_host_values(const LambdaAttentionParams& p) {
-  Status status = validate_position("query_start", *p.query_start, p.n_queries);
+  Status status = validate_sequence_positions("query_start", p.query_start,
+                                              p.query_start_batch_stride, p.padding, p.batch,
+                                              p.n_queries);
   if (!status.ok()) return status;
   for (int64_t f = 0; f < p.rotary_dim / 2; ++f)
     if (!is_finite(p.inv_freq[f]))

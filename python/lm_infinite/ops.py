@@ -54,6 +54,11 @@ def _check_tensors(op: str, **tensors: torch.Tensor) -> None:
             )
 
 
+def _given(**tensors):
+    """The optional tensor arguments that were passed (None means absent)."""
+    return {name: t for name, t in tensors.items() if t is not None}
+
+
 def _check_ints(op: str, **values) -> None:
     """Python ints (not bools, not floats): the kernels' range checks name the bad value."""
     for name, value in values.items():
@@ -75,9 +80,11 @@ def _check_middle_store(k, top_k_distance, middle_k, middle_v, middle_positions)
     if middle_v.shape != middle_k.shape:
         raise ValueError(f"{op}: middle_v must have middle_k's shape {tuple(middle_k.shape)}, "
                          f"got {tuple(middle_v.shape)}")
-    if middle_positions.dtype != torch.int64 or middle_positions.shape != (middle_k.shape[2],):
-        raise ValueError(f"{op}: middle_positions must be int64 [{middle_k.shape[2]}], got "
-                         f"{middle_positions.dtype} {list(middle_positions.shape)}")
+    slots = middle_k.shape[2]
+    if middle_positions.dtype != torch.int64 or middle_positions.shape not in (
+            (slots,), (k.shape[0], slots)):
+        raise ValueError(f"{op}: middle_positions must be int64 [{slots}] or [{k.shape[0]}, {slots}], "
+                         f"got {middle_positions.dtype} {list(middle_positions.shape)}")
     if top_k_distance < 0:
         raise ValueError(f"{op}: top_k_distance must be >= 0, got {top_k_distance}")
 
@@ -104,6 +111,7 @@ def lambda_attention(
     n_local: int,
     distance_cap: int | None = None,
     scale: float | None = None,
+    padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LM-Infinite attention over a whole sequence at positions 0..seq-1.
 
@@ -111,11 +119,17 @@ def lambda_attention(
     multiple of heads_kv), unrotated. inv_freq: float32 [rotary_dim / 2]; RoPE acts on the
     first rotary_dim features (rotate_half convention). distance_cap defaults to n_local,
     scale to head_dim ** -0.5. Returns [batch, heads_q, seq, head_dim] in q's dtype.
+
+    padding: optional int64 [batch] on q's device, the count of leading padding tokens of
+    each sequence (left padding, in [0, seq]): row t of sequence b sits at position
+    t - padding[b]; padding rows are no key of any query and come out as zeros, so each
+    sequence gets the result it would get alone.
     """
     op = "lambda_attention"
-    _check_tensors(op, q=q, k=k, v=v, inv_freq=inv_freq)
+    _check_tensors(op, q=q, k=k, v=v, inv_freq=inv_freq, **_given(padding=padding))
     distance_cap, scale = _defaults(op, q, n_global, n_local, distance_cap, scale)
-    return torch.ops.lminf.lambda_attention(q, k, v, inv_freq, n_global, n_local, distance_cap, scale)
+    return torch.ops.lminf.lambda_attention(q, k, v, inv_freq, n_global, n_local, distance_cap,
+                                            scale, padding)
 
 
 def lambda_attention_chunk(
@@ -138,23 +152,31 @@ def lambda_attention_chunk(
     top_k: int = 0,
     top_k_distance: int | None = None,
     top_k_first_row: int = 0,
+    padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend a chunk of queries at positions [query_start, query_start + seq) to the chunk's
     own keys (k, v: [batch, heads_kv, seq, head_dim]) and to cached earlier tokens
-    (cache_k, cache_v: [batch, heads_kv, slots, head_dim]; cache_positions: int64 [slots],
-    negative = empty). query_start: int or int64 tensor [1] on q's device.
+    (cache_k, cache_v: [batch, heads_kv, slots, head_dim]; cache_positions: int64 [slots]
+    shared by the batch or [batch, slots] per sequence, negative = empty). query_start: int,
+    or int64 tensor [1] (shared) or [batch] (per sequence) on q's device.
+
+    Batches of different lengths: padding (optional int64 [batch], in [0, seq]) counts each
+    sequence's leading padding rows; row t >= padding[b] sits at position
+    query_start[b] + t - padding[b], so query_start is the position of the first real row.
+    Padding rows are no key of any query and come out as zeros.
 
     Top-k middle attention (top_k > 0): rows top_k_first_row.. of the chunk also attend, per
     query head, to the top_k keys of the middle store (middle_k, middle_v, middle_positions,
     laid out like the cache) at positions in [n_global, i - n_local], scored and placed at
-    rotary distance top_k_distance (default: n_local // 2)."""
+    rotary distance top_k_distance (default: n_local // 2). top_k_first_row counts chunk rows,
+    padding rows included."""
     op = "lambda_attention_chunk"
     _check_tensors(op, q=q)
     query_start = _position_tensor(op, "query_start", query_start, q.device)
     middle = dict(middle_k=middle_k, middle_v=middle_v, middle_positions=middle_positions)
     _check_tensors(op, q=q, k=k, v=v, cache_k=cache_k, cache_v=cache_v,
                    cache_positions=cache_positions, query_start=query_start, inv_freq=inv_freq,
-                   **{name: t for name, t in middle.items() if t is not None})
+                   **_given(**middle, padding=padding))
     distance_cap, scale = _defaults(op, q, n_global, n_local, distance_cap, scale)
     _check_ints(op, top_k=top_k, top_k_first_row=top_k_first_row)
     top_k_distance = n_local // 2 if top_k_distance is None else top_k_distance
@@ -166,20 +188,20 @@ def lambda_attention_chunk(
         _check_middle_store(k, top_k_distance, **middle)
         out = torch.ops.lminf.lambda_attention_chunk(
             q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq,
-            n_global, n_local, distance_cap, scale, None, None, None, 0, 0, 0,
+            n_global, n_local, distance_cap, scale, None, None, None, 0, 0, 0, padding,
         )
         first_row = max(0, top_k_first_row)
         out[:, :, first_row:] = top_k_rows_attention(
             q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, first_row=first_row,
             n_global=n_global, n_local=n_local, distance_cap=distance_cap, scale=scale,
             middle_k=middle_k, middle_v=middle_v, middle_positions=middle_positions, top_k=top_k,
-            top_k_distance=top_k_distance,
+            top_k_distance=top_k_distance, padding=padding,
         ).to(out.dtype)
         return out
     return torch.ops.lminf.lambda_attention_chunk(
         q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq,
         n_global, n_local, distance_cap, scale, middle_k, middle_v, middle_positions,
-        top_k, top_k_distance, top_k_first_row,
+        top_k, top_k_distance, top_k_first_row, padding,
     )
 
 
@@ -193,35 +215,42 @@ def ring_cache_append(
     *,
     n_global: int,
     n_local: int,
+    padding: torch.Tensor | None = None,
 ) -> None:
     """Write k, v ([batch, heads_kv, seq, head_dim], positions start_position + t) into a ring
     cache ([batch, heads_kv, n_global + n_local, head_dim]) in place, keeping the first
-    n_global tokens and the last n_local."""
+    n_global tokens and the last n_local.
+
+    cache_positions: int64 [n_global + n_local] shared by the batch, or [batch, n_global +
+    n_local] one row per sequence. start_position: int, or int64 tensor [1] (shared) or
+    [batch] (per sequence). padding: optional int64 [batch], leading padding rows of each
+    sequence (not written); row t >= padding[b] is the token at start_position[b] + t -
+    padding[b]. Per-sequence starts or padding need per-sequence cache_positions."""
     op = "ring_cache_append"
     _check_tensors(op, k=k)
     start_position = _position_tensor(op, "start_position", start_position, k.device)
     _check_tensors(op, cache_k=cache_k, cache_v=cache_v, cache_positions=cache_positions, k=k, v=v,
-                   start_position=start_position)
+                   start_position=start_position, **_given(padding=padding))
     _check_ints(op, n_global=n_global, n_local=n_local)
     torch.ops.lminf.ring_cache_append(
-        cache_k, cache_v, cache_positions, k, v, start_position, n_global, n_local
+        cache_k, cache_v, cache_positions, k, v, start_position, n_global, n_local, padding
     )
 
 
 @torch.library.register_fake("lminf::lambda_attention")
-def _(q, k, v, inv_freq, n_global, n_local, distance_cap, scale):
+def _(q, k, v, inv_freq, n_global, n_local, distance_cap, scale, padding=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("lminf::lambda_attention_chunk")
 def _(q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, n_global, n_local,
       distance_cap, scale, middle_k=None, middle_v=None, middle_positions=None, top_k=0,
-      top_k_distance=0, top_k_first_row=0):
+      top_k_distance=0, top_k_first_row=0, padding=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("lminf::ring_cache_append")
-def _(cache_k, cache_v, cache_positions, k, v, start_position, n_global, n_local):
+def _(cache_k, cache_v, cache_positions, k, v, start_position, n_global, n_local, padding=None):
     return None
 
 

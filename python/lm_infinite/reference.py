@@ -5,8 +5,12 @@ expands K/V per query head. Tests compare every kernel against it in float64.
 
 Independence from the kernels: the kernels rotate queries and keys by positions relative to
 a per-tile anchor and never see an absolute position; this reference rotates both by their
-offset from the smallest query position, in float64, and takes the case of every
-(query, key) pair from the integer distance.
+offset from the smallest query position of its sequence, in float64, and takes the case of
+every (query, key) pair from the integer distance.
+
+Batches of different lengths: every position argument is either shared by the batch ([n]) or
+given per sequence ([batch, n]); a negative position is padding or an empty slot (never a
+key; a query there outputs zeros), so each sequence's result is the one it gets alone.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ __all__ = ["apply_rotary", "lambda_attention_reference"]
 
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate the first 2*len(inv_freq) features of x ([..., seq, head_dim]) by
-    positions ([seq], any real dtype) in Hugging Face's rotate_half convention."""
+    positions (any real dtype; [seq], or [batch, seq] for x [batch, heads, seq, head_dim]) in
+    Hugging Face's rotate_half convention."""
     half = inv_freq.numel()
-    angles = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]
+    angles = positions.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+    if positions.dim() == 2:
+        angles = angles[:, None]  # [batch, 1 (heads), seq, half]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
@@ -48,8 +55,10 @@ def lambda_attention_reference(
     """LM-Infinite attention, computed naively.
 
     q: [batch, heads_q, n_q, head_dim]; k, v: [batch, heads_kv, n_k, head_dim], unrotated.
-    query_positions: int64 [n_q] (default 0..n_q-1); key_positions: int64 [n_k] (default
-    0..n_k-1), a negative position marks an empty key slot. Computed in q's dtype; pass
+    query_positions: int64 [n_q] or [batch, n_q] (default 0..n_q-1); key_positions: int64
+    [n_k] or [batch, n_k] (default 0..n_k-1); middle_positions likewise [n] or [batch, n].
+    A negative key position marks an empty slot or a padding token, never attended to; a
+    query at a negative position is padding and outputs zeros. Computed in q's dtype; pass
     float64 inputs for a reference. A row that sees no key returns zeros.
 
     Non-finite inputs: a row is NaN when a key it sees has a non-finite score (a NaN or Inf in
@@ -72,18 +81,21 @@ def lambda_attention_reference(
     group = q.shape[1] // k.shape[1]
     k = k.to(q.dtype).repeat_interleave(group, dim=1)
     v = v.to(q.dtype).repeat_interleave(group, dim=1)
+    # Every position as [batch or 1, n]: one row per sequence, or one shared row.
+    query_positions, key_positions = _per_sequence(query_positions), _per_sequence(key_positions)
 
-    base = query_positions.min() if n_q else 0  # an empty chunk has no smallest position
+    base = _smallest_real(query_positions)  # [batch or 1, 1]
     q_local = apply_rotary(q, query_positions - base, inv_freq)
     k_local = apply_rotary(k, key_positions - base, inv_freq)
     q_global = apply_rotary(q, torch.full((n_q,), distance_cap, device=q.device), inv_freq)
     local_scores = (q_local @ k_local.transpose(-1, -2)) * scale
     global_scores = (q_global @ k.transpose(-1, -2)) * scale
 
-    distance = query_positions[:, None] - key_positions[None, :]
-    present = (key_positions >= 0)[None, :]
+    # Masks [batch or 1, 1 (heads), n_q, n_k].
+    distance = (query_positions[:, :, None] - key_positions[:, None, :])[:, None]
+    present = ((query_positions >= 0)[:, :, None] & (key_positions >= 0)[:, None, :])[:, None]
     is_local = present & (distance >= 0) & (distance < n_local)
-    is_global = present & (distance >= n_local) & (key_positions < n_global)[None, :]
+    is_global = present & (distance >= n_local) & (key_positions < n_global)[:, None, None, :]
     minus_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
     scores = torch.where(is_local, local_scores, torch.where(is_global, global_scores, local_scores))
     visible = is_local | is_global
@@ -92,13 +104,17 @@ def lambda_attention_reference(
     if top_k > 0:
         if middle_k is None:
             middle_k, middle_v = k[:, :, :0], v[:, :, :0]
-            middle_positions = key_positions[:0]
+            middle_positions = key_positions[:, :0]
         else:
             middle_k = middle_k.to(q.dtype).repeat_interleave(group, dim=1)
             middle_v = middle_v.to(q.dtype).repeat_interleave(group, dim=1)
+        middle_positions = _per_sequence(middle_positions)
+        rows = max(middle_positions.shape[0], key_positions.shape[0])
+        candidate_positions = torch.cat([middle_positions.expand(rows, -1),
+                                         key_positions.expand(rows, -1)], dim=-1)
         middle_scores, middle_v, middle_bad = _top_k_middle_scores(
             q, query_positions, torch.cat([middle_k, k], dim=-2), torch.cat([middle_v, v], dim=-2),
-            torch.cat([middle_positions, key_positions]), inv_freq, scale,
+            candidate_positions, inv_freq, scale,
             n_global, n_local, top_k, top_k_distance, top_k_first_row,
         )
         bad_row = bad_row | middle_bad
@@ -110,8 +126,22 @@ def lambda_attention_reference(
     return out.masked_fill(bad_row[..., None], float("nan"))
 
 
+def _per_sequence(positions: torch.Tensor) -> torch.Tensor:
+    """[n] (shared by the batch) as [1, n]; [batch, n] as is."""
+    return positions[None] if positions.dim() == 1 else positions
+
+
+def _smallest_real(positions: torch.Tensor) -> torch.Tensor:
+    """[rows, 1]: each row's smallest non-negative position (0 for a row with none), the
+    anchor of its relative rotations."""
+    big = torch.iinfo(torch.int64).max
+    smallest = torch.where(positions >= 0, positions, big).amin(-1, keepdim=True) if \
+        positions.shape[-1] else positions.new_zeros(positions.shape[0], 1)
+    return torch.where(smallest == big, 0, smallest)
+
+
 def _sees_non_finite(scores: torch.Tensor, v: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """[batch, heads, n_q]: the row sees (seen: [n_q, n_k] or broadcastable to scores) a key
+    """[batch, heads, n_q]: the row sees (seen: broadcastable to scores) a key
     with a non-finite score or value."""
     bad_value = ~v.isfinite().all(-1)  # [batch, heads, n_k]
     return (seen & (~scores.isfinite() | bad_value[..., None, :])).any(-1)
@@ -121,13 +151,14 @@ def _top_k_middle_scores(q, query_positions, middle_k, middle_v, middle_position
                          n_global, n_local, top_k, top_k_distance, top_k_first_row):
     """Scores of the candidate keys (already one per query head) for every row: each row's
     top_k candidates keep their score, everything else is -inf; and which rows read a
-    non-finite candidate score or chosen value."""
+    non-finite candidate score or chosen value. Positions are [batch or 1, n]."""
     placed = apply_rotary(q, torch.full((q.shape[-2],), top_k_distance, device=q.device), inv_freq)
     scores = (placed @ middle_k.transpose(-1, -2)) * scale
     row = torch.arange(q.shape[-2], device=q.device)[:, None]
-    candidate = ((middle_positions >= n_global)[None, :]
-                 & (middle_positions[None, :] <= query_positions[:, None] - n_local)
-                 & (row >= top_k_first_row))
+    candidate = ((middle_positions >= n_global)[:, None, :]
+                 & (middle_positions[:, None, :] <= query_positions[:, :, None] - n_local)
+                 & (query_positions >= 0)[:, :, None]
+                 & (row >= top_k_first_row))[:, None]  # [batch or 1, 1, n_q, n]
     minus_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
     candidate_bad = (candidate & ~scores.isfinite()).any(-1)
     scores = torch.where(candidate, scores, minus_inf)
