@@ -6,9 +6,10 @@ cache (ring, positions and middle store) as it was.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from . import _per_sequence_bridge as batched_ops  # TEMPORARY: ops itself once batch-ops lands
 from . import ops
 from .paged_middle import PagedMiddleStore
 
@@ -243,7 +244,7 @@ class RingKVCache:
             positions = row_positions(self.next_position, q.shape[2], padding)[:, first_row:]
             middle = self.middle.candidates(q[:, :, first_row:], positions, inv_freq,
                                             top_k_distance=top_k_distance, n_local=self.n_local)
-        return batched_ops.lambda_attention_chunk(
+        return ops.lambda_attention_chunk(
             q, k, v, self.k, self.v, self.positions, self.next_position, inv_freq,
             n_global=self.n_global, n_local=self.n_local, distance_cap=distance_cap, scale=scale,
             top_k=top_k, top_k_distance=top_k_distance, top_k_first_row=top_k_first_row,
@@ -261,7 +262,7 @@ class RingKVCache:
         positions = None
         if self.middle is not None and padding is not None:
             positions = row_positions(self.next_position, k.shape[-2], padding)
-        batched_ops.ring_cache_append(
+        ops.ring_cache_append(
             self.k, self.v, self.positions, k, v, self.next_position,
             n_global=self.n_global, n_local=self.n_local, padding=padding,
         )
@@ -276,6 +277,20 @@ class RingKVCache:
             self.padded = True
         if self.counts_on_append:
             self.n_seen += k.shape[-2]
+
+    def row(self, b: int) -> "RingKVCache":
+        """Sequence b alone, as a batch-1 ring over this ring's storage (views: what it appends
+        lands in row b here). For feeding sequences of different lengths one at a time without
+        computing padding rows; rings with a middle store (whose columns the batch shares)
+        cannot be split."""
+        if self.middle is not None:
+            raise ValueError("RingKVCache.row: a ring with a middle store cannot be split by sequence")
+        view = copy.copy(self)
+        one = slice(b, b + 1)
+        view.k, view.v = self.k[one], self.v[one]
+        view.positions, view.next_position = self.positions[one], self.next_position[one]
+        view.padded = False
+        return view
 
     def count(self, n_tokens: int) -> None:
         """Advance the host-side count by tokens appended while counts_on_append was off."""

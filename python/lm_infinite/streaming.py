@@ -34,6 +34,12 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "LambdaStream"]
 # on a GPU (bench/e2e.py --chunk-sizes sweeps it): 1024 is what the CPU runs have used.
 DEFAULT_CHUNK_SIZE = 1024
 
+# A ragged batch is prefilled one sequence at a time (each into its own row of the cache, no
+# padding rows computed) when left-padding it would compute more than this many times its
+# real tokens; below that, one padded forward per chunk serves the whole batch. Top-k middle
+# stores (columns shared by the batch) and tensor parallelism always take the padded path.
+PADDED_PREFILL_WASTE = 1.25
+
 
 class LambdaStream:
     """One stream (a batch of sequences, of equal or different lengths) through an enabled model.
@@ -171,8 +177,45 @@ class LambdaStream:
         (2-D, zeros a prefix of each row) a left-padded block; or a list of 1-D sequences
         (lists or tensors of token ids) of different lengths, one per sequence of the batch."""
         input_ids, padding = self._padded(input_ids, attention_mask)
+        if padding is not None and self._prefill_by_sequence(input_ids, padding):
+            return self._feed_by_sequence(input_ids, padding)
         for _, _, hidden in self._forward_chunks(input_ids, padding):
             self.next_logits = self._head(hidden[:, -1]).float()
+        return self.next_logits
+
+    def _prefill_by_sequence(self, input_ids: torch.Tensor, padding: list[int]) -> bool:
+        """Whether to feed this ragged batch one sequence at a time (PADDED_PREFILL_WASTE)."""
+        batch, width = input_ids.shape
+        real = batch * width - sum(padding)
+        return (state_of(self.model).top_k == 0 and tensor_parallel_size(self.model) == 1
+                and batch * width > PADDED_PREFILL_WASTE * real)
+
+    def _feed_by_sequence(self, input_ids: torch.Tensor, padding: list[int]) -> torch.Tensor:
+        """Feed each sequence's real tokens alone, chunk by chunk, into its row of the cache
+        (LambdaCache.row: views, no copies), then count the block's columns as the padded
+        path would: the stream ends up as if it had been fed left-padded."""
+        input_ids = self._checked_ids(input_ids)
+        batch, width = input_ids.shape
+        if self.cache.layers[0].ring is None:
+            config = self._decoder.config
+            heads = config.num_attention_heads
+            self.cache.allocate(batch, getattr(config, "num_key_value_heads", None) or heads,
+                                getattr(config, "head_dim", None) or config.hidden_size // heads,
+                                self._head.weight.dtype, self._device)
+        logits = []
+        for b in range(batch):
+            row = self.cache.row(b)
+            for chunk in input_ids[b:b + 1, padding[b]:].split(self.chunk_size, dim=1):
+                chunk = chunk.to(self._device)
+                start = int(row.layers[0].ring.next_position[0])
+                positions = torch.arange(start, start + chunk.shape[1], device=self._device)
+                hidden = self._decoder(input_ids=chunk, position_ids=positions.unsqueeze(0),
+                                       use_cache=True, **{self._cache_keyword: row}).last_hidden_state
+            logits.append(self._head(hidden[:, -1]).float())
+        for layer in self.cache.layers:
+            layer.ring.n_seen += width
+            layer.ring.padded = True
+        self.next_logits = torch.cat(logits)
         return self.next_logits
 
     @torch.inference_mode()

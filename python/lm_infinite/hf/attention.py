@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
-from .. import _per_sequence_bridge as batched_ops  # TEMPORARY: ops itself once batch-ops lands
+from .. import ops
 from .cache import LambdaCache
 
 __all__ = ["ATTENTION_NAME", "lambda_attention_forward"]
@@ -50,7 +50,7 @@ def lambda_attention_forward(
                                                                padding=padding, **settings)
     elif n_key == n_query and "top_k" not in settings:
         # No cache, or a fresh one: the whole sequence, row t of sequence b at t - padding[b].
-        out = batched_ops.lambda_attention(
+        out = ops.lambda_attention(
             query, key, value, inv_freq, n_global=state.n_global, n_local=state.n_local,
             padding=padding, **settings,
         )
@@ -71,7 +71,7 @@ def lambda_attention_forward(
         past_k, past_v = key[:, :, :past], value[:, :, :past]
         if "top_k" in settings:
             settings.update(middle_k=past_k, middle_v=past_v, middle_positions=positions)
-        out = batched_ops.lambda_attention_chunk(
+        out = ops.lambda_attention_chunk(
             query, key[:, :, past:], value[:, :, past:], past_k, past_v,
             positions, query_start, inv_freq, n_global=state.n_global, n_local=state.n_local,
             padding=padding, **settings,
