@@ -5,7 +5,9 @@ LM-Infinite: prefill and greedy decode of the whole batch in one stream, and of 
 stream of its own, in the same run. Tokens/s count real tokens only (prefill: prompt tokens;
 decode: generated tokens of all sequences). The batch's greedy tokens are checked against the
 one-by-one run (they must be identical). The CPU is shared in development, so only the ratios
-measured side by side mean anything.
+measured side by side mean anything: decode steps are interleaved (one batched step, then one
+step of each single stream, and so on), so that a change of load hits both alike; prefill runs
+the batch, then the prompts one by one.
 
     nice -n -10 python bench/batch_cpu.py --new-tokens 32 --json bench/results/batch_cpu.json
 """
@@ -37,19 +39,19 @@ def prompts_of(corpus: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
     return prompts
 
 
-def run_stream(model, prompts: list[torch.Tensor], new_tokens: int, chunk_size: int):
-    """(prefill seconds, decode seconds, tokens per sequence) of one stream over `prompts`
-    (a batch when several)."""
+def prefilled(model, prompts: list[torch.Tensor], chunk_size: int) -> tuple[LambdaStream, float]:
+    """A stream fed `prompts` (a batch when several) and the seconds the feed took."""
     stream = LambdaStream(model, chunk_size=chunk_size)
     start = time.perf_counter()
     stream.feed(prompts if len(prompts) > 1 else prompts[0])
-    prefill = time.perf_counter() - start
+    return stream, time.perf_counter() - start
+
+
+def timed_next(steps, clock: list[float]):
     start = time.perf_counter()
-    steps = list(stream.generate(new_tokens))
-    decode = time.perf_counter() - start
-    if len(prompts) == 1:
-        return prefill, decode, [steps]
-    return prefill, decode, [[step[b] for step in steps] for b in range(len(prompts))]
+    value = next(steps)
+    clock[0] += time.perf_counter() - start
+    return value
 
 
 def main() -> int:
@@ -70,14 +72,24 @@ def main() -> int:
     prompt_tokens, generated = sum(lengths), len(lengths) * args.new_tokens
 
     with torch.inference_mode():
-        run_stream(model, [prompts[0][:64]], 2, args.chunk_size)  # warm-up: allocator, threads
-        batch_prefill, batch_decode, batch_tokens = run_stream(model, prompts, args.new_tokens, args.chunk_size)
-        alone_prefill = alone_decode = 0.0
-        alone_tokens = []
+        warm, _ = prefilled(model, [prompts[0][:64], prompts[1][:32]], args.chunk_size)  # allocator, threads
+        list(warm.generate(2))
+        batch, batch_prefill = prefilled(model, prompts, args.chunk_size)
+        singles, alone_prefill = [], 0.0
         for prompt in prompts:
-            prefill, decode, tokens = run_stream(model, [prompt], args.new_tokens, args.chunk_size)
-            alone_prefill, alone_decode = alone_prefill + prefill, alone_decode + decode
-            alone_tokens += tokens
+            single, seconds = prefilled(model, [prompt], args.chunk_size)
+            singles.append(single)
+            alone_prefill += seconds
+        batch_clock, alone_clock = [0.0], [0.0]
+        batch_steps = batch.generate(args.new_tokens)
+        single_steps = [single.generate(args.new_tokens) for single in singles]
+        batch_tokens, alone_tokens = [[] for _ in prompts], [[] for _ in prompts]
+        for _ in range(args.new_tokens):
+            for tokens, token in zip(batch_tokens, timed_next(batch_steps, batch_clock)):
+                tokens.append(token)
+            for tokens, steps in zip(alone_tokens, single_steps):
+                tokens.append(timed_next(steps, alone_clock))
+        batch_decode, alone_decode = batch_clock[0], alone_clock[0]
     if batch_tokens != alone_tokens:
         raise SystemExit(f"the batch's greedy tokens differ from one by one:\n{batch_tokens}\n{alone_tokens}")
 

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 import lm_infinite.hf as lminf_hf
 from hf_tiny_models import VOCAB, build
 from lm_infinite.cache import RingKVCache
+from lm_infinite import streaming
 from lm_infinite.streaming import LambdaStream
 
 N_GLOBAL, N_LOCAL = 2, 8
@@ -142,6 +143,23 @@ def test_stream_fed_a_list_gives_each_sequence_its_logits_alone(model, chunk_siz
     for b, prompt in enumerate(prompts):
         torch.testing.assert_close(logits[b], _alone(model, prompt, chunk_size)[0], **TOL)
     assert stream.cache.layers[0].ring.next_position.tolist() == list(LENGTHS)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 64])
+def test_stream_prefill_by_sequence_and_padded_prefill_agree(plain_model, monkeypatch, chunk_size):
+    """The two ways a ragged batch is prefilled (each sequence into its row of the cache, or
+    padded chunks) give the same logits and the same stream afterwards."""
+    prompts, more = _prompts(), _prompts(lengths=(2, 5, 1, 3), seed=9)
+    runs = []
+    for waste in (1.0, float("inf")):  # always by sequence; never
+        monkeypatch.setattr(streaming, "PADDED_PREFILL_WASTE", waste)
+        stream = LambdaStream(plain_model, chunk_size=chunk_size)
+        runs.append((stream.feed(prompts), stream.feed(more), list(stream.generate(4)),
+                     stream.position, stream.cache.layers[1].ring.next_position.tolist()))
+    (first, second, tokens, position, positions), other = runs
+    torch.testing.assert_close(other[0], first, **TOL)
+    torch.testing.assert_close(other[1], second, **TOL)
+    assert (tokens, position, positions) == other[2:]
 
 
 def test_stream_fed_a_padded_block_with_its_mask_equals_the_list(plain_model):
