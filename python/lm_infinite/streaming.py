@@ -85,7 +85,9 @@ class LambdaStream:
 
     @property
     def position(self) -> int:
-        """Tokens fed so far, i.e. the position of the next token."""
+        """Tokens fed so far, i.e. the position of the next token. In a batch of different
+        lengths: columns fed, padding included (each sequence's own next position is
+        `cache.layers[0].ring.next_position[b]`)."""
         return self.cache.get_seq_length()
 
     def _padded(self, input_ids, attention_mask) -> tuple[torch.Tensor, list[int] | None]:
