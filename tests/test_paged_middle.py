@@ -55,7 +55,7 @@ def _true_top_k_positions(store: MiddleStore, q, first_position):
     placed = _rotate(q.reshape(BATCH, HEADS_KV, group, rows, DIM),
                      torch.full((rows,), DISTANCE), INV_FREQ)
     scores = placed @ store.k[:, :, None, :n].transpose(-1, -2)  # [b, kv, group, rows, n]
-    positions = store.positions[:n]
+    positions = store.positions[0, :n]  # [batch, n]: every sequence alike here
     row_positions = first_position + torch.arange(rows)
     visible = (positions[None] >= N_GLOBAL) & (positions[None] <= (row_positions - N_LOCAL)[:, None])
     scores = scores.masked_fill(~visible, float("-inf"))

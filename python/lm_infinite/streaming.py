@@ -123,7 +123,8 @@ class LambdaStream:
         """input_ids as [batch, tokens], checked whole before the first chunk runs: a bad id in
         a later chunk must not leave the stream half-fed."""
         if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids (or a list of 1-D token "
+                            f"sequences), got {type(input_ids).__name__}")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
