@@ -45,7 +45,8 @@ def test_a_bad_id_in_a_later_chunk_leaves_the_stream_unfed(model):
 
 @pytest.mark.parametrize("bad,error,message", [
     (torch.tensor([[1.0, 2.0]]), TypeError, "integer token ids"),
-    ([[1, 2]], TypeError, "must be a torch.Tensor"),
+    ({"input_ids": [1, 2]}, TypeError, "must be a torch.Tensor"),
+    ([[1, 2, VOCAB]], ValueError, "token ids in"),  # a list of sequences, checked whole too
     (torch.zeros(2, 3, dtype=torch.int64), ValueError, "continue the stream's batch of 1"),
 ])
 def test_feed_refuses_malformed_ids_before_any_change(model, bad, error, message):

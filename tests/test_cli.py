@@ -100,6 +100,26 @@ def test_generate_prints_the_greedy_stream_continuation(model_dir, text_file, ca
     assert printed == tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
 
 
+def test_generate_with_several_prompt_files_prints_each_continuation_as_alone(model_dir, text_file,
+                                                                              tmp_path, capsys):
+    """Prompt files of different lengths run as one batch; each continuation, under its file's
+    name, is what the prompt gives alone."""
+    short = tmp_path / "short.txt"
+    short.write_text("def f(x):\n    return x\n")
+    assert _run("generate", text_file, short, "--model", model_dir, "--max-new-tokens", 9,
+                "--n-local", 16, "--chunk-size", 24) == 0
+    printed = capsys.readouterr().out
+    model, tokenizer = load_model(model_dir)
+    lminf_hf.enable(model, n_local=16)
+    expected = []
+    for path in (text_file, short):
+        stream = LambdaStream(model, chunk_size=24)
+        stream.feed(tokenizer(path.read_text(), return_tensors="pt").input_ids)
+        tokens = list(stream.generate(9, stop_token_ids=[tokenizer.eos_token_id]))
+        expected.append(f"=== {path} ===\n{tokenizer.decode(tokens, skip_special_tokens=True)}\n")
+    assert printed == "\n".join(expected)
+
+
 def test_demo_writes_its_table_json_and_plot_in_the_working_directory(model_dir, tmp_path,
                                                                      monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

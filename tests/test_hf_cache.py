@@ -111,12 +111,15 @@ def test_windows_far_into_the_stream_do_not_depend_on_absolute_position(model):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_padded_batches_are_rejected(model):
+def test_masks_other_than_left_padding_are_rejected(model):
+    """Left padding is taken (tests/test_batching.py); a hole or right padding is refused with
+    what is supported, not silently ignored."""
     ids = _ids(6)
-    mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="attention_mask"):
-        model(ids, attention_mask=mask)
+    for row, column in ((0, 3), (1, 5)):  # a hole; right padding
+        mask = torch.ones_like(ids)
+        mask[row, column] = 0
+        with pytest.raises(ValueError, match="zeros form a prefix of each row"):
+            model(ids, attention_mask=mask)
 
 
 def test_lambda_cache_needs_an_enabled_model():

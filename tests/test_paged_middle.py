@@ -55,7 +55,7 @@ def _true_top_k_positions(store: MiddleStore, q, first_position):
     placed = _rotate(q.reshape(BATCH, HEADS_KV, group, rows, DIM),
                      torch.full((rows,), DISTANCE), INV_FREQ)
     scores = placed @ store.k[:, :, None, :n].transpose(-1, -2)  # [b, kv, group, rows, n]
-    positions = store.positions[:n]
+    positions = store.positions[0, :n]  # [batch, n]: every sequence alike here
     row_positions = first_position + torch.arange(rows)
     visible = (positions[None] >= N_GLOBAL) & (positions[None] <= (row_positions - N_LOCAL)[:, None])
     scores = scores.masked_fill(~visible, float("-inf"))
@@ -142,7 +142,7 @@ def test_offload_keeps_blocks_on_the_host_and_device_bytes_flat():
     assert store.offload and store.block_device.type == "cpu" and store.k.device.type == "cpu"
     assert store.kmin.device == paged.k.device and store.block_start.device == paged.k.device
     assert store.device_nbytes() == sum(t.numel() * t.element_size()
-                                        for t in (store.kmin, store.kmax, store.block_start))
+                                        for t in (store.kmin, store.kmax, store.positions, store.first_position))
     assert store.host_nbytes() == 2 * store.k.numel() * store.k.element_size()
     assert len(set(device_bytes[1:])) == 1  # flat once the bound is reached (8 blocks)
 
@@ -211,9 +211,10 @@ def test_candidates_hand_the_op_exactly_the_union_of_chosen_blocks(top_k_blocks,
         slots = store.select_blocks(q, paged.n_seen, INV_FREQ, **call)
         union = _op_with(paged, q, k, v, store.gather(slots))
         handed = store.candidates(q, paged.n_seen, INV_FREQ, **call)
-        lengths.add(handed["middle_positions"].numel())
-        held = handed["middle_positions"][handed["middle_positions"] >= 0]
-        assert sorted(held.tolist()) == sorted(set(held.tolist()))  # no key handed twice
+        lengths.add(handed["middle_positions"].shape[-1])  # [batch, slots]: one row per sequence
+        for row in handed["middle_positions"]:
+            held = row[row >= 0]
+            assert sorted(held.tolist()) == sorted(set(held.tolist()))  # no key handed twice
         torch.testing.assert_close(_op_with(paged, q, k, v, handed), union, atol=0, rtol=0)
     # The middle's length follows from the sizes alone, not from which blocks were chosen.
     slots_handed = min(store.n_blocks, BATCH * HEADS_Q * min(top_k_blocks, store.n_blocks))

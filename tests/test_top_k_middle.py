@@ -104,7 +104,7 @@ def test_middle_store_grows_and_keeps_every_token_past_the_globals():
     for start in range(0, 5000, 999):
         cache.append(k[:, :, start:start + 999], k[:, :, start:start + 999])
     views = cache.middle.views()
-    assert views["middle_positions"].tolist() == list(range(3, 5000))
+    assert views["middle_positions"].tolist() == [list(range(3, 5000))]  # [batch, n]
     torch.testing.assert_close(views["middle_k"], k[:, :, 3:])
 
 

@@ -6,12 +6,25 @@ cache (ring, positions and middle store) as it was.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from . import ops
 from .paged_middle import PagedMiddleStore
 
-__all__ = ["MiddleStore", "RingKVCache", "middle_store"]
+__all__ = ["MiddleStore", "RingKVCache", "middle_store", "row_positions"]
+
+
+def row_positions(start: torch.Tensor, n_rows: int, padding: torch.Tensor | None) -> torch.Tensor:
+    """Positions [batch, n_rows] of a chunk's rows: sequence b's row t sits at
+    start[b] + t - padding[b], and padding rows (t < padding[b]) at -1. start: int64 [batch]
+    (or [1], shared); padding: int64 [batch] or None. Computed on the device, no host read."""
+    rows = torch.arange(n_rows, dtype=torch.int64, device=start.device)
+    if padding is None:
+        return start[:, None] + rows
+    offsets = rows - padding[:, None]
+    return torch.where(offsets >= 0, start[:, None] + offsets, -1)
 
 
 def _allocate(what: str, shape: tuple[int, ...], dtype: torch.dtype, device, fill: float = 0):
@@ -56,7 +69,9 @@ class MiddleStore:
         self.n_global = n_global
         self.k, self.v = (_allocate("MiddleStore", (batch, n_heads_kv, capacity, head_dim), dtype,
                                     device) for _ in range(2))
-        self.positions = torch.full((capacity,), -1, dtype=torch.int64, device=device)
+        # Per sequence: sequences of a batch sit at their own positions (left padding, finished
+        # sequences fed as padding), so slot i of sequence b has its own position; -1 = padding.
+        self.positions = torch.full((batch, capacity), -1, dtype=torch.int64, device=device)
         self.length = 0
 
     def reserve(self, start: int, n_tokens: int) -> None:
@@ -65,17 +80,25 @@ class MiddleStore:
         if self.length + n > self.k.shape[2]:
             self._grow(self.length + n)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        """Store k, v (checked by the caller against the ring) at positions start + t."""
-        skip = max(0, min(k.shape[-2], self.n_global - start))  # globals live in the ring
+    def append(self, k: torch.Tensor, v: torch.Tensor, start: int,
+               positions: torch.Tensor | None = None) -> None:
+        """Store k, v (checked by the caller against the ring), the chunk that starts at column
+        `start` of the stream. positions: int64 [batch, n] of its rows (-1: padding; see
+        row_positions); None: start + t for every sequence. A row's position never exceeds
+        its column, so the chunk's first n_global - start rows are globals or padding in every
+        sequence: they live in the ring and are not stored."""
+        skip = max(0, min(k.shape[-2], self.n_global - start))
         k, v = k[:, :, skip:], v[:, :, skip:]
         n = k.shape[-2]
         self.reserve(start + skip, n)
         end = self.length + n
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
-        self.positions[self.length:end] = torch.arange(start + skip, start + skip + n,
-                                                       device=self.positions.device)
+        if positions is None:
+            self.positions[:, self.length:end] = torch.arange(start + skip, start + skip + n,
+                                                              device=self.positions.device)
+        else:
+            self.positions[:, self.length:end] = positions[:, skip:]
         self.length = end
 
     def _grow(self, needed: int) -> None:
@@ -87,8 +110,8 @@ class MiddleStore:
             new[name] = _allocate("MiddleStore", (*old.shape[:2], capacity, old.shape[3]),
                                   old.dtype, old.device)
             new[name][:, :, : self.length] = old[:, :, : self.length]
-        new["positions"] = self.positions.new_full((capacity,), -1)
-        new["positions"][: self.length] = self.positions[: self.length]
+        new["positions"] = self.positions.new_full((self.positions.shape[0], capacity), -1)
+        new["positions"][:, : self.length] = self.positions[:, : self.length]
         for name, tensor in new.items():
             setattr(self, name, tensor)
 
@@ -96,17 +119,19 @@ class MiddleStore:
         """The filled part, as the op's middle_k / middle_v / middle_positions arguments."""
         n = self.length
         return dict(middle_k=self.k[:, :, :n], middle_v=self.v[:, :, :n],
-                    middle_positions=self.positions[:n])
+                    middle_positions=self.positions[:, :n])
 
-    def candidates(self, queries, first_position, inv_freq, *, top_k_distance, n_local) -> dict:
-        """What the op scores for top-k rows: every stored key (the paged store's interface)."""
+    def candidates(self, queries, query_positions, inv_freq, *, top_k_distance, n_local) -> dict:
+        """What the op scores for top-k rows: every stored key (the paged store's interface;
+        query_positions [batch, rows] are the rows' positions)."""
         return self.views()
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Follow a beam search's reordering of the batch (beam_idx already checked): every
         reordered copy exists before the first tensor is overwritten."""
-        reordered = [t.index_select(0, beam_idx.to(t.device)) for t in (self.k, self.v)]
-        for store, new in zip((self.k, self.v), reordered):
+        stores = (self.k, self.v, self.positions)
+        reordered = [t.index_select(0, beam_idx.to(t.device)) for t in stores]
+        for store, new in zip(stores, reordered):
             store.copy_(new)
 
     def nbytes(self) -> int:
@@ -131,9 +156,14 @@ class RingKVCache:
     """Keys and values of the first n_global tokens and the last n_local, unrotated.
 
     Storage is allocated once: k, v [batch, heads_kv, n_global + n_local, head_dim] and an
-    int64 position per slot (-1 = empty). `n_seen` counts every token appended so far; the
-    same count lives on the device in `next_position` ([1] int64) so that kernels read it
-    without a host round trip. With keep_middle=True a middle store (`middle_store(...,
+    int64 position per sequence and slot, `positions` [batch, slots] (-1 = empty). Each
+    sequence of the batch has its own position: `next_position` (int64 [batch], on the device,
+    so that kernels read it without a host round trip) is the position of its next token.
+    A chunk may start with padding rows per sequence (`padding`: int64 [batch], leading rows;
+    left padding, or a finished sequence fed a placeholder): they are neither attended to nor
+    stored nor counted, so every sequence behaves as if it ran alone. `n_seen` (host int)
+    counts the chunk rows (columns) appended, padding included; without padding it is every
+    sequence's next position. With keep_middle=True a middle store (`middle_store(...,
     **middle_options)`: exact by default) also keeps the tokens past the first n_global, so that
     `attend` can use top-k middle attention.
 
@@ -164,9 +194,11 @@ class RingKVCache:
         self.k, self.v = (_allocate(f"RingKVCache (n_global + n_local = {slots} slots)",
                                     (batch, n_heads_kv, slots, head_dim), dtype, device)
                           for _ in range(2))
-        self.positions = torch.full((slots,), -1, dtype=torch.int64, device=device)
-        self.next_position = torch.zeros(1, dtype=torch.int64, device=device)
+        self.positions = torch.full((batch, slots), -1, dtype=torch.int64, device=device)
+        self.next_position = torch.zeros(batch, dtype=torch.int64, device=device)
         self.n_seen = 0
+        # Once a chunk had padding, columns and positions part ways (n_seen counts columns).
+        self.padded = False
         self.counts_on_append = True
         self.middle_options = dict(middle_options or {})
         self.middle = self._new_middle() if keep_middle else None
@@ -179,6 +211,7 @@ class RingKVCache:
         self.positions.fill_(-1)
         self.next_position.zero_()
         self.n_seen = 0
+        self.padded = False
         if self.middle is not None:
             self.middle = self._new_middle()
 
@@ -194,40 +227,70 @@ class RingKVCache:
         top_k: int = 0,
         top_k_distance: int | None = None,
         top_k_first_row: int = 0,
+        padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention output for the next chunk (q: [batch, heads_q, seq, head_dim]; k, v its
-        keys and values), which sits right after the tokens seen so far. Does not append.
-        top_k > 0 (needs keep_middle=True): rows top_k_first_row.. also attend to their top_k
-        middle keys (see ops.lambda_attention_chunk)."""
+        keys and values), which sits right after the tokens seen so far, sequence by sequence.
+        padding: int64 [batch] leading padding rows per sequence (their output rows are
+        zeros), or None. Does not append. top_k > 0 (needs keep_middle=True): rows
+        top_k_first_row.. (padding rows counted) also attend to their top_k middle keys (see
+        ops.lambda_attention_chunk)."""
         middle = {}
         if top_k > 0:
             if self.middle is None:
                 raise ValueError("top_k > 0 needs a RingKVCache built with keep_middle=True")
             top_k_distance = self.n_local // 2 if top_k_distance is None else top_k_distance
             first_row = max(0, top_k_first_row)
-            middle = self.middle.candidates(q[:, :, first_row:], self.n_seen + first_row, inv_freq,
+            positions = row_positions(self.next_position, q.shape[2], padding)[:, first_row:]
+            middle = self.middle.candidates(q[:, :, first_row:], positions, inv_freq,
                                             top_k_distance=top_k_distance, n_local=self.n_local)
         return ops.lambda_attention_chunk(
             q, k, v, self.k, self.v, self.positions, self.next_position, inv_freq,
             n_global=self.n_global, n_local=self.n_local, distance_cap=distance_cap, scale=scale,
-            top_k=top_k, top_k_distance=top_k_distance, top_k_first_row=top_k_first_row, **middle,
+            top_k=top_k, top_k_distance=top_k_distance, top_k_first_row=top_k_first_row,
+            padding=padding, **middle,
         )
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the chunk's keys and values and advance the position by its length. The op
-        checks k and v before it writes; the middle store makes room first, so once the ring
-        is written nothing can fail."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None = None) -> None:
+        """Store the chunk's keys and values (padding: as in `attend`; padding rows are not
+        stored) and advance each sequence's position by its real rows. The op checks k and v
+        before it writes; the middle store makes room first, so once the ring is written
+        nothing can fail."""
         if self.middle is not None and isinstance(k, torch.Tensor) and k.dim() == 4:
             self.middle.reserve(self.n_seen, k.shape[-2])
+        # The middle store's row positions, taken before next_position moves.
+        positions = None
+        if self.middle is not None and padding is not None:
+            positions = row_positions(self.next_position, k.shape[-2], padding)
         ops.ring_cache_append(
             self.k, self.v, self.positions, k, v, self.next_position,
-            n_global=self.n_global, n_local=self.n_local,
+            n_global=self.n_global, n_local=self.n_local, padding=padding,
         )
         if self.middle is not None:
-            self.middle.append(k, v, self.n_seen)
-        self.next_position += k.shape[-2]
+            if positions is None and self.padded:
+                positions = row_positions(self.next_position, k.shape[-2], None)
+            self.middle.append(k, v, self.n_seen, positions)
+        if padding is None:
+            self.next_position += k.shape[-2]
+        else:
+            self.next_position += k.shape[-2] - padding
+            self.padded = True
         if self.counts_on_append:
             self.n_seen += k.shape[-2]
+
+    def row(self, b: int) -> "RingKVCache":
+        """Sequence b alone, as a batch-1 ring over this ring's storage (views: what it appends
+        lands in row b here). For feeding sequences of different lengths one at a time without
+        computing padding rows; rings with a middle store (whose columns the batch shares)
+        cannot be split."""
+        if self.middle is not None:
+            raise ValueError("RingKVCache.row: a ring with a middle store cannot be split by sequence")
+        view = copy.copy(self)
+        one = slice(b, b + 1)
+        view.k, view.v = self.k[one], self.v[one]
+        view.positions, view.next_position = self.positions[one], self.next_position[one]
+        view.padded = False
+        return view
 
     def count(self, n_tokens: int) -> None:
         """Advance the host-side count by tokens appended while counts_on_append was off."""
@@ -239,15 +302,16 @@ class RingKVCache:
         beam_idx = _check_beam_index(beam_idx, self.k.shape[0]).to(self.k.device, torch.int64)
         # Every reordered copy exists before the first tensor is replaced: the ring's here, the
         # middle store's inside its own reorder, which runs before the ring changes.
-        ring = [t.index_select(0, beam_idx) for t in (self.k, self.v)]
+        own = (self.k, self.v, self.positions, self.next_position)
+        ring = [t.index_select(0, beam_idx) for t in own]
         if self.middle is not None:
             self.middle.reorder(beam_idx)
-        self.k.copy_(ring[0])
-        self.v.copy_(ring[1])
+        for store, new in zip(own, ring):
+            store.copy_(new)
 
-    def attend_and_append(self, q, k, v, inv_freq, **attend_options) -> torch.Tensor:
-        out = self.attend(q, k, v, inv_freq, **attend_options)
-        self.append(k, v)
+    def attend_and_append(self, q, k, v, inv_freq, *, padding=None, **attend_options) -> torch.Tensor:
+        out = self.attend(q, k, v, inv_freq, padding=padding, **attend_options)
+        self.append(k, v, padding)
         return out
 
     def nbytes(self) -> int:

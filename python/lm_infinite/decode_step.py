@@ -47,7 +47,10 @@ class StaticDecodeStep:
     token the next call feeds, overwritten by the call with the token it chooses;
     `position_ids` [batch, 1] int64, that token's position; `logits` [batch, vocab] float32,
     the logits after the token fed last; `noise` [batch, vocab], Exp(1) draws for sampling,
-    filled before each sampled step; `temperature` [1].
+    filled before each sampled step; `temperature` [1]. Batches of several sequences also get
+    `padding` [batch] int64 (0 or 1): a sequence set to 1 is fed as padding (nothing stored,
+    its position stays), which is how a finished sequence stops changing; `position_ids` then
+    holds each sequence's own next position.
 
     compile=True runs the step through torch.compile (fullgraph: a graph break is an error);
     cuda_graph=True captures it once per mode (greedy, sampled) and replays the graph. Top-k
@@ -76,6 +79,9 @@ class StaticDecodeStep:
         self.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=device)
         self.noise = torch.ones(batch, vocab, dtype=torch.float32, device=device)
         self.temperature = torch.ones(1, dtype=torch.float32, device=device)
+        # Batch 1 never pads a step (its stream just ends), and keeps the unpadded op path.
+        self.padding = torch.zeros(batch, dtype=torch.int64, device=device) if batch > 1 else None
+        self._state = state
         self._forward = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self._cuda_graph = cuda_graph
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
@@ -84,7 +90,7 @@ class StaticDecodeStep:
         """Set the token the next call feeds ([batch] or [batch, 1]), at the stream's next
         position, and the sampling temperature (0: greedy) of the calls that follow."""
         self.input_ids.copy_(token_ids.view(-1, 1))
-        self.position_ids.fill_(self.rings[0].n_seen)
+        self.position_ids.copy_(self.rings[0].next_position.view(-1, 1))
         if temperature > 0:
             self.temperature.fill_(temperature)
 
@@ -99,6 +105,7 @@ class StaticDecodeStep:
             draw_noise(self.noise, generator)  # outside the graph: the generator stays the caller's
         for ring in self.rings:
             ring.counts_on_append = False
+        self._state.chunk_padding = self.padding
         try:
             if not self._cuda_graph:
                 self._forward(sample)
@@ -107,6 +114,7 @@ class StaticDecodeStep:
             else:
                 self._graphs[sample] = self._capture(sample)
         finally:
+            self._state.chunk_padding = None
             for ring in self.rings:
                 ring.counts_on_append = True
         for ring in self.rings:
@@ -119,7 +127,10 @@ class StaticDecodeStep:
         self.logits.copy_(logits)
         chosen = choose_tokens(logits, self.temperature if sample else None, self.noise)
         self.input_ids.copy_(chosen.unsqueeze(-1))
-        self.position_ids.add_(1)
+        if self.padding is None:
+            self.position_ids.add_(1)
+        else:
+            self.position_ids.add_(1 - self.padding.unsqueeze(-1))
 
     def _capture(self, sample: bool) -> torch.cuda.CUDAGraph:
         """Run this call's step for real on a side stream (which also warms up the allocator and

@@ -36,6 +36,8 @@ from .top_k_rows import _rotate
 
 __all__ = ["PagedMiddleStore"]
 
+_NO_POSITION = 2**62  # a block's first position while it holds none: visible to no row
+
 
 class PagedMiddleStore:
     """Keys and values of the tokens at positions >= n_global, in blocks with min/max summaries.
@@ -44,7 +46,12 @@ class PagedMiddleStore:
       k, v:        [batch, heads_kv, capacity, block_size, head_dim]
     On `device`:
       kmin, kmax:  float32 [batch, heads_kv, capacity, head_dim]  per-block key summaries
-      block_start: int64 [capacity]  position of each block's first token
+      positions:   int64 [batch, capacity, block_size]  each stored token's position in its
+                   sequence (-1: padding or not yet filled). Blocks are filled column by
+                   column across the batch; a sequence's padding rows (left padding, or a
+                   finished sequence fed a placeholder) take a slot but no position.
+      first_position: int64 [batch, capacity]  each block's smallest position per sequence
+                   (2^62 while it holds none): what the selection tests visibility with.
     Blocks form a ring of slots: while the store grows, slot i is the i-th block; once
     max_middle_tokens is reached the newest block overwrites the oldest.
     """
@@ -76,7 +83,8 @@ class PagedMiddleStore:
         self.kmin = torch.zeros(batch, n_heads_kv, capacity, head_dim, dtype=torch.float32,
                                 device=self.device)
         self.kmax = torch.zeros_like(self.kmin)
-        self.block_start = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        self.positions = torch.full((batch, capacity, block_size), -1, dtype=torch.int64, device=self.device)
+        self.first_position = torch.full((batch, capacity), _NO_POSITION, dtype=torch.int64, device=self.device)
         self.n_blocks = 0   # slots in use: always slots 0 .. n_blocks - 1
         self.newest = -1    # slot of the block being filled
         self.fill = 0       # tokens in the newest block
@@ -85,12 +93,18 @@ class PagedMiddleStore:
         # multi-MB allocations cost more than the gather on the CPU); pinned with offload on CUDA.
         self._gathered = None
         self._copied = None  # CUDA event: the last copy out of the pinned buffer is done
-        # Small reused tensors of the selection: the bounds buffer, arange(capacity), arange(block_size).
-        self._bounds = self._arange = self._offsets = None
+        # Small reused tensors of the selection: the bounds buffer, arange(capacity).
+        self._bounds = self._arange = None
 
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def block_start(self) -> torch.Tensor:
+        """int64 [capacity]: the first sequence's position of each block's first token (in an
+        unpadded batch, every sequence's)."""
+        return self.positions[0, :, 0]
 
     @property
     def length(self) -> int:
@@ -108,23 +122,41 @@ class PagedMiddleStore:
         while self.capacity < needed:
             self._grow()
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        """Store a chunk's keys and values ([batch, heads_kv, n, head_dim], positions start..)."""
-        skip = max(0, min(k.shape[-2], self.n_global - start))  # globals live in the ring
+    def append(self, k: torch.Tensor, v: torch.Tensor, start: int,
+               positions: torch.Tensor | None = None) -> None:
+        """Store a chunk's keys and values ([batch, heads_kv, n, head_dim]) that starts at
+        column `start` of the stream. positions: int64 [batch, n] per row (-1: padding, left
+        out of the summaries); None: start + t for every sequence. A row's position never
+        exceeds its column, so the first n_global - start rows are globals or padding in every
+        sequence: they live in the ring."""
+        skip = max(0, min(k.shape[-2], self.n_global - start))
         done, n = skip, k.shape[-2]
         while done < n:
             if self.n_blocks == 0 or self.fill == self.block_size:
-                self._open_block(start + done)
+                self._open_block()
             m = min(n - done, self.block_size - self.fill)
             piece_k, piece_v = k[:, :, done:done + m], v[:, :, done:done + m]
             slot, end = self.newest, self.fill + m
             self.k[:, :, slot, self.fill:end].copy_(piece_k)
             self.v[:, :, slot, self.fill:end].copy_(piece_v)
-            self.kmin[:, :, slot] = torch.minimum(self.kmin[:, :, slot], piece_k.amin(2))
-            self.kmax[:, :, slot] = torch.maximum(self.kmax[:, :, slot], piece_k.amax(2))
+            if positions is None:
+                self.positions[:, slot, self.fill:end] = torch.arange(
+                    start + done, start + done + m, device=self.device)
+                self.first_position[:, slot].clamp_(max=start + done)
+                low, high = piece_k.amin(2), piece_k.amax(2)
+            else:
+                piece_positions = positions[:, done:done + m]
+                self.positions[:, slot, self.fill:end] = piece_positions
+                real = piece_positions.masked_fill(piece_positions < 0, _NO_POSITION).amin(1)
+                self.first_position[:, slot] = torch.minimum(self.first_position[:, slot], real)
+                padding = (piece_positions < 0)[:, None, :, None]
+                low = piece_k.masked_fill(padding, float("inf")).amin(2)
+                high = piece_k.masked_fill(padding, float("-inf")).amax(2)
+            self.kmin[:, :, slot] = torch.minimum(self.kmin[:, :, slot], low)
+            self.kmax[:, :, slot] = torch.maximum(self.kmax[:, :, slot], high)
             self.fill, done = end, done + m
 
-    def _open_block(self, position: int) -> None:
+    def _open_block(self) -> None:
         if self.max_blocks is not None and self.n_blocks == self.max_blocks:
             slot = (self.newest + 1) % self.n_blocks  # the oldest block: dropped whole
             self.dropped_blocks += 1
@@ -134,7 +166,8 @@ class PagedMiddleStore:
             slot = self.n_blocks
             self.n_blocks += 1
         self.newest, self.fill = slot, 0
-        self.block_start[slot] = position
+        self.positions[:, slot] = -1
+        self.first_position[:, slot] = _NO_POSITION
         self.kmin[:, :, slot] = float("inf")
         self.kmax[:, :, slot] = float("-inf")
 
@@ -146,7 +179,8 @@ class PagedMiddleStore:
         n, grown = self.n_blocks, {}
         # Every new buffer is allocated before any replaces the old one: a failed allocation
         # leaves the store as it was.
-        for name, dim in (("k", 2), ("v", 2), ("kmin", 2), ("kmax", 2), ("block_start", 0)):
+        for name, dim in (("k", 2), ("v", 2), ("kmin", 2), ("kmax", 2), ("positions", 1),
+                          ("first_position", 1)):
             old = getattr(self, name)
             shape = list(old.shape)
             shape[dim] = capacity
@@ -156,12 +190,14 @@ class PagedMiddleStore:
         for name, new in grown.items():
             setattr(self, name, new)
 
-    def candidates(self, queries: torch.Tensor, first_position: int, inv_freq: torch.Tensor, *,
+    def candidates(self, queries: torch.Tensor, query_positions: torch.Tensor | int, inv_freq: torch.Tensor, *,
                    top_k_distance: int, n_local: int) -> dict:
         """The middle keys to hand the op for these top-k rows, as its middle_k / middle_v /
         middle_positions arguments: the union of each query head's best blocks.
 
-        queries: [batch, heads_q, rows, head_dim], unrotated, at positions first_position..
+        queries: [batch, heads_q, rows, head_dim], unrotated; query_positions: int64
+        [batch, rows] their positions (-1: padding rows, which choose nothing), or an int: the
+        first row's position in every sequence.
 
         Every size here follows from shapes and host-side counts, never from the selection: a
         fixed number of slots is gathered (all blocks, or one per head's choice when that is
@@ -171,7 +207,7 @@ class PagedMiddleStore:
         """
         if queries.shape[2] == 0 or self.n_blocks == 0:
             return self.gather(torch.zeros(0, dtype=torch.int64, device=self.device))
-        best, chosen = self._best_blocks(queries, first_position, inv_freq,
+        best, chosen = self._best_blocks(queries, query_positions, inv_freq,
                                          top_k_distance=top_k_distance, n_local=n_local)
         n = self.n_blocks
         if chosen.numel() >= n:
@@ -191,17 +227,17 @@ class PagedMiddleStore:
         # that a store still growing block by block does not reallocate it each step.
         return self.gather(slots, keep, room=min(self.capacity, chosen.numel()))
 
-    def select_blocks(self, queries, first_position, inv_freq, *, top_k_distance, n_local):
+    def select_blocks(self, queries, query_positions, inv_freq, *, top_k_distance, n_local):
         """Slots (int64, ascending, on the compute device) of the blocks the union holds: the
         ones `candidates` keeps. Its size depends on the data (a device sync on CUDA), so the
         hot path does not use it; tests and bench/middle_store_recall.py do."""
         if queries.shape[2] == 0 or self.n_blocks == 0:
             return torch.zeros(0, dtype=torch.int64, device=self.device)
-        best, chosen = self._best_blocks(queries, first_position, inv_freq,
+        best, chosen = self._best_blocks(queries, query_positions, inv_freq,
                                          top_k_distance=top_k_distance, n_local=n_local)
         return torch.unique(chosen[best > float("-inf")])
 
-    def _best_blocks(self, queries, first_position, inv_freq, *, top_k_distance, n_local):
+    def _best_blocks(self, queries, query_positions, inv_freq, *, top_k_distance, n_local):
         """(bound, slot) of each query head's top_k_blocks blocks, both [batch, heads_kv, group,
         min(top_k_blocks, n_blocks)]: the block's bound maximised over the rows, -inf for a
         block that no row may read (every row's own choice would be the same blocks).
@@ -222,10 +258,13 @@ class PagedMiddleStore:
         bound.baddbmm_(placed.clamp(max=0), kmin)
         bound = bound.view(batch, heads_kv, group, rows, n)
         # A block helps row i only if it starts at or before i - n_local (the kernel masks the
-        # rest of it by position); blocks the bound cannot rank stay out.
-        last_visible = first_position - n_local + torch.arange(rows, device=self.device)
-        hidden = self.block_start[None, :n] > last_visible[:, None]  # [rows, n]
-        bound.masked_fill_(hidden, float("-inf"))
+        # rest of it by position); blocks the bound cannot rank stay out. Per sequence: its own
+        # positions. A padding row (-1) sees no block.
+        if not isinstance(query_positions, torch.Tensor):
+            query_positions = query_positions + torch.arange(rows, device=self.device).expand(batch, rows)
+        last_visible = torch.where(query_positions >= 0, query_positions - n_local, -1)
+        hidden = self.first_position[:, None, :n] > last_visible[:, :, None]  # [b, rows, n]
+        bound.masked_fill_(hidden[:, None, None], float("-inf"))
         per_head = bound[:, :, :, 0] if rows == 1 else bound.amax(dim=3)  # [b, kv, group, n]
         return per_head.topk(min(self.top_k_blocks, n), dim=-1)
 
@@ -259,20 +298,11 @@ class PagedMiddleStore:
         torch.index_select(self.v, 2, host_slots, out=pages[1])
         if self.offload:
             pages = self._to_device(pages)
-        offsets = self._all_offsets()
-        positions = self.block_start[slots, None] + offsets
-        if self.n_blocks:
-            unfilled = (slots == self.newest)[:, None] & (offsets >= self.fill)[None, :]
-            if keep is not None:
-                unfilled |= ~keep[:, None]
-            positions.masked_fill_(unfilled, -1)
+        positions = self.positions.index_select(1, slots)  # the newest block's empty tail: -1
+        if keep is not None:
+            positions.masked_fill_(~keep[None, :, None], -1)
         k, v = pages.reshape(2, batch, heads_kv, m * block_size, head_dim)
-        return dict(middle_k=k, middle_v=v, middle_positions=positions.reshape(-1))
-
-    def _all_offsets(self) -> torch.Tensor:
-        if self._offsets is None:
-            self._offsets = torch.arange(self.block_size, device=self.device)
-        return self._offsets
+        return dict(middle_k=k, middle_v=v, middle_positions=positions.reshape(batch, -1))
 
     def _buffer(self, m: int, room: int) -> torch.Tensor:
         """[2 (k, v), batch, heads_kv, m, block_size, head_dim], contiguous, from the reused
@@ -300,26 +330,26 @@ class PagedMiddleStore:
         """The stored blocks and summaries, not the transient gather buffer and its CUDA event
         (which cannot be copied), e.g. for LambdaStream.fork."""
         twin = copy.copy(self)
-        for name in ("k", "v", "kmin", "kmax", "block_start"):
+        for name in ("k", "v", "kmin", "kmax", "positions", "first_position"):
             setattr(twin, name, copy.deepcopy(getattr(self, name), memo))
         twin._gathered = twin._copied = None
-        twin._bounds = twin._arange = twin._offsets = None
+        twin._bounds = twin._arange = None
         return twin
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Follow a beam search's reordering of the batch (beam_idx already checked): every
         reordered copy exists before the first tensor is overwritten, and the tensors keep
         their storage (pinned host blocks stay pinned)."""
-        stores = (self.k, self.v, self.kmin, self.kmax)
+        stores = (self.k, self.v, self.kmin, self.kmax, self.positions, self.first_position)
         reordered = [t.index_select(0, beam_idx.to(t.device)) for t in stores]
         for store, new in zip(stores, reordered):
             store.copy_(new)
 
     def device_nbytes(self) -> int:
-        """Bytes on the compute device: summaries and block starts, plus the blocks unless
+        """Bytes on the compute device: summaries and positions, plus the blocks unless
         offloaded. Not counted: the transient gather of at most batch x heads_q x top_k_blocks
         blocks per top-k call."""
-        held = [self.kmin, self.kmax, self.block_start]
+        held = [self.kmin, self.kmax, self.positions, self.first_position]
         if not self.offload:
             held += [self.k, self.v]
         return sum(t.numel() * t.element_size() for t in held)

@@ -1,4 +1,5 @@
-"""lminf generate: stream a continuation of a long prompt to stdout."""
+"""lminf generate: stream a continuation of a long prompt to stdout; with several prompt files,
+continue them as one batch and print each continuation under its file's name."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate", help="continue a long prompt with LM-Infinite, streaming to stdout",
         description="Feed the prompt in chunks (constant memory whatever its length) and print "
-                    "the continuation as it is generated.")
-    parser.add_argument("prompt", metavar="PROMPT_FILE", help="text file with the prompt ('-' for stdin)")
+                    "the continuation as it is generated. Several prompt files (of any lengths) "
+                    "run as one batch: each continuation is printed, labelled with its file, "
+                    "once every sequence has stopped.")
+    parser.add_argument("prompts", metavar="PROMPT_FILE", nargs="+",
+                        help="text file with a prompt ('-' for stdin, at most once)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=200)
     parser.add_argument("--temperature", type=temperature_option, default=0.0, help="0 for greedy (default)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
@@ -52,19 +56,24 @@ def read_prompt(name: str) -> str:
 
 
 def run(args) -> int:
-    text = read_prompt(args.prompt)
+    if args.prompts.count("-") > 1:
+        raise ValueError("'-' (stdin) can be given as a prompt file only once")
+    texts = [read_prompt(name) for name in args.prompts]
     model, tokenizer, _ = load(args)
-    ids = tokenizer(text, return_tensors="pt").input_ids
+    ids = [tokenizer(text, return_tensors="pt").input_ids[0] for text in texts]
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     with lm_infinite_enabled(model, settings_from(args)):
         stream = LambdaStream(model, chunk_size=args.chunk_size, cuda_graphs=args.cuda_graphs,
                               compile=args.compile)
-        stream.feed(ids)
+        stream.feed(ids if len(ids) > 1 else ids[0])
         # On the model's device: the step draws its sampling noise there, with no host copy.
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        steps = stream.generate(args.max_new_tokens, stop_token_ids=stop,
+                                temperature=args.temperature, generator=generator)
+        if len(ids) > 1:
+            return _print_batch(args.prompts, steps, tokenizer)
         tokens, printed = [], ""
-        for token in stream.generate(args.max_new_tokens, stop_token_ids=stop,
-                                     temperature=args.temperature, generator=generator):
+        for token in steps:
             tokens.append(token)
             # Decode the whole continuation: a character may span several tokens.
             decoded = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -73,4 +82,20 @@ def run(args) -> int:
                 sys.stdout.flush()
                 printed = decoded
     sys.stdout.write("\n")
+    return 0
+
+
+def _print_batch(names: list[str], steps, tokenizer) -> int:
+    """Collect each sequence's tokens (None once it has stopped) and print every continuation
+    under a header naming its prompt file, in the order given."""
+    tokens = [[] for _ in names]
+    for step in steps:
+        for sequence, token in zip(tokens, step):
+            if token is not None:
+                sequence.append(token)
+    for index, (name, sequence) in enumerate(zip(names, tokens)):
+        label = "stdin" if name == "-" else name
+        sys.stdout.write(f"{'' if index == 0 else chr(10)}=== {label} ===\n")
+        sys.stdout.write(tokenizer.decode(sequence, skip_special_tokens=True) + "\n")
+    sys.stdout.flush()
     return 0

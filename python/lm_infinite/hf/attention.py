@@ -11,7 +11,8 @@ from .cache import LambdaCache
 __all__ = ["ATTENTION_NAME", "lambda_attention_forward"]
 
 # No mask function is registered under this name, so transformers builds no attention mask:
-# the op derives causality and the Λ shape from positions itself.
+# the op derives causality and the Λ shape from positions itself. Left padding reaches it as
+# per-sequence padding counts (hf/padding.py, read from the 2-D mask by the forward hook).
 ATTENTION_NAME = "lm_infinite"
 
 
@@ -28,7 +29,10 @@ def lambda_attention_forward(
     """LM-Infinite attention for one layer. query: [batch, heads_q, n_q, head_dim]; key, value:
     what the cache's `update` returned, unrotated (the rotary embedding was made a no-op).
     Returns ([batch, n_q, heads_q, head_dim], None) as transformers expects; attention weights
-    are never materialised. For inference: `dropout` is not applied."""
+    are never materialised. For inference: `dropout` is not applied.
+
+    Padding (left, per sequence; see hf/padding.py): pad rows are never attended to and hold
+    no position, so that each sequence of a batch computes what it would alone."""
     state = module._lm_infinite
     inv_freq = state.inv_freq_on(query.device)
     scale = (module.scaling if scaling is None else scaling) * state.attention_scaling**2
@@ -38,27 +42,39 @@ def lambda_attention_forward(
     if state.uses_top_k(module.layer_idx):
         settings.update(top_k=state.top_k, top_k_distance=state.top_k_distance,
                         top_k_first_row=state.top_k_first_row(n_query))
+    padding = state.padding_rows()
     if isinstance(cache, LambdaCache):
-        # key/value are this chunk's only; the ring holds everything before it.
-        out = cache.layers[module.layer_idx].attend_and_append(query, key, value, inv_freq, **settings)
+        # key/value are this chunk's only; the ring holds everything before it, with each
+        # sequence's own positions.
+        out = cache.layers[module.layer_idx].attend_and_append(query, key, value, inv_freq,
+                                                               padding=padding, **settings)
     elif n_key == n_query and "top_k" not in settings:
-        # No cache, or a fresh one: the whole sequence at positions 0..n-1.
+        # No cache, or a fresh one: the whole sequence, row t of sequence b at t - padding[b].
         out = ops.lambda_attention(
-            query, key, value, inv_freq, n_global=state.n_global, n_local=state.n_local, **settings
+            query, key, value, inv_freq, n_global=state.n_global, n_local=state.n_local,
+            padding=padding, **settings,
         )
     else:
-        # A standard cache (e.g. DynamicCache) returned every key so far, at positions
-        # 0..n_key-1: correct, but its memory grows with the stream, unlike LambdaCache. The
-        # past keys double as the middle store for top-k (the chunk's own keys are candidates
-        # too, so a cacheless forward with top-k also lands here, with past = 0).
+        # A standard cache (e.g. DynamicCache) returned every key so far, at columns
+        # 0..n_key-1 (positions column - padding, negative for pad tokens): correct, but its
+        # memory grows with the stream, unlike LambdaCache. The past keys double as the middle
+        # store for top-k (the chunk's own keys are candidates too, so a cacheless forward with
+        # top-k also lands here, with past = 0).
         past = n_key - n_query
         positions = torch.arange(past, dtype=torch.int64, device=key.device)
+        query_start = past
+        sequence = None if state.forward_padding is None else state.forward_padding.sequence
+        if sequence is not None:
+            positions = positions - sequence[:, None]
+            positions = positions.masked_fill(positions < 0, -1)  # [batch, past]
+            query_start = (past - sequence).clamp(min=0)  # each sequence's first real chunk row
         past_k, past_v = key[:, :, :past], value[:, :, :past]
         if "top_k" in settings:
             settings.update(middle_k=past_k, middle_v=past_v, middle_positions=positions)
         out = ops.lambda_attention_chunk(
             query, key[:, :, past:], value[:, :, past:], past_k, past_v,
-            positions, past, inv_freq, n_global=state.n_global, n_local=state.n_local, **settings,
+            positions, query_start, inv_freq, n_global=state.n_global, n_local=state.n_local,
+            padding=padding, **settings,
         )
     return out.transpose(1, 2).contiguous(), None
 

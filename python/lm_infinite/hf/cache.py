@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -50,7 +52,9 @@ class LambdaLayer(CacheLayerMixin):
         return self.ring.attend_and_append(query, key, value, inv_freq, **attend_options)
 
     def get_seq_length(self) -> int:
-        """Tokens seen, not tokens stored: the next token's position."""
+        """Tokens seen, not tokens stored: the next token's column (its position in an
+        unpadded batch; with left padding, each sequence's position is this minus its
+        padding, kept per sequence in the ring's next_position)."""
         return 0 if self.ring is None else self.ring.n_seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -78,6 +82,28 @@ class LambdaCache(Cache):
         middle = dict(kind=state.top_k_store, **state.top_k_store_options)
         super().__init__(layers=[LambdaLayer(state.n_global, state.n_local, state.uses_top_k(i), middle)
                                  for i in range(state.num_layers)])
+
+    def allocate(self, batch: int, n_heads_kv: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        """Allocate every layer's ring for `batch` sequences now, instead of at the first forward
+        (which sizes them from its keys)."""
+        keys = torch.empty(batch, n_heads_kv, 0, head_dim, dtype=dtype, device=device)
+        for layer in self.layers:
+            if not layer.is_initialized:
+                layer.lazy_initialization(keys, keys)
+
+    def row(self, b: int) -> "LambdaCache":
+        """Sequence b of this (filled) cache as a batch-1 LambdaCache over the same storage
+        (RingKVCache.row): feeding it feeds row b here. Only without top-k middle stores."""
+        view = copy.copy(self)
+        view.layers = []
+        for layer in self.layers:
+            if layer.ring is None:
+                raise ValueError("LambdaCache.row: the cache is empty; it needs its batch first")
+            one = copy.copy(layer)
+            one.ring = layer.ring.row(b)
+            one.keys, one.values = one.ring.k, one.ring.v
+            view.layers.append(one)
+        return view
 
     def nbytes(self) -> int:
         """Bytes held by the stored keys, values and positions of all layers (the fixed rings;

@@ -11,6 +11,7 @@ from ..ops import MAX_POSITION
 from .attention import ATTENTION_NAME
 from .cache import LambdaCache
 from .families import decoder_of, training_length
+from .padding import padding_from_mask
 from .presets import preset_settings
 from .rotary import UnrotatedRotaryEmbedding
 from .state import LambdaState, state_of
@@ -180,12 +181,6 @@ def _own_config(model: nn.Module) -> None:
 
 def _binder(state: LambdaState, decoder: nn.Module, cache_name: str):
     def bind_cache(module, args, kwargs):
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-            raise ValueError(
-                "lm_infinite: attention_mask has padding (zeros); LM-Infinite-enabled models take "
-                "unpadded sequences (batch sequences of equal length, or run them one by one)"
-            )
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -195,14 +190,31 @@ def _binder(state: LambdaState, decoder: nn.Module, cache_name: str):
             cache = LambdaCache(decoder)
             kwargs.pop("past_key_values", None)
             kwargs[cache_name] = cache
+        state.forward_padding = _forward_padding(args, kwargs, cache)
         state.active_cache = cache
         return args, kwargs
 
     return bind_cache
 
 
+def _forward_padding(args, kwargs, cache):
+    """The left padding the forward's attention_mask describes (hf/padding.py), checked
+    against the tokens fed and the columns the cache already holds."""
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return None
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None:
+        raise ValueError("lm_infinite: a forward with an attention_mask needs input_ids or inputs_embeds")
+    past = 0 if cache is None else cache.get_seq_length()
+    return padding_from_mask(mask, tokens.shape[0], tokens.shape[1], past)
+
+
 def _unbinder(state: LambdaState):
     def unbind_cache(module, args, output):
         state.active_cache = None
+        state.forward_padding = None
 
     return unbind_cache

@@ -34,6 +34,12 @@ class LambdaState:
     # Set by LambdaStream for each chunk of a prompt: how many of the chunk's rows lie among the
     # prompt's last top_k_rows, so that the rows using top-k do not depend on the chunking.
     chunk_top_k_rows: int | None = None
+    # Leading padding rows per sequence (int64 [batch]) of the chunk now fed, set by
+    # LambdaStream and StaticDecodeStep around their forwards (which pass no mask).
+    chunk_padding: torch.Tensor | None = None
+    # The padding the forward now running got from its attention_mask (hf/padding.py), set and
+    # cleared by the hooks.
+    forward_padding: object | None = None
     # The cache passed to the decoder's forward now running (set and cleared by hooks), since
     # transformers hands the attention function the keys but not the cache.
     active_cache: Cache | None = None
@@ -41,6 +47,12 @@ class LambdaState:
     previous_attn_implementation: str | None = None
     hooks: tuple = ()
     _inv_freq_by_device: dict = field(default_factory=dict, repr=False)
+
+    def padding_rows(self) -> torch.Tensor | None:
+        """Padding rows per sequence of the chunk in flight (int64 [batch]), or None."""
+        if self.forward_padding is not None:
+            return self.forward_padding.chunk
+        return self.chunk_padding
 
     def uses_top_k(self, layer_idx: int) -> bool:
         return self.top_k > 0 and layer_idx >= self.top_k_first_layer
