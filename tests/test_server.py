@@ -292,6 +292,8 @@ def _error_of(response: httpx.Response) -> dict:
       "max_tokens": MAX_TOKENS_LIMIT + 1}, 400, "max_tokens"),
     ({"model": "tiny-chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, "max_tokens"),
     ({"model": "tiny-chat-model", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny-chat-model", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny-chat-model", "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400, "top_p"),
     ({"model": "tiny-chat-model", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
      400, "stop"),
     ({"model": "tiny-chat-model", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
@@ -361,3 +363,16 @@ def test_completion_text_holds_back_what_may_start_a_stop_string(model_dir):
     # "S", "ST" may begin "STOP": held; "STx" cannot; the text ends before "STOP".
     assert deltas == ["a", "b", " ", "", "", "STx", "", "", "", ""]
     assert text.text == "ab STx" and text.flush() == ""
+
+
+def test_top_p_restricts_the_draw_to_the_nucleus(client, reference):
+    # A nucleus of one token (tiny top_p) makes any temperature greedy; top_p 1 changes nothing.
+    messages = _chat("Name an animal.")
+    greedy, *_ = reference(messages, 16)
+    nucleus = client.chat.completions.create(model="tiny-chat-model", messages=messages, max_tokens=16,
+                                             temperature=1.5, top_p=1e-6, seed=4)
+    assert nucleus.choices[0].message.content == greedy
+    sampled, *_ = reference(messages, 16, temperature=1.5, seed=4)
+    whole = client.chat.completions.create(model="tiny-chat-model", messages=messages, max_tokens=16,
+                                           temperature=1.5, top_p=1.0, seed=4)
+    assert whole.choices[0].message.content == sampled

@@ -18,19 +18,36 @@ from .hf.families import decoder_of
 from .hf.patching import cache_argument_name
 from .hf.state import state_of
 
-__all__ = ["StaticDecodeStep", "choose_tokens", "draw_noise"]
+__all__ = ["StaticDecodeStep", "choose_tokens", "draw_noise", "outside_nucleus"]
 
 
 def choose_tokens(logits: torch.Tensor, temperature: float | torch.Tensor | None,
-                  noise: torch.Tensor | None = None) -> torch.Tensor:
+                  noise: torch.Tensor | None = None,
+                  top_p: float | torch.Tensor | None = None) -> torch.Tensor:
     """Next token per row of logits ([batch, vocab] -> int64 [batch]): greedy when temperature
     is None, else a draw from softmax(logits / temperature) by the Gumbel-max trick,
     argmax(logits / T - log E) with E ~ Exp(1) in `noise`. Unlike torch.multinomial it has no
     data-dependent control flow, so it can live inside a captured graph; the stream's eager
-    path uses it too, so that both paths draw the same tokens from the same generator."""
+    path uses it too, so that both paths draw the same tokens from the same generator.
+
+    top_p (nucleus sampling, in (0, 1]; None: off): the draw is restricted to the smallest set
+    of most probable tokens whose probability reaches top_p, renormalised."""
     if temperature is None:
         return logits.argmax(dim=-1)
-    return (logits / temperature - noise.log()).argmax(dim=-1)
+    scaled = logits / temperature
+    if top_p is not None:
+        scaled = scaled.masked_fill(outside_nucleus(scaled, top_p), float("-inf"))
+    return (scaled - noise.log()).argmax(dim=-1)
+
+
+def outside_nucleus(scaled: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """True for the tokens of each row ([batch, vocab] logits) outside the nucleus: those whose
+    more probable tokens already hold top_p of the probability. The most probable token is
+    always inside, so a tiny top_p is greedy. One sort of the vocabulary, no host sync."""
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    probs = ordered.softmax(dim=-1)
+    outside = (probs.cumsum(dim=-1) - probs) >= top_p  # mass strictly before each token
+    return outside.scatter(-1, order, outside)
 
 
 def draw_noise(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -47,7 +64,7 @@ class StaticDecodeStep:
     token the next call feeds, overwritten by the call with the token it chooses;
     `position_ids` [batch, 1] int64, that token's position; `logits` [batch, vocab] float32,
     the logits after the token fed last; `noise` [batch, vocab], Exp(1) draws for sampling,
-    filled before each sampled step; `temperature` [1]. Batches of several sequences also get
+    filled before each sampled step; `temperature` and `top_p` [1]. Batches of several sequences also get
     `padding` [batch] int64 (0 or 1): a sequence set to 1 is fed as padding (nothing stored,
     its position stays), which is how a finished sequence stops changing; `position_ids` then
     holds each sequence's own next position.
@@ -79,20 +96,24 @@ class StaticDecodeStep:
         self.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=device)
         self.noise = torch.ones(batch, vocab, dtype=torch.float32, device=device)
         self.temperature = torch.ones(1, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(1, dtype=torch.float32, device=device)
+        self._nucleus = False  # top_p < 1: sampled steps also restrict the draw to the nucleus
         # Batch 1 never pads a step (its stream just ends), and keeps the unpadded op path.
         self.padding = torch.zeros(batch, dtype=torch.int64, device=device) if batch > 1 else None
         self._state = state
         self._forward = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self._cuda_graph = cuda_graph
-        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[bool, bool], torch.cuda.CUDAGraph] = {}
 
-    def start(self, token_ids: torch.Tensor, temperature: float = 0.0) -> None:
+    def start(self, token_ids: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0) -> None:
         """Set the token the next call feeds ([batch] or [batch, 1]), at the stream's next
-        position, and the sampling temperature (0: greedy) of the calls that follow."""
+        position, and the sampling temperature (0: greedy) and top_p of the calls that follow."""
         self.input_ids.copy_(token_ids.view(-1, 1))
         self.position_ids.copy_(self.rings[0].next_position.view(-1, 1))
         if temperature > 0:
             self.temperature.fill_(temperature)
+        self.top_p.fill_(top_p)
+        self._nucleus = top_p < 1.0
 
     @property
     def next_token_ids(self) -> torch.Tensor:
@@ -106,13 +127,14 @@ class StaticDecodeStep:
         for ring in self.rings:
             ring.counts_on_append = False
         self._state.chunk_padding = self.padding
+        mode = (sample, sample and self._nucleus)
         try:
             if not self._cuda_graph:
-                self._forward(sample)
-            elif sample in self._graphs:
-                self._graphs[sample].replay()
+                self._forward(*mode)
+            elif mode in self._graphs:
+                self._graphs[mode].replay()
             else:
-                self._graphs[sample] = self._capture(sample)
+                self._graphs[mode] = self._capture(*mode)
         finally:
             self._state.chunk_padding = None
             for ring in self.rings:
@@ -120,28 +142,29 @@ class StaticDecodeStep:
         for ring in self.rings:
             ring.count(1)
 
-    def _step(self, sample: bool) -> None:
+    def _step(self, sample: bool, nucleus: bool = False) -> None:
         output = self._decoder(input_ids=self.input_ids, position_ids=self.position_ids, use_cache=True,
                                **{self._cache_keyword: self.cache})
         logits = self._head(output.last_hidden_state[:, -1]).float()
         self.logits.copy_(logits)
-        chosen = choose_tokens(logits, self.temperature if sample else None, self.noise)
+        chosen = choose_tokens(logits, self.temperature if sample else None, self.noise,
+                               self.top_p if nucleus else None)
         self.input_ids.copy_(chosen.unsqueeze(-1))
         if self.padding is None:
             self.position_ids.add_(1)
         else:
             self.position_ids.add_(1 - self.padding.unsqueeze(-1))
 
-    def _capture(self, sample: bool) -> torch.cuda.CUDAGraph:
+    def _capture(self, sample: bool, nucleus: bool) -> torch.cuda.CUDAGraph:
         """Run this call's step for real on a side stream (which also warms up the allocator and
         the libraries' workspaces, as capture requires), then record it: recording runs no
         kernel, so the stream's state advances once."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._forward(sample)
+            self._forward(sample, nucleus)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._forward(sample)
+            self._forward(sample, nucleus)
         return graph

@@ -264,10 +264,10 @@ class LambdaStream:
 
     @torch.inference_mode()
     def generate(self, max_new_tokens: int, *, stop_token_ids: Iterable[int] = (),
-                 temperature: float = 0.0, generator: torch.Generator | None = None
+                 temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
                  ) -> Iterator[int] | Iterator[list[int | None]]:
         """Continue the stream: up to max_new_tokens steps, greedy when temperature is 0, else
-        sampled. Each token is fed back before it is yielded, so the stream always holds
+        sampled (from the top_p nucleus when top_p < 1). Each token is fed back before it is yielded, so the stream always holds
         everything produced.
 
         Batch 1: yields token ids (ints); a stop token ends the continuation.
@@ -280,6 +280,8 @@ class LambdaStream:
             raise ValueError(f"LambdaStream.generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
             raise ValueError(f"LambdaStream.generate: temperature must be a finite number >= 0, got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+            raise ValueError(f"LambdaStream.generate: top_p must be a number in (0, 1], got {top_p!r}")
         if self.next_logits is None:
             raise ValueError("LambdaStream.generate: feed a prompt first")
         stop = set(stop_token_ids)
@@ -288,7 +290,9 @@ class LambdaStream:
                                           cuda_graph=self.cuda_graphs)
         step, sample = self._step, temperature > 0
         noise = draw_noise(torch.empty_like(self.next_logits), generator) if sample else None
-        step.start(choose_tokens(self.next_logits, temperature if sample else None, noise), temperature)
+        nucleus = top_p if sample and top_p < 1 else None
+        step.start(choose_tokens(self.next_logits, temperature if sample else None, noise, nucleus),
+                   temperature, top_p)
         if self.next_logits.shape[0] > 1:
             return self._generate_batch(step, max_new_tokens, stop, sample, generator)
         return self._generate_one(step, max_new_tokens, stop, sample, generator)

@@ -25,6 +25,9 @@ def register(subparsers) -> None:
                         help="text file with a prompt ('-' for stdin, at most once)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=200)
     parser.add_argument("--temperature", type=temperature_option, default=0.0, help="0 for greedy (default)")
+    parser.add_argument("--top-p", type=top_p_option, default=1.0,
+                        help="with --temperature > 0, sample from the smallest set of tokens whose "
+                             "probability reaches this (default 1: all)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--compile", action="store_true",
                         help="run each decode step through torch.compile (worth it on the CPU; on CUDA "
@@ -42,6 +45,16 @@ def temperature_option(text: str) -> float:
         value = float("nan")
     if not 0.0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def top_p_option(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value
 
 
@@ -69,7 +82,7 @@ def run(args) -> int:
         # On the model's device: the step draws its sampling noise there, with no host copy.
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         steps = stream.generate(args.max_new_tokens, stop_token_ids=stop,
-                                temperature=args.temperature, generator=generator)
+                                temperature=args.temperature, top_p=args.top_p, generator=generator)
         if len(ids) > 1:
             return _print_batch(args.prompts, steps, tokenizer)
         tokens, printed = [], ""

@@ -66,7 +66,7 @@ def create_app(engine: Engine, *, model_name: str, max_tokens_limit: int) -> Fas
         elif not 1 <= max_tokens <= max_tokens_limit:
             raise APIError(400, f"max_tokens must be between 1 and {max_tokens_limit}, got {max_tokens}",
                            param="max_tokens")
-        return Sampling(max_tokens, body.temperature, body.seed, tuple(body.stop))
+        return Sampling(max_tokens, body.temperature, body.top_p, body.seed, tuple(body.stop))
 
     async def respond(request: Request, body, prompt: str | list[dict], shape: _Shape):
         job = engine.submit(prompt, sampling_of(body))

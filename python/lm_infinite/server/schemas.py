@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI endpoints the server speaks, and its response objects.
 
 Unknown fields are ignored, as OpenAI-compatible servers do: front-ends send fields such as
-`user` or `top_p` whatever the server. The README lists the fields honoured here.
+`user` whatever the server. The README lists the fields honoured here.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class _Request(BaseModel):
     model: str
     max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(None, validate_default=True)  # a list once validated
     seed: int | None = None
     stream: bool = False

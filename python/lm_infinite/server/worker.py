@@ -35,6 +35,7 @@ log = logging.getLogger("lm_infinite.server")
 class Sampling:
     max_tokens: int
     temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # nucleus sampling; 1: off
     seed: int | None = None  # None: a fresh random seed
     stop: tuple[str, ...] = ()
 
@@ -175,7 +176,8 @@ class Engine:
             generator.manual_seed(sampling.seed)
         text = CompletionText(self.tokenizer, sampling.stop)
         tokens = conversation.stream.generate(sampling.max_tokens, stop_token_ids=self.stop_token_ids,
-                                              temperature=sampling.temperature, generator=generator)
+                                              temperature=sampling.temperature, top_p=sampling.top_p,
+                                              generator=generator)
         finish_reason = "length"
         try:
             for token in tokens:
