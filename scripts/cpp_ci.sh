@@ -32,6 +32,7 @@ for link in shared static; do
     -DCMAKE_PREFIX_PATH="$build/prefix" -DLMINF_EXAMPLE_STATIC=$static
   cmake --build "$build/example-$link" -j "$jobs"
   "$build/example-$link/stream_layers"
+  "$build/example-$link/ragged_batch"
 done
 
 step "AddressSanitizer + UndefinedBehaviorSanitizer build and ctest"
