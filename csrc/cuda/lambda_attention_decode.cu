@@ -681,21 +681,17 @@ Status launch(const LambdaAttentionParams& p, const AttentionPlan& plan, void* w
 }  // namespace
 
 int decode_blocks_per_sm(const LambdaAttentionParams& p) {
-  const bool bf16 = p.dtype == DType::kBFloat16;
-  if (p.head_dim == 64)
-    return bf16 ? blocks_per_sm<__nv_bfloat16, 64>() : blocks_per_sm<__half, 64>();
-  return bf16 ? blocks_per_sm<__nv_bfloat16, 128>() : blocks_per_sm<__half, 128>();
+  return dispatch_kernel_types(p, [](auto t, auto d) {
+    return blocks_per_sm<typename decltype(t)::type, decltype(d)::value>();
+  });
 }
 
 Status launch_lambda_attention_decode(const LambdaAttentionParams& params,
                                       const AttentionPlan& plan, void* workspace,
                                       cudaStream_t stream) {
-  const bool bf16 = params.dtype == DType::kBFloat16;
-  if (params.head_dim == 64)
-    return bf16 ? launch<__nv_bfloat16, 64>(params, plan, workspace, stream)
-                : launch<__half, 64>(params, plan, workspace, stream);
-  return bf16 ? launch<__nv_bfloat16, 128>(params, plan, workspace, stream)
-              : launch<__half, 128>(params, plan, workspace, stream);
+  return dispatch_kernel_types(params, [&](auto t, auto d) {
+    return launch<typename decltype(t)::type, decltype(d)::value>(params, plan, workspace, stream);
+  });
 }
 
 }  // namespace lminf::cuda

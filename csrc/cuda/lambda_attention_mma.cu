@@ -453,12 +453,9 @@ Status launch(const LambdaAttentionParams& params, const AttentionPlan& plan, vo
 
 Status launch_lambda_attention_mma(const LambdaAttentionParams& params, const AttentionPlan& plan,
                                    void* workspace, cudaStream_t stream) {
-  const bool bf16 = params.dtype == DType::kBFloat16;
-  if (params.head_dim == 64)
-    return bf16 ? launch<__nv_bfloat16, 64>(params, plan, workspace, stream)
-                : launch<__half, 64>(params, plan, workspace, stream);
-  return bf16 ? launch<__nv_bfloat16, 128>(params, plan, workspace, stream)
-              : launch<__half, 128>(params, plan, workspace, stream);
+  return dispatch_kernel_types(params, [&](auto t, auto d) {
+    return launch<typename decltype(t)::type, decltype(d)::value>(params, plan, workspace, stream);
+  });
 }
 
 }  // namespace lminf::cuda

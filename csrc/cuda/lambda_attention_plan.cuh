@@ -4,15 +4,36 @@
 // CUDA graph stays valid while query_start and the cache positions advance.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "lminf/lambda_attention.h"
 #include "lminf/status.h"
 
 namespace lminf::cuda {
+
+// The instantiations the tensor-core, decode and Hopper kernels are compiled for: element type
+// bf16 or fp16, head_dim 64 or 128 (plan_attention sends every other call to the generic
+// kernel). Calls launch(ElementType<T>{}, HeadDim<D>{}) for the params' case, so a launcher
+// names its template once: [&](auto t, auto d) { return f<typename decltype(t)::type,
+// decltype(d)::value>(...); }.
+template <typename T> struct ElementType { using type = T; };
+template <int D> using HeadDim = std::integral_constant<int, D>;
+
+template <typename Launch>
+auto dispatch_kernel_types(const LambdaAttentionParams& p, Launch&& launch) {
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  if (p.head_dim == 64)
+    return bf16 ? launch(ElementType<__nv_bfloat16>{}, HeadDim<64>{})
+                : launch(ElementType<__half>{}, HeadDim<64>{});
+  return bf16 ? launch(ElementType<__nv_bfloat16>{}, HeadDim<128>{})
+              : launch(ElementType<__half>{}, HeadDim<128>{});
+}
 
 enum class AttentionPath : int {
   kTensorCore = 0,  // bf16/fp16, head_dim 64 or 128: lambda_attention_mma.cu

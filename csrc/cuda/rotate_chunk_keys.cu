@@ -226,12 +226,9 @@ Status launch_rotate_chunk_keys(const LambdaAttentionParams& params, const Atten
   gather_index_kernel<<<index_rows, kIndexThreads, 0, stream>>>(params, ws, base);
   Status status = launch_status("gather_index_kernel");
   if (!status.ok()) return status;
-  const bool bf16 = params.dtype == DType::kBFloat16;
-  if (params.head_dim == 64)
-    return bf16 ? launch_rotate<__nv_bfloat16, 64>(params, ws, base, stream)
-                : launch_rotate<__half, 64>(params, ws, base, stream);
-  return bf16 ? launch_rotate<__nv_bfloat16, 128>(params, ws, base, stream)
-              : launch_rotate<__half, 128>(params, ws, base, stream);
+  return dispatch_kernel_types(params, [&](auto t, auto d) {
+    return launch_rotate<typename decltype(t)::type, decltype(d)::value>(params, ws, base, stream);
+  });
 }
 
 }  // namespace lminf::cuda
