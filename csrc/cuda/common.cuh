@@ -171,6 +171,17 @@ inline Status launch_status(const char* kernel) {
                 std::string(kernel) + " launch failed: " + cudaGetErrorString(error));
 }
 
+// Raises `kernel`'s dynamic shared-memory limit to `bytes` (above 48 KB a launch needs it).
+// Not a stream operation, so it is allowed during graph capture.
+template <typename Kernel>
+Status allow_dynamic_smem(Kernel* kernel, size_t bytes, const char* who) {
+  const cudaError_t error = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (error == cudaSuccess) return Status::Ok();
+  return Status(StatusCode::kCudaError,
+                std::string(who) + ": cudaFuncSetAttribute failed: " + cudaGetErrorString(error));
+}
+
 // One online-softmax step over a warp's m16n8 score accumulators (element 2a + e of each tile
 // belongs to row lane / 4 + 8a): the running max, sum and output accumulators are rescaled and
 // the scores become probabilities in place. Scores are raw (unscaled); exp2 domain with

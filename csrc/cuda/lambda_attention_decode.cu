@@ -645,16 +645,11 @@ Status launch(const LambdaAttentionParams& p, const AttentionPlan& plan, void* w
   constexpr int kSmem = static_cast<int>(DecodeSmem<T, D>::kBytes);
   blocks_per_sm<T, D>();  // raises the shared-memory limit on first use
   const int n_splits = static_cast<int>(plan.n_splits);
-  float* partial_out = nullptr;
-  float* partial_lse = nullptr;
-  if (n_splits > 1) {
-    partial_out = static_cast<float*>(workspace);
-    partial_lse = reinterpret_cast<float*>(static_cast<char*>(workspace) + plan.partial_lse_offset);
-  }
+  const SplitPartials partials = split_partials(plan, workspace);
   const dim3 grid(static_cast<unsigned>(plan.row_tiles * n_splits),
                   static_cast<unsigned>(p.n_heads_kv), static_cast<unsigned>(p.batch));
   lambda_attention_decode_kernel<T, D><<<grid, kThreads, kSmem, stream>>>(p, n_splits,
-                                                                         partial_out, partial_lse);
+                                                                         partials.out, partials.lse);
   Status status = launch_status("lambda_attention_decode_kernel");
   if (!status.ok() || n_splits == 1) return status;
   constexpr int kRowsPerBlock = 128 / (D / 4);
@@ -669,11 +664,11 @@ Status launch(const LambdaAttentionParams& p, const AttentionPlan& plan, void* w
   config.attrs = &dependent;
   config.numAttrs = 1;
   if (cudaLaunchKernelEx(&config, decode_merge_kernel<T, D>, p, n_splits,
-                         static_cast<const float*>(partial_out),
-                         static_cast<const float*>(partial_lse)) != cudaSuccess) {
+                         static_cast<const float*>(partials.out),
+                         static_cast<const float*>(partials.lse)) != cudaSuccess) {
     cudaGetLastError();  // a runtime or driver without dependent launches: an ordinary one
     decode_merge_kernel<T, D><<<config.gridDim, config.blockDim, 0, stream>>>(
-        p, n_splits, partial_out, partial_lse);
+        p, n_splits, partials.out, partials.lse);
   }
   return launch_status("decode_merge_kernel");
 }

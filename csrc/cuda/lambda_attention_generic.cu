@@ -225,12 +225,8 @@ template <typename T>
 Status launch(const LambdaAttentionParams& p, cudaStream_t stream) {
   const size_t smem = GenericSmem::bytes(p.head_dim);
   auto* kernel = lambda_attention_generic_kernel<T>;
-  const cudaError_t error =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (error != cudaSuccess)
-    return Status(StatusCode::kCudaError,
-                  std::string("lambda_attention: cudaFuncSetAttribute failed: ") +
-                      cudaGetErrorString(error));
+  const Status status = allow_dynamic_smem(kernel, smem, "lambda_attention");
+  if (!status.ok()) return status;
   const dim3 grid(static_cast<unsigned>((p.n_queries + kRows - 1) / kRows),
                   static_cast<unsigned>(p.n_heads_q), static_cast<unsigned>(p.batch));
   kernel<<<grid, kThreads, smem, stream>>>(p);

@@ -517,24 +517,14 @@ Status launch(const LambdaAttentionParams& params, const AttentionPlan& plan, vo
   Status status = encode_maps(params, plan, static_cast<const unsigned char*>(workspace), &maps);
   if (!status.ok()) return status;
   auto* kernel = lambda_attention_hopper_kernel<T, D>;
-  // Setting the attribute is not a stream operation, so it is allowed during graph capture.
-  const cudaError_t error =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (error != cudaSuccess)
-    return Status(StatusCode::kCudaError,
-                  std::string("lambda_attention_hopper: cudaFuncSetAttribute failed: ") +
-                      cudaGetErrorString(error));
-  float* partial_out = nullptr;
-  float* partial_lse = nullptr;
-  if (plan.n_splits > 1) {
-    partial_out = static_cast<float*>(workspace);
-    partial_lse = reinterpret_cast<float*>(static_cast<char*>(workspace) + plan.partial_lse_offset);
-  }
+  status = allow_dynamic_smem(kernel, kSmem, "lambda_attention_hopper");
+  if (!status.ok()) return status;
+  const SplitPartials partials = split_partials(plan, workspace);
   const dim3 grid(static_cast<unsigned>(plan.row_tiles * plan.n_splits),
                   static_cast<unsigned>(params.n_heads_q), static_cast<unsigned>(params.batch));
   kernel<<<grid, kThreads, kSmem, stream>>>(maps, params, plan,
                                             static_cast<const unsigned char*>(workspace),
-                                            partial_out, partial_lse);
+                                            partials.out, partials.lse);
   return launch_status("lambda_attention_hopper_kernel");
 }
 

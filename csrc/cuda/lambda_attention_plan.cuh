@@ -138,6 +138,17 @@ struct AttentionPlan {
   PrefillWorkspace prefill;
 };
 
+// Where a split kernel writes its partials in the workspace (both null without a split).
+struct SplitPartials {
+  float* out = nullptr;
+  float* lse = nullptr;
+};
+inline SplitPartials split_partials(const AttentionPlan& plan, void* workspace) {
+  if (plan.n_splits <= 1) return {};
+  return {static_cast<float*>(workspace),
+          reinterpret_cast<float*>(static_cast<char*>(workspace) + plan.partial_lse_offset)};
+}
+
 // Chooses the path and the split for these sizes on the current device.
 AttentionPlan plan_attention(const LambdaAttentionParams& params);
 
