@@ -108,14 +108,8 @@ class Kernel:
     def key_loop(self) -> list[Instr]:
         """The key loop's instructions in address order (empty if no loop holds every HMMA),
         with the subroutines it calls."""
-        hmma = {n for n, i in enumerate(self.sass) if i.opcode.startswith("HMMA")}
-        holding = [loop for loop in self.loops if hmma and hmma <= loop]
-        if not holding:
-            return []
-        body = set(min(holding, key=len))
-        for n in list(body):
-            body |= set(self.subroutine(self.sass[n]))
-        return [self.sass[n] for n in sorted(body)]
+        return self.smallest_loop_holding(
+            {n for n, i in enumerate(self.sass) if i.opcode.startswith("HMMA")})
 
     def smallest_loop_holding(self, wanted: set[int]) -> list[Instr]:
         """The smallest natural loop holding every instruction index in `wanted`, with the
