@@ -82,22 +82,27 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("case", list(CASES))
-def test_kv_cache_matches_python_ring_cache(kv_cache_stream, tmp_path, case, dtype_name):
-    config = dict(CASES[case])
-    chunks = config.pop("chunks")
-    config.update(dtype=dtype_name, n_tokens=sum(chunks), scale=config["head_dim"] ** -0.5)
-    generator = torch.Generator().manual_seed(0)
+def _random_stream(config: dict, seed: int) -> dict:
+    """q, k, v of the whole stream (uniform in [-1, 1)) and RoPE frequencies, for `config`."""
+    generator = torch.Generator().manual_seed(seed)
     shape_q = (config["batch"], config["n_heads_q"], config["n_tokens"], config["head_dim"])
     shape_kv = (config["batch"], config["n_heads_kv"], config["n_tokens"], config["head_dim"])
-    tensors = {
+    return {
         "q": torch.rand(shape_q, generator=generator) * 2 - 1,
         "k": torch.rand(shape_kv, generator=generator) * 2 - 1,
         "v": torch.rand(shape_kv, generator=generator) * 2 - 1,
         "inv_freq": 10000.0 ** (-torch.arange(0, config["rotary_dim"], 2, dtype=torch.float32)
                                 / config["rotary_dim"]),
     }
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_kv_cache_matches_python_ring_cache(kv_cache_stream, tmp_path, case, dtype_name):
+    config = dict(CASES[case])
+    chunks = config.pop("chunks")
+    config.update(dtype=dtype_name, n_tokens=sum(chunks), scale=config["head_dim"] ** -0.5)
+    tensors = _random_stream(config, seed=0)
     cpp = _stream_through_cpp(kv_cache_stream, tmp_path, config, chunks, tensors)
     python = _stream_through_python(config, chunks, tensors, DTYPES[dtype_name])
     atol, rtol = TOLERANCE[dtype_name]
@@ -146,16 +151,7 @@ def test_kv_cache_ragged_batch_matches_the_python_ops(kv_cache_stream, tmp_path,
     chunks = [8, 8, 20, 1, 1, 5, 1]
     padding = [[0, 0, 0], [0, 0, 0], [3, 0, 15], [0, 0, 1], [0, 1, 1], [4, 0, 5], [1, 0, 0]]
     config.update(dtype=dtype_name, n_tokens=sum(chunks), scale=config["head_dim"] ** -0.5)
-    generator = torch.Generator().manual_seed(1)
-    shape_q = (config["batch"], config["n_heads_q"], config["n_tokens"], config["head_dim"])
-    shape_kv = (config["batch"], config["n_heads_kv"], config["n_tokens"], config["head_dim"])
-    tensors = {
-        "q": torch.rand(shape_q, generator=generator) * 2 - 1,
-        "k": torch.rand(shape_kv, generator=generator) * 2 - 1,
-        "v": torch.rand(shape_kv, generator=generator) * 2 - 1,
-        "inv_freq": 10000.0 ** (-torch.arange(0, config["rotary_dim"], 2, dtype=torch.float32)
-                                / config["rotary_dim"]),
-    }
+    tensors = _random_stream(config, seed=1)
     config_lines = dict(config, padding=" ".join(str(p) for row in padding for p in row))
     cpp = _stream_through_cpp(kv_cache_stream, tmp_path, config_lines, chunks, tensors)
     python = _stream_ragged_through_python(config, chunks, padding, tensors, DTYPES[dtype_name])
