@@ -62,10 +62,13 @@ def round_up(n: int) -> int:
     return -(-n // ROW_ALIGN) * ROW_ALIGN
 
 
-def gather_index(p, row):
+def gather_index(p, row, a=None, pad=None):
     """gather_index_kernel for one index row (sequence `row`, or 0 for a shared index): the
-    window slots, the global sources (chunk rows counted with padding) and the tile states."""
-    a, pad, n_q = int(p["qs"][row]), int(p["pad"][row]), p["n_q"]
+    window slots, the global sources (chunk rows counted with padding) and the tile states.
+    a, pad: the row's start and padding (default: the case's own)."""
+    a = int(p["qs"][row]) if a is None else a
+    pad = int(p["pad"][row]) if pad is None else pad
+    n_q = p["n_q"]
     W = round_up(p["L"] - 1) if p["cache_len"] else 0
     R = round_up(p["G"])
     window_slot = np.full(W, -1)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import lm_infinite as li
-from cuda_block_model import EMPTY, FULL, F32, reference_case, rotate, round_up
+from cuda_block_model import EMPTY, FULL, F32, gather_index, reference_case, rotate
 
 BM = BN = 128  # query rows per block, keys per tile
 GROUP = 64     # query rows per consumer warpgroup
@@ -38,20 +38,7 @@ def pre_pass(p, b, kv_head, a, pad):
     (>= pad) rotated by t - pad, the raw global keys (a global position held by the chunk is
     chunk row j - a + pad)."""
     n_q, dim, half = p["n_q"], p["q"].shape[3], p["rotary_dim"] // 2
-    W = round_up(p["L"] - 1) if p["cache_len"] else 0
-    R = round_up(p["G"])
-    window_slot, global_source = np.full(W, -1), np.full(R, -1)
-    for slot, pos in enumerate(p["cache_pos"][b]):  # sequence b's row of slot positions
-        if pos < 0:
-            continue
-        if 0 <= pos - (a - W) < W:
-            window_slot[pos - (a - W)] = slot
-        if pos < p["G"]:
-            global_source[pos] = slot
-    for j in range(max(a, 0), min(p["G"], a + n_q - pad)):
-        global_source[j] = p["cache_len"] + j - a + pad
-    held = (window_slot >= 0).reshape(-1, STATE_ROWS).sum(1) if W else np.zeros(0, int)
-    state = np.where(held == 0, EMPTY, np.where(held == STATE_ROWS, FULL, 1))
+    W, R, window_slot, global_source, state = gather_index(p, b, a, pad)
     keys, values = np.zeros((W + n_q, dim)), np.zeros((W, dim))
     for u, slot in enumerate(window_slot):
         if slot >= 0:
