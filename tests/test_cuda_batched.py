@@ -19,17 +19,10 @@ import pytest
 import torch
 
 import lm_infinite as li
+from cuda_checks import DEV, LOW_PRECISION, randn
 from helpers import rel_error, rope_inv_freq
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-DEV = "cuda"
-LOW_PRECISION = [torch.bfloat16, torch.float16]
-
-
-def randn(*shape, dtype):
-    return torch.randn(*shape, dtype=dtype, device=DEV)
-
 
 def padded_qkv(batch, hq, hkv, n_q, dim, dtype, padding):
     """Random q, k, v whose padding rows (t < padding[b]) are NaN."""

@@ -28,12 +28,11 @@ import pytest
 import torch
 
 import lm_infinite as li
-from helpers import rel_error, rope_inv_freq
+from cuda_checks import DEV, LOW_PRECISION, check_close, poison_allocator, randn
+from helpers import rope_inv_freq
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-DEV = "cuda"
-LOW_PRECISION = [torch.bfloat16, torch.float16]
 CHOICE = os.environ.get("LMINF_PREFILL_KERNEL", "") or "auto"
 
 
@@ -41,29 +40,6 @@ def hopper_expected() -> bool:
     """Whether the switch should send tensor-core prefill calls to the Hopper kernel here."""
     built = li.build_info().get("hopper_prefill", False)
     return built and CHOICE in ("auto", "hopper") and torch.cuda.get_device_capability() == (9, 0)
-
-
-def randn(*shape, dtype):
-    return torch.randn(*shape, dtype=dtype, device=DEV)
-
-
-def poison_allocator(*like: torch.Tensor) -> None:
-    """Leave NaN in the caching allocator's free blocks of these sizes, so that an output row
-    the kernel fails to write shows up as NaN (rel_error rejects it)."""
-    blocks = [torch.full_like(t, float("nan")) for t in like]
-    del blocks
-
-
-def check_close(out, q, k, v, inv_freq, dtype, **reference_kwargs):
-    exact = li.lambda_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(),
-                                          inv_freq, **reference_kwargs)
-    err = rel_error(out.cpu(), exact)
-    own = {key: (val.to(DEV) if isinstance(val, torch.Tensor) else val)
-           for key, val in reference_kwargs.items()}
-    torch_low = li.lambda_attention_reference(q, k, v, inv_freq.to(DEV), **own)
-    bound = 2 * rel_error(torch_low.cpu(), exact) + 1e-4
-    assert err <= bound, (err, bound)
-    return err
 
 
 def prefill_kernels_run(fn) -> set[str]:
