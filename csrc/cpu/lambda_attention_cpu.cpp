@@ -51,12 +51,6 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 inline bool is_finite(float x) { return std::fabs(x) <= std::numeric_limits<float>::max(); }
 
-bool row_is_finite(const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (!is_finite(x[i])) return false;
-  return true;
-}
-
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 template <typename T>
@@ -499,7 +493,7 @@ class LambdaAttentionCpu {
         const MiddleChoice<T> choice = ws.chosen[g * top_k_ + c];
         std::fill(value, value + dp_, 0.f);
         row_to_float(choice.value, value, p_.head_dim);
-        if (!row_is_finite(value, p_.head_dim)) {
+        if (!vall_finite(value, dp_)) {  // zero-padded past head_dim
           ws.poisoned[r] = 1;
           break;
         }
