@@ -251,6 +251,17 @@ def test_a_device_this_machine_lacks_is_a_usage_error(model_dir, text_file, caps
                    status=2)
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--temperature", "-1", "argument --temperature: expected a finite number >= 0, got '-1'"),
+    ("--temperature", "inf", "argument --temperature: expected a finite number >= 0, got 'inf'"),
+    ("--top-p", "0", "argument --top-p: expected a number in (0, 1], got '0'"),
+    ("--top-p", "1.5", "argument --top-p: expected a number in (0, 1], got '1.5'"),
+    ("--top-p", "half", "argument --top-p: expected a number in (0, 1], got 'half'"),
+])
+def test_sampling_options_out_of_range_are_usage_errors(text_file, capsys, option, value, message):
+    _fails_cleanly(capsys, "generate", [text_file, option, value], message, status=2)
+
+
 def test_sigint_during_start_up_exits_130_quietly(model_dir, text_file):
     child = subprocess.Popen([sys.executable, "-m", "lm_infinite.cli", "ppl", str(text_file), "--model",
                               str(model_dir), "--no-progress"], stderr=subprocess.PIPE, text=True)

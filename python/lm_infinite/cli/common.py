@@ -17,7 +17,7 @@ from ..hf.tensor_parallel import check_head_split
 from ..hf.presets import PRESETS
 
 __all__ = ["add_model_options", "add_top_k_options", "check_output_paths", "device_option", "load",
-           "positive_int", "progress_bars", "settings_from"]
+           "number_where", "positive_int", "progress_bars", "settings_from"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,6 +38,22 @@ def int_at_least(low: int):
 
 
 positive_int, non_negative_int = int_at_least(1), int_at_least(0)
+
+
+def number_where(accepts, expected: str):
+    """An argparse type: a float for which accepts(value) holds, else an error saying that
+    `expected` was expected (text that is no number reads as NaN, which no range accepts)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
 def device_option(text: str) -> str:

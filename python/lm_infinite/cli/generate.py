@@ -3,7 +3,6 @@ continue them as one batch and print each continuation under its file's name."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -11,7 +10,7 @@ import torch
 from ..eval.corpus import read_text_file
 from ..eval.methods import lm_infinite_enabled
 from ..streaming import LambdaStream
-from .common import add_model_options, load, non_negative_int, positive_int, settings_from
+from .common import add_model_options, load, non_negative_int, number_where, positive_int, settings_from
 
 
 def register(subparsers) -> None:
@@ -38,24 +37,8 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def temperature_option(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def top_p_option(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+temperature_option = number_where(lambda x: 0.0 <= x < float("inf"), "a finite number >= 0")
+top_p_option = number_where(lambda x: 0.0 < x <= 1.0, "a number in (0, 1]")
 
 
 def read_prompt(name: str) -> str:
