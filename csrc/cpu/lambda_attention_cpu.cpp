@@ -89,16 +89,17 @@ void score_block(const float* q, int64_t rows, int64_t dp, const float* kt, floa
 }
 
 // acc[r][:] += sum_{c < n_keys} probs[r][c] * values[c][:], with kNV vectors per row held in
-// registers across the whole block (kNV == 0: head_dim only known at run time).
+// registers across the whole block (kNV == 0: head_dim only known at run time). values[c]
+// points at dp floats: the cache row itself or a converted copy.
 template <int kNV>
-void accumulate_values(const float* probs, int64_t rows, int n_keys, const float* values,
+void accumulate_values(const float* probs, int64_t rows, int n_keys, const float* const* values,
                        float* acc, int64_t dp) {
   if constexpr (kNV == 0) {
     for (int64_t r = 0; r < rows; ++r)
       for (int c = 0; c < n_keys; ++c) {
         const vfloat p = vbroadcast(probs[r * kBlockKeys + c]);
         for (int64_t d = 0; d < dp; d += kVecWidth)
-          vstore(acc + r * dp + d, vload(acc + r * dp + d) + p * vload(values + c * dp + d));
+          vstore(acc + r * dp + d, vload(acc + r * dp + d) + p * vload(values[c] + d));
       }
   } else {
     constexpr int kRows = std::max(1, std::min(4, (kVecRegisters - kNV) / kNV));
@@ -111,7 +112,7 @@ void accumulate_values(const float* probs, int64_t rows, int n_keys, const float
           out[i][v] = i < n_rows ? vload(acc + (r + i) * dp + v * kVecWidth) : vfloat{};
       for (int c = 0; c < n_keys; ++c) {
         vfloat value[kNV];
-        for (int v = 0; v < kNV; ++v) value[v] = vload(values + c * dp + v * kVecWidth);
+        for (int v = 0; v < kNV; ++v) value[v] = vload(values[c] + v * kVecWidth);
         for (int i = 0; i < kRows; ++i) {
           const vfloat p = vbroadcast(i < n_rows ? probs[(r + i) * kBlockKeys + c] : 0.f);
           for (int v = 0; v < kNV; ++v) out[i][v] += p * value[v];
@@ -132,7 +133,8 @@ struct MiddleChoice {
 // Everything one thread needs for one tile; buffers are sized once per call.
 template <typename T>
 struct TileWorkspace {
-  std::vector<float> q_local, q_global, acc, row_max, row_sum, scores, kt, values, row;
+  std::vector<float> q_local, q_global, acc, row_max, row_sum, scores, kt, values, row, zeros;
+  std::vector<const float*> value_rows;  // [kBlockKeys] where each key's float32 value is read
   std::vector<uint8_t> poisoned;   // [max_rows] the row saw a non-finite score or value
   std::vector<uint8_t> value_bad;  // [kBlockKeys] the block's key has a non-finite value
   std::vector<KeyRef<T>> local_keys, global_keys;
@@ -143,7 +145,7 @@ struct TileWorkspace {
   TileWorkspace(int64_t max_rows, int64_t dp, int64_t max_keys, int64_t group, int64_t top_k)
       : q_local(max_rows * dp), q_global(max_rows * dp), acc(max_rows * dp),
         row_max(max_rows), row_sum(max_rows), scores(max_rows * kBlockKeys),
-        kt(dp * kBlockKeys), values(kBlockKeys * dp), row(dp), poisoned(max_rows),
+        kt(dp * kBlockKeys), values(kBlockKeys * dp), row(dp), zeros(dp), value_rows(kBlockKeys), poisoned(max_rows),
         value_bad(kBlockKeys), q_middle(group * dp), chosen(group * top_k), n_chosen(group) {
     local_keys.reserve(max_keys);
     global_keys.reserve(max_keys);
@@ -338,6 +340,16 @@ class LambdaAttentionCpu {
     if (kLocal) rotate_half_inplace(row, cos, sin, half_);
   }
 
+  // Key v's value as dp_ float32s: the cache row itself where it needs neither conversion nor
+  // zero padding (float32, head_dim a whole number of vectors), else converted into copy.
+  const float* value_row(const T* v, float* copy) const {
+    if constexpr (std::is_same_v<T, float>)
+      if (p_.head_dim == dp_) return v;
+    std::fill(copy + p_.head_dim, copy + dp_, 0.f);
+    row_to_float(v, copy, p_.head_dim);
+    return copy;
+  }
+
   // One block of keys: convert (and for local keys rotate) into kt/values, score, mask,
   // then fold into the running softmax of every row.
   template <bool kLocal>
@@ -355,13 +367,11 @@ class LambdaAttentionCpu {
     for (int c = 0; c < kBlockKeys; ++c) {
       if (c < n_keys) {
         load_key<kLocal>(keys[c], row, base);
-        float* value = values + c * dp_;
-        std::fill(value + p_.head_dim, value + dp_, 0.f);
-        row_to_float(keys[c].v, value, p_.head_dim);
+        ws.value_rows[c] = value_row(keys[c].v, values + c * dp_);
         // A non-finite value poisons the rows that see its key (below) and must not reach
         // the others through a zero weight (0 * inf is NaN).
-        ws.value_bad[c] = !vall_finite(value, dp_);
-        if (ws.value_bad[c]) std::fill(value, value + p_.head_dim, 0.f);
+        ws.value_bad[c] = !vall_finite(ws.value_rows[c], dp_);
+        if (ws.value_bad[c]) ws.value_rows[c] = ws.zeros.data();
         lowest = std::min(lowest, keys[c].position);
         highest = std::max(highest, keys[c].position);
       } else {
@@ -438,7 +448,7 @@ class LambdaAttentionCpu {
         for (int64_t d = 0; d < dp_; ++d) acc[d] *= alpha;
       }
     }
-    accumulate(scores, rows, n_keys, values, ws.acc.data());
+    accumulate(scores, rows, n_keys, ws.value_rows.data(), ws.acc.data());
   }
 
   // Top-k middle attention for query t (the tile's rows row_in_tile * group ..): score every
@@ -525,7 +535,7 @@ class LambdaAttentionCpu {
     return static_cast<const T*>(base) + b * batch_stride + h * head_stride + slot * row_stride;
   }
 
-  void accumulate(const float* probs, int64_t rows, int n_keys, const float* values,
+  void accumulate(const float* probs, int64_t rows, int n_keys, const float* const* values,
                   float* acc) const {
     switch (dp_ / kVecWidth) {
       case 1: return accumulate_values<1>(probs, rows, n_keys, values, acc, dp_);

@@ -41,21 +41,21 @@ inline float vreduce_max(vfloat v) {
   return m;
 }
 // Pairwise: the vector is folded in halves, log2(kVecWidth) vector adds instead of a chain of
-// kVecWidth dependent scalar ones (the decode path sums one such vector per key and row).
+// kVecWidth dependent scalar ones (the decode path sums one such vector per key and row). The
+// halves are taken with shuffles, not memcpy: a memcpy of the vector makes GCC keep it, and
+// the accumulator of every loop that feeds it, in memory (a store-to-load round trip per step).
 namespace simd_detail {
 using v4f = float __attribute__((vector_size(4 * sizeof(float))));
 using v8f = float __attribute__((vector_size(8 * sizeof(float))));
 using v16f = float __attribute__((vector_size(16 * sizeof(float))));
-template <typename Half, typename Whole>
-inline Half fold(Whole v) {
-  Half low, high;
-  std::memcpy(&low, &v, sizeof low);
-  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof low, sizeof high);
-  return low + high;
-}
 inline float sum(v4f v) { return (v[0] + v[2]) + (v[1] + v[3]); }
-inline float sum(v8f v) { return sum(fold<v4f>(v)); }
-inline float sum(v16f v) { return sum(fold<v8f>(v)); }
+inline float sum(v8f v) {
+  return sum(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
+}
+inline float sum(v16f v) {
+  return sum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
 }  // namespace simd_detail
 inline float vreduce_sum(vfloat v) { return simd_detail::sum(v); }
 
