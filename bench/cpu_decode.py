@@ -47,14 +47,21 @@ def time_lm_infinite(model, prompt: torch.Tensor, new_tokens: int, chunk_size: i
 
 
 def time_llama_cpp(llm, prompt: list[int], new_tokens: int):
+    import llama_cpp
+
+    def next_token() -> int:
+        # The logits of the last token evaluated, read from the context itself: Llama.scores
+        # is only filled with logits_all (and how it is indexed changed across versions).
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        return int(np.argmax(logits))
+
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
     prefill = len(prompt) / (time.perf_counter() - start)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        # eval keeps only the last row's logits: at index 0 of the batch it just ran.
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1 if llm.context_params.logits_all else 0]))])
+        llm.eval([next_token()])
     return prefill, (time.perf_counter() - start) * 1e3 / new_tokens
 
 
