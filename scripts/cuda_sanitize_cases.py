@@ -1,6 +1,7 @@
 """Small calls that reach every CUDA kernel path once, for compute-sanitizer (memcheck and
 racecheck) in scripts/gpu_check.sh (its decode_sanitize and sanitize phases). Sizes are small
-because the sanitizer slows kernels down 100x; each case still crosses tile edges, wraps the ring and uses GQA. Exits non-zero if an
+because the sanitizer slows kernels down 100x; each case still crosses tile edges, wraps the ring and uses GQA,
+and ragged batches (per-sequence padding, starts and positions) are among them. Exits non-zero if an
 output disagrees with the float64 reference, so a sanitizer run also proves the calls ran.
 `--decode-only` runs the decode kernel's cases alone."""
 
@@ -63,9 +64,49 @@ def decode_cases():
             print(dtype, f"{hq}/{hkv}", dim, "decode n_q", n_q, "err", err)
 
 
+def ragged_cases():
+    """Batches of different lengths: a left-padded prefill (a whole tile of padding rows) and
+    decode chunks with a query start, padding and cache-position row per sequence (one
+    sequence's ring wrapped, the other's not yet full). Each sequence is checked alone."""
+    dtype, hq, hkv, dim, n_global, n_local = torch.bfloat16, 8, 2, 128, 4, 300
+    f = inv_freq(dim)
+    padding = [0, 70]
+    q = torch.randn(2, hq, 150, dim, dtype=dtype, device=DEV)
+    k = torch.randn(2, hkv, 150, dim, dtype=dtype, device=DEV)
+    v = torch.randn(2, hkv, 150, dim, dtype=dtype, device=DEV)
+    out = li.lambda_attention(q, k, v, f, n_global=3, n_local=70, padding=torch.tensor(padding, device=DEV))
+    for b, pad in enumerate(padding):
+        assert (out[b, :, :pad] == 0).all()
+        err = check(out[b:b + 1, :, pad:], q[b:b + 1, :, pad:], k[b:b + 1, :, pad:], v[b:b + 1, :, pad:], f,
+                    3e-2, n_global=3, n_local=70)
+        print(dtype, dim, "ragged prefill sequence", b, "err", err)
+
+    seen = [1000, 150]
+    rings = [ring(1, hkv, dim, n_global, n_local, n, dtype) for n in seen]
+    cache_k, cache_v = torch.cat([r[0] for r in rings]), torch.cat([r[1] for r in rings])
+    positions = torch.stack([r[2] for r in rings])
+    for n_q, padding in ((1, [0, 0]), (5, [0, 3])):
+        q = torch.randn(2, hq, n_q, dim, dtype=dtype, device=DEV)
+        k = torch.randn(2, hkv, n_q, dim, dtype=dtype, device=DEV)
+        v = torch.randn(2, hkv, n_q, dim, dtype=dtype, device=DEV)
+        out = li.lambda_attention_chunk(q, k, v, cache_k, cache_v, positions.to(DEV),
+                                        torch.tensor(seen, device=DEV), f, n_global=n_global,
+                                        n_local=n_local, padding=torch.tensor(padding, device=DEV))
+        for b, (start, pad) in enumerate(zip(seen, padding)):
+            present = positions[b] >= 0
+            real = n_q - pad
+            err = check(out[b:b + 1, :, pad:], q[b:b + 1, :, pad:],
+                        torch.cat([cache_k[b:b + 1, :, present.to(DEV)], k[b:b + 1, :, pad:]], 2),
+                        torch.cat([cache_v[b:b + 1, :, present.to(DEV)], v[b:b + 1, :, pad:]], 2), f, 3e-2,
+                        n_global=n_global, n_local=n_local, query_positions=torch.arange(start, start + real),
+                        key_positions=torch.cat([positions[b][present], torch.arange(start, start + real)]))
+            print(dtype, f"{hq}/{hkv}", dim, "ragged decode n_q", n_q, "sequence", b, "err", err)
+
+
 def main():
     torch.manual_seed(0)
     decode_cases()
+    ragged_cases()
     if "--decode-only" in sys.argv:
         torch.cuda.synchronize()
         print("sanitizer cases ok (decode only)")
