@@ -42,19 +42,18 @@ inline float vreduce_max(vfloat v) {
 }
 // Pairwise: the vector is folded in halves, log2(kVecWidth) vector adds instead of a chain of
 // kVecWidth dependent scalar ones (the decode path sums one such vector per key and row). The
-// halves are taken with shuffles, not memcpy: a memcpy of the vector makes GCC keep it, and
-// the accumulator of every loop that feeds it, in memory (a store-to-load round trip per step).
+// halves are built from lanes (register shuffles), not copied out with memcpy: that made GCC
+// keep the vector, and the accumulator of every loop that feeds it, in memory (a store-to-load
+// round trip per step of the loop).
 namespace simd_detail {
 using v4f = float __attribute__((vector_size(4 * sizeof(float))));
 using v8f = float __attribute__((vector_size(8 * sizeof(float))));
 using v16f = float __attribute__((vector_size(16 * sizeof(float))));
 inline float sum(v4f v) { return (v[0] + v[2]) + (v[1] + v[3]); }
-inline float sum(v8f v) {
-  return sum(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
-}
+inline float sum(v8f v) { return sum(v4f{v[0], v[1], v[2], v[3]} + v4f{v[4], v[5], v[6], v[7]}); }
 inline float sum(v16f v) {
-  return sum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  return sum(v8f{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]} +
+             v8f{v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]});
 }
 }  // namespace simd_detail
 inline float vreduce_sum(vfloat v) { return simd_detail::sum(v); }
