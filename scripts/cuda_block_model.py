@@ -14,8 +14,9 @@ reference for that sequence alone and against the model run on it alone.
 
 It mirrors control flow and index arithmetic, not fragments or shared-memory layout. Empty
 cache slots hold NaN, so any use of them shows; rope_sincos is modelled in float32 like the
-device code. The decode kernel has its own model (scripts/cuda_block_model_decode.py), which
-may import rope_sincos, rotate and reference_case from here.
+device code. The decode and Hopper kernels have their own models
+(scripts/cuda_block_model_decode.py, cuda_block_model_hopper.py), which take their inputs'
+ring layout, the per-sequence reference and the batch-of-one view from here.
 
     python scripts/cuda_block_model.py        # a minute or two; one line per case
 """
@@ -299,24 +300,31 @@ def reference_case(batch, hq, hkv, dim, n_q, G, L, seen, rotary_dim=None, offset
             p[name][b, :, cache_pos[b] < 0] = np.nan
         for name in ("q", "k", "v"):
             p[name][b, :, :pad[b]] = np.nan
-    ref = np.zeros(p["q"].shape)
-    for b in range(batch):
-        present, qs, real = cache_pos[b] >= 0, int(p["qs"][b]), slice(int(pad[b]), n_q)
-        n_real = n_q - int(pad[b])
+    return p, reference(p)
+
+
+def reference(p):
+    """The float64 reference of a batch of chunks: each sequence alone (its real rows against
+    its present slots and its chunk's real rows); padding rows are zeros."""
+    out = np.zeros(p["q"].shape)
+    for b in range(p["q"].shape[0]):
+        present, qs, pad = p["cache_pos"][b] >= 0, int(p["qs"][b]), int(p["pad"][b])
+        n_real = p["n_q"] - pad
         if n_real == 0:
             continue
-        ref[b, :, real] = li.lambda_attention_reference(
+        real = slice(pad, p["n_q"])
+        out[b, :, real] = li.lambda_attention_reference(
             torch.from_numpy(p["q"][b:b + 1, :, real]),
             torch.from_numpy(np.concatenate([p["cache_k"][b:b + 1, :, present],
                                              p["k"][b:b + 1, :, real]], 2)),
             torch.from_numpy(np.concatenate([p["cache_v"][b:b + 1, :, present],
                                              p["v"][b:b + 1, :, real]], 2)),
-            torch.from_numpy(p["inv_freq"]), n_global=G, n_local=L, distance_cap=p["D"],
-            query_positions=torch.arange(qs, qs + n_real),
-            key_positions=torch.from_numpy(
-                np.concatenate([cache_pos[b][present], np.arange(qs, qs + n_real)])),
+            torch.from_numpy(p["inv_freq"]), n_global=p["G"], n_local=p["L"],
+            distance_cap=p["D"], query_positions=torch.arange(qs, qs + n_real),
+            key_positions=torch.from_numpy(np.concatenate([p["cache_pos"][b][present],
+                                                           np.arange(qs, qs + n_real)])),
         ).numpy()[0]
-    return p, ref
+    return out
 
 
 def alone(p, b):

@@ -27,9 +27,8 @@ use of them shows. Every call to a sine or cosine is checked to take a small rel
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-import lm_infinite as li
+from cuda_block_model import alone, per_sequence, reference, ring_positions
 
 CHUNK, WARPS, ROWS = 64, 4, 16  # kDecodeChunkKeys, warps per block, kDecodeTileRows
 MAX_SPLITS = 128
@@ -259,11 +258,6 @@ def model(p, n_splits):
     return out
 
 
-def per_sequence(value, batch):
-    """One value for every sequence, or a list per sequence."""
-    return np.array([value] * batch if np.isscalar(value) else value, dtype=np.int64)
-
-
 def make_inputs(batch, hq, hkv, dim, n_q, G, L, seen, offset=0, shuffle=False, cap=None, seed=0,
                 pad=0):
     """Sequence b's real rows t >= pad_b at positions seen_b + offset_b + (t - pad_b) against a
@@ -273,12 +267,7 @@ def make_inputs(batch, hq, hkv, dim, n_q, G, L, seen, offset=0, shuffle=False, c
     the kernel reads a shared row the same way). Empty slots and padding rows hold NaN."""
     rng = np.random.default_rng(seed)
     seen, offset, pad = (per_sequence(x, batch) for x in (seen, offset, pad))
-    cache_pos = np.full((batch, G + L), -1, dtype=np.int64)
-    for b in range(batch):
-        for pos in range(max(0, seen[b] - L), seen[b]):
-            cache_pos[b, pos if pos < G else G + (pos - G) % L] = pos
-        cache_pos[b, :min(G, seen[b])] = np.arange(min(G, seen[b]))
-    cache_pos = np.where(cache_pos >= G, cache_pos + offset[:, None], cache_pos)
+    cache_pos = np.stack([ring_positions(G, L, int(n), int(o)) for n, o in zip(seen, offset)])
     p = dict(q=rng.standard_normal((batch, hq, n_q, dim)),
              k=rng.standard_normal((batch, hkv, n_q, dim)),
              v=rng.standard_normal((batch, hkv, n_q, dim)),
@@ -297,38 +286,6 @@ def make_inputs(batch, hq, hkv, dim, n_q, G, L, seen, offset=0, shuffle=False, c
              D=L if cap is None else cap, scale=dim ** -0.5,
              inv_freq=(1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).astype(F32))
     return p
-
-
-def reference(p):
-    """Each sequence alone (its real rows against its present slots); padding rows zeros."""
-    out = np.zeros(p["q"].shape)
-    for b in range(p["q"].shape[0]):
-        present, qs, pad = p["cache_pos"][b] >= 0, int(p["qs"][b]), int(p["pad"][b])
-        n_real = p["n_q"] - pad
-        if n_real == 0:
-            continue
-        real = slice(pad, p["n_q"])
-        out[b, :, real] = li.lambda_attention_reference(
-            torch.from_numpy(p["q"][b:b + 1, :, real]),
-            torch.from_numpy(np.concatenate([p["cache_k"][b:b + 1, :, present],
-                                             p["k"][b:b + 1, :, real]], 2)),
-            torch.from_numpy(np.concatenate([p["cache_v"][b:b + 1, :, present],
-                                             p["v"][b:b + 1, :, real]], 2)),
-            torch.from_numpy(p["inv_freq"]), n_global=p["G"], n_local=p["L"],
-            distance_cap=p["D"], query_positions=torch.arange(qs, qs + n_real),
-            key_positions=torch.from_numpy(np.concatenate([p["cache_pos"][b][present],
-                                                           np.arange(qs, qs + n_real)])),
-        ).numpy()[0]
-    return out
-
-
-def alone(p, b):
-    """Sequence b as a batch of one without padding."""
-    real = slice(int(p["pad"][b]), p["n_q"])
-    return dict(p, q=p["q"][b:b + 1, :, real], k=p["k"][b:b + 1, :, real],
-                v=p["v"][b:b + 1, :, real], cache_k=p["cache_k"][b:b + 1],
-                cache_v=p["cache_v"][b:b + 1], cache_pos=p["cache_pos"][b:b + 1],
-                qs=p["qs"][b:b + 1], pad=np.zeros(1, np.int64), n_q=p["n_q"] - int(p["pad"][b]))
 
 
 def case(batch, hq, hkv, dim, n_q, G, L, seen, *, n_splits=None, sm_count=132, blocks_per_sm=2,
