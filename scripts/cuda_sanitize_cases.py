@@ -26,6 +26,18 @@ def check(out, q, k, v, freqs, tol, **kw):
     return err
 
 
+def check_chunk(out, q, k, v, cache_k, cache_v, positions, start, freqs, tol, **kw):
+    """check() for a chunk at positions start.. against a cache whose slot positions
+    (`positions`, shared by the batch) are -1 where empty: its keys are the present slots
+    followed by the chunk's own."""
+    present = positions >= 0
+    chunk_positions = torch.arange(start, start + q.shape[2])
+    return check(out, q, torch.cat([cache_k[:, :, present.to(DEV)], k], 2),
+                 torch.cat([cache_v[:, :, present.to(DEV)], v], 2), freqs, tol,
+                 query_positions=chunk_positions,
+                 key_positions=torch.cat([positions[present], chunk_positions]), **kw)
+
+
 def ring(batch, hkv, dim, n_global, n_local, seen, dtype):
     """A cache as RingKVCache holds it after `seen` tokens; empty slots hold NaN."""
     positions = torch.full((n_global + n_local,), -1, dtype=torch.int64)
@@ -56,11 +68,8 @@ def decode_cases():
             v = torch.randn(2, hkv, n_q, dim, dtype=dtype, device=DEV)
             out = li.lambda_attention_chunk(q, k, v, cache_k, cache_v, positions.to(DEV), seen, f,
                                             n_global=n_global, n_local=n_local)
-            present = positions >= 0
-            err = check(out, q, torch.cat([cache_k[:, :, present.to(DEV)], k], 2),
-                        torch.cat([cache_v[:, :, present.to(DEV)], v], 2), f, 3e-2, n_global=n_global,
-                        n_local=n_local, query_positions=torch.arange(seen, seen + n_q),
-                        key_positions=torch.cat([positions[present], torch.arange(seen, seen + n_q)]))
+            err = check_chunk(out, q, k, v, cache_k, cache_v, positions, seen, f, 3e-2,
+                              n_global=n_global, n_local=n_local)
             print(dtype, f"{hq}/{hkv}", dim, "decode n_q", n_q, "err", err)
 
 
@@ -93,13 +102,9 @@ def ragged_cases():
                                         torch.tensor(seen, device=DEV), f, n_global=n_global,
                                         n_local=n_local, padding=torch.tensor(padding, device=DEV))
         for b, (start, pad) in enumerate(zip(seen, padding)):
-            present = positions[b] >= 0
-            real = n_q - pad
-            err = check(out[b:b + 1, :, pad:], q[b:b + 1, :, pad:],
-                        torch.cat([cache_k[b:b + 1, :, present.to(DEV)], k[b:b + 1, :, pad:]], 2),
-                        torch.cat([cache_v[b:b + 1, :, present.to(DEV)], v[b:b + 1, :, pad:]], 2), f, 3e-2,
-                        n_global=n_global, n_local=n_local, query_positions=torch.arange(start, start + real),
-                        key_positions=torch.cat([positions[b][present], torch.arange(start, start + real)]))
+            real = (slice(b, b + 1), slice(None), slice(pad, None))
+            err = check_chunk(out[real], q[real], k[real], v[real], cache_k[b:b + 1], cache_v[b:b + 1],
+                              positions[b], start, f, 3e-2, n_global=n_global, n_local=n_local)
             print(dtype, f"{hq}/{hkv}", dim, "ragged decode n_q", n_q, "sequence", b, "err", err)
 
 
