@@ -5,7 +5,8 @@ lm-infinite the same file de-quantized), same prompt tokens (pydoc text), same t
 one process. For each prompt length, alternately `--repeats` times: prefill tokens/s, then
 decode ms/token over `--new-tokens` greedy tokens. lm-infinite runs in bfloat16 when the CPU
 has AVX512-BF16 or AMX (else float32), decoding with the static step eagerly and compiled
-(torch.compile; its compilation is done once before timing). Needs `pip install
+(torch.compile; its compilation is done once before timing), and eagerly with PyTorch's
+linear layers instead of lminf's decode matrix-vector kernel (cpu_linears=False). Needs `pip install
 llama-cpp-python`. Medians in the table, every sample in the JSON.
 
     python bench/cpu_decode.py --prompts 2048,8192 --threads 2 --json cpu_decode.json
@@ -33,9 +34,10 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def time_lm_infinite(model, prompt: torch.Tensor, new_tokens: int, chunk_size: int, compile: bool):
+def time_lm_infinite(model, prompt: torch.Tensor, new_tokens: int, chunk_size: int, compile: bool,
+                     cpu_linears: bool = True):
     """(prefill tokens/s, decode ms/token) of one fresh stream."""
-    stream = LambdaStream(model, chunk_size=chunk_size, compile=compile)
+    stream = LambdaStream(model, chunk_size=chunk_size, compile=compile, cpu_linears=cpu_linears)
     start = time.perf_counter()
     stream.feed(prompt[None])
     prefill = prompt.numel() / (time.perf_counter() - start)
@@ -91,6 +93,8 @@ def main() -> int:
 
     contenders = {
         "lm-infinite (static step)": lambda p: time_lm_infinite(model, p, args.new_tokens, args.chunk_size, False),
+        "lm-infinite (static step, PyTorch linears)": lambda p: time_lm_infinite(
+            model, p, args.new_tokens, args.chunk_size, False, cpu_linears=False),
         "lm-infinite (compiled step)": lambda p: time_lm_infinite(model, p, args.new_tokens, args.chunk_size, True),
         "llama.cpp (Q4_1)": lambda p: time_llama_cpp(llm, p.tolist(), args.new_tokens),
     }
@@ -105,7 +109,7 @@ def main() -> int:
             decode = statistics.median(v[1] for v in values)
             rows.append(dict(prompt=length, contender=name, prefill_tokens_per_s=prefill,
                              decode_ms_per_token=decode, samples=values))
-            print(f"prompt {length:>6}  {name:<28} prefill {prefill:8.1f} tok/s   decode {decode:7.1f} ms/token",
+            print(f"prompt {length:>6}  {name:<42} prefill {prefill:8.1f} tok/s   decode {decode:7.1f} ms/token",
                   flush=True)
     if args.json:
         write_json(args.json, dict(threads=args.threads, dtype=str(dtype), new_tokens=args.new_tokens,

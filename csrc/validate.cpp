@@ -7,6 +7,7 @@
 #include <cmath>
 #include <string>
 
+#include "lminf/decode_linear.h"
 #include "lminf/lambda_attention.h"
 #include "lminf/ring_kv_cache.h"
 #include "message.h"
@@ -128,6 +129,20 @@ Status validate(const RingCacheAppendParams& p) {
   if (p.batch > 0 && p.n_new > 0 &&
       (p.cache_k == nullptr || p.cache_v == nullptr || p.k == nullptr || p.v == nullptr))
     return invalid("cache_k, cache_v, k and v must not be null");
+  return Status::Ok();
+}
+
+Status validate(const DecodeLinearParams& p) {
+  if (!known_dtype(p.dtype)) return invalid("dtype must be float32, bfloat16 or float16");
+  LMINF_RETURN_IF_ERROR(check_range("rows", p.rows, 0));
+  LMINF_RETURN_IF_ERROR(check_range("in_features", p.in_features, 1));
+  LMINF_RETURN_IF_ERROR(check_range("out_features", p.out_features, 1));
+  // Rows may be spaced further apart than their length, never overlap.
+  LMINF_RETURN_IF_ERROR(check_range("x_row_stride", p.x_row_stride, p.in_features));
+  LMINF_RETURN_IF_ERROR(check_range("weight_row_stride", p.weight_row_stride, p.in_features));
+  LMINF_RETURN_IF_ERROR(check_range("out_row_stride", p.out_row_stride, p.out_features));
+  if (p.weight == nullptr) return invalid("weight must not be null");
+  if (p.rows > 0 && (p.x == nullptr || p.out == nullptr)) return invalid("x and out must not be null");
   return Status::Ok();
 }
 

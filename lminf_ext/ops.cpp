@@ -14,6 +14,15 @@ void append_cpu(const char* op, AppendInputs& in) {
   check_status(op, lminf::ring_cache_append_cpu(in.params));
 }
 
+// x W^T + bias for the few rows of a decode step; CPU only (the GPU's GEMMs do this well).
+torch::Tensor decode_linear_cpu(const torch::Tensor& x, const torch::Tensor& weight,
+                                const std::optional<torch::Tensor>& bias) {
+  const char* op = "lminf::decode_linear";
+  LinearInputs in = make_linear_inputs(op, x, weight, bias);
+  check_status(op, lminf::decode_linear_cpu(in.params));
+  return in.out.view(in.out_shape);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lminf, m) {
@@ -30,12 +39,14 @@ TORCH_LIBRARY(lminf, m) {
       "ring_cache_append(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor(c!) cache_positions, "
       "Tensor k, Tensor v, Tensor start_position, int n_global, int n_local, "
       "Tensor? padding=None) -> ()");
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lminf, CPU, m) {
   m.impl("lambda_attention", &lambda_attention<attend_cpu>);
   m.impl("lambda_attention_chunk", &lambda_attention_chunk<attend_cpu>);
   m.impl("ring_cache_append", &ring_cache_append<append_cpu>);
+  m.impl("decode_linear", &decode_linear_cpu);
 }
 
 }  // namespace lminf_ext

@@ -357,4 +357,44 @@ AppendInputs make_append_inputs(const torch::Tensor& cache_k, const torch::Tenso
   return in;
 }
 
+LinearInputs make_linear_inputs(const char* op, const torch::Tensor& x, const torch::Tensor& weight,
+                                const std::optional<torch::Tensor>& bias) {
+  require(weight.dim() == 2, op, [&] {
+    return "weight must be 2-D [out_features, in_features], got shape " + shape_str(weight);
+  });
+  require(x.dim() >= 1, op, [&] { return std::string("x must have at least one dimension, got a scalar"); });
+  const lminf::DType dtype = to_core_dtype(op, "weight", weight);
+  check_like(op, "x", x, weight, "weight");
+  const int64_t out_features = weight.size(0), in_features = weight.size(1);
+  check_dim(op, "x", x, -1, in_features, "weight.size(1), in_features");
+  LinearInputs in;
+  if (bias) {
+    check_like(op, "bias", *bias, weight, "weight");
+    require(bias->dim() == 1 && bias->size(0) == out_features, op, [&] {
+      return "bias must be 1-D [out_features] = [" + std::to_string(out_features) +
+             "], got shape " + shape_str(*bias);
+    });
+    in.bias = bias->contiguous();
+  }
+  in.out_shape = x.sizes().vec();
+  in.out_shape.back() = out_features;
+  int64_t rows = 1;  // x's leading dimensions flattened (not -1: in_features may be 0)
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  in.x = rows_contiguous(x.reshape({rows, in_features}));
+  in.weight = rows_contiguous(weight);
+  in.out = torch::empty({in.x.size(0), out_features}, weight.options());
+
+  lminf::DecodeLinearParams& p = in.params;
+  p.dtype = dtype;
+  p.x = in.x.data_ptr(), p.x_row_stride = in.x.stride(0);
+  p.weight = in.weight.data_ptr(), p.weight_row_stride = in.weight.stride(0);
+  p.bias = in.bias.defined() ? in.bias.data_ptr() : nullptr;
+  p.out = in.out.data_ptr(), p.out_row_stride = in.out.stride(0);
+  p.rows = in.x.size(0), p.in_features = in_features, p.out_features = out_features;
+  // One row (or one output feature) has no row stride to speak of: torch may report any.
+  if (p.rows <= 1) p.x_row_stride = in_features, p.out_row_stride = out_features;
+  if (out_features <= 1) p.weight_row_stride = in_features;
+  return in;
+}
+
 }  // namespace lminf_ext

@@ -5,7 +5,9 @@
 #include <torch/types.h>
 
 #include <optional>
+#include <vector>
 
+#include "lminf/decode_linear.h"
 #include "lminf/lambda_attention.h"
 #include "lminf/ring_kv_cache.h"
 
@@ -46,6 +48,16 @@ AppendInputs make_append_inputs(const torch::Tensor& cache_k, const torch::Tenso
                                 const torch::Tensor& v, const torch::Tensor& start_position,
                                 int64_t n_global, int64_t n_local,
                                 const std::optional<torch::Tensor>& padding);
+
+struct LinearInputs {
+  torch::Tensor x, weight, bias, out;  // x as [rows, in_features]; out [rows, out_features]
+  std::vector<int64_t> out_shape;      // x's leading dimensions, then out_features
+  lminf::DecodeLinearParams params;
+};
+
+// x [..., in_features], weight [out_features, in_features], bias [out_features] or none.
+LinearInputs make_linear_inputs(const char* op, const torch::Tensor& x, const torch::Tensor& weight,
+                                const std::optional<torch::Tensor>& bias);
 
 // Raises a c10::Error carrying the core's message when status is not ok.
 void check_status(const char* op, const lminf::Status& status);

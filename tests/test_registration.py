@@ -46,10 +46,18 @@ def append_samples():
            torch.tensor([5, 0]), 2, 4, torch.tensor([3, 11]))
 
 
+def linear_samples():
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = torch.randn(7, 33, dtype=dtype)
+        yield (torch.randn(3, 33, dtype=dtype), weight, torch.randn(7, dtype=dtype))
+        yield (torch.randn(2, 1, 33, dtype=dtype), weight)  # leading dimensions, no bias
+
+
 @pytest.mark.parametrize("op,samples", [
     (torch.ops.lminf.lambda_attention.default, attention_samples),
     (torch.ops.lminf.lambda_attention_chunk.default, chunk_samples),
     (torch.ops.lminf.ring_cache_append.default, append_samples),
+    (torch.ops.lminf.decode_linear.default, linear_samples),
 ])
 def test_opcheck(op, samples):
     for args in samples():

@@ -4,8 +4,10 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "lminf/dtype.h"
+#include "simd.h"
 
 namespace lminf::cpu {
 
@@ -47,6 +49,33 @@ inline void row_from_float(const float* src, fp16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) half[i] = static_cast<_Float16>(src[i]);
 #else
   for (int64_t i = 0; i < n; ++i) dst[i] = from_float<fp16_t>(src[i]);
+#endif
+}
+
+// kVecWidth consecutive elements as one float32 vector (bf16: widen and shift, in registers;
+// fp16: the hardware conversion where the target has one).
+inline vfloat vload_float(const float* p) { return vload(p); }
+
+inline vfloat vload_float(const bf16_t* p) {
+  using vu16 = uint16_t __attribute__((vector_size(kVecWidth * sizeof(uint16_t))));
+  vu16 bits;
+  std::memcpy(&bits, p, sizeof bits);
+  const vint wide = __builtin_convertvector(bits, vint) << 16;
+  vfloat v;
+  std::memcpy(&v, &wide, sizeof v);
+  return v;
+}
+
+inline vfloat vload_float(const fp16_t* p) {
+#ifdef LMINF_HAS_FLOAT16
+  using vf16 = _Float16 __attribute__((vector_size(kVecWidth * sizeof(_Float16))));
+  vf16 half;
+  std::memcpy(&half, p, sizeof half);
+  return __builtin_convertvector(half, vfloat);
+#else
+  float row[kVecWidth];
+  row_to_float(p, row, kVecWidth);
+  return vload(row);
 #endif
 }
 

@@ -46,6 +46,10 @@ constexpr int kBlockKeys = 4 * kVecWidth;  // keys scored together: four vector 
 constexpr int kKeyVecs = kBlockKeys / kVecWidth;
 constexpr int kQkRows = kVecRegisters >= 32 ? 4 : 2;  // query rows per QK register tile
 constexpr int64_t kTargetTileRows = 256;               // group * tile_queries, L2-resident
+// How many keys ahead of the one being scored its rows are prefetched.
+constexpr int kPrefetchKeys = 8;
+// Cache slots per work item at least, when a tile's keys are split over several (decode).
+constexpr int64_t kMinSplitSlots = 1024;
 constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
@@ -152,6 +156,18 @@ struct TileWorkspace {
   }
 };
 
+// A tile's softmax state over part of its keys, for tiles split over several work items:
+// [items][max_rows] running maxima, sums, NaN flags and unnormalised outputs [dp].
+struct PartialStates {
+  int64_t max_rows = 0, dp = 0;
+  std::vector<float> acc, row_max, row_sum;
+  std::vector<uint8_t> poisoned;
+
+  PartialStates(int64_t items, int64_t max_rows_, int64_t dp_)
+      : max_rows(max_rows_), dp(dp_), acc(items * max_rows_ * dp_), row_max(items * max_rows_),
+        row_sum(items * max_rows_), poisoned(items * max_rows_) {}
+};
+
 template <typename T>
 class LambdaAttentionCpu {
  public:
@@ -163,6 +179,7 @@ class LambdaAttentionCpu {
         top_k_(std::min(p.top_k, p.middle_len + p.n_queries)),
         dp_(round_up(p.head_dim, kVecWidth)),
         half_(p.rotary_dim / 2),
+        whole_vectors_(p.head_dim == dp_ && half_ % kVecWidth == 0),
         tile_queries_(std::clamp<int64_t>(kTargetTileRows / group_, 8, 128)),
         // Largest relative offset: a query or key at most n_local + tile_queries - 1 past
         // its tile's anchor, never beyond the last query.
@@ -184,27 +201,50 @@ class LambdaAttentionCpu {
 
   void run(int n_threads) {
     const int64_t n_tiles = (p_.n_queries + tile_queries_ - 1) / tile_queries_;
-    const int64_t n_items = p_.batch * p_.n_heads_kv * n_tiles;
+    const int64_t n_tile_items = p_.batch * p_.n_heads_kv * n_tiles;
+    const int64_t max_threads = n_threads > 0 ? n_threads : omp_get_max_threads();
+    // Decode has a tile per (sequence, kv head), fewer than the threads, each over thousands
+    // of keys: those tiles' cache slots are split into ranges, one work item each, whose
+    // softmax states are merged afterwards (as flash-decoding does on a GPU).
+    const int64_t splits =
+        n_tile_items >= 2 * max_threads
+            ? 1
+            : std::max<int64_t>(1, std::min((2 * max_threads + n_tile_items - 1) / n_tile_items,
+                                            p_.cache_len / kMinSplitSlots));
+    const int64_t n_items = n_tile_items * splits;
     // A tile's key lists hold each cache slot at most once, the chunk's keys of its window
     // and its global chunk keys: bounded by the tensors, whatever n_local and n_global are.
     const int64_t max_keys = p_.cache_len + std::min(p_.n_queries, p_.n_local + tile_queries_) +
                              std::min(p_.n_queries, p_.n_global);
     const int64_t max_rows = group_ * std::min(tile_queries_, p_.n_queries);
-    const int threads = static_cast<int>(
-        std::min<int64_t>(n_threads > 0 ? n_threads : omp_get_max_threads(), n_items));
+    const int threads = static_cast<int>(std::min<int64_t>(max_threads, n_items));
     std::vector<TileWorkspace<T>> workspaces;
     workspaces.reserve(threads);
     for (int i = 0; i < threads; ++i) workspaces.emplace_back(max_rows, dp_, max_keys, group_, top_k_);
+    PartialStates partials(splits > 1 ? n_items : 0, max_rows, dp_);
 #pragma omp parallel num_threads(threads)
     {
       TileWorkspace<T>& ws = workspaces[omp_get_thread_num()];
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < n_items; ++item) {
-        const int64_t tile = item % n_tiles;
-        const int64_t kv_head = (item / n_tiles) % p_.n_heads_kv;
-        const int64_t b = item / (n_tiles * p_.n_heads_kv);
+        const int64_t split = item % splits, tile_item = item / splits;
+        const int64_t tile = tile_item % n_tiles;
+        const int64_t kv_head = (tile_item / n_tiles) % p_.n_heads_kv;
+        const int64_t b = tile_item / (n_tiles * p_.n_heads_kv);
+        const KeyPart part{split * p_.cache_len / splits, (split + 1) * p_.cache_len / splits,
+                           split == splits - 1, splits > 1 ? &partials : nullptr, item};
         run_tile(ws, b, kv_head, tile * tile_queries_,
-                 std::min(p_.n_queries, (tile + 1) * tile_queries_));
+                 std::min(p_.n_queries, (tile + 1) * tile_queries_), part);
+      }
+      if (splits > 1) {
+#pragma omp for schedule(static)
+        for (int64_t tile_item = 0; tile_item < n_tile_items; ++tile_item) {
+          const int64_t tile = tile_item % n_tiles;
+          const int64_t kv_head = (tile_item / n_tiles) % p_.n_heads_kv;
+          const int64_t b = tile_item / (n_tiles * p_.n_heads_kv);
+          merge_tile(ws, partials, tile_item * splits, splits, b, kv_head, tile * tile_queries_,
+                     std::min(p_.n_queries, (tile + 1) * tile_queries_));
+        }
       }
     }
   }
@@ -245,18 +285,30 @@ class LambdaAttentionCpu {
                 h * p_.cache_v_head_stride + slot * p_.cache_v_row_stride};
   }
 
+  // The keys one work item folds into a tile's rows: the cache slots [slot0, slot1) and, if
+  // with_chunk, the chunk's own keys and the middle store. With partials, the item leaves
+  // its softmax state in partials' entry `item` for merge_tile instead of writing the output.
+  struct KeyPart {
+    int64_t slot0, slot1;
+    bool with_chunk;
+    PartialStates* partials;
+    int64_t item;
+  };
+
   // The tile's rows are (query t0 + r / group, head kv_head * group + r % group).
-  void run_tile(TileWorkspace<T>& ws, int64_t b, int64_t kv_head, int64_t t0, int64_t t1) const {
-    // Padding rows are zeros; the tile proper starts at the sequence's first real row.
+  void run_tile(TileWorkspace<T>& ws, int64_t b, int64_t kv_head, int64_t t0, int64_t t1,
+                const KeyPart& part) const {
+    // Padding rows are zeros (written by the item with the chunk's keys); the tile proper
+    // starts at the sequence's first real row.
     const int64_t pad = padding(b);
-    if (t0 < pad) {
+    if (t0 < pad && part.with_chunk) {
       std::fill(ws.row.begin(), ws.row.end(), 0.f);
       for (int64_t t = t0; t < std::min(pad, t1); ++t)
         for (int64_t g = 0; g < group_; ++g)
           row_from_float(ws.row.data(), out_row(b, kv_head * group_ + g, t), p_.head_dim);
-      t0 = pad;
-      if (t0 >= t1) return;
     }
+    t0 = std::max(t0, pad);
+    if (t0 >= t1) return;
     const int64_t rows = (t1 - t0) * group_;
     const int64_t start = origin(b);  // position of chunk row 0
     const int64_t first = start + t0, last = start + t1 - 1;
@@ -290,71 +342,149 @@ class LambdaAttentionCpu {
         ws.global_keys.push_back(key);
     };
     const int64_t* slot_positions = cache_positions(b);
-    for (int64_t slot = 0; slot < p_.cache_len; ++slot)
+    for (int64_t slot = part.slot0; slot < part.slot1; ++slot)
       if (slot_positions[slot] >= 0) classify(cache_key(b, kv_head, slot));
-    for (int64_t s = std::max<int64_t>(pad, t0 - p_.n_local + 1); s < t1; ++s)
-      ws.local_keys.push_back(chunk_key(b, kv_head, s));
-    for (int64_t s = pad; s < t1 && start + s < p_.n_global && t1 - 1 - s >= p_.n_local; ++s)
-      ws.global_keys.push_back(chunk_key(b, kv_head, s));
+    if (part.with_chunk) {
+      for (int64_t s = std::max<int64_t>(pad, t0 - p_.n_local + 1); s < t1; ++s)
+        ws.local_keys.push_back(chunk_key(b, kv_head, s));
+      for (int64_t s = pad; s < t1 && start + s < p_.n_global && t1 - 1 - s >= p_.n_local; ++s)
+        ws.global_keys.push_back(chunk_key(b, kv_head, s));
+    }
 
+    const KeyRef<T>* global_end = ws.global_keys.data() + ws.global_keys.size();
     for (size_t k0 = 0; k0 < ws.global_keys.size(); k0 += kBlockKeys)
-      process_block<false>(ws, ws.global_keys.data() + k0,
+      process_block<false>(ws, ws.global_keys.data() + k0, global_end,
                            std::min<size_t>(kBlockKeys, ws.global_keys.size() - k0), rows, first,
                            base);
+    const KeyRef<T>* local_end = ws.local_keys.data() + ws.local_keys.size();
     for (size_t k0 = 0; k0 < ws.local_keys.size(); k0 += kBlockKeys)
-      process_block<true>(ws, ws.local_keys.data() + k0,
+      process_block<true>(ws, ws.local_keys.data() + k0, local_end,
                           std::min<size_t>(kBlockKeys, ws.local_keys.size() - k0), rows, first,
                           base);
 
-    if (top_k_ > 0)
+    if (top_k_ > 0 && part.with_chunk)
       for (int64_t t = std::max(t0, p_.top_k_first_row); t < t1; ++t)
         attend_middle(ws, b, kv_head, t, t - t0);
 
-    for (int64_t r = 0; r < rows; ++r) {
-      float* acc = ws.acc.data() + r * dp_;
-      if (ws.poisoned[r]) {
-        std::fill(acc, acc + p_.head_dim, kNaN);
-      } else {
-        const float inv = ws.row_sum[r] > 0.f ? 1.f / ws.row_sum[r] : 0.f;
-        for (int64_t d = 0; d < p_.head_dim; ++d) acc[d] *= inv;
+    if (part.partials != nullptr) {
+      PartialStates& saved = *part.partials;
+      const int64_t first_row = part.item * saved.max_rows;
+      std::copy(ws.acc.begin(), ws.acc.begin() + rows * dp_, saved.acc.begin() + first_row * dp_);
+      std::copy(ws.row_max.begin(), ws.row_max.begin() + rows, saved.row_max.begin() + first_row);
+      std::copy(ws.row_sum.begin(), ws.row_sum.begin() + rows, saved.row_sum.begin() + first_row);
+      std::copy(ws.poisoned.begin(), ws.poisoned.begin() + rows, saved.poisoned.begin() + first_row);
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      write_row(ws.acc.data() + r * dp_, ws.row_sum[r], ws.poisoned[r],
+                out_row(b, kv_head * group_ + r % group_, t0 + r / group_));
+  }
+
+  // Output row = acc / sum (zeros for a row that saw no key), or NaN for a poisoned row.
+  void write_row(float* acc, float sum, bool poisoned, T* out) const {
+    if (poisoned) {
+      std::fill(acc, acc + p_.head_dim, kNaN);
+    } else {
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      for (int64_t d = 0; d < p_.head_dim; ++d) acc[d] *= inv;
+    }
+    row_from_float(acc, out, p_.head_dim);
+  }
+
+  // The tile's output from the softmax states its `splits` items left in partials, from
+  // entry `first_item` on: each rescaled to the largest maximum, then summed.
+  void merge_tile(TileWorkspace<T>& ws, const PartialStates& partials, int64_t first_item,
+                  int64_t splits, int64_t b, int64_t kv_head, int64_t t0, int64_t t1) const {
+    t0 = std::max(t0, padding(b));
+    float* acc = ws.row.data();
+    for (int64_t r = 0; r < (t1 - t0) * group_; ++r) {
+      float m = kMinusInf, sum = 0.f;
+      bool poisoned = false;
+      for (int64_t s = 0; s < splits; ++s) {
+        const int64_t at = (first_item + s) * partials.max_rows + r;
+        m = std::max(m, partials.row_max[at]);
+        poisoned |= partials.poisoned[at] != 0;
       }
-      row_from_float(acc, out_row(b, kv_head * group_ + r % group_, t0 + r / group_), p_.head_dim);
+      std::fill(acc, acc + dp_, 0.f);
+      for (int64_t s = 0; s < splits && m != kMinusInf; ++s) {
+        const int64_t at = (first_item + s) * partials.max_rows + r;
+        if (partials.row_max[at] == kMinusInf) continue;  // this part saw no key of the row
+        const float alpha = std::exp(partials.row_max[at] - m);
+        sum += alpha * partials.row_sum[at];
+        const float* part_acc = partials.acc.data() + at * partials.dp;
+        for (int64_t d = 0; d < dp_; ++d) acc[d] += alpha * part_acc[d];
+      }
+      write_row(acc, sum, poisoned, out_row(b, kv_head * group_ + r % group_, t0 + r / group_));
+    }
+  }
+
+  // Every cache line of the key's k and v rows, into the caches (a hint: no fault, no wait).
+  void prefetch_key(const KeyRef<T>& key) const {
+    const int64_t bytes = p_.head_dim * static_cast<int64_t>(sizeof(T));
+    for (int64_t at = 0; at < bytes; at += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(key.k) + at);
+      __builtin_prefetch(reinterpret_cast<const char*>(key.v) + at);
     }
   }
 
   // The key as float32 into row ([dp_], zero-padded), rotated by its offset from base if
-  // local. A float32 key is rotated straight from its source.
+  // local. Where head_dim and the rotary halves are whole vectors, the key is converted and
+  // rotated in registers and stored once (a scalar conversion's narrow stores, reloaded as
+  // vectors at once, stall store-to-load forwarding); otherwise converted, then rotated.
   template <bool kLocal>
   void load_key(const KeyRef<T>& key, float* row, int64_t base) const {
-    std::fill(row + p_.head_dim, row + dp_, 0.f);
     const float* cos = kLocal ? table_->cos_row(key.position - base) : nullptr;
     const float* sin = kLocal ? table_->sin_row(key.position - base) : nullptr;
-    if constexpr (std::is_same_v<T, float>) {
-      if (kLocal) {
-        rotate_half_into(key.k, row, cos, sin, half_);
-        std::copy(key.k + 2 * half_, key.k + p_.head_dim, row + 2 * half_);
-        return;
+    if (whole_vectors_) {
+      for (int64_t f = 0; f < half_; f += kVecWidth) {
+        const vfloat x1 = vload_float(key.k + f), x2 = vload_float(key.k + half_ + f);
+        if constexpr (kLocal) {
+          const vfloat c = vload(cos + f), s = vload(sin + f);
+          vstore(row + f, x1 * c - x2 * s);
+          vstore(row + half_ + f, x2 * c + x1 * s);
+        } else {
+          vstore(row + f, x1);
+          vstore(row + half_ + f, x2);
+        }
       }
+      for (int64_t d = 2 * half_; d < dp_; d += kVecWidth) vstore(row + d, vload_float(key.k + d));
+      return;
     }
+    std::fill(row + p_.head_dim, row + dp_, 0.f);
     row_to_float(key.k, row, p_.head_dim);
     if (kLocal) rotate_half_inplace(row, cos, sin, half_);
   }
 
-  // Key v's value as dp_ float32s: the cache row itself where it needs neither conversion nor
-  // zero padding (float32, head_dim a whole number of vectors), else converted into copy.
-  const float* value_row(const T* v, float* copy) const {
-    if constexpr (std::is_same_v<T, float>)
-      if (p_.head_dim == dp_) return v;
+  // Key v's value as dp_ float32s, and whether all are finite: the cache row itself where it
+  // needs neither conversion nor zero padding (float32, head_dim whole vectors), else
+  // converted into copy (in registers, checked on the way, where head_dim is whole vectors).
+  const float* value_row(const T* v, float* copy, bool& finite) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (whole_vectors_) {
+        finite = vall_finite(v, dp_);
+        return v;
+      }
+    } else if (whole_vectors_) {
+      vfloat zero_if_finite = {};
+      for (int64_t d = 0; d < dp_; d += kVecWidth) {
+        const vfloat x = vload_float(v + d);
+        zero_if_finite += x * 0.f;
+        vstore(copy + d, x);
+      }
+      finite = vreduce_sum(zero_if_finite) == 0.f;
+      return copy;
+    }
     std::fill(copy + p_.head_dim, copy + dp_, 0.f);
     row_to_float(v, copy, p_.head_dim);
+    finite = vall_finite(copy, dp_);
     return copy;
   }
 
   // One block of keys: convert (and for local keys rotate) into kt/values, score, mask,
   // then fold into the running softmax of every row.
   template <bool kLocal>
-  void process_block(TileWorkspace<T>& ws, const KeyRef<T>* keys, int n_keys, int64_t rows,
-                     int64_t first, int64_t base) const {
+  void process_block(TileWorkspace<T>& ws, const KeyRef<T>* keys, const KeyRef<T>* keys_end,
+                     int n_keys, int64_t rows, int64_t first, int64_t base) const {
     float* kt = ws.kt.data();
     float* values = ws.values.data();
     float* row = ws.row.data();
@@ -363,14 +493,20 @@ class LambdaAttentionCpu {
     float* scores = ws.scores.data();
     // Few rows (decode): score each key as soon as it is rotated. Many rows: transpose the
     // block once and score it with the register-tiled kernel.
-    const bool direct = rows < kQkRows;
+    const bool direct = rows <= kQkRows;
+    bool any_value_bad = false;
     for (int c = 0; c < kBlockKeys; ++c) {
       if (c < n_keys) {
+        // Decode reads each key once, from DRAM: ask for a later key's rows now, so that
+        // the memory's latency overlaps the work on this one.
+        if (keys + c + kPrefetchKeys < keys_end) prefetch_key(keys[c + kPrefetchKeys]);
         load_key<kLocal>(keys[c], row, base);
-        ws.value_rows[c] = value_row(keys[c].v, values + c * dp_);
+        bool finite;
+        ws.value_rows[c] = value_row(keys[c].v, values + c * dp_, finite);
         // A non-finite value poisons the rows that see its key (below) and must not reach
         // the others through a zero weight (0 * inf is NaN).
-        ws.value_bad[c] = !vall_finite(ws.value_rows[c], dp_);
+        ws.value_bad[c] = !finite;
+        any_value_bad |= !finite;
         if (ws.value_bad[c]) ws.value_rows[c] = ws.zeros.data();
         lowest = std::min(lowest, keys[c].position);
         highest = std::max(highest, keys[c].position);
@@ -397,16 +533,22 @@ class LambdaAttentionCpu {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = first + r / group_;
       float* s = scores + r * kBlockKeys;
+      if (all_visible) {  // every key seen: the row is poisoned by any non-finite one
+        vfloat zero_if_finite = {};
+        for (int v = 0; v < kKeyVecs; ++v) zero_if_finite += vload(s + v * kVecWidth) * 0.f;
+        if (any_value_bad || vreduce_sum(zero_if_finite) != 0.f) ws.poisoned[r] = 1;
+        continue;
+      }
       bool bad = false;
       for (int c = 0; c < kBlockKeys; ++c) {
-        bool visible = all_visible;
-        if (!all_visible && c < n_keys) {
+        bool visible = false;
+        if (c < n_keys) {
           const int64_t distance = i - keys[c].position;
           visible = kLocal ? distance >= 0 && distance < p_.n_local : distance >= p_.n_local;
         }
         if (visible)
           bad |= !is_finite(s[c]) || ws.value_bad[c];
-        else if (!all_visible)
+        else
           s[c] = kMinusInf;
       }
       if (bad) ws.poisoned[r] = 1;
@@ -564,6 +706,7 @@ class LambdaAttentionCpu {
   const int64_t top_k_;  // middle keys chosen per head: p.top_k, at most the candidates
   const int64_t dp_;    // head_dim rounded up to whole vectors (zero padded)
   const int64_t half_;  // rotary_dim / 2
+  const bool whole_vectors_;  // head_dim and half_ are multiples of kVecWidth
   const int64_t tile_queries_;
   const std::shared_ptr<const RopeTable> table_;
   std::vector<float> global_cos_, global_sin_;  // rotation by distance_cap

@@ -216,6 +216,32 @@ TEST(chunks_over_a_wrapped_ring_cache_match_the_naive_loop) {
   }
 }
 
+TEST(decode_over_a_long_ring_matches_the_naive_loop) {
+  // Rings of over 2048 slots with a few heads: the kernel splits each head's slots over
+  // several work items and merges their softmax states. Full and wrapped, partly empty (whole
+  // parts of the ring without a key), partial rotary and head_dim not whole vectors.
+  const Config configs[] = {
+      {1, 4, 2, 64, 64, 4, 3000, 3000, 1},
+      {1, 8, 1, 128, 128, 4, 2500, 1000, 2},
+      {2, 6, 3, 40, 24, 3, 2100, 2100, 1},
+  };
+  uint64_t seed = 300;
+  for (Config c : configs)
+    for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
+      c.dtype = dtype;
+      for (int64_t n_seen : {int64_t{700}, int64_t{10007}}) {
+        const Chunk chunk(c, n_seen, ring_positions(c, n_seen), seed += 10);
+        const Tolerance tol = tolerance_for(dtype);
+        const std::vector<double> want = chunk.naive();
+        for (int threads : {1, 2, 5}) {
+          const double worst = worst_error_ratio(chunk.run(threads), want, tol.atol, tol.rtol);
+          CHECK(worst <= 1.0) << "decode after " << n_seen << " tokens, " << threads
+                              << " threads, " << describe(c) << ": worst error / tolerance " << worst;
+        }
+      }
+    }
+}
+
 TEST(positions_near_1e9_give_the_outputs_of_positions_near_1e3) {
   const Config c{1, 4, 2, 64, 64, 4, 32, 32, 9};
   for (int64_t start : {int64_t{1000}, int64_t{1000000007}}) {

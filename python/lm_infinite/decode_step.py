@@ -11,8 +11,11 @@ itself. The host keeps one piece of bookkeeping outside the graph: each ring's `
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from .decode_linears import DecodeLinears
 from .hf.cache import LambdaCache
 from .hf.families import decoder_of
 from .hf.patching import cache_argument_name
@@ -71,11 +74,13 @@ class StaticDecodeStep:
 
     compile=True runs the step through torch.compile (fullgraph: a graph break is an error);
     cuda_graph=True captures it once per mode (greedy, sampled) and replays the graph. Top-k
-    middle attention grows its store on the host, so it runs eagerly only.
+    middle attention grows its store on the host, so it runs eagerly only. cpu_linears=True
+    (the default) runs a CPU model's linear layers on lminf's decode matrix-vector kernel
+    during the step (lm_infinite.decode_linears); False keeps PyTorch's.
     """
 
     def __init__(self, model: torch.nn.Module, cache: LambdaCache, *, compile: bool = False,
-                 cuda_graph: bool = False) -> None:
+                 cuda_graph: bool = False, cpu_linears: bool = True) -> None:
         state = state_of(model)
         self.rings = [layer.ring for layer in cache.layers]
         if any(ring is None for ring in self.rings):
@@ -102,6 +107,8 @@ class StaticDecodeStep:
         self.padding = torch.zeros(batch, dtype=torch.int64, device=device) if batch > 1 else None
         self._state = state
         self._forward = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+        self._linears = (DecodeLinears([self._decoder, self._head]) if cpu_linears and device.type == "cpu"
+                         else contextlib.nullcontext())
         self._cuda_graph = cuda_graph
         self._graphs: dict[tuple[bool, bool], torch.cuda.CUDAGraph] = {}
 
@@ -130,7 +137,8 @@ class StaticDecodeStep:
         mode = (sample, sample and self._nucleus)
         try:
             if not self._cuda_graph:
-                self._forward(*mode)
+                with self._linears:
+                    self._forward(*mode)
             elif mode in self._graphs:
                 self._graphs[mode].replay()
             else:

@@ -17,7 +17,7 @@ import torch
 from . import _C  # noqa: F401  (loading the library registers torch.ops.lminf)
 from .top_k_rows import top_k_rows_attention
 
-__all__ = ["lambda_attention", "lambda_attention_chunk", "ring_cache_append"]
+__all__ = ["decode_linear", "lambda_attention", "lambda_attention_chunk", "ring_cache_append"]
 
 
 # The largest position or size the kernels accept (lminf/limits.h).
@@ -237,6 +237,25 @@ def ring_cache_append(
     )
 
 
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, as F.linear, on the CPU kernel for the few rows of a decode step
+    (lminf/decode_linear.h): the threads split the output features and stream the weights at
+    memory speed, where PyTorch's CPU linear with one row reads them at a fraction of it on one
+    thread. x [..., in_features], weight [out_features, in_features], bias [out_features] or
+    None, all of one dtype (float32, bfloat16, float16), on the CPU; sums in float32. Any
+    number of rows is correct; past about 8 (bench/decode_linear_cpu.py) F.linear is faster."""
+    op = "decode_linear"
+    _check_tensors(op, x=x, weight=weight, **_given(bias=bias))
+    if x.device.type != "cpu":
+        raise ValueError(f"{op}: x must be on the CPU (a GPU's own GEMMs serve this shape), got {x.device}")
+    return torch.ops.lminf.decode_linear(x, weight, bias)
+
+
+@torch.library.register_fake("lminf::decode_linear")
+def _(x, weight, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 @torch.library.register_fake("lminf::lambda_attention")
 def _(q, k, v, inv_freq, n_global, n_local, distance_cap, scale, padding=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -274,5 +293,5 @@ def _no_context(ctx, inputs, output):
     pass
 
 
-for _op in ("lambda_attention", "lambda_attention_chunk"):
+for _op in ("decode_linear", "lambda_attention", "lambda_attention_chunk"):
     torch.library.register_autograd(f"lminf::{_op}", _no_backward(_op), setup_context=_no_context)

@@ -14,12 +14,14 @@ the block's last column.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .decode_linears import DecodeLinears
 from .decode_step import StaticDecodeStep, choose_tokens, draw_noise
 from .distributed import broadcast_from_first_rank, tensor_parallel_size
 from .hf import LambdaCache, cache_argument_name
@@ -52,10 +54,13 @@ class LambdaStream:
     generate() runs a StaticDecodeStep (fixed buffers, no host synchronisation inside a step):
     replayed as a CUDA graph when cuda_graphs is on (the default for a model on CUDA without
     top-k middle attention), and through torch.compile when compile=True (e.g. on the CPU).
+    On the CPU, cpu_linears=True (the default) computes the linear layers of decode steps and
+    of feeds of a few tokens with lminf's matrix-vector kernel (lm_infinite.decode_linears),
+    which reads the weights at memory speed; False keeps PyTorch's.
     """
 
     def __init__(self, model: torch.nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE, cuda_graphs: bool | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, cpu_linears: bool = True) -> None:
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"LambdaStream: chunk_size must be an int >= 1, got {chunk_size!r}")
         self.model, self.chunk_size = model, chunk_size
@@ -69,6 +74,8 @@ class LambdaStream:
         if cuda_graphs and self._device.type != "cuda":
             raise ValueError(f"LambdaStream: cuda_graphs=True needs a model on CUDA, not {self._device}")
         self.cuda_graphs, self.compile = cuda_graphs, compile
+        self.cpu_linears = cpu_linears and self._device.type == "cpu"
+        self._linears = DecodeLinears([self._decoder, self._head]) if self.cpu_linears else contextlib.nullcontext()
         # Built at the first generate(): it binds this stream's cache tensors.
         self._step: StaticDecodeStep | None = None
         # Logits at the last fed position: they predict the next token. [batch, vocab] or None.
@@ -180,10 +187,11 @@ class LambdaStream:
         (2-D, zeros a prefix of each row) a left-padded block; or a list of 1-D sequences
         (lists or tensors of token ids) of different lengths, one per sequence of the batch."""
         input_ids, padding = self._padded(input_ids, attention_mask)
-        if padding is not None and self._prefill_by_sequence(input_ids, padding):
-            return self._feed_by_sequence(input_ids, padding)
-        for _, _, hidden in self._forward_chunks(input_ids, padding):
-            self.next_logits = self._head(hidden[:, -1]).float()
+        with self._linears:
+            if padding is not None and self._prefill_by_sequence(input_ids, padding):
+                return self._feed_by_sequence(input_ids, padding)
+            for _, _, hidden in self._forward_chunks(input_ids, padding):
+                self.next_logits = self._head(hidden[:, -1]).float()
         return self.next_logits
 
     def _prefill_by_sequence(self, input_ids: torch.Tensor, padding: list[int]) -> bool:
@@ -231,9 +239,19 @@ class LambdaStream:
         (e.g. a tqdm's update)."""
         as_list = isinstance(input_ids, Sequence) and not isinstance(input_ids, (str, bytes))
         input_ids, padding = self._padded(input_ids, attention_mask)
-        pieces = []
         # The logits that predict each sequence's next real token (the stream's, at first).
         carried = self.next_logits
+        with self._linears:
+            pieces, carried = self._chunk_nll(input_ids, padding, carried, progress)
+        self.next_logits = carried
+        nll = torch.cat(pieces, dim=1).cpu()
+        if as_list:
+            return [row[p:] for row, p in zip(nll, padding or [0] * nll.shape[0])]
+        return nll
+
+    def _chunk_nll(self, input_ids, padding, carried, progress):
+        """(per-chunk NLL tensors, the logits carried past the last chunk) of nll()."""
+        pieces = []
         for chunk, chunk_padding, hidden in self._forward_chunks(input_ids, padding):
             logits = self._head(hidden).float()
             if carried is None:
@@ -256,11 +274,7 @@ class LambdaStream:
             pieces.append(nll)
             if progress is not None:
                 progress(chunk.shape[1])
-        self.next_logits = carried
-        nll = torch.cat(pieces, dim=1).cpu()
-        if as_list:
-            return [row[p:] for row, p in zip(nll, padding or [0] * nll.shape[0])]
-        return nll
+        return pieces, carried
 
     @torch.inference_mode()
     def generate(self, max_new_tokens: int, *, stop_token_ids: Iterable[int] = (),
@@ -287,7 +301,7 @@ class LambdaStream:
         stop = set(stop_token_ids)
         if self._step is None:
             self._step = StaticDecodeStep(self.model, self.cache, compile=self.compile,
-                                          cuda_graph=self.cuda_graphs)
+                                          cuda_graph=self.cuda_graphs, cpu_linears=self.cpu_linears)
         step, sample = self._step, temperature > 0
         noise = draw_noise(torch.empty_like(self.next_logits), generator) if sample else None
         nucleus = top_p if sample and top_p < 1 else None

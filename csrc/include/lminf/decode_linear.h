@@ -1,0 +1,43 @@
+// Linear layers of a decode step on the CPU: out = x W^T (+ bias) for a few rows of x.
+//
+// A decode step multiplies one token's activations per sequence (a few rows) by every weight
+// matrix of the model, so reading the weights is the whole cost. GEMM libraries tile for many
+// rows and run this shape far below the memory bandwidth (PyTorch's CPU linear with one row:
+// about 9 GB/s where the same core streams 24, and it leaves the other cores idle). Here the
+// threads split the output features, each streams its share of W once, and every row of x is
+// applied to a block of W while that block is in L1. Products are summed in float32.
+#pragma once
+
+#include <cstdint>
+
+#include "lminf/dtype.h"
+#include "lminf/export.h"
+#include "lminf/status.h"
+
+namespace lminf {
+
+// Strides are in elements; the last dimension of every tensor is contiguous.
+struct DecodeLinearParams {
+  DType dtype = DType::kFloat32;  // element type of x, weight, bias and out
+
+  const void* x = nullptr;  // [rows, in_features]
+  int64_t x_row_stride = 0;
+  const void* weight = nullptr;  // [out_features, in_features]
+  int64_t weight_row_stride = 0;
+  const void* bias = nullptr;  // [out_features] contiguous, or null for none
+  void* out = nullptr;         // [rows, out_features], written in dtype (float32 rounded once)
+  int64_t out_row_stride = 0;
+
+  int64_t rows = 0;  // >= 0; cheapest per row up to a handful (rows share each weight read)
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+};
+
+// Checks sizes, strides and pointers; the message names the first offending field.
+LMINF_API Status validate(const DecodeLinearParams& params);
+
+// n_threads <= 0 uses the OpenMP default. Any number of rows is computed correctly; past a
+// dozen or so a GEMM library is faster (each row costs a multiply-add per weight here).
+LMINF_API Status decode_linear_cpu(const DecodeLinearParams& params, int n_threads = 0);
+
+}  // namespace lminf

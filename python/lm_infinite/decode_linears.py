@@ -1,0 +1,83 @@
+"""A CPU decode step's linear layers on lminf's matrix-vector kernel.
+
+A decode step multiplies one row of activations per sequence by every weight matrix of the
+model, so its time is the time to read the weights. PyTorch's CPU linear runs that shape on
+one thread at a fraction of the memory bandwidth; lminf::decode_linear streams the weights on
+every thread (bench/decode_linear_cpu.py measures both). `DecodeLinears(modules)` routes the
+nn.Linear layers under `modules` through it while the context is active, for inputs of at
+most MAX_ROWS rows; anything else (a prompt's chunk, another device, mixed dtypes, a forward
+with gradients) still goes to F.linear. StaticDecodeStep uses it on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops  # noqa: F401  (registers torch.ops.lminf)
+
+__all__ = ["DecodeLinears", "MAX_ROWS"]
+
+# Rows up to which the kernel beats F.linear here (bench/decode_linear_cpu.py): it reads the
+# weights once for up to 4 rows and once per 4 more, where a GEMM library's cost hardly grows.
+MAX_ROWS = 8
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# id(linear) -> how many active contexts route it: contexts may nest (a stream and its step)
+# and overlap (two streams of one model), and the last one out restores the layer.
+_routed: dict[int, int] = {}
+
+
+class DecodeLinears:
+    """Context manager: inside it, the plain nn.Linear layers of `modules` whose weights are on
+    the CPU compute inputs of at most MAX_ROWS rows with lminf::decode_linear. Their `forward`
+    is set on the instance on entry and removed when the last context routing it exits, so
+    nothing outlives the contexts, and torch.compile traces (and guards on) whichever forward
+    is in place."""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        linears: dict[int, nn.Linear] = {}
+        for module in modules:
+            for sub in module.modules():
+                # Exactly nn.Linear: a subclass (a quantized layer, a LoRA wrapper) has its own forward.
+                if type(sub) is nn.Linear and sub.weight.device.type == "cpu" and sub.weight.dtype in _DTYPES:
+                    linears[id(sub)] = sub
+        self._linears = list(linears.values())
+        # Built once: torch.compile guards on the forward object, so a new one per entry
+        # would recompile a compiled step at every token.
+        self._forwards = [functools.partial(_forward, linear) for linear in self._linears]
+
+    def __len__(self) -> int:
+        return len(self._linears)
+
+    def __enter__(self) -> DecodeLinears:
+        for linear, forward in zip(self._linears, self._forwards):
+            count = _routed.get(id(linear), 0)
+            if count == 0:
+                linear.forward = forward
+            _routed[id(linear)] = count + 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for linear in self._linears:
+            count = _routed.pop(id(linear)) - 1
+            if count == 0:
+                linear.__dict__.pop("forward", None)
+            else:
+                _routed[id(linear)] = count
+
+
+def _forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    weight, bias = linear.weight, linear.bias
+    # The kernel has no backward: a forward that may be differentiated stays PyTorch's.
+    differentiable = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+    if (x.device.type == "cpu" and x.dtype == weight.dtype and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+            and not differentiable):
+        # The op itself: the wrapper's argument checks are settled here, once per layer call.
+        return torch.ops.lminf.decode_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
