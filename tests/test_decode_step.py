@@ -51,8 +51,8 @@ def test_greedy_step_equals_the_eager_stream(family):
     torch.testing.assert_close(step_logits, logits, atol=1e-5, rtol=1e-5)
     assert stream.position == prompt.shape[1] + NEW_TOKENS
     # The stream continues from the step's state: feeding more agrees with the reference
-    # (which reads all at once: PyTorch's linears there, the decode kernel's for the 7 tokens
-    # here, so float32 sums in another order).
+    # (which reads all at once, through PyTorch's linears; the step's tokens went through the
+    # decode kernel's: float32 sums in another order).
     more = _prompt(7, seed=9)
     reference = LambdaStream(model)
     reference.feed(torch.cat([prompt, torch.tensor([tokens]), more], dim=1))

@@ -22,9 +22,10 @@ from . import ops  # noqa: F401  (registers torch.ops.lminf)
 
 __all__ = ["DecodeLinears", "MAX_ROWS"]
 
-# Rows up to which the kernel beats F.linear here (bench/decode_linear_cpu.py): it reads the
-# weights once for up to 4 rows and once per 4 more, where a GEMM library's cost hardly grows.
-MAX_ROWS = 8
+# Rows up to which the kernel beats F.linear (bench/decode_linear_cpu.py, 2 cores, SmolLM2's
+# weights: bf16 2.12x at 1 row, 1.31x at 4, 0.76x at 8; float32 1.58x, 1.95x, 1.15x). Each row
+# costs a load of x per multiply-add here, which a GEMM library's register tiles avoid.
+MAX_ROWS = 4
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

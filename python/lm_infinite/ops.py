@@ -243,7 +243,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     memory speed, where PyTorch's CPU linear with one row reads them at a fraction of it on one
     thread. x [..., in_features], weight [out_features, in_features], bias [out_features] or
     None, all of one dtype (float32, bfloat16, float16), on the CPU; sums in float32. Any
-    number of rows is correct; past about 8 (bench/decode_linear_cpu.py) F.linear is faster."""
+    number of rows is correct; past about 4 (bench/decode_linear_cpu.py) F.linear is faster."""
     op = "decode_linear"
     _check_tensors(op, x=x, weight=weight, **_given(bias=bias))
     if x.device.type != "cpu":

@@ -28,7 +28,7 @@ struct DecodeLinearParams {
   void* out = nullptr;         // [rows, out_features], written in dtype (float32 rounded once)
   int64_t out_row_stride = 0;
 
-  int64_t rows = 0;  // >= 0; cheapest per row up to a handful (rows share each weight read)
+  int64_t rows = 0;  // >= 0; up to four share each read of the weights
   int64_t in_features = 0;
   int64_t out_features = 0;
 };
@@ -36,8 +36,8 @@ struct DecodeLinearParams {
 // Checks sizes, strides and pointers; the message names the first offending field.
 LMINF_API Status validate(const DecodeLinearParams& params);
 
-// n_threads <= 0 uses the OpenMP default. Any number of rows is computed correctly; past a
-// dozen or so a GEMM library is faster (each row costs a multiply-add per weight here).
+// n_threads <= 0 uses the OpenMP default. Any number of rows is computed correctly; past four
+// or so a GEMM library is faster (each row costs a load of x per multiply-add here).
 LMINF_API Status decode_linear_cpu(const DecodeLinearParams& params, int n_threads = 0);
 
 }  // namespace lminf
