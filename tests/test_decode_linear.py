@@ -127,6 +127,16 @@ def test_other_dtypes_layers_and_inputs_keep_pytorch():
         assert "forward" not in layer.__dict__
 
 
+def test_a_layer_with_a_forward_of_its_own_is_left_alone():
+    """A tensor-parallel plan (or any wrapper) may set a layer's forward on the instance:
+    DecodeLinears neither replaces it nor removes it on exit."""
+    layer = nn.Linear(8, 4)
+    own = layer.forward = lambda x: torch.zeros(1)
+    with DecodeLinears([layer]) as routed:
+        assert len(routed) == 0 and layer.forward is own
+    assert layer.forward is own
+
+
 def test_contexts_nest_and_the_last_one_out_restores_the_layers():
     model = Model(torch.bfloat16)
     outer, inner = DecodeLinears([model]), DecodeLinears([model.up])

@@ -116,3 +116,35 @@ def test_non_finite_padding_rows_never_reach_a_row_nor_the_cache(bad):
                          n_global=1, n_local=4, padding=padding)
     assert torch.isfinite(cache_k[0]).all() and torch.isfinite(cache_v[0]).all()
     assert cache_positions[0].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_over_a_long_ring_split_across_threads_keeps_the_rule(dtype):
+    """A decode step over thousands of slots is split across work items whose softmax states
+    are merged: a NaN value in any part reaches the rows that see it, and garbage in empty
+    slots and slots the mask hides reaches none, as in one piece."""
+    n_global, n_local, start = 2, 3000, 10_000
+    q, k, v = (t.to(dtype) for t in random_qkv(1, 4, 1, 1, 32))
+    slots = n_global + n_local
+    cache_k, cache_v = torch.randn(1, 1, slots, 32).to(dtype), torch.randn(1, 1, slots, 32).to(dtype)
+    positions = torch.cat([torch.arange(n_global), torch.arange(start - n_local, start)])
+    positions[100] = -1  # an empty slot
+    positions[2500] = 7  # a middle position the mask hides
+    settings = dict(n_global=n_global, n_local=n_local)
+
+    def run():
+        return li.lambda_attention_chunk(q, k, v, cache_k, cache_v, positions, start, INV, **settings)
+
+    clean = run()
+    assert torch.isfinite(clean).all()
+    # The float64 reference over cache and chunk as one key list.
+    ref = li.lambda_attention_reference(
+        q.double(), torch.cat([cache_k, k], 2).double(), torch.cat([cache_v, v], 2).double(), INV,
+        query_positions=torch.tensor([start]), key_positions=torch.cat([positions, torch.tensor([start])]),
+        **settings)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(clean.double(), ref, rtol=tol, atol=tol)
+    cache_k[0, 0, 100], cache_v[0, 0, 2500] = float("nan"), float("inf")
+    torch.testing.assert_close(run(), clean)
+    cache_v[0, 0, slots - 5, 0] = float("nan")  # a key every row sees, in the last part
+    assert torch.isnan(run()).all()

@@ -82,15 +82,4 @@ inline void rotate_half_inplace(float* x, const float* cos, const float* sin, in
   }
 }
 
-// The same rotation from src into dst (dst != src), for keys that need no conversion: one
-// pass over the key instead of a copy and then an in-place rotation.
-inline void rotate_half_into(const float* src, float* dst, const float* cos, const float* sin,
-                             int64_t half) {
-  for (int64_t f = 0; f < half; ++f) {
-    const float x1 = src[f], x2 = src[half + f];
-    dst[f] = x1 * cos[f] - x2 * sin[f];
-    dst[half + f] = x2 * cos[f] + x1 * sin[f];
-  }
-}
-
 }  // namespace lminf::cpu

@@ -45,8 +45,7 @@ class DecodeLinears:
         linears: dict[int, nn.Linear] = {}
         for module in modules:
             for sub in module.modules():
-                # Exactly nn.Linear: a subclass (a quantized layer, a LoRA wrapper) has its own forward.
-                if type(sub) is nn.Linear and sub.weight.device.type == "cpu" and sub.weight.dtype in _DTYPES:
+                if _routable(sub):
                     linears[id(sub)] = sub
         self._linears = list(linears.values())
         # Built once: torch.compile guards on the forward object, so a new one per entry
@@ -71,6 +70,15 @@ class DecodeLinears:
                 linear.__dict__.pop("forward", None)
             else:
                 _routed[id(linear)] = count
+
+
+def _routable(module: nn.Module) -> bool:
+    """A plain CPU linear layer whose forward is nn.Linear's own: not a subclass (a quantized
+    layer, a LoRA wrapper), not one whose instance already carries a forward (a tensor-
+    parallel plan's), not weights of a tensor subclass (DTensor shards)."""
+    return (type(module) is nn.Linear and "forward" not in module.__dict__
+            and type(module.weight.data) is torch.Tensor and module.weight.device.type == "cpu"
+            and module.weight.dtype in _DTYPES)
 
 
 def _forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
