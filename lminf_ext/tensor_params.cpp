@@ -380,8 +380,13 @@ LinearInputs make_linear_inputs(const char* op, const torch::Tensor& x, const to
   in.out_shape.back() = out_features;
   int64_t rows = 1;  // x's leading dimensions flattened (not -1: in_features may be 0)
   for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
-  in.x = rows_contiguous(x.reshape({rows, in_features}));
-  in.weight = rows_contiguous(weight);
+  // The kernel reads whole rows: rows that overlap (an expanded tensor) are copied apart.
+  const auto separate_rows = [](const torch::Tensor& t) {
+    const torch::Tensor r = rows_contiguous(t);
+    return r.size(0) > 1 && r.stride(0) < r.size(1) ? r.contiguous() : r;
+  };
+  in.x = separate_rows(x.reshape({rows, in_features}));
+  in.weight = separate_rows(weight);
   in.out = torch::empty({in.x.size(0), out_features}, weight.options());
 
   lminf::DecodeLinearParams& p = in.params;

@@ -47,6 +47,12 @@ def test_strided_inputs():
     assert_close_to_reference(ops.decode_linear(x.t().contiguous().t(), weight), x, weight, None)
 
 
+def test_expanded_inputs_are_read_as_the_rows_they_stand_for():
+    x = torch.randn(1, 24).expand(3, 24)
+    weight = torch.randn(1, 24).expand(5, 24)
+    assert_close_to_reference(ops.decode_linear(x, weight), x, weight, None)
+
+
 def test_no_rows_gives_an_empty_result():
     out = ops.decode_linear(torch.randn(0, 8), torch.randn(3, 8))
     assert out.shape == (0, 3)
