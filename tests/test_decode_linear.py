@@ -145,8 +145,10 @@ def test_a_layer_with_a_forward_of_its_own_is_left_alone():
 
 def test_contexts_nest_and_the_last_one_out_restores_the_layers():
     model = Model(torch.bfloat16)
-    outer, inner = DecodeLinears([model]), DecodeLinears([model.up])
+    outer = DecodeLinears([model])
     with outer:
+        inner = DecodeLinears([model.up])  # built while outer routes the layer: routes it too
+        assert len(inner) == 1
         with inner:
             assert "forward" in model.up.__dict__
         assert "forward" in model.up.__dict__ and "forward" in model.down.__dict__

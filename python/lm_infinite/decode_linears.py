@@ -76,7 +76,9 @@ def _routable(module: nn.Module) -> bool:
     """A plain CPU linear layer whose forward is nn.Linear's own: not a subclass (a quantized
     layer, a LoRA wrapper), not one whose instance already carries a forward (a tensor-
     parallel plan's), not weights of a tensor subclass (DTensor shards)."""
-    return (type(module) is nn.Linear and "forward" not in module.__dict__
+    own = module.__dict__.get("forward")
+    ours = isinstance(own, functools.partial) and own.func is _forward  # an active context's
+    return (type(module) is nn.Linear and (own is None or ours)
             and type(module.weight.data) is torch.Tensor and module.weight.device.type == "cpu"
             and module.weight.dtype in _DTYPES)
 
