@@ -6,7 +6,9 @@
 #
 # sweep: 48 top-k settings at 16K on 8 prompts (about 6 minutes on an H100);
 # main:  stock, truncated, LM-Infinite and three top-k settings, 20 prompts at 16K and 32K (4-5 min);
-# ppl:   perplexity at 16K, pure LM-Infinite against top-k on every row (1 min).
+# ppl:   perplexity at 16K, pure LM-Infinite against top-k on every row (1 min);
+# paged: the retrieval preset's setting with the paged store, 20 prompts at 64K, and the middle
+#        store's device memory and decode time by stream length, offloaded or not (4-5 min).
 # JSON is written after every prompt, so a phase cut off by its time limit keeps its data.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +16,7 @@ OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 MODEL=(${1:+--model "$1"})
-PHASES=" ${PHASES:-sweep main ppl} "
+PHASES=" ${PHASES:-sweep main ppl paged} "
 export PYTHONUNBUFFERED=1
 GPU=(--device cuda --dtype bfloat16)
 
@@ -41,4 +43,13 @@ if [[ $PHASES == *" ppl "* ]]; then
     --methods lm-infinite,lm-infinite+top-k --top-k 5 --top-k-first-layer 4 --top-k-distance 4096 \
     --top-k-rows all --no-progress --json "$OUT/ppl_top_k.json" >"$OUT/ppl.log" 2>&1
   tail -10 "$OUT/ppl.log"
+fi
+if [[ $PHASES == *" paged "* ]]; then
+  timeout 240 "$PY" bench/passkey_top_k.py "${MODEL[@]}" "${GPU[@]}" --lengths 65536 --samples 20 \
+    --k 5 --first-layers 4 --distances 4096 --distance-caps 2048 --rows 64 --store paged \
+    --no-stock --no-truncated --out "$OUT" >"$OUT/paged_65536.log" 2>&1
+  sed -n '/^| method/,$p' "$OUT/paged_65536.log"
+  timeout 120 "$PY" bench/middle_store_decode.py --device cuda --lengths 16384 65536 262144 \
+    --json "$OUT/middle_store_decode_cuda.json" >"$OUT/middle_store_decode.log" 2>&1
+  tail -12 "$OUT/middle_store_decode.log"
 fi
