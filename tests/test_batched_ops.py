@@ -205,6 +205,9 @@ CHUNK_CASES = [
     ([0, 3, 50, 7], 5, [0, 2, 4, 5], 4, 2, 2, 8),   # below and beyond the window, one all padding
     ([100, 1], 1, [0, 0], 3, 1, 4, 6),             # decode step at different positions
     ([9, 40, 200], 37, [30, 0, 12], 2, 2, 0, 16),  # chunk longer than the window
+    # Decode over rings long enough that the CPU kernel splits each sequence's slots across
+    # work items (wrapped, partly empty, one sequence padding only).
+    ([5000, 2500, 300], 1, [0, 1, 0], 3, 1, 2, 2500),
 ]
 
 
