@@ -11,6 +11,7 @@ with gradients) still goes to F.linear. StaticDecodeStep uses it on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterable
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.lminf)
 
-__all__ = ["DecodeLinears", "MAX_ROWS"]
+__all__ = ["DecodeLinears", "MAX_ROWS", "decode_linears_if"]
 
 # Rows up to which the kernel beats F.linear (bench/decode_linear_cpu.py, 2 cores, SmolLM2's
 # weights: bf16 2.12x at 1 row, 1.31x at 4, 0.76x at 8; float32 1.58x, 1.95x, 1.15x). Each row
@@ -70,6 +71,11 @@ class DecodeLinears:
                 linear.__dict__.pop("forward", None)
             else:
                 _routed[id(linear)] = count
+
+
+def decode_linears_if(enabled: bool, modules: Iterable[nn.Module]):
+    """DecodeLinears(modules) when enabled, else a context that changes nothing."""
+    return DecodeLinears(modules) if enabled else contextlib.nullcontext()
 
 
 def _routable(module: nn.Module) -> bool:

@@ -11,11 +11,9 @@ itself. The host keeps one piece of bookkeeping outside the graph: each ring's `
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from .decode_linears import DecodeLinears
+from .decode_linears import decode_linears_if
 from .hf.cache import LambdaCache
 from .hf.families import decoder_of
 from .hf.patching import cache_argument_name
@@ -113,8 +111,7 @@ class StaticDecodeStep:
         self._forward = (torch.compile(self._step, fullgraph=True, dynamic=False,
                                        options={"reorder_for_locality": False})
                          if compile else self._step)
-        self._linears = (DecodeLinears([self._decoder, self._head]) if cpu_linears and device.type == "cpu"
-                         else contextlib.nullcontext())
+        self._linears = decode_linears_if(cpu_linears and device.type == "cpu", [self._decoder, self._head])
         self._cuda_graph = cuda_graph
         self._graphs: dict[tuple[bool, bool], torch.cuda.CUDAGraph] = {}
 

@@ -14,14 +14,13 @@ the block's last column.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .decode_linears import DecodeLinears
+from .decode_linears import decode_linears_if
 from .decode_step import StaticDecodeStep, choose_tokens, draw_noise
 from .distributed import broadcast_from_first_rank, tensor_parallel_size
 from .hf import LambdaCache, cache_argument_name
@@ -75,7 +74,7 @@ class LambdaStream:
             raise ValueError(f"LambdaStream: cuda_graphs=True needs a model on CUDA, not {self._device}")
         self.cuda_graphs, self.compile = cuda_graphs, compile
         self.cpu_linears = cpu_linears and self._device.type == "cpu"
-        self._linears = DecodeLinears([self._decoder, self._head]) if self.cpu_linears else contextlib.nullcontext()
+        self._linears = decode_linears_if(self.cpu_linears, [self._decoder, self._head])
         # Built at the first generate(): it binds this stream's cache tensors.
         self._step: StaticDecodeStep | None = None
         # Logits at the last fed position: they predict the next token. [batch, vocab] or None.
