@@ -396,8 +396,9 @@ LinearInputs make_linear_inputs(const char* op, const torch::Tensor& x, const to
   p.bias = in.bias.defined() ? in.bias.data_ptr() : nullptr;
   p.out = in.out.data_ptr(), p.out_row_stride = in.out.stride(0);
   p.rows = in.x.size(0), p.in_features = in_features, p.out_features = out_features;
-  // One row (or one output feature) has no row stride to speak of: torch may report any.
-  if (p.rows <= 1) p.x_row_stride = in_features, p.out_row_stride = out_features;
+  // One row (or one output feature) has no row stride to speak of: torch may report any
+  // (out is allocated contiguous: its row stride is out_features already).
+  if (p.rows <= 1) p.x_row_stride = in_features;
   if (out_features <= 1) p.weight_row_stride = in_features;
   return in;
 }

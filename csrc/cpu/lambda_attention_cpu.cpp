@@ -222,28 +222,31 @@ class LambdaAttentionCpu {
     workspaces.reserve(threads);
     for (int i = 0; i < threads; ++i) workspaces.emplace_back(max_rows, dp_, max_keys, group_, top_k_);
     PartialStates partials(splits > 1 ? n_items : 0, max_rows, dp_);
+    // What tile item i covers: sequence b, kv head kv_head, query rows [t0, t1).
+    struct TileRows {
+      int64_t b, kv_head, t0, t1;
+    };
+    const auto tile_rows = [&](int64_t tile_item) {
+      const int64_t tile = tile_item % n_tiles;
+      return TileRows{tile_item / (n_tiles * p_.n_heads_kv), (tile_item / n_tiles) % p_.n_heads_kv,
+                      tile * tile_queries_, std::min(p_.n_queries, (tile + 1) * tile_queries_)};
+    };
 #pragma omp parallel num_threads(threads)
     {
       TileWorkspace<T>& ws = workspaces[omp_get_thread_num()];
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < n_items; ++item) {
-        const int64_t split = item % splits, tile_item = item / splits;
-        const int64_t tile = tile_item % n_tiles;
-        const int64_t kv_head = (tile_item / n_tiles) % p_.n_heads_kv;
-        const int64_t b = tile_item / (n_tiles * p_.n_heads_kv);
+        const int64_t split = item % splits;
+        const TileRows t = tile_rows(item / splits);
         const KeyPart part{split * p_.cache_len / splits, (split + 1) * p_.cache_len / splits,
                            split == splits - 1, splits > 1 ? &partials : nullptr, item};
-        run_tile(ws, b, kv_head, tile * tile_queries_,
-                 std::min(p_.n_queries, (tile + 1) * tile_queries_), part);
+        run_tile(ws, t.b, t.kv_head, t.t0, t.t1, part);
       }
       if (splits > 1) {
 #pragma omp for schedule(static)
         for (int64_t tile_item = 0; tile_item < n_tile_items; ++tile_item) {
-          const int64_t tile = tile_item % n_tiles;
-          const int64_t kv_head = (tile_item / n_tiles) % p_.n_heads_kv;
-          const int64_t b = tile_item / (n_tiles * p_.n_heads_kv);
-          merge_tile(ws, partials, tile_item * splits, splits, b, kv_head, tile * tile_queries_,
-                     std::min(p_.n_queries, (tile + 1) * tile_queries_));
+          const TileRows t = tile_rows(tile_item);
+          merge_tile(ws, partials, tile_item * splits, splits, t.b, t.kv_head, t.t0, t.t1);
         }
       }
     }
