@@ -6,6 +6,8 @@
 
 #include <ATen/MemoryOverlap.h>
 
+#include <cstdlib>
+#include <numeric>
 #include <string>
 
 #include "checks.h"
@@ -123,6 +125,57 @@ torch::Tensor padding_rows(const char* op, const std::optional<torch::Tensor>& p
   return t.contiguous();
 }
 
+// Whether a and b are views whose rows (their contiguous last dimension) interleave without
+// touching, as the two halves of a [..., 2 * head_dim] K/V block do. Every other stride of both
+// is a multiple of a period P, so a's elements sit at A + kP + t (t < a's row length) and b's
+// at B + k'P + u: they meet only if t - u = B - A (mod P), which no t, u allow when b's row
+// starts, modulo P, in the gap after a's row and ends before a's next row.
+bool rows_interleave(const torch::Tensor& a, const torch::Tensor& b) {
+  if (a.scalar_type() != b.scalar_type() || a.dim() == 0 || b.dim() == 0 || a.stride(-1) != 1 ||
+      b.stride(-1) != 1) {
+    return false;
+  }
+  int64_t period = 0;
+  for (const torch::Tensor* t : {&a, &b}) {
+    for (int64_t d = 0; d + 1 < t->dim(); ++d) {
+      if (t->size(d) > 1) period = std::gcd(period, std::abs(t->stride(d)));
+    }
+  }
+  const auto distance = reinterpret_cast<intptr_t>(b.data_ptr()) - reinterpret_cast<intptr_t>(a.data_ptr());
+  if (period == 0 || distance % static_cast<intptr_t>(a.element_size()) != 0) return false;
+  const int64_t start = ((distance / static_cast<intptr_t>(a.element_size())) % period + period) % period;
+  return start >= a.size(-1) && period - start >= b.size(-1);
+}
+
+// Whether a and b may share an element. at::get_overlap_status answers only for contiguous
+// tensors (TooHard otherwise, e.g. the per-head views of a cache with 2 KV heads); for those,
+// the byte ranges they span are compared, and views whose ranges cross are taken to share
+// memory unless their rows interleave (rows_interleave). Other disjoint layouts may be refused:
+// a clear error, never a silently wrong write.
+bool may_share_memory(const torch::Tensor& a, const torch::Tensor& b) {
+  const auto status = at::get_overlap_status(a, b);
+  if (status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial) return true;
+  if (status != at::MemOverlapStatus::TooHard) return false;
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
+      !a.storage().is_alias_of(b.storage())) {
+    return false;
+  }
+  const auto span = [](const torch::Tensor& t) {
+    const auto base = reinterpret_cast<uintptr_t>(t.data_ptr());
+    int64_t low = 0, high = 0;  // element offsets of the first and last element reached
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      const int64_t reach = (t.size(d) - 1) * t.stride(d);
+      (reach < 0 ? low : high) += reach;
+    }
+    const auto bytes = static_cast<int64_t>(t.element_size());
+    return std::pair<uintptr_t, uintptr_t>(base + low * bytes, base + (high + 1) * bytes);
+  };
+  const auto [a_low, a_high] = span(a);
+  const auto [b_low, b_high] = span(b);
+  if (!(a_low < b_high && b_low < a_high)) return false;
+  return !rows_interleave(a, b);
+}
+
 // A tensor written in place must own each of its elements (an expanded, stride-0 tensor
 // would have one write land on many elements) and share no memory with the other tensors
 // of the call (a cache whose k and v are one tensor, or new keys read from the cache itself).
@@ -134,12 +187,10 @@ void check_writable(const char* op, const char* name, const torch::Tensor& t,
            "(stride-0) tensor of shape " + shape_str(t);
   });
   for (const auto& [other_name, other] : others) {
-    const auto overlap = at::get_overlap_status(t, other);
-    require(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
-            [&] {
-              return std::string(name) + " must not share memory with " + other_name +
-                     " (it is written in place)";
-            });
+    require(!may_share_memory(t, other), op, [&] {
+      return std::string(name) + " must not share memory with " + other_name +
+             " (it is written in place): give each its own tensor";
+    });
   }
 }
 

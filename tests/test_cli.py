@@ -1,7 +1,9 @@
 """The lminf command line on a tiny local model: outputs, their agreement, and bad input."""
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -272,3 +274,51 @@ def test_sigint_during_start_up_exits_130_quietly(model_dir, text_file):
     err = child.stderr.read()
     assert child.wait(timeout=60) == 130, err
     assert "Traceback" not in err, err
+
+
+def test_outputs_are_written_only_as_regular_files(model_dir, text_file, tmp_path, capsys):
+    """--json/--plot over a symbolic link or a device, pipe or socket is refused before the run
+    (os.replace would put a file in place of the link, or of /dev/null when run as root)."""
+    target = tmp_path / "target.json"
+    target.write_text("kept")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    for path, kind in [(link, "a symbolic link"), (fifo, "a device, pipe or socket"),
+                       ("/dev/null", "a device, pipe or socket")]:
+        _fails_cleanly(capsys, "ppl", [text_file, "--model", model_dir, "--json", path], f"--json {path}: is {kind}")
+        _fails_cleanly(capsys, "passkey", ["--model", model_dir, "--plot", path], f"--plot {path}: is {kind}")
+    assert link.is_symlink() and target.read_text() == "kept"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_a_written_output_gets_the_usual_permissions(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "ppl.json"
+    assert _run("ppl", text_file, "--model", model_dir, "--n-local", 16, "--tokens", 64, "--methods",
+                "lm-infinite", "--json", out, "--no-progress") == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_unbounded_inputs_are_refused_before_memory_grows(model_dir, text_file, tmp_path, capsys):
+    sparse = tmp_path / "sparse.txt"
+    with open(sparse, "wb") as file:
+        file.truncate(10 * 2**30)  # 10 GiB that take no disk: read whole, they took 4 GB of RSS
+    _fails_cleanly(capsys, "ppl", [sparse, "--model", model_dir], "over the input limit of 64 MiB")
+    _fails_cleanly(capsys, "generate", [sparse, "--model", model_dir], "over the input limit of 64 MiB")
+    _fails_cleanly(capsys, "passkey", ["--model", model_dir, "--lengths", 150_000_000],
+                   "--lengths: a 150000000-token prompt is over the input limit")
+    _fails_cleanly(capsys, "ppl", [text_file, "--model", model_dir, "--max-input-mb", 0], "--max-input-mb",
+                   status=2)
+
+
+def test_generate_refuses_endless_stdin_in_bounded_memory(model_dir):
+    """`lminf generate - < /dev/zero` grew to 3.1 GB in 9.5 s; now it reads at most the limit."""
+    with open("/dev/zero", "rb") as zeros:
+        done = subprocess.run([sys.executable, "-m", "lm_infinite.cli", "generate", "-", "--model", str(model_dir),
+                               "--max-input-mb", "2"], stdin=zeros, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "the prompt on stdin is larger than the input limit of 2 MiB" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,6 +1,7 @@
 // CPU ring-buffer append: copy each surviving token of the chunk into its slot.
 #include <algorithm>
 #include <cstring>
+#include <string>
 
 #include "lminf/ring_kv_cache.h"
 
@@ -48,6 +49,27 @@ void append_typed(const RingCacheAppendParams& p) {
   }
 }
 
+// A ring only moves forward: a chunk must start after every position the sequence holds.
+// The slot its start maps to tells, without a scan: it holds a position >= start exactly
+// when the sequence already reached start (the window keeps the last n_local positions, each
+// in the slot of its residue; the first n_global keep their own slots).
+Status validate_append_order(const RingCacheAppendParams& p) {
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t pad = p.padding == nullptr ? 0 : p.padding[b];
+    if (pad >= p.n_new) continue;  // all padding: nothing written
+    const int64_t start = p.start_position[b * p.start_position_batch_stride];
+    const int64_t held = p.cache_positions[b * p.cache_positions_batch_stride +
+                                           ring_slot(start, p.n_global, p.n_local)];
+    if (held >= start) {
+      return Status::InvalidArgument(
+          "start_position[" + std::to_string(b) + "] must be after the positions the cache "
+          "holds (a ring cannot go back), got " + std::to_string(start) + " while position " +
+          std::to_string(held) + " is stored");
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status ring_cache_append_cpu(const RingCacheAppendParams& params) {
@@ -56,6 +78,8 @@ Status ring_cache_append_cpu(const RingCacheAppendParams& params) {
   status = validate_sequence_positions("start_position", params.start_position,
                                        params.start_position_batch_stride, params.padding,
                                        params.batch, params.n_new);
+  if (!status.ok()) return status;
+  status = validate_append_order(params);
   if (!status.ok()) return status;
   switch (params.dtype) {
     case DType::kFloat32: append_typed<float>(params); break;

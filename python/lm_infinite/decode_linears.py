@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -73,9 +74,24 @@ class DecodeLinears:
                 _routed[id(linear)] = count
 
 
-def decode_linears_if(enabled: bool, modules: Iterable[nn.Module]):
-    """DecodeLinears(modules) when enabled, else a context that changes nothing."""
-    return DecodeLinears(modules) if enabled else contextlib.nullcontext()
+# model -> the DecodeLinears of its decoder and head, shared by every stream and step of the
+# model. torch.compile guards on each routed layer's forward object: per-stream partials would
+# recompile a compiled step for every new stream (and the compiled code of a dead stream's
+# partials would linger until the cyclic collector ran). The value holds the model's linear
+# layers, which hold no reference to the model, so the entry goes when the model does.
+_shared: weakref.WeakKeyDictionary[nn.Module, DecodeLinears] = weakref.WeakKeyDictionary()
+
+
+def decode_linears_if(enabled: bool, model: nn.Module, modules: Iterable[nn.Module]):
+    """The DecodeLinears of `modules` (parts of `model`) when enabled, else a context that
+    changes nothing. One instance per model is reused while its routable layers stay the same."""
+    if not enabled:
+        return contextlib.nullcontext()
+    fresh = DecodeLinears(modules)
+    shared = _shared.get(model)
+    if shared is None or [id(m) for m in shared._linears] != [id(m) for m in fresh._linears]:
+        _shared[model] = shared = fresh
+    return shared
 
 
 def _routable(module: nn.Module) -> bool:

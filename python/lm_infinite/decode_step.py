@@ -11,6 +11,8 @@ itself. The host keeps one piece of bookkeeping outside the graph: each ring's `
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from .decode_linears import decode_linears_if
@@ -19,7 +21,7 @@ from .hf.families import decoder_of
 from .hf.patching import cache_argument_name
 from .hf.state import state_of
 
-__all__ = ["StaticDecodeStep", "choose_tokens", "draw_noise", "outside_nucleus"]
+__all__ = ["StaticDecodeStep", "choose_tokens", "draw_noise", "outside_nucleus", "positive_float32"]
 
 
 def choose_tokens(logits: torch.Tensor, temperature: float | torch.Tensor | None,
@@ -35,7 +37,9 @@ def choose_tokens(logits: torch.Tensor, temperature: float | torch.Tensor | None
     of most probable tokens whose probability reaches top_p, renormalised."""
     if temperature is None:
         return logits.argmax(dim=-1)
-    scaled = logits / temperature
+    # Shifted so that the largest is 0: a tiny temperature then sends every other logit to
+    # -inf, never the largest to inf or NaN, and the draw becomes greedy, its limit.
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_p is not None:
         scaled = scaled.masked_fill(outside_nucleus(scaled, top_p), float("-inf"))
     return (scaled - noise.log()).argmax(dim=-1)
@@ -48,6 +52,8 @@ def outside_nucleus(scaled: torch.Tensor, top_p: float | torch.Tensor) -> torch.
     ordered, order = scaled.sort(dim=-1, descending=True)
     probs = ordered.softmax(dim=-1)
     outside = (probs.cumsum(dim=-1) - probs) >= top_p  # mass strictly before each token
+    # The most probable token stays in even when top_p underflowed to 0 in float32.
+    outside[..., 0] = False
     return outside.scatter(-1, order, outside)
 
 
@@ -108,10 +114,14 @@ class StaticDecodeStep:
         # the ring's append (in the functional graph nothing orders them), and then inductor
         # can no longer append in place: it copies every ring twice per step (2 x 6 MB per
         # layer for SmolLM2 at 8K, most of a compiled step's time).
-        self._forward = (torch.compile(self._step, fullgraph=True, dynamic=False,
+        # A plain function of the step, not a bound method: `self._forward = self._step` would
+        # make every step a reference cycle, holding its cache until the cyclic collector runs.
+        self._forward = (torch.compile(_decode_step, fullgraph=True, dynamic=False,
                                        options={"reorder_for_locality": False})
-                         if compile else self._step)
-        self._linears = decode_linears_if(cpu_linears and device.type == "cpu", [self._decoder, self._head])
+                         if compile else _decode_step)
+        self._compiled, self._traced = compile, set()
+        self._linears = decode_linears_if(cpu_linears and device.type == "cpu", model,
+                                          [self._decoder, self._head])
         self._cuda_graph = cuda_graph
         self._graphs: dict[tuple[bool, bool], torch.cuda.CUDAGraph] = {}
 
@@ -121,7 +131,7 @@ class StaticDecodeStep:
         self.input_ids.copy_(token_ids.view(-1, 1))
         self.position_ids.copy_(self.rings[0].next_position.view(-1, 1))
         if temperature > 0:
-            self.temperature.fill_(temperature)
+            self.temperature.fill_(positive_float32(temperature))
         self.top_p.fill_(top_p)
         self._nucleus = top_p < 1.0
 
@@ -141,7 +151,7 @@ class StaticDecodeStep:
         try:
             if not self._cuda_graph:
                 with self._linears:
-                    self._forward(*mode)
+                    self._run(mode)
             elif mode in self._graphs:
                 self._graphs[mode].replay()
             else:
@@ -153,18 +163,17 @@ class StaticDecodeStep:
         for ring in self.rings:
             ring.count(1)
 
-    def _step(self, sample: bool, nucleus: bool = False) -> None:
-        output = self._decoder(input_ids=self.input_ids, position_ids=self.position_ids, use_cache=True,
-                               **{self._cache_keyword: self.cache})
-        logits = self._head(output.last_hidden_state[:, -1]).float()
-        self.logits.copy_(logits)
-        chosen = choose_tokens(logits, self.temperature if sample else None, self.noise,
-                               self.top_p if nucleus else None)
-        self.input_ids.copy_(chosen.unsqueeze(-1))
-        if self.padding is None:
-            self.position_ids.add_(1)
-        else:
-            self.position_ids.add_(1 - self.padding.unsqueeze(-1))
+    def _run(self, mode: tuple[bool, bool]) -> None:
+        if not self._compiled or mode in self._traced:
+            return self._forward(self, *mode)
+        graphs = _compiled_graphs()
+        self._forward(self, *mode)
+        self._traced.add(mode)
+        if _compiled_graphs() != graphs:
+            # Tracing leaves reference cycles (the frames it walked) that reach this step's
+            # tensors: collect them once now, or a dropped stream would keep its cache until
+            # the cyclic collector happened to run.
+            gc.collect()
 
     def _capture(self, sample: bool, nucleus: bool) -> torch.cuda.CUDAGraph:
         """Run this call's step for real on a side stream (which also warms up the allocator and
@@ -173,9 +182,35 @@ class StaticDecodeStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._forward(sample, nucleus)
+            self._forward(self, sample, nucleus)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._forward(sample, nucleus)
+            self._forward(self, sample, nucleus)
         return graph
+
+
+def _decode_step(step: StaticDecodeStep, sample: bool, nucleus: bool = False) -> None:
+    """One step of `step`: feed its input_ids, keep the logits, choose the next tokens."""
+    output = step._decoder(input_ids=step.input_ids, position_ids=step.position_ids, use_cache=True,
+                           **{step._cache_keyword: step.cache})
+    logits = step._head(output.last_hidden_state[:, -1]).float()
+    step.logits.copy_(logits)
+    chosen = choose_tokens(logits, step.temperature if sample else None, step.noise,
+                           step.top_p if nucleus else None)
+    step.input_ids.copy_(chosen.unsqueeze(-1))
+    if step.padding is None:
+        step.position_ids.add_(1)
+    else:
+        step.position_ids.add_(1 - step.padding.unsqueeze(-1))
+
+
+def positive_float32(value: float) -> float:
+    """value, raised to the smallest normal float32 if it would round to 0 (or a subnormal)
+    there: a temperature of 1e-50 means greedy, not a division by zero."""
+    return max(value, torch.finfo(torch.float32).tiny)
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -95,6 +95,8 @@ def _defaults(op: str, q: torch.Tensor, n_global, n_local, distance_cap, scale):
     distance_cap = n_local if distance_cap is None else distance_cap
     _check_ints(op, n_global=n_global, n_local=n_local, distance_cap=distance_cap)
     if scale is None:
+        if q.shape[-1] == 0:
+            raise ValueError(f"{op}: q must have head_dim >= 1 (its last dimension), got shape {tuple(q.shape)}")
         scale = q.shape[-1] ** -0.5
     elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
         raise TypeError(f"{op}: scale must be a real number, got {type(scale).__name__} {scale!r}")
@@ -280,18 +282,32 @@ def _(cache_k, cache_v, cache_positions, k, v, start_position, n_global, n_local
 # differentiable, for whoever needs gradients of the semantics.
 def _no_backward(op: str):
     def backward(ctx, *grads):
-        raise RuntimeError(
-            f"lminf::{op} has no backward (the LM-Infinite ops are inference-only); run under "
-            "torch.no_grad() / torch.inference_mode(), or differentiate "
-            "lm_infinite.lambda_attention_reference instead"
-        )
+        # Returned as a gradient of the op's first input, so that the refusal runs when the
+        # backward does: raising here instead would fail torch.compile of any forward with
+        # gradients on (AOTAutograd traces the backward while compiling), where eager works.
+        return (torch.ops.lminf.refuse_backward(grads[0], op, ctx.first_input_shape),
+                *[None] * (ctx.n_inputs - 1))
 
     return backward
 
 
-def _no_context(ctx, inputs, output):
-    pass
+def _remember_inputs(ctx, inputs, output):
+    ctx.first_input_shape, ctx.n_inputs = list(inputs[0].shape), len(inputs)
+
+
+@torch.library.custom_op("lminf::refuse_backward", mutates_args=())
+def _refuse_backward(grad: torch.Tensor, op: str, shape: list[int]) -> torch.Tensor:
+    raise RuntimeError(
+        f"lminf::{op} has no backward (the LM-Infinite ops are inference-only); run under "
+        "torch.no_grad() / torch.inference_mode(), or differentiate "
+        "lm_infinite.lambda_attention_reference instead"
+    )
+
+
+@_refuse_backward.register_fake
+def _(grad, op, shape):
+    return grad.new_empty(shape)
 
 
 for _op in ("decode_linear", "lambda_attention", "lambda_attention_chunk"):
-    torch.library.register_autograd(f"lminf::{_op}", _no_backward(_op), setup_context=_no_context)
+    torch.library.register_autograd(f"lminf::{_op}", _no_backward(_op), setup_context=_remember_inputs)

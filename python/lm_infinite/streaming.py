@@ -15,13 +15,14 @@ the block's last column.
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .decode_linears import decode_linears_if
-from .decode_step import StaticDecodeStep, choose_tokens, draw_noise
+from .decode_step import StaticDecodeStep, choose_tokens, draw_noise, positive_float32
 from .distributed import broadcast_from_first_rank, tensor_parallel_size
 from .hf import LambdaCache, cache_argument_name
 from .hf.families import decoder_of
@@ -29,6 +30,8 @@ from .hf.padding import padding_from_mask
 from .hf.state import state_of
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "LambdaStream"]
+
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 # Tokens per prefill forward. Memory is constant in the stream's length (one chunk of
 # activations plus the rings) and grows with this; the value is not yet chosen by measurement
@@ -74,7 +77,7 @@ class LambdaStream:
             raise ValueError(f"LambdaStream: cuda_graphs=True needs a model on CUDA, not {self._device}")
         self.cuda_graphs, self.compile = cuda_graphs, compile
         self.cpu_linears = cpu_linears and self._device.type == "cpu"
-        self._linears = decode_linears_if(self.cpu_linears, [self._decoder, self._head])
+        self._linears = decode_linears_if(self.cpu_linears, model, [self._decoder, self._head])
         # Built at the first generate(): it binds this stream's cache tensors.
         self._step: StaticDecodeStep | None = None
         # Logits at the last fed position: they predict the next token. [batch, vocab] or None.
@@ -136,7 +139,7 @@ class LambdaStream:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] or [tokens] tensor, "
                              f"got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        if input_ids.dtype not in _ID_DTYPES:
             raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
         batch = self.next_logits.shape[0] if self.next_logits is not None else input_ids.shape[0]
         if input_ids.shape[0] != batch:
@@ -297,14 +300,15 @@ class LambdaStream:
             raise ValueError(f"LambdaStream.generate: top_p must be a number in (0, 1], got {top_p!r}")
         if self.next_logits is None:
             raise ValueError("LambdaStream.generate: feed a prompt first")
-        stop = set(stop_token_ids)
+        stop = _stop_set(stop_token_ids)
         if self._step is None:
             self._step = StaticDecodeStep(self.model, self.cache, compile=self.compile,
                                           cuda_graph=self.cuda_graphs, cpu_linears=self.cpu_linears)
         step, sample = self._step, temperature > 0
         noise = draw_noise(torch.empty_like(self.next_logits), generator) if sample else None
         nucleus = top_p if sample and top_p < 1 else None
-        step.start(choose_tokens(self.next_logits, temperature if sample else None, noise, nucleus),
+        step.start(choose_tokens(self.next_logits, positive_float32(temperature) if sample else None,
+                                 noise, nucleus),
                    temperature, top_p)
         if self.next_logits.shape[0] > 1:
             return self._generate_batch(step, max_new_tokens, stop, sample, generator)
@@ -350,16 +354,40 @@ class LambdaStream:
                 return
 
 
+def _stop_set(stop_token_ids) -> set[int]:
+    """stop_token_ids (an iterable of int token ids; None: none) as a set."""
+    if stop_token_ids is None:
+        return set()
+    if isinstance(stop_token_ids, (str, bytes)) or not isinstance(stop_token_ids, Iterable):
+        raise TypeError(f"LambdaStream.generate: stop_token_ids must be an iterable of int token ids, "
+                        f"got {type(stop_token_ids).__name__} {stop_token_ids!r}")
+    stop = set()
+    for token in stop_token_ids:
+        if isinstance(token, torch.Tensor) and token.dim() == 0 and not token.is_floating_point():
+            token = token.item()
+        if not isinstance(token, numbers.Integral) or isinstance(token, bool):
+            raise TypeError(f"LambdaStream.generate: stop_token_ids must hold int token ids, got "
+                            f"{type(token).__name__} {token!r}")
+        stop.add(int(token))
+    return stop
+
+
 def _left_pad(sequences) -> tuple[torch.Tensor, list[int] | None]:
     """A list of 1-D token sequences of different lengths as one left-padded [batch, tokens]
     block (pad id 0: padding rows are never read) and each sequence's padding."""
     rows = []
     for index, sequence in enumerate(sequences):
-        row = sequence if isinstance(sequence, torch.Tensor) else torch.as_tensor(sequence, dtype=torch.int64)
+        try:
+            row = sequence if isinstance(sequence, torch.Tensor) else torch.as_tensor(sequence)
+        except (TypeError, ValueError, RuntimeError) as error:  # ragged, non-numeric, too large
+            raise ValueError(f"input_ids[{index}] must be a 1-D sequence of int token ids: {error}") from None
         if row.dim() != 1 or row.numel() == 0:
             raise ValueError(f"input_ids[{index}] must be a non-empty 1-D sequence of token ids, got "
                              f"shape {tuple(row.shape)}")
-        rows.append(row)
+        if row.dtype not in _ID_DTYPES:
+            # torch.as_tensor(..., dtype=int64) would truncate 1.5 to 1 and feed it.
+            raise TypeError(f"input_ids[{index}] must hold integer token ids, got {row.dtype}")
+        rows.append(row.to(torch.int64))
     if not rows:
         raise ValueError("input_ids: an empty list of sequences")
     width = max(row.numel() for row in rows)

@@ -12,11 +12,12 @@ import torch
 
 from ..distributed import is_main_process, launched_with_several_processes
 from ..eval.methods import Settings
+from ..eval.report import check_regular_output
 from ..hf.families import decoder_of
 from ..hf.tensor_parallel import check_head_split
 from ..hf.presets import PRESETS
 
-__all__ = ["add_model_options", "add_top_k_options", "check_output_paths", "device_option", "load",
+__all__ = ["add_input_limit_option", "add_model_options", "add_top_k_options", "check_output_paths", "device_option", "load", "max_input_bytes",
            "number_where", "positive_int", "progress_bars", "settings_from"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,8 +84,7 @@ def check_output_paths(args, options=("json", "plot")) -> None:
             continue
         path = Path(value)
         flag = f"--{option}"
-        if path.is_dir():
-            raise IsADirectoryError(f"{flag} {value}: is a directory, expected a file path")
+        check_regular_output(path, flag)
         # The nearest folder that exists: atomic_write creates the missing ones below it.
         folder = next(p for p in path.parents if p.exists()) if not path.parent.exists() else path.parent
         if not folder.is_dir():
@@ -96,6 +96,22 @@ def check_output_paths(args, options=("json", "plot")) -> None:
                                   f"{error.strerror or error}") from None
         os.close(fd)
         os.unlink(probe)
+
+
+# Input text the CLI reads before it starts (files, stdin, passkey prompts): text and token ids
+# are held whole while tokenized, so an unbounded input (`lminf generate - < /dev/zero`, a
+# sparse 10 GB file) would grow the process until the machine runs out of memory.
+DEFAULT_MAX_INPUT_MB = 64
+
+
+def add_input_limit_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-input-mb", type=positive_int, default=DEFAULT_MAX_INPUT_MB,
+                        help="refuse input text over this many MiB before reading it (files, stdin; "
+                             "passkey prompts count 4 bytes a token) (default: %(default)s)")
+
+
+def max_input_bytes(args) -> int:
+    return args.max_input_mb * 2**20
 
 
 def int_list(text: str) -> list[int]:

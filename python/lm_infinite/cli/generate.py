@@ -7,10 +7,11 @@ import sys
 
 import torch
 
-from ..eval.corpus import read_text_file
+from ..eval.corpus import read_text_file, read_text_stream
 from ..eval.methods import lm_infinite_enabled
 from ..streaming import LambdaStream
-from .common import add_model_options, load, non_negative_int, number_where, positive_int, settings_from
+from .common import (add_input_limit_option, add_model_options, load, max_input_bytes, non_negative_int,
+                     number_where, positive_int, settings_from)
 
 
 def register(subparsers) -> None:
@@ -33,6 +34,7 @@ def register(subparsers) -> None:
                              "every step is already a replayed CUDA graph)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                         help="on CUDA, run decode steps eagerly instead of replaying a captured graph")
+    add_input_limit_option(parser)
     add_model_options(parser)
     parser.set_defaults(run=run)
 
@@ -41,11 +43,11 @@ temperature_option = number_where(lambda x: 0.0 <= x < float("inf"), "a finite n
 top_p_option = number_where(lambda x: 0.0 < x <= 1.0, "a number in (0, 1]")
 
 
-def read_prompt(name: str) -> str:
+def read_prompt(name: str, max_bytes: int) -> str:
     if name == "-":
-        text = sys.stdin.read()
+        text = read_text_stream(sys.stdin.buffer, "the prompt on stdin", max_bytes)
     else:
-        text = read_text_file(name, "prompt file")
+        text = read_text_file(name, "prompt file", max_bytes)
     if not text.strip():
         raise ValueError(f"the prompt in {name!r} is empty")
     return text
@@ -54,7 +56,7 @@ def read_prompt(name: str) -> str:
 def run(args) -> int:
     if args.prompts.count("-") > 1:
         raise ValueError("'-' (stdin) can be given as a prompt file only once")
-    texts = [read_prompt(name) for name in args.prompts]
+    texts = [read_prompt(name, max_input_bytes(args)) for name in args.prompts]
     model, tokenizer, _ = load(args)
     ids = [tokenizer(text, return_tensors="pt").input_ids[0] for text in texts]
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from tqdm import tqdm
 
 from ..eval.methods import METHODS
 from ..eval.passkey import passkey_run
 from ..eval.report import passkey_table, plot_passkey, write_json
-from .common import (add_model_options, add_top_k_options, check_output_paths, int_list, load,
-                     positive_int, settings_from)
+from .common import (add_input_limit_option, add_model_options, add_top_k_options, check_output_paths,
+                     int_list, load, max_input_bytes, positive_int, settings_from)
 from .ppl import method_list
 
 
@@ -42,29 +41,29 @@ def register(subparsers) -> None:
     parser.add_argument("--json", metavar="PATH", help="write every trial as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of accuracy against length")
     parser.add_argument("--no-progress", action="store_true")
+    add_input_limit_option(parser)
     add_model_options(parser)
     add_top_k_options(parser)
     parser.set_defaults(run=run)
 
 
-# Building a prompt holds its text and token ids at once: well over this many bytes per token.
-_PROMPT_BYTES_PER_TOKEN = 64
+# Bytes of input text a prompt token stands for, against --max-input-mb.
+_TEXT_BYTES_PER_TOKEN = 4
 
 
-def check_lengths_fit(lengths: list[int]) -> None:
-    """Refuse, before the model loads, a prompt length this machine cannot even hold."""
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def check_lengths_fit(lengths: list[int], max_bytes: int) -> None:
+    """Refuse, before the model loads, a prompt longer than the input limit allows: the
+    prompt's text and token ids are held whole while it is built."""
     longest = max(lengths)
-    if longest * _PROMPT_BYTES_PER_TOKEN > memory:
-        raise ValueError(f"--lengths: a {longest}-token prompt needs about "
-                         f"{longest * _PROMPT_BYTES_PER_TOKEN / 2**30:.0f} GiB to build; this machine "
-                         f"has {memory / 2**30:.0f} GiB (at most "
-                         f"{memory // _PROMPT_BYTES_PER_TOKEN} tokens)")
+    if longest * _TEXT_BYTES_PER_TOKEN > max_bytes:
+        raise ValueError(f"--lengths: a {longest}-token prompt is over the input limit of "
+                         f"{max_bytes // _TEXT_BYTES_PER_TOKEN} tokens (--max-input-mb "
+                         f"{max_bytes // 2**20}, {_TEXT_BYTES_PER_TOKEN} bytes a token)")
 
 
 def run(args) -> int:
     check_output_paths(args)
-    check_lengths_fit(args.lengths)
+    check_lengths_fit(args.lengths, max_input_bytes(args))
     model, tokenizer, model_name = load(args)
     total = len(args.lengths) * len(args.depths) * args.trials * len(args.methods)
     with tqdm(total=total, desc="passkey", unit="trial", disable=args.no_progress) as bar:

@@ -9,8 +9,8 @@ from ..eval.corpus import check_text_file, default_corpus_tokens, file_tokens
 from ..eval.methods import METHODS, TOP_K_METHOD
 from ..eval.perplexity import bucket_perplexity, perplexity, perplexity_run
 from ..eval.report import perplexity_table, plot_perplexity, write_json
-from .common import (add_model_options, add_top_k_options, check_output_paths, load, positive_int,
-                     progress_bars, settings_from)
+from .common import (add_input_limit_option, add_model_options, add_top_k_options, check_output_paths,
+                     load, max_input_bytes, positive_int, progress_bars, settings_from)
 
 
 def method_list(text: str) -> list[str]:
@@ -30,6 +30,7 @@ def add_text_options(parser: argparse.ArgumentParser, default_tokens: int) -> No
     parser.add_argument("--json", metavar="PATH", help="write settings, per-token NLL and the table as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of NLL against position")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_input_limit_option(parser)
 
 
 def register(subparsers) -> None:
@@ -51,7 +52,7 @@ def register(subparsers) -> None:
 
 def text_tokens(args, tokenizer):
     if args.files:
-        return file_tokens(args.files, tokenizer)[: args.tokens]
+        return file_tokens(args.files, tokenizer, max_input_bytes(args))[: args.tokens]
     return default_corpus_tokens(tokenizer, args.tokens)
 
 
@@ -68,7 +69,7 @@ def evaluate(args, methods, title: str) -> dict:
     """Shared by `ppl` and `demo`: run, print the table, write the JSON and the plot."""
     check_output_paths(args)
     for path in args.files:
-        check_text_file(path)
+        check_text_file(path, max_bytes=max_input_bytes(args))
     model, tokenizer, model_name = load(args)
     ids = text_tokens(args, tokenizer)
     settings = settings_from(args).resolved(model)

@@ -26,6 +26,12 @@ def register(subparsers) -> None:
     parser.add_argument("--max-prompt-tokens", type=positive_int,
                         help="refuse longer prompts (default: no limit; a kept conversation "
                              "only feeds its new tokens)")
+    parser.add_argument("--max-active", type=positive_int, default=8,
+                        help="requests computed at once; more wait in a queue (default: %(default)s)")
+    parser.add_argument("--max-queued", type=non_negative_int, default=64,
+                        help="requests waiting for a slot before more are refused with 429 (default: %(default)s)")
+    parser.add_argument("--max-request-mb", type=positive_int, default=4,
+                        help="refuse request bodies over this many MiB with 413 (default: %(default)s)")
     parser.add_argument("--model-name", help="the model id clients use (default: the model's "
                                              "directory or file name)")
     add_model_options(parser)
@@ -48,8 +54,10 @@ def run(args) -> int:
     settings = settings_from(args)
     enable(model, settings.n_global, settings.n_local, settings.distance_cap)
     engine = Engine(model, tokenizer, chunk_size=args.chunk_size, max_conversations=args.max_conversations,
-                    max_prompt_tokens=args.max_prompt_tokens)
+                    max_prompt_tokens=args.max_prompt_tokens, max_active=args.max_active,
+                    max_queued=args.max_queued)
     name = args.model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else _DEFAULT_MODEL_NAME)
-    uvicorn.run(create_app(engine, model_name=name, max_tokens_limit=args.max_tokens_limit),
+    uvicorn.run(create_app(engine, model_name=name, max_tokens_limit=args.max_tokens_limit,
+                           max_request_bytes=args.max_request_mb * 2**20),
                 host=args.host, port=args.port, log_level="info")
     return 0

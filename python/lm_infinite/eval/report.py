@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -13,19 +14,38 @@ import torch
 
 from .perplexity import bucket_perplexity
 
-__all__ = ["atomic_write", "passkey_table", "perplexity_table", "plot_passkey", "plot_perplexity",
+__all__ = ["atomic_write", "check_regular_output", "passkey_table", "perplexity_table", "plot_passkey", "plot_perplexity",
            "write_json"]
 
 
-def atomic_write(path: str | Path, write) -> None:
+def check_regular_output(path: str | Path, name: str = "output") -> None:
+    """Refuse to write `path` unless it is absent or a regular file: writing over a symbolic
+    link would replace the link (and leave its target as it was), and a device node, a pipe or
+    a socket would be replaced by a file (as root, /dev/null itself)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode)
+            else "a device, pipe or socket, not a regular file")
+    raise ValueError(f"{name} {path}: is {kind}; expected the path of a regular file (or of none yet)")
+
+
+def atomic_write(path: str | Path, write, name: str = "output") -> None:
     """Call write(temporary_path), then rename it to `path`: a reader (or a crash) never sees a
-    half-written file."""
+    half-written file. Only regular files are written (check_regular_output)."""
     path = Path(path)
+    check_regular_output(path, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # what open() would have made, not mkstemp's 0600
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

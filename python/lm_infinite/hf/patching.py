@@ -126,7 +126,7 @@ def enable(model: nn.Module, n_global: int = 10, n_local: int | None = None,
     model.set_attn_implementation(ATTENTION_NAME)
     cache_name = cache_argument_name(decoder)
     state.hooks = (
-        decoder.register_forward_pre_hook(_binder(state, decoder, cache_name), with_kwargs=True),
+        decoder.register_forward_pre_hook(_binder(state, cache_name), with_kwargs=True),
         decoder.register_forward_hook(_unbinder(state), always_call=True),
     )
     model._lm_infinite = decoder._lm_infinite = state
@@ -179,17 +179,24 @@ def _own_config(model: nn.Module) -> None:
             module.config = own
 
 
-def _binder(state: LambdaState, decoder: nn.Module, cache_name: str):
+def _binder(state: LambdaState, cache_name: str):
+    # The hook gets the decoder as `module`: a closure over the decoder would make every
+    # enabled model a reference cycle (decoder -> hook -> decoder), kept after it is dropped.
     def bind_cache(module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
-            use_cache = decoder.config.use_cache and not decoder.training
+            use_cache = module.config.use_cache and not module.training
         if cache is None and use_cache:
             # What transformers would do with a DynamicCache, with memory that stays bounded.
-            cache = LambdaCache(decoder)
+            cache = LambdaCache(module)
             kwargs.pop("past_key_values", None)
             kwargs[cache_name] = cache
+        if isinstance(cache, LambdaCache) and cache.settings != state.cache_settings():
+            raise ValueError(
+                f"lm_infinite: this LambdaCache was made for other settings (layers, n_global, n_local, "
+                f"distance_cap, top-k: {cache.settings}) than the model's now "
+                f"({state.cache_settings()}); make a new LambdaCache(model) after enable()")
         state.forward_padding = _forward_padding(args, kwargs, cache)
         state.active_cache = cache
         return args, kwargs

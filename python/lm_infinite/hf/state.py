@@ -48,6 +48,13 @@ class LambdaState:
     hooks: tuple = ()
     _inv_freq_by_device: dict = field(default_factory=dict, repr=False)
 
+    def cache_settings(self) -> tuple:
+        """What a LambdaCache's contents depend on: a cache filled under other settings (another
+        `enable`) must not be continued under these."""
+        return (self.num_layers, self.n_global, self.n_local, self.distance_cap, self.top_k,
+                self.top_k_first_layer, self.top_k_distance, self.top_k_rows, self.top_k_store,
+                tuple(sorted(self.top_k_store_options.items())))
+
     def padding_rows(self) -> torch.Tensor | None:
         """Padding rows per sequence of the chunk in flight (int64 [batch]), or None."""
         if self.forward_padding is not None:

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from .body_limit import BodyLimit
 from .errors import APIError, install_error_handlers
 from .schemas import (ChatCompletionRequest, CompletionRequest, Usage, chat_chunk, chat_completion,
                       completion, completion_chunk, new_id, usage_chunk)
 from .worker import ClientGone, Engine, Failed, Finished, Job, Sampling, TextDelta
 
-__all__ = ["create_app"]
+__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "create_app"]
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,14 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def create_app(engine: Engine, *, model_name: str, max_tokens_limit: int) -> FastAPI:
+# Request bodies beyond this are refused before they are read whole (BodyLimit).
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
+
+
+def create_app(engine: Engine, *, model_name: str, max_tokens_limit: int,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The ASGI app serving `engine`'s model as `model_name`; it starts and stops the
-    engine's worker with the app's lifespan."""
+    engine's worker with the app's lifespan. Bodies over max_request_bytes get 413."""
     created = int(time.time())
 
     @asynccontextmanager
@@ -55,6 +61,7 @@ def create_app(engine: Engine, *, model_name: str, max_tokens_limit: int) -> Fas
 
     app = FastAPI(title="lminf serve", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
 
     def sampling_of(body: ChatCompletionRequest | CompletionRequest) -> Sampling:
         if body.model != model_name:
@@ -145,9 +152,15 @@ def create_app(engine: Engine, *, model_name: str, max_tokens_limit: int) -> Fas
 
     @app.get("/health")
     async def health():
+        per_conversation = engine.conversation_bytes
         return {"status": "ok", "model": model_name, "active_requests": engine.active_requests,
-                "cancelled_requests": engine.cancelled_requests,
+                "queued_requests": engine.queued_requests, "cancelled_requests": engine.cancelled_requests,
                 "conversations": len(engine.store), "max_conversations": engine.store.capacity,
-                "conversation_bytes": engine.conversation_bytes}
+                "max_active_requests": engine.max_active, "max_queued_requests": engine.max_queued,
+                "max_live_conversations": engine.max_live_conversations,
+                "conversation_bytes": per_conversation,
+                # What the kept and in-flight conversations can hold at most, beside the model.
+                "max_conversation_bytes": (None if per_conversation is None
+                                           else per_conversation * engine.max_live_conversations)}
 
     return app

@@ -10,6 +10,7 @@ no lock. Requests talk to it through a Job: events come back on the job's asynci
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -98,40 +99,74 @@ class Engine:
     """The model, its tokenizer, the conversation store and the worker thread that uses them."""
 
     def __init__(self, model, tokenizer, *, chunk_size: int, max_conversations: int,
-                 max_prompt_tokens: int | None = None) -> None:
+                 max_prompt_tokens: int | None = None, max_active: int = 8, max_queued: int = 64) -> None:
+        if max_active < 1 or max_queued < 0:
+            raise ValueError(f"Engine: max_active must be >= 1 and max_queued >= 0, got {max_active}, {max_queued}")
         self.tokenizer, self.chunk_size, self.max_prompt_tokens = tokenizer, chunk_size, max_prompt_tokens
         self._device = next(model.parameters()).device
-        self.store = ConversationStore(max_conversations, lambda: LambdaStream(model, chunk_size=chunk_size))
+        # Live conversations: at most max_conversations idle (kept for reuse) plus max_active in
+        # flight, each one fixed LambdaCache; requests beyond max_active wait, up to max_queued
+        # of them, and further ones are refused. So memory is the model plus
+        # (max_conversations + max_active) caches, however many clients call.
+        self.max_active, self.max_queued = max_active, max_queued
+        self.queued_requests = 0  # submitted, not yet started by the worker
+        self.store = ConversationStore(max_conversations, functools.partial(LambdaStream, model, chunk_size=chunk_size))
         self.stop_token_ids = _end_of_turn_ids(model, tokenizer)
         self.active_requests = 0
         self.cancelled_requests = 0  # stopped early because their client went away
         self.conversation_bytes: int | None = None  # one conversation's cache, once known
         self._incoming: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="lminf-generation", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        # Made here, not in __init__: a thread holding the bound self._run would make an engine
+        # that never started a reference cycle (a running thread drops its target when done).
+        self._thread = threading.Thread(target=self._run, name="lminf-generation", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        if self._thread is None:
+            return
         self._incoming.put(None)
         self._thread.join()
+        self._thread = None
+
+    @property
+    def max_live_conversations(self) -> int:
+        """The most conversations (idle and in flight) this engine ever holds."""
+        return self.store.capacity + self.max_active
 
     def submit(self, prompt: str | list[dict], sampling: Sampling) -> Job:
+        """Queue a request; APIError 429 when max_queued requests already wait for a slot."""
+        if self.queued_requests >= self.max_queued + self.max_active - self.active_requests:
+            raise APIError(429, f"the server is busy: {self.active_requests} requests in flight and "
+                                f"{self.queued_requests} waiting (--max-active {self.max_active}, "
+                                f"--max-queued {self.max_queued}); retry later",
+                           type="server_error", code="server_busy")
         job = Job(prompt, sampling)
+        self.queued_requests += 1  # under the GIL; the worker only ever decrements it
         self._incoming.put(job)
         return job
 
     def _run(self) -> None:
         active: deque[tuple[Job, Iterator[None]]] = deque()
+        waiting: deque[Job] = deque()
         while True:
-            while not active or not self._incoming.empty():  # block only when idle
+            while not (active or waiting) or not self._incoming.empty():  # block only when idle
                 job = self._incoming.get()
                 if job is None:
-                    for waiting, steps in active:
+                    for job, steps in active:
                         steps.close()
-                        waiting.emit(Failed(APIError(503, "the server is shutting down", type="server_error")))
+                    for job in [job for job, _ in active] + list(waiting):
+                        job.emit(Failed(APIError(503, "the server is shutting down", type="server_error")))
                     return
+                waiting.append(job)
+            while waiting and len(active) < self.max_active:
+                job = waiting.popleft()
+                self.queued_requests -= 1
                 active.append((job, self._steps(job)))
+            if not active:
+                continue
             job, steps = active.popleft()
             try:
                 next(steps)
