@@ -23,14 +23,14 @@ import json
 import pathlib
 import random
 import time
+from dataclasses import replace
 
 import torch
 
 import lm_infinite.hf as lminf_hf
 from lm_infinite.cli.common import DTYPES
 from lm_infinite.eval.passkey import build_passkey_prompt, passkey_answer
-from lm_infinite.hf.families import training_length
-from lm_infinite.hf.state import state_of
+from lm_infinite.hf import LambdaSettings, TopK, state_of, training_length
 from lm_infinite.models import load_model
 from lm_infinite.streaming import LambdaStream
 
@@ -85,9 +85,9 @@ def main() -> None:
     meta = dict(model=args.model or "SmolLM2-135M-Instruct (default)", device=str(args.device),
                 dtype=args.dtype, n_local=n_local, chunk_size=args.chunk_size,
                 max_new_tokens=args.max_new_tokens, store=args.store)
-    store = dict(top_k_store=args.store)
+    store = dict(store=args.store)
     if args.store == "paged":
-        store.update(top_k_blocks=args.top_k_blocks, top_k_block_size=args.block_size)
+        store.update(blocks=args.top_k_blocks, block_size=args.block_size)
         meta.update(top_k_blocks=args.top_k_blocks, block_size=args.block_size)
     records = []
     for length in args.lengths:
@@ -113,16 +113,15 @@ def main() -> None:
                                                  args.max_new_tokens))
             for cap in caps:
                 # Every layer keeps a middle store; top-k stays off while the prefix is read.
-                lminf_hf.enable(model, distance_cap=cap, top_k_middle=1, top_k_first_layer=0, **store)
+                lminf_hf.enable(model, LambdaSettings(distance_cap=cap, top_k=TopK(k=1, first_layer=0, **store)))
                 prefix = LambdaStream(model, chunk_size=args.chunk_size)
                 state = state_of(model)
-                state.top_k = 0
+                switch_top_k(state, prefix, k=0)
                 prefix.feed(ids[None, :-tail])
                 for method, (k, first_layer, distance, rows) in [("lm-infinite", (0, 0, 0, 1))] + [
                         ("lm-infinite+top-k", s) for s in settings]:
                     stream = prefix.fork()
-                    state.top_k, state.top_k_first_layer = k, first_layer
-                    state.top_k_distance, state.top_k_rows = distance, rows
+                    switch_top_k(state, stream, k=k, first_layer=first_layer, distance=distance, rows=rows)
                     stream.feed(ids[None, -tail:])  # top-k on its last `rows` rows
                     text = tokenizer.decode(list(stream.generate(args.max_new_tokens)),
                                             skip_special_tokens=True)
@@ -133,6 +132,15 @@ def main() -> None:
             print(f"length {length} sample {sample + 1}/{args.samples} depth {depth:.2f}: "
                   f"{time.perf_counter() - start:.1f}s", flush=True)
     print_table(records, args.lengths)
+
+
+def switch_top_k(state, stream, *, k, first_layer=0, distance=0, rows=1) -> None:
+    """Change the top-k settings of an enabled model in place, and its stream's cache with it:
+    the sweep reads one prefix (every layer keeping its middle store) and then tries each
+    setting on a fork of it, which enable() (a fresh state, a fresh cache) cannot do."""
+    state.settings = replace(state.settings, top_k=k, top_k_first_layer=first_layer, top_k_distance=distance,
+                             top_k_rows=rows)
+    stream.cache.settings = state.settings
 
 
 def setting_of(r: dict) -> tuple:

@@ -8,6 +8,7 @@ import torch
 
 import lm_infinite as li
 import lm_infinite.hf as lminf_hf
+from lm_infinite.hf import LambdaSettings, TopK
 from hf_tiny_models import VOCAB, build
 from lm_infinite.streaming import LambdaStream
 
@@ -99,7 +100,7 @@ def test_reorder_moves_the_middle_store_with_the_ring():
 
 
 def test_hf_reorder_cache_reorders_the_middle_store():
-    model = lminf_hf.enable(build("llama"), n_global=1, n_local=4, top_k_middle=2, top_k_first_layer=0)
+    model = lminf_hf.enable(build("llama"), LambdaSettings(1, 4, top_k=TopK(k=2, first_layer=0)))
     cache = lminf_hf.LambdaCache(model)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -112,8 +113,8 @@ def test_hf_reorder_cache_reorders_the_middle_store():
 
 def test_top_k_first_layer_past_the_last_layer_is_refused():
     """It silently turned top-k off."""
-    with pytest.raises(ValueError, match=r"top_k_first_layer must be an int in \[0, 1\], got 99"):
-        lminf_hf.enable(build("llama"), top_k_middle=5, top_k_first_layer=99)
+    with pytest.raises(ValueError, match=r"top_k.first_layer must be an int in \[0, 1\], got 99"):
+        lminf_hf.enable(build("llama"), LambdaSettings(top_k=TopK(k=5, first_layer=99)))
 
 
 def test_enable_with_a_huge_window_fails_cleanly():

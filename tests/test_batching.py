@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 import lm_infinite.hf as lminf_hf
+from lm_infinite.hf import LambdaSettings, TopK
 from hf_tiny_models import VOCAB, build
 from lm_infinite.cache import RingKVCache
 from lm_infinite import streaming
@@ -22,8 +23,8 @@ TOL = dict(atol=2e-5, rtol=2e-5)
 
 def _enabled(top_k: bool):
     model = build("llama")
-    options = dict(top_k_middle=2, top_k_first_layer=1, top_k_distance=N_LOCAL // 2) if top_k else {}
-    return lminf_hf.enable(model, n_global=N_GLOBAL, n_local=N_LOCAL, **options)
+    middle = TopK(k=2, first_layer=1, distance=N_LOCAL // 2) if top_k else None
+    return lminf_hf.enable(model, LambdaSettings(N_GLOBAL, N_LOCAL, top_k=middle))
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["lambda", "top-k"])

@@ -235,7 +235,7 @@ def test_settings_the_kernels_refuse_are_errors_not_tracebacks(model_dir, text_f
                    "out of memory: RingKVCache")
     _fails_cleanly(capsys, "ppl", [text_file, "--model", model_dir, "--methods", "lm-infinite+top-k",
                                    "--top-k-first-layer", 99, "--no-progress"],
-                   "top_k_first_layer must be an int in [0, 1], got 99")
+                   "top_k.first_layer must be an int in [0, 1], got 99")
 
 
 def test_a_huge_top_k_runs(model_dir, text_file, capsys):

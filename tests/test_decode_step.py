@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lm_infinite.hf as lminf_hf
+from lm_infinite.hf import LambdaSettings, TopK
 from hf_tiny_models import VOCAB, build
 from lm_infinite.decode_step import StaticDecodeStep, choose_tokens, draw_noise
 from lm_infinite.streaming import LambdaStream
@@ -104,7 +105,7 @@ def test_bad_options_are_reported():
         LambdaStream(model, cuda_graphs=True)
     with pytest.raises(ValueError, match="feed a prompt first"):
         StaticDecodeStep(model, lminf_hf.LambdaCache(model))
-    top_k = lminf_hf.enable(build("llama"), n_global=N_GLOBAL, n_local=N_LOCAL, top_k_middle=2)
+    top_k = lminf_hf.enable(build("llama"), LambdaSettings(N_GLOBAL, N_LOCAL, top_k=TopK(k=2)))
     stream = LambdaStream(top_k, compile=True)
     stream.feed(_prompt())
     with pytest.raises(ValueError, match="top-k"):

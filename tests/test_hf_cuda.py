@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lm_infinite.hf as lminf_hf
+from lm_infinite.hf import LambdaSettings, TopK
 from hf_tiny_models import VOCAB, build
 from lm_infinite.streaming import LambdaStream
 
@@ -13,10 +14,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_stream_with_top_k_on_cuda_matches_cpu(family):
-    options = dict(n_global=2, n_local=10, top_k_middle=3, top_k_first_layer=1, top_k_distance=5,
-                   top_k_rows=4)
-    cpu = lminf_hf.enable(build(family), **options)
-    gpu = lminf_hf.enable(build(family).cuda(), **options)
+    settings = LambdaSettings(2, 10, top_k=TopK(k=3, first_layer=1, distance=5, rows=4))
+    cpu = lminf_hf.enable(build(family), settings)
+    gpu = lminf_hf.enable(build(family).cuda(), settings)
     ids = torch.randint(0, VOCAB, (1, 83), generator=torch.Generator().manual_seed(3))
     nll_cpu = LambdaStream(cpu, chunk_size=16).nll(ids)
     nll_gpu = LambdaStream(gpu, chunk_size=16).nll(ids)

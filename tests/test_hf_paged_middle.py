@@ -4,6 +4,7 @@ still runs within its bound, beam reordering reaches the store, and the preset s
 what hf/presets.py documents."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,24 +12,28 @@ import torch
 import lm_infinite.hf as lminf_hf
 from hf_tiny_models import VOCAB, build
 from lm_infinite.cli import main
-from lm_infinite.hf.state import state_of
+from lm_infinite.hf import LambdaSettings, TopK, state_of
 from lm_infinite.paged_middle import PagedMiddleStore
 from lm_infinite.streaming import LambdaStream
 from tiny_model_dir import save_tiny_model
 
 N_GLOBAL, N_LOCAL = 2, 10
-TOP_K = dict(top_k_middle=3, top_k_first_layer=1, top_k_distance=5, top_k_rows=16)
+TOP_K = TopK(k=3, first_layer=1, distance=5, rows=16)
 
 
 def _ids(length, seed=5):
     return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
+def paged_enabled(**store):
+    top_k = replace(TOP_K, store="paged", **store)
+    return lminf_hf.enable(build("llama"), LambdaSettings(N_GLOBAL, N_LOCAL, top_k=top_k))
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, 64])
 def test_stream_with_every_block_fetched_equals_the_exact_store(chunk_size):
-    exact = lminf_hf.enable(build("llama"), n_global=N_GLOBAL, n_local=N_LOCAL, **TOP_K)
-    paged = lminf_hf.enable(build("llama"), n_global=N_GLOBAL, n_local=N_LOCAL, top_k_store="paged",
-                            top_k_blocks=1000, top_k_block_size=4, **TOP_K)
+    exact = lminf_hf.enable(build("llama"), LambdaSettings(N_GLOBAL, N_LOCAL, top_k=TOP_K))
+    paged = paged_enabled(blocks=1000, block_size=4)
     ids = _ids(150)
     expected = LambdaStream(exact, chunk_size=chunk_size).nll(ids)
     stream = LambdaStream(paged, chunk_size=chunk_size)
@@ -38,20 +43,18 @@ def test_stream_with_every_block_fetched_equals_the_exact_store(chunk_size):
 
 
 def test_bounded_offloaded_store_stays_within_its_bound():
-    model = lminf_hf.enable(build("llama"), n_global=N_GLOBAL, n_local=N_LOCAL, top_k_store="paged",
-                            top_k_blocks=2, top_k_block_size=4, max_middle_tokens=32, offload=True, **TOP_K)
+    model = paged_enabled(blocks=2, block_size=4, max_middle_tokens=32, offload=True)
     stream = LambdaStream(model, chunk_size=16)
     stream.feed(_ids(200))
     tokens = list(stream.generate(4))
     assert len(tokens) == 4
-    for layer in stream.cache.layers[TOP_K["top_k_first_layer"]:]:
+    for layer in stream.cache.layers[TOP_K.first_layer:]:
         store = layer.ring.middle
         assert store.length <= 32 and store.dropped_blocks > 0 and store.offload
 
 
 def test_beam_reorder_reaches_the_paged_store():
-    model = lminf_hf.enable(build("llama"), n_global=N_GLOBAL, n_local=N_LOCAL, top_k_store="paged",
-                            top_k_blocks=2, top_k_block_size=4, **TOP_K)
+    model = paged_enabled(blocks=2, block_size=4)
     ids = torch.cat([_ids(60, seed=1), _ids(60, seed=2)])
     stream = LambdaStream(model, chunk_size=16)
     stream.feed(ids)
@@ -72,17 +75,18 @@ def test_retrieval_preset_sets_the_documented_values_and_explicit_ones_override(
     assert (state.distance_cap, state.top_k, state.top_k_first_layer, state.top_k_distance,
             state.top_k_rows) == (16, 5, min(4, state.num_layers - 1), 32, 64)
     assert state.top_k_store == "paged"
-    assert state.top_k_store_options == dict(top_k_blocks=8, block_size=64, max_middle_tokens=None,
-                                             offload=False)
-    state = state_of(lminf_hf.enable(model, n_local=64, preset="retrieval", distance_cap=64,
-                                     top_k_store="exact"))
-    assert (state.distance_cap, state.top_k_store, state.top_k_store_options) == (64, "exact", {})
+    assert dict(state.top_k_store_options) == dict(top_k_blocks=8, block_size=64, max_middle_tokens=None,
+                                                   offload=False)
+    retrieval = LambdaSettings.preset("retrieval", model, n_local=64)
+    state = state_of(lminf_hf.enable(model, replace(retrieval, distance_cap=64,
+                                                    top_k=replace(retrieval.top_k, store="exact"))))
+    assert (state.distance_cap, state.top_k_store, state.top_k_store_options) == (64, "exact", ())
     default = state_of(lminf_hf.enable(model, n_local=64))
     assert (default.distance_cap, default.top_k, default.top_k_store) == (64, 0, "exact")
     with pytest.raises(ValueError, match="preset"):
         lminf_hf.enable(model, preset="fast")
-    with pytest.raises(ValueError, match="top_k_store='paged'"):
-        lminf_hf.enable(model, top_k_middle=5, max_middle_tokens=1024)
+    with pytest.raises(ValueError, match="max_middle_tokens and offload need the 'paged' top-k store"):
+        lminf_hf.enable(model, LambdaSettings(top_k=TopK(k=5, max_middle_tokens=1024)))
 
 
 def test_cli_preset_retrieval(tmp_path, capsys):

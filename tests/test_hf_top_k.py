@@ -1,15 +1,18 @@
 """Top-k middle attention through the Hugging Face integration: the float64 reference, the
 cacheless forward and the chunked stream all agree, and only the chosen rows change."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import lm_infinite.hf as lminf_hf
+from lm_infinite.hf import LambdaSettings, TopK
 from hf_tiny_models import VOCAB, build, reference_logits
 from lm_infinite.streaming import LambdaStream
 
 N_GLOBAL, N_LOCAL = 2, 10
-TOP_K = dict(top_k_middle=3, top_k_first_layer=1, top_k_distance=5)
+TOP_K = TopK(k=3, first_layer=1, distance=5)
 
 
 def _ids(length, seed=5):
@@ -19,7 +22,7 @@ def _ids(length, seed=5):
 @pytest.fixture(scope="module", params=["llama", "qwen3", "phi3-partial"])
 def models(request):
     plain = lminf_hf.enable(build(request.param), n_global=N_GLOBAL, n_local=N_LOCAL)
-    top_k = lminf_hf.enable(build(request.param), n_global=N_GLOBAL, n_local=N_LOCAL, **TOP_K)
+    top_k = lminf_hf.enable(build(request.param), LambdaSettings(N_GLOBAL, N_LOCAL, top_k=TOP_K))
     return plain, top_k
 
 
@@ -56,14 +59,14 @@ def test_only_top_k_layers_keep_a_middle_store(models):
     stream = LambdaStream(top_k, chunk_size=16)
     stream.feed(_ids(40))
     kept = [layer.ring.middle is not None for layer in stream.cache.layers]
-    assert kept == [i >= TOP_K["top_k_first_layer"] for i in range(len(kept))]
+    assert kept == [i >= TOP_K.first_layer for i in range(len(kept))]
 
 
 @pytest.mark.parametrize("rows", [4, "all"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 64])
 def test_trailing_rows_use_top_k_in_a_whole_forward_and_in_a_stream(rows, chunk_size):
     plain = lminf_hf.enable(build("llama"), n_global=N_GLOBAL, n_local=N_LOCAL)
-    top_k = lminf_hf.enable(build("llama"), n_global=N_GLOBAL, n_local=N_LOCAL, top_k_rows=rows, **TOP_K)
+    top_k = lminf_hf.enable(build("llama"), LambdaSettings(N_GLOBAL, N_LOCAL, top_k=replace(TOP_K, rows=rows)))
     ids = _ids(5 * N_LOCAL + 3)
     with torch.no_grad():
         expected_plain = plain(ids, use_cache=False).logits
@@ -78,8 +81,17 @@ def test_trailing_rows_use_top_k_in_a_whole_forward_and_in_a_stream(rows, chunk_
     torch.testing.assert_close(actual_nll, expected_nll, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("option,value", [("top_k_middle", -1), ("top_k_rows", "first"), ("top_k_rows", 0),
-                                          ("top_k_distance", -3), ("top_k_first_layer", 1.5)])
+@pytest.mark.parametrize("option,value", [("k", -1), ("rows", "first"), ("rows", 0), ("distance", -3),
+                                          ("first_layer", 1.5)])
 def test_enable_rejects_bad_top_k_options(option, value):
-    with pytest.raises(ValueError, match=option):
-        lminf_hf.enable(build("llama"), **{option: value})
+    with pytest.raises(ValueError, match=f"top_k.{option} must be"):
+        lminf_hf.enable(build("llama"), LambdaSettings(top_k=TopK(**{option: value})))
+
+
+def test_the_old_top_k_keywords_still_work_and_warn():
+    old = pytest.deprecated_call(match="top_k_distance, top_k_first_layer, top_k_middle are deprecated")
+    with old:
+        model = lminf_hf.enable(build("llama"), n_global=N_GLOBAL, n_local=N_LOCAL, top_k_middle=3,
+                                top_k_first_layer=1, top_k_distance=5)
+    new = lminf_hf.enable(build("llama"), LambdaSettings(N_GLOBAL, N_LOCAL, top_k=TOP_K))
+    assert lminf_hf.state_of(model).settings == lminf_hf.state_of(new).settings

@@ -62,12 +62,12 @@ def used_stream(model, *, compile=False, batch=1, sample=False) -> LambdaStream:
     (dict(), False, 1),
     (dict(), True, 1),  # the compiled decode step
     (dict(), False, 3),
-    (dict(top_k_middle=2, top_k_first_layer=1), False, 1),  # top-k, exact middle store
+    (dict(settings=li.LambdaSettings(2, 8, top_k=li.TopK(k=2, first_layer=1))), False, 1),  # top-k, exact store
     (dict(preset="retrieval"), False, 1),  # top-k, paged middle store
 ], ids=["eager", "compiled", "batch", "top-k-exact", "top-k-paged"])
 def test_a_dropped_stream_is_freed_at_once(settings, compile, batch):
     model = build("llama")
-    li.enable(model, n_global=2, n_local=8, **settings)
+    li.enable(model, **(dict(n_global=2, n_local=8) | settings))
     with collector_off():
         stream = used_stream(model, compile=compile, batch=batch, sample=True)
         refs = held_objects(stream)

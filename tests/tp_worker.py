@@ -14,13 +14,14 @@ import torch
 import torch.distributed as dist
 
 from lm_infinite import enable
-from lm_infinite.hf import LambdaCache, UnsupportedModelError, cache_argument_name
+from lm_infinite.hf import LambdaCache, LambdaSettings, TopK, UnsupportedModelError, cache_argument_name
 from lm_infinite.models import load_model
 from lm_infinite.streaming import LambdaStream
 
 N_GLOBAL, N_LOCAL, CHUNK = 2, 16, 7
 TEXT_TOKENS, NEW_TOKENS = 60, 32
-SETTINGS = {"lm-infinite": {}, "top-k": dict(top_k_middle=2, top_k_rows=3)}
+SETTINGS = {"lm-infinite": LambdaSettings(N_GLOBAL, N_LOCAL),
+            "top-k": LambdaSettings(N_GLOBAL, N_LOCAL, top_k=TopK(k=2, rows=3))}
 
 
 def text(vocab_size: int) -> torch.Tensor:
@@ -46,8 +47,8 @@ def scenarios(model, sampling_seed: int) -> dict:
     generate() with a LambdaCache, and the stream's cache size."""
     ids = text(model.config.vocab_size)
     results = {}
-    for name, options in SETTINGS.items():
-        enable(model, n_global=N_GLOBAL, n_local=N_LOCAL, **options)
+    for name, settings in SETTINGS.items():
+        enable(model, settings)
         stream = LambdaStream(model, chunk_size=CHUNK)
         nll = stream.nll(ids)
         twin = stream.fork()

@@ -9,7 +9,7 @@ from .ops import lambda_attention, lambda_attention_chunk, ring_cache_append
 from .reference import lambda_attention_reference
 
 # The Hugging Face integration imports transformers (seconds); load it on first use.
-_HF_NAMES = ("enable", "disable", "LambdaCache")
+_HF_NAMES = ("enable", "disable", "LambdaCache", "LambdaSettings", "TopK")
 
 
 def __getattr__(name):
@@ -25,6 +25,8 @@ __all__ = [
     "enable",
     "disable",
     "LambdaCache",
+    "LambdaSettings",
+    "TopK",
     "build_info",
     "lambda_attention",
     "lambda_attention_chunk",

@@ -16,10 +16,7 @@ import gc
 import torch
 
 from .decode_linears import decode_linears_if
-from .hf.cache import LambdaCache
-from .hf.families import decoder_of
-from .hf.patching import cache_argument_name
-from .hf.state import state_of
+from .hf import ForwardContext, LambdaCache, cache_argument_name, decoder_of, state_of
 
 __all__ = ["StaticDecodeStep", "choose_tokens", "draw_noise", "outside_nucleus", "positive_float32"]
 
@@ -109,7 +106,7 @@ class StaticDecodeStep:
         self._nucleus = False  # top_p < 1: sampled steps also restrict the draw to the nucleus
         # Batch 1 never pads a step (its stream just ends), and keeps the unpadded op path.
         self.padding = torch.zeros(batch, dtype=torch.int64, device=device) if batch > 1 else None
-        self._state = state
+        self._context = ForwardContext(padding_rows=self.padding)
         # reorder_for_locality would move each layer's attention (a reader of the ring) after
         # the ring's append (in the functional graph nothing orders them), and then inductor
         # can no longer append in place: it copies every ring twice per step (2 x 6 MB per
@@ -146,7 +143,6 @@ class StaticDecodeStep:
             draw_noise(self.noise, generator)  # outside the graph: the generator stays the caller's
         for ring in self.rings:
             ring.counts_on_append = False
-        self._state.chunk_padding = self.padding
         mode = (sample, sample and self._nucleus)
         try:
             if not self._cuda_graph:
@@ -157,7 +153,6 @@ class StaticDecodeStep:
             else:
                 self._graphs[mode] = self._capture(*mode)
         finally:
-            self._state.chunk_padding = None
             for ring in self.rings:
                 ring.counts_on_append = True
         for ring in self.rings:
@@ -193,7 +188,7 @@ class StaticDecodeStep:
 def _decode_step(step: StaticDecodeStep, sample: bool, nucleus: bool = False) -> None:
     """One step of `step`: feed its input_ids, keep the logits, choose the next tokens."""
     output = step._decoder(input_ids=step.input_ids, position_ids=step.position_ids, use_cache=True,
-                           **{step._cache_keyword: step.cache})
+                           lminf_context=step._context, **{step._cache_keyword: step.cache})
     logits = step._head(output.last_hidden_state[:, -1]).float()
     step.logits.copy_(logits)
     chosen = choose_tokens(logits, step.temperature if sample else None, step.noise,

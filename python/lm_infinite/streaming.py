@@ -24,10 +24,8 @@ import torch.nn.functional as F
 from .decode_linears import decode_linears_if
 from .decode_step import StaticDecodeStep, choose_tokens, draw_noise, positive_float32
 from .distributed import broadcast_from_first_rank, tensor_parallel_size
-from .hf import LambdaCache, cache_argument_name
-from .hf.families import decoder_of
+from .hf import ForwardContext, LambdaCache, cache_argument_name, decoder_of, state_of
 from .hf.padding import padding_from_mask
-from .hf.state import state_of
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "LambdaStream"]
 
@@ -120,11 +118,11 @@ class LambdaStream:
                              "every sequence of a feed needs at least one token")
         return input_ids, padding
 
-    def _hidden_states(self, chunk: torch.Tensor) -> torch.Tensor:
+    def _hidden_states(self, chunk: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         positions = torch.arange(self.position, self.position + chunk.shape[1], device=self._device)
         output = self._decoder(
             input_ids=chunk.to(self._device), position_ids=positions.unsqueeze(0), use_cache=True,
-            **{self._cache_keyword: self.cache},
+            lminf_context=context, **{self._cache_keyword: self.cache},
         )
         return output.last_hidden_state
 
@@ -167,17 +165,12 @@ class LambdaStream:
             chunk = chunk.to(self._device)
             after -= chunk.shape[1]
             rows = chunk.shape[1] if state.top_k_rows is None else state.top_k_rows - after
-            state.chunk_top_k_rows = min(chunk.shape[1], max(0, rows))
             chunk_padding = None
             if padding is not None and max(padding) > column:
                 chunk_padding = torch.tensor([min(max(0, p - column), chunk.shape[1]) for p in padding],
                                              dtype=torch.int64, device=self._device)
-            state.chunk_padding = chunk_padding
-            try:
-                hidden = self._hidden_states(chunk)
-            finally:
-                state.chunk_top_k_rows = None
-                state.chunk_padding = None
+            context = ForwardContext(padding_rows=chunk_padding, top_k_rows=min(chunk.shape[1], max(0, rows)))
+            hidden = self._hidden_states(chunk, context)
             column += chunk.shape[1]
             yield chunk, chunk_padding, hidden
 

@@ -52,7 +52,7 @@ def run(args) -> int:
 
     model, tokenizer, _ = load(args)
     settings = settings_from(args)
-    enable(model, settings.n_global, settings.n_local, settings.distance_cap)
+    enable(model, n_global=settings.n_global, n_local=settings.n_local, distance_cap=settings.distance_cap)
     engine = Engine(model, tokenizer, chunk_size=args.chunk_size, max_conversations=args.max_conversations,
                     max_prompt_tokens=args.max_prompt_tokens, max_active=args.max_active,
                     max_queued=args.max_queued)

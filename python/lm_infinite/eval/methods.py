@@ -8,10 +8,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..hf import disable, enable
-from ..hf.patching import top_k_defaults
-from ..hf.presets import preset_settings
-from ..hf.families import decoder_of, training_length
+from ..hf import (LambdaSettings, TopK, decoder_of, disable, enable, preset_settings, top_k_defaults,
+                  training_length)
 
 __all__ = ["METHODS", "TOP_K_METHOD", "Settings", "lm_infinite_enabled", "stock_nll", "token_nll",
            "truncated_window_nll", "whole_sequence_nll"]
@@ -59,15 +57,12 @@ def lm_infinite_enabled(model, settings: Settings, *, top_k: bool = False):
     block; the stock model again after it. Without top_k the preset's distance_cap still
     applies, its top-k does not."""
     resolved = settings.resolved(model)
-    options = dict(n_global=resolved.n_global, n_local=resolved.n_local,
-                   distance_cap=resolved.distance_cap, preset=resolved.preset, top_k_middle=0)
+    middle = None
     if top_k:
-        options.update(top_k_middle=resolved.top_k_middle, top_k_first_layer=resolved.top_k_first_layer,
-                       top_k_distance=resolved.top_k_distance, top_k_rows=resolved.top_k_rows,
-                       top_k_store=resolved.top_k_store)
-        if resolved.top_k_store == "paged":
-            options.update(top_k_blocks=resolved.top_k_blocks)
-    enable(model, **options)
+        middle = TopK(k=resolved.top_k_middle, first_layer=resolved.top_k_first_layer,
+                      distance=resolved.top_k_distance, rows=resolved.top_k_rows, store=resolved.top_k_store,
+                      blocks=resolved.top_k_blocks)
+    enable(model, LambdaSettings(resolved.n_global, resolved.n_local, resolved.distance_cap, middle))
     try:
         yield model
     finally:

@@ -1,7 +1,12 @@
-"""Hugging Face transformers integration: `enable(model)` and `LambdaCache(model)`."""
+"""Hugging Face transformers integration: `enable(model, LambdaSettings(...))` and `LambdaCache(model)`."""
 
 from .cache import LambdaCache
+from .families import SUPPORTED_MODEL_TYPES, UnsupportedModelError, decoder_of, training_length
 from .patching import cache_argument_name, disable, enable
-from .families import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from .presets import PRESETS, preset_settings
+from .settings import LambdaSettings, ResolvedSettings, TopK, top_k_defaults
+from .state import ForwardContext, LambdaState, state_of
 
-__all__ = ["enable", "disable", "LambdaCache", "cache_argument_name", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError"]
+__all__ = ["enable", "disable", "LambdaCache", "LambdaSettings", "TopK", "ResolvedSettings", "ForwardContext",
+           "LambdaState", "state_of", "cache_argument_name", "decoder_of", "training_length", "top_k_defaults",
+           "PRESETS", "preset_settings", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError"]

@@ -7,6 +7,7 @@ from transformers import AttentionInterface
 
 from .. import ops
 from .cache import LambdaCache
+from .state import ForwardContext
 
 __all__ = ["ATTENTION_NAME", "lambda_attention_forward"]
 
@@ -14,6 +15,8 @@ __all__ = ["ATTENTION_NAME", "lambda_attention_forward"]
 # the op derives causality and the Λ shape from positions itself. Left padding reaches it as
 # per-sequence padding counts (hf/padding.py, read from the 2-D mask by the forward hook).
 ATTENTION_NAME = "lm_infinite"
+
+_NO_CONTEXT = ForwardContext()  # a forward that did not go through the decoder's hook
 
 
 def lambda_attention_forward(
@@ -24,6 +27,7 @@ def lambda_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    lminf_context: ForwardContext | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """LM-Infinite attention for one layer. query: [batch, heads_q, n_q, head_dim]; key, value:
@@ -32,17 +36,21 @@ def lambda_attention_forward(
     are never materialised. For inference: `dropout` is not applied.
 
     Padding (left, per sequence; see hf/padding.py): pad rows are never attended to and hold
-    no position, so that each sequence of a batch computes what it would alone."""
+    no position, so that each sequence of a batch computes what it would alone.
+
+    lminf_context: the forward's ForwardContext (hf/state.py), put in the forward's keywords
+    by the decoder's hook; transformers passes it on to here."""
     state = module._lm_infinite
+    context = lminf_context or _NO_CONTEXT
     inv_freq = state.inv_freq_on(query.device)
     scale = (module.scaling if scaling is None else scaling) * state.attention_scaling**2
     settings = dict(distance_cap=state.distance_cap, scale=scale)
-    cache = state.active_cache
+    cache = context.cache
     n_query, n_key = query.shape[-2], key.shape[-2]
     if state.uses_top_k(module.layer_idx):
         settings.update(top_k=state.top_k, top_k_distance=state.top_k_distance,
-                        top_k_first_row=state.top_k_first_row(n_query))
-    padding = state.padding_rows()
+                        top_k_first_row=state.settings.top_k_first_row(n_query, context.top_k_rows))
+    padding = context.padding_rows
     if isinstance(cache, LambdaCache):
         # key/value are this chunk's only; the ring holds everything before it, with each
         # sequence's own positions.
@@ -63,7 +71,7 @@ def lambda_attention_forward(
         past = n_key - n_query
         positions = torch.arange(past, dtype=torch.int64, device=key.device)
         query_start = past
-        sequence = None if state.forward_padding is None else state.forward_padding.sequence
+        sequence = None if context.mask_padding is None else context.mask_padding.sequence
         if sequence is not None:
             positions = positions - sequence[:, None]
             positions = positions.masked_fill(positions < 0, -1)  # [batch, past]

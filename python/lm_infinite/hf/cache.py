@@ -79,8 +79,8 @@ class LambdaCache(Cache):
 
     def __init__(self, model) -> None:
         state = state_of(model)
-        self.settings = state.cache_settings()  # checked against the model at each forward
-        middle = dict(kind=state.top_k_store, **state.top_k_store_options)
+        self.settings = state.settings  # checked against the model's at each forward
+        middle = dict(kind=state.top_k_store, **dict(state.top_k_store_options))
         super().__init__(layers=[LambdaLayer(state.n_global, state.n_local, state.uses_top_k(i), middle)
                                  for i in range(state.num_layers)])
 
