@@ -169,6 +169,15 @@ class RingKVCache:
 
     A compiled or captured decode step cannot advance a Python int from inside its graph: it
     sets `counts_on_append = False` while it runs and calls `count(n)` after each step.
+
+    One ring bookkeeping: which slot holds which position, what survives a chunk and whether an
+    append may happen at all (a ring only moves forward) is decided by the core alone
+    (lminf/ring_kv_cache.h: ring_slot and ring_cache_append, which writes `positions`); this
+    class computes no slot and keeps only what the core is handed, each sequence's next
+    position (on the device, so that a captured step can advance it) and the host count.
+    lminf::KVCache is the same thin owner for C++ pipelines, over the same core calls. Porting
+    this class onto lminf::KVCache would move its tensors behind a C++ object that torch.compile
+    and CUDA graphs cannot see through; keeping both thin keeps the rules in one place.
     """
 
     def __init__(
