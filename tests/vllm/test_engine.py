@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from helpers import long_text, model_dir, set_engine_env  # noqa: E402
+from vllm_helpers import long_text, model_dir, set_engine_env  # noqa: E402
 
 set_engine_env()
 

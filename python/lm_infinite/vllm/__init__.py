@@ -17,6 +17,7 @@ See docs/vllm.md. This module imports no vLLM until register() or hf_overrides()
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 __all__ = ["SUPPORTED_VLLM", "UnsupportedVLLMError", "check_vllm_version", "hf_overrides", "register",
@@ -50,10 +51,8 @@ def vllm_version() -> str | None:
 
 
 def _release(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit()) or "0"
-        parts.append(int(digits))
+    """(major, minor, patch) of a version string ("0.32.1rc1+cpu" -> (0, 32, 1))."""
+    parts = [int(re.match(r"\d*", piece).group() or 0) for piece in version.split("+")[0].split(".")[:3]]
     return tuple(parts + [0] * (3 - len(parts)))
 
 

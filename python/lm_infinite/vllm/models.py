@@ -54,9 +54,11 @@ def lambda_settings(config) -> dict:
     if unknown:
         raise ValueError(f"lm_infinite: unknown settings {sorted(unknown)} in hf_overrides['{CONFIG_KEY}'] "
                          "(known: n_global, n_local, distance_cap)")
-    n_local = given.get("n_local") or _training_length(config)
+    n_local = given.get("n_local")
+    n_local = _training_length(config) if n_local is None else n_local
+    distance_cap = given.get("distance_cap")
     settings = dict(n_global=given.get("n_global", 10), n_local=n_local,
-                    distance_cap=given.get("distance_cap") or n_local)
+                    distance_cap=n_local if distance_cap is None else distance_cap)
     for name, value in settings.items():
         low = 1 if name == "n_local" else 0
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
