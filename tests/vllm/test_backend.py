@@ -81,12 +81,26 @@ def _setup(requests, *, heads_q, heads_kv, head_dim, block_size, n_global, n_loc
     dict(heads_q=9, heads_kv=3, head_dim=64, block_size=32, n_global=10, n_local=37, distance_cap=37,
          rotary_dim=32, requests=[(300, 1), (129, 64), (36, 1), (37, 1), (38, 2)]),
 ], ids=["gqa-cap-mixed", "mha-no-globals", "smollm-shape-partial-rotary"])
-def test_backend_matches_reference(case):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_backend_matches_reference(case, device):
     case = dict(case)
     requests = case.pop("requests")
     s = _setup(requests, **case)
+    if device != "cpu":  # the same batch on the GPU: the project's CUDA kernels under the backend
+        s.physical = s.physical.to(device)
+        s.kv_cache = s.physical.permute(0, 2, 1, 3)
+        s.query, s.key, s.value = (t.to(device) for t in (s.query, s.key, s.value))
+        for group in s.metadata.groups:
+            for name in ("slots", "positions", "starts"):
+                setattr(group, name, getattr(group, name).to(device))
+            if not isinstance(group.rows, tuple):
+                group.rows = group.rows.to(device)
+        s.metadata.slot_mapping = s.metadata.slot_mapping.to(device)
     output = torch.full_like(s.query, float("nan"))
     s.impl.forward(None, s.query, s.key, s.value, s.kv_cache, s.metadata, output)
+    output, s.physical = output.cpu(), s.physical.cpu()
+    s.key, s.value = s.key.cpu(), s.value.cpu()
     for r, (c, n) in enumerate(requests):
         q, k, v = (t.double() for t in s.full[r])
         ref = lambda_attention_reference(
