@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "vllm"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "vllm_plugin"))
 from vllm_helpers import ENGINE_ENV, long_text, model_dir  # noqa: E402
 
 

@@ -9,7 +9,7 @@
 #   2. lm-infinite built into it (`pip install --no-build-isolation --no-deps .`, about 2
 #      minutes on 2 cores) when the package or extension sources changed since the last build;
 #   3. the model folder vLLM reads (SmolLM2 exported once from its GGUF, ~/.cache/lm-infinite);
-#   4. pytest tests/vllm: the backend against the float64 reference, the engine against stock
+#   4. pytest tests/vllm_plugin: the backend against the float64 reference, the engine against stock
 #      vLLM, the Hugging Face path and each request alone, the KV bound, the OpenAI server.
 # With --gpu (a machine with CUDA, where vLLM is already installed: nothing is downloaded there),
 # the same tests with the system Python; they report a skip where vLLM is missing.
@@ -25,7 +25,7 @@ if [[ "${1:-}" == --gpu ]]; then
     echo "vllm_ci --gpu: vLLM is not installed for $py here; the plugin's tests are skipped"
     exit 0
   fi
-  exec "$py" -m pytest -q -p no:cacheprovider tests/vllm
+  exec "$py" -m pytest -q -p no:cacheprovider tests/vllm_plugin
 fi
 
 venv="${LMINF_VLLM_VENV:-$HOME/.cache/lm-infinite/venv-vllm}"
@@ -62,7 +62,7 @@ else
 fi
 "$py" -c "import vllm, lm_infinite as li; print('vllm', vllm.__version__, '| lm-infinite', li.__version__, li.build_info())"
 
-step "pytest tests/vllm"
-# Run from tests/vllm with the installed package (the checkout's python/ is not on the path).
-cd tests/vllm
+step "pytest tests/vllm_plugin"
+# Run from tests/vllm_plugin with the installed package (the checkout's python/ is not on the path).
+cd tests/vllm_plugin
 exec "$py" -m pytest -q -p no:cacheprovider --rootdir=. -c /dev/null -s .
