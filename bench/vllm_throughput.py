@@ -64,7 +64,9 @@ def engine(path, lminf: bool, args, max_model_len: int):
 
     kw = dict(model=path, dtype="float32", enforce_eager=not args.compile, block_size=args.block_size,
               max_model_len=max_model_len, max_num_seqs=max(args.batches), seed=0,
-              max_num_batched_tokens=args.chunk)
+              max_num_batched_tokens=args.chunk,
+              # Off for both: each repeat reads its prompt again (the plugin never reuses a prefix)
+              enable_prefix_caching=False)
     if lminf:
         kw["hf_overrides"] = lv.hf_overrides(path, n_global=args.n_global, n_local=args.n_local)
     return LLM(**kw)
@@ -80,8 +82,8 @@ def stock_refusal(path, args, max_model_len: int) -> str | None:
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     if result.returncode == 0:
         return None
-    lines = [line for line in result.stderr.splitlines() if "Error" in line or "error" in line]
-    return lines[-1].strip()[:400] if lines else result.stderr[-400:]
+    lines = [line for line in result.stderr.splitlines() if "max_model_len" in line or "Error" in line]
+    return lines[0].strip()[:400] if lines else result.stderr[-400:]
 
 
 def main() -> None:
