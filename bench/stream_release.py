@@ -56,13 +56,14 @@ def main() -> int:
     parser.add_argument("--n-local", type=int, default=2048)
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--tolerance", type=float, default=0.05)
+    parser.add_argument("--series", default=",".join(SERIES), help=f"comma-separated subset of: {', '.join(SERIES)}")
     parser.add_argument("--json")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
     ids = default_corpus_tokens(tokenizer, args.tokens)
     print(f"RSS with the model loaded: {rss_mib():.0f} MiB", flush=True)
     results = {name: run_series(model, ids, name, args.streams, args.generate, args.chunk_size, args.n_local)
-               for name in SERIES}
+               for name in args.series.split(",")}
     ok = all(r["last_over_first"] <= 1 + args.tolerance for r in results.values())
     if args.json:
         write_json(args.json, {"streams": args.streams, "tokens": args.tokens, "n_local": args.n_local,
