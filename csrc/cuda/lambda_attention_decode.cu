@@ -92,8 +92,7 @@ template <typename T, int D> struct DecodeSmem {
 // Where one (batch row, KV head) reads its keys: the cache, then the chunk's real rows (k and v
 // from the first real row; query_start = the position of that row).
 template <typename T> struct KeySource {
-  const T *cache_k, *cache_v, *k, *v;
-  int64_t cache_k_stride, cache_v_stride, k_stride, v_stride;
+  RowsView<const T> cache_k, cache_v, k, v;  // this (batch row, KV head)'s; k, v: real rows
   int64_t cache_len, n_keys, query_start;
 };
 
@@ -111,15 +110,15 @@ __device__ __forceinline__ void load_chunk(const KeySource<T>& src,
   for (int i = 0; i < kChunk / kRowsPerPass; ++i) {
     const int r = threadIdx.x / kPieces + i * kRowsPerPass;
     const int64_t key = first + r;
-    const T* k_row = src.k;  // any mapped address when the piece is zero-filled
-    const T* v_row = src.v;
+    const T* k_row = src.k.data;  // any mapped address when the piece is zero-filled
+    const T* v_row = src.v.data;
     const bool valid = key < src.n_keys;
     if (key < src.cache_len) {
-      k_row = src.cache_k + key * src.cache_k_stride;
-      v_row = src.cache_v + key * src.cache_v_stride;
+      k_row = src.cache_k.row(key);
+      v_row = src.cache_v.row(key);
     } else if (valid) {
-      k_row = src.k + (key - src.cache_len) * src.k_stride;
-      v_row = src.v + (key - src.cache_len) * src.v_stride;
+      k_row = src.k.row(key - src.cache_len);
+      v_row = src.v.row(key - src.cache_len);
     }
     const int offset = valid ? piece * 8 : 0;
     cp_async_16(s_k + kv_swz<D>(r, piece * 8), k_row + offset, valid);
@@ -231,27 +230,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int pad = static_cast<int>(seq.padding);
   const int n_real = n_q - pad;
   // The sequence's row of slot positions (formed once: opaque to the optimiser).
-  const int64_t* const cache_positions =
-      opaque(p.cache_positions + b * p.cache_positions_batch_stride);
+  const int64_t* const cache_positions = opaque(p.cache_positions.of(b));
 
   KeySource<T> src;
   src.cache_len = p.cache_len;
   src.n_keys = p.cache_len + n_real;
   src.query_start = qs;
-  src.cache_k = static_cast<const T*>(p.cache_k) + b * p.cache_k_batch_stride +
-                kv_head * p.cache_k_head_stride;
-  src.cache_v = static_cast<const T*>(p.cache_v) + b * p.cache_v_batch_stride +
-                kv_head * p.cache_v_head_stride;
-  src.k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride +
-          pad * p.k_row_stride;
-  src.v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride +
-          pad * p.v_row_stride;
-  src.cache_k = opaque(src.cache_k);
-  src.cache_v = opaque(src.cache_v);
-  src.cache_k_stride = p.cache_k_row_stride;
-  src.cache_v_stride = p.cache_v_row_stride;
-  src.k_stride = p.k_row_stride;
-  src.v_stride = p.v_row_stride;
+  src.cache_k = p.cache_k.as<const T>().rows(b, kv_head);
+  src.cache_v = p.cache_v.as<const T>().rows(b, kv_head);
+  src.k = p.k.as<const T>().rows(b, kv_head);
+  src.v = p.v.as<const T>().rows(b, kv_head);
+  src.k.data = src.k.row(pad);
+  src.v.data = src.v.row(pad);
+  src.cache_k.data = opaque(src.cache_k.data);
+  src.cache_v.data = opaque(src.cache_v.data);
   // A sequence of padding rows only has no query: no chunk.
   const int n_chunks = n_real > 0 ? static_cast<int>((src.n_keys + kChunk - 1) / kChunk) : 0;
   const int c_begin = n_chunks * split / n_splits;  // < 2^31: see decode_eligible
@@ -260,14 +252,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Prologue: the Q tile (one cp.async group), then the first kStages - 1 chunks (one group
   // each, possibly empty), all in flight together.
   {
-    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
+    const StridedView<const T> q = p.q.as<const T>();
     for (int idx = threadIdx.x; idx < kRows * kPieces; idx += kThreads) {
       const int r = idx / kPieces, piece = idx % kPieces;
       const int row = r0 + r;
       const bool valid = row < rows_total;
-      const T* row_ptr = valid ? q + (kv_head * group + row / n_q) * p.q_head_stride +
-                                     int64_t(row % n_q) * p.q_row_stride + piece * 8
-                               : q;
+      const T* row_ptr = valid ? q.at(b, kv_head * group + row / n_q, row % n_q) + piece * 8
+                               : q.data;
       cp_async_16(s_q + q_swz<D>(r, piece * 8), row_ptr, valid);
     }
     cp_async_commit();
@@ -551,8 +542,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     o[i] = real ? acc * inv_sum : 0.f;
   }
   if (n_splits == 1) {
-    T* const out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +
-                   t * p.out_row_stride + part * kCols;
+    T* const out = p.out.as<T>().at(b, head, t) + part * kCols;
 #pragma unroll
     for (int i = 0; i < kCols; i += 8) {
       uint4 packed;
@@ -610,8 +600,7 @@ __global__ void __launch_bounds__(128)
   const float inv = total > 0.f ? 1.f / total : 0.f;
   const int t = row % n_q, bh = row / n_q;
   const int64_t head = bh % n_heads, b = bh / n_heads;
-  T* const out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +
-                 t * p.out_row_stride + col;
+  T* const out = p.out.as<T>().at(b, head, t) + col;
   *reinterpret_cast<uint2*>(out) = make_uint2(pack2<T>(acc.x * inv, acc.y * inv),
                                               pack2<T>(acc.z * inv, acc.w * inv));
 }

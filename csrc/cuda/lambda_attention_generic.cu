@@ -68,16 +68,16 @@ __global__ void __launch_bounds__(kThreads)
   // The sequence: row t >= pad is real row t - pad, at position qs + t - pad.
   const SequenceRows seq(p, b);
   const int64_t qs = seq.start, pad = seq.padding, n_real = n_q - pad;
-  const int64_t* const cache_positions = p.cache_positions + b * p.cache_positions_batch_stride;
+  const int64_t* const cache_positions = p.cache_positions.of(b);
   const int64_t q0 = qs + t0 - pad;  // rotation anchor: the position row t0 would have
 
   // Queries: q_local = R_{t - t0} q, q_cap = R_D q; padding rows and rows past the chunk are
   // zero.
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + head * p.q_head_stride;
+  const RowsView<const T> q = p.q.as<const T>().rows(b, head);
   for (int64_t idx = threadIdx.x; idx < kRows * head_dim; idx += kThreads) {
     const int64_t r = idx / head_dim, c = idx % head_dim;
     const bool valid = t0 + r < n_q && t0 + r >= pad;
-    const T* row = q + (t0 + r) * p.q_row_stride;
+    const T* row = q.row(t0 + r);
     float local = 0.f, cap = 0.f;
     if (valid && c < 2 * half) {
       const int64_t f = c < half ? c : c - half;
@@ -118,31 +118,18 @@ __global__ void __launch_bounds__(kThreads)
       sm.pos[threadIdx.x] = j;
     }
     __syncthreads();
-    const T *k_base, *v_base;
-    int64_t k_stride, v_stride;
-    if (tile.from_cache) {
-      k_base = static_cast<const T*>(p.cache_k) + b * p.cache_k_batch_stride +
-               kv_head * p.cache_k_head_stride;
-      v_base = static_cast<const T*>(p.cache_v) + b * p.cache_v_batch_stride +
-               kv_head * p.cache_v_head_stride;
-      k_stride = p.cache_k_row_stride;
-      v_stride = p.cache_v_row_stride;
-    } else {
-      k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride +
-               pad * p.k_row_stride;
-      v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride +
-               pad * p.v_row_stride;
-      k_stride = p.k_row_stride;
-      v_stride = p.v_row_stride;
-    }
+    // The tile's rows: cache slots, or the chunk's real rows (from row pad on).
+    const StridedView<const T> k = (tile.from_cache ? p.cache_k : p.k).as<const T>();
+    const StridedView<const T> v = (tile.from_cache ? p.cache_v : p.v).as<const T>();
+    const int64_t first_row = tile.from_cache ? tile.first : pad + tile.first;
     for (int64_t idx = threadIdx.x; idx < kKeys * head_dim; idx += kThreads) {
       const int64_t r = idx / head_dim, c = idx % head_dim;
       const int64_t j = sm.pos[r];
       const bool present = j >= 0;
-      const T* k_row = k_base + (tile.first + r) * k_stride;
+      const T* k_row = k.at(b, kv_head, first_row + r);
       const float k_value = present ? to_f32(k_row[c]) : 0.f;
       sm.k_raw[r * ld + c] = k_value;
-      sm.v[r * ld + c] = present ? to_f32(v_base[(tile.first + r) * v_stride + c]) : 0.f;
+      sm.v[r * ld + c] = present ? to_f32(v.at(b, kv_head, first_row + r)[c]) : 0.f;
       // Rotate keys the block's queries can see locally: j - q0 in (-n_local, t_hi - t0].
       const int64_t delta = j - q0;
       float rotated = k_value;
@@ -212,12 +199,12 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride;
+  const RowsView<T> out = p.out.as<T>().rows(b, head);
   for (int64_t idx = threadIdx.x; idx < kRows * head_dim; idx += kThreads) {
     const int64_t r = idx / head_dim, c = idx % head_dim;
     if (t0 + r >= n_q) continue;
     const float sum = sm.row_sum[r];  // 0 for a padding row: it saw no key
-    out[(t0 + r) * p.out_row_stride + c] = from_f32<T>(sum > 0.f ? sm.out[r * ld + c] / sum : 0.f);
+    out.row(t0 + r)[c] = from_f32<T>(sum > 0.f ? sm.out[r * ld + c] / sum : 0.f);
   }
 }
 

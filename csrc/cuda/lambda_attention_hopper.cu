@@ -23,7 +23,7 @@
 // multiple of kPrefillRowAlign = 128 rows. Splits (few blocks) cut that list as the mma.sync
 // kernel does and write the same partials for lse_merge.cu.
 //
-// Positions, sequence by sequence: a = query_start[b * query_start_batch_stride], p =
+// Positions, sequence by sequence: a = *query_start.of(b), p =
 // padding[b] (0 without padding); chunk row t >= p is the query and key at position
 // a + t - p, rows t < p are padding (never a key; output zeros). Key row u of the pre-pass
 // sequence sits at position a - W + u in the window (u < W) and a + (u - W) - p in the chunk,
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int n_q = static_cast<int>(p.n_queries);
   const int window_rows = static_cast<int>(plan.prefill.window_rows);
   const int n_local = static_cast<int>(p.n_local);
-  const int64_t a = p.query_start[b * p.query_start_batch_stride];
+  const int64_t a = *p.query_start.of(b);
   const int pad = p.padding != nullptr ? static_cast<int>(p.padding[b]) : 0;
   const int t_lo = row_tile * BM;
   const HopperTileList tiles(a, pad, window_rows, n_local, p.n_global, max(t_lo, pad),
@@ -423,8 +423,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (row_t[h] >= n_q) continue;
     const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
     if (n_splits == 1) {
-      T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +
-               row_t[h] * p.out_row_stride;
+      T* out = p.out.as<T>().at(b, head, row_t[h]);
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
         const int col = 8 * dt + 2 * (lane % 4);
@@ -474,23 +473,23 @@ Status encode_maps(const LambdaAttentionParams& p, const AttentionPlan& plan,
   const auto W = static_cast<uint64_t>(ws.window_rows), G = static_cast<uint64_t>(ws.global_rows);
   cudaError_t error;
   {
-    const uint64_t row = p.q_row_stride * 2;
-    const uint64_t head = stride_bytes(p.q_head_stride, p.n_heads_q, row * n_q);
+    const uint64_t row = p.q.row_stride * 2;
+    const uint64_t head = stride_bytes(p.q.head_stride, p.n_heads_q, row * n_q);
     const uint64_t dims[4] = {D, n_q, static_cast<uint64_t>(p.n_heads_q),
                               static_cast<uint64_t>(p.batch)};
-    const uint64_t strides[3] = {stride_bytes(p.q_row_stride, p.n_queries, D * 2), head,
-                                 stride_bytes(p.q_batch_stride, p.batch, head * p.n_heads_q)};
-    if ((error = encode_panel_map_nd(&maps->q, p.q, bf16, 4, dims, strides, kGroupRows)))
+    const uint64_t strides[3] = {stride_bytes(p.q.row_stride, p.n_queries, D * 2), head,
+                                 stride_bytes(p.q.batch_stride, p.batch, head * p.n_heads_q)};
+    if ((error = encode_panel_map_nd(&maps->q, p.q.data, bf16, 4, dims, strides, kGroupRows)))
       return map_error("q", error);
   }
   {
-    const uint64_t row = p.v_row_stride * 2;
-    const uint64_t head = stride_bytes(p.v_head_stride, p.n_heads_kv, row * n_q);
+    const uint64_t row = p.v.row_stride * 2;
+    const uint64_t head = stride_bytes(p.v.head_stride, p.n_heads_kv, row * n_q);
     const uint64_t dims[4] = {D, n_q, static_cast<uint64_t>(p.n_heads_kv),
                               static_cast<uint64_t>(p.batch)};
-    const uint64_t strides[3] = {stride_bytes(p.v_row_stride, p.n_queries, D * 2), head,
-                                 stride_bytes(p.v_batch_stride, p.batch, head * p.n_heads_kv)};
-    if ((error = encode_panel_map_nd(&maps->chunk_values, p.v, bf16, 4, dims, strides, BN)))
+    const uint64_t strides[3] = {stride_bytes(p.v.row_stride, p.n_queries, D * 2), head,
+                                 stride_bytes(p.v.batch_stride, p.batch, head * p.n_heads_kv)};
+    if ((error = encode_panel_map_nd(&maps->chunk_values, p.v.data, bf16, 4, dims, strides, BN)))
       return map_error("v", error);
   }
   const auto packed_3d = [&](CUtensorMap* map, size_t offset, uint64_t rows, const char* which) {

@@ -64,13 +64,12 @@ template <typename T, int D> struct SmemLayout {
 template <typename T, int D> struct KeySource {
   const T* keys;           // [W + n_queries][D] rotated key sequence
   const T* window_values;  // [W][D]
-  const T* chunk_values;   // v at (b, kv head) from the first real row; row stride v_row_stride
+  RowsView<const T> chunk_values;  // v at (b, kv head), from the first real row
   const T* global_keys;    // [global_rows][D] raw
   const T* global_values;  // [global_rows][D]
   const int32_t* window_slot;    // [W] cache slot or -1
   const int32_t* global_source;  // [global_rows] source or -1
   const uint8_t* window_tile_state;  // [W / BN]
-  int64_t v_row_stride;
   int window_rows, chunk_rows;  // chunk_rows: the real rows (key row W + t' is chunk row pad + t')
 
   __device__ KeySource(const LambdaAttentionParams& p, const PrefillWorkspace& ws,
@@ -86,9 +85,8 @@ template <typename T, int D> struct KeySource {
                   head_rows * ws.global_rows * D;
     global_values = reinterpret_cast<const T*>(workspace + ws.global_values) +
                     head_rows * ws.global_rows * D;
-    chunk_values = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride +
-                   pad * p.v_row_stride;  // the first real row
-    v_row_stride = p.v_row_stride;
+    chunk_values = p.v.as<const T>().rows(b, kv_head);
+    chunk_values.data = chunk_values.row(pad);  // the first real row
     // The sequence's index rows, formed once (opaque: not re-derived per tile).
     window_slot = opaque(reinterpret_cast<const int32_t*>(workspace + ws.window_slot) +
                          index_row * window_rows);
@@ -130,8 +128,8 @@ template <typename T, int D> struct KeySource {
       v_base = window_values + tile.first * D;
     } else {
       k_base = keys + tile.first * D;
-      v_base = chunk_values + (tile.first - window_rows) * v_row_stride;
-      v_stride = v_row_stride;
+      v_base = chunk_values.row(tile.first - window_rows);
+      v_stride = chunk_values.row_stride;
       rows = window_rows + chunk_rows - tile.first;
     }
     const int col = (threadIdx.x % kChunks) * 8;
@@ -141,7 +139,7 @@ template <typename T, int D> struct KeySource {
       const bool valid = r < rows;
       const int dst = swz<D>(r, col);
       cp_async_16(s_k + dst, valid ? k_base + r * D + col : keys, valid);
-      cp_async_16(s_v + dst, valid ? v_base + r * v_stride + col : chunk_values, valid);
+      cp_async_16(s_v + dst, valid ? v_base + r * v_stride + col : chunk_values.data, valid);
     }
     if (threadIdx.x < BN) {
       const int row = tile.first + threadIdx.x;
@@ -199,11 +197,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Stage the Q tile and the first two key tiles (three cp.async groups, some possibly
   // empty), so that both key loads are in flight from the start.
   {
-    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + head * p.q_head_stride;
+    const RowsView<const T> q = p.q.as<const T>().rows(b, head);
     for (int c = threadIdx.x; c < BM * kChunks; c += kThreads) {
       const int r = c / kChunks, col = (c % kChunks) * 8;
       const bool valid = t_lo + r < n_q;
-      cp_async_16(s_q + swz<D>(r, col), valid ? q + (t_lo + r) * p.q_row_stride + col : q, valid);
+      cp_async_16(s_q + swz<D>(r, col), valid ? q.row(t_lo + r) + col : q.data, valid);
     }
     cp_async_commit();
     for (int st = 0; st < 2; ++st) {
@@ -399,8 +397,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
     if (n_splits == 1) {
-      T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +
-               row_t[h] * p.out_row_stride;
+      T* out = p.out.as<T>().at(b, head, row_t[h]);
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
         const int col = 8 * dt + 2 * (lane % 4);

@@ -48,20 +48,20 @@ inline constexpr int kMmaBlockRows = 16 * kMmaWarps;
 inline constexpr int kMmaBlockKeys = 64;
 
 // Sequence b of a batch (LambdaAttentionParams): rows t < padding are padding, row t >= padding
-// sits at position start + (t - padding). Read once per block; with query_start_batch_stride 0
+// sits at position start + (t - padding). Read once per block; with query_start.batch_stride 0
 // and no padding every sequence reads the same start and 0.
 struct SequenceRows {
   int64_t start;    // position of the first real row
   int64_t padding;  // leading padding rows
   __device__ SequenceRows(const LambdaAttentionParams& p, int64_t b)
-      : start(p.query_start[b * p.query_start_batch_stride]),
+      : start(*p.query_start.of(b)),
         padding(p.padding != nullptr ? p.padding[b] : 0) {}
 };
 
 // Whether every sequence of the batch sits at the same positions (shared query start and cache
 // positions, no padding): then the pre-pass's index (below) is built once for the whole batch.
 inline bool sequences_share_positions(const LambdaAttentionParams& p) {
-  return p.query_start_batch_stride == 0 && p.cache_positions_batch_stride == 0 &&
+  return p.query_start.batch_stride == 0 && p.cache_positions.batch_stride == 0 &&
          p.padding == nullptr;
 }
 

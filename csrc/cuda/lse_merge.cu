@@ -40,8 +40,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     total += __shfl_xor_sync(0xffffffffu, total, offset);
   const float inv_total = total > 0.f ? 1.f / total : 0.f;
 
-  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +
-           t * p.out_row_stride;
+  T* out = p.out.as<T>().at(b, head, t);
   for (int64_t col = lane; col < p.head_dim; col += 32) {
     float acc = 0.f;
     for (int64_t z = 0; z < n_splits; ++z) acc += exp2f(lse[z] - ref) * out_z[z * p.head_dim + col];
