@@ -37,6 +37,7 @@
 #include "cpu/rope_table.h"
 #include "cpu/simd.h"
 #include "lminf/lambda_attention.h"
+#include "lminf/lambda_mask.h"
 
 namespace lminf {
 namespace cpu {
@@ -314,22 +315,23 @@ class LambdaAttentionCpu {
     std::fill(ws.row_sum.begin(), ws.row_sum.begin() + rows, 0.f);
     std::fill(ws.poisoned.begin(), ws.poisoned.begin() + rows, 0);
 
-    // Keys local to some row have first - n_local < j <= last; keys global to some row have
-    // j < n_global and last - j >= n_local. A key can be both (for different rows).
+    // The keys some row sees locally, and the global keys some row sees beyond its window
+    // (the last row sees them all). A key can be both (for different rows).
+    const KeyRange<int64_t> local = local_keys_of_any(first, last, p_.n_local);
+    const KeyRange<int64_t> global = global_keys(last, p_.n_global, p_.n_local);
     ws.local_keys.clear();
     ws.global_keys.clear();
     auto classify = [&](const KeyRef<T>& key) {
-      if (key.position > first - p_.n_local && key.position <= last) ws.local_keys.push_back(key);
-      if (key.position < p_.n_global && last - key.position >= p_.n_local)
-        ws.global_keys.push_back(key);
+      if (local.contains(key.position)) ws.local_keys.push_back(key);
+      if (global.contains(key.position)) ws.global_keys.push_back(key);
     };
     const int64_t* slot_positions = p_.cache_positions.of(b);
     for (int64_t slot = part.slot0; slot < part.slot1; ++slot)
       if (slot_positions[slot] >= 0) classify(cache_key(b, kv_head, slot));
     if (part.with_chunk) {
-      for (int64_t s = std::max<int64_t>(pad, t0 - p_.n_local + 1); s < t1; ++s)
+      for (int64_t s = std::max(pad, local.first - start); local.contains(start + s); ++s)
         ws.local_keys.push_back(chunk_key(b, kv_head, s));
-      for (int64_t s = pad; s < t1 && start + s < p_.n_global && t1 - 1 - s >= p_.n_local; ++s)
+      for (int64_t s = pad; global.contains(start + s); ++s)
         ws.global_keys.push_back(chunk_key(b, kv_head, s));
     }
 
@@ -507,11 +509,12 @@ class LambdaAttentionCpu {
     }
     if (!direct) score_block(q, rows, dp_, kt, scores);
 
-    // Whole-block tests first: most blocks lie entirely inside every row's band.
+    // Whole-block tests first: most blocks lie entirely inside every row's band (the first row
+    // sees the fewest global keys).
     const int64_t last = first + (rows - 1) / group_;
-    const bool all_visible = n_keys == kBlockKeys &&
-                             (kLocal ? first - highest >= 0 && last - lowest < p_.n_local
-                                     : first - highest >= p_.n_local);
+    const KeyRange<int64_t> seen_by_all = kLocal ? local_keys_of_all(first, last, p_.n_local)
+                                                 : global_keys(first, p_.n_global, p_.n_local);
+    const bool all_visible = n_keys == kBlockKeys && seen_by_all.contains(lowest, highest);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = first + r / group_;
       float* s = scores + r * kBlockKeys;
@@ -524,9 +527,10 @@ class LambdaAttentionCpu {
       bool bad = false;
       for (int c = 0; c < kBlockKeys; ++c) {
         bool visible = false;
-        if (c < n_keys) {
+        if (c < n_keys) {  // a global block holds global keys only
           const int64_t distance = i - keys[c].position;
-          visible = kLocal ? distance >= 0 && distance < p_.n_local : distance >= p_.n_local;
+          visible = kLocal ? is_local(distance, p_.n_local)
+                           : is_global(distance, /*key_is_global=*/true, p_.n_local);
         }
         if (visible)
           bad |= !is_finite(s[c]) || ws.value_bad[c];
@@ -581,9 +585,8 @@ class LambdaAttentionCpu {
   void attend_middle(TileWorkspace<T>& ws, int64_t b, int64_t kv_head, int64_t t,
                      int64_t row_in_tile) const {
     const int64_t start = origin(b), pad = padding(b);
-    const int64_t i = start + t;
-    const int64_t highest = i - p_.n_local;  // candidates: n_global <= j <= i - n_local
-    if (highest < p_.n_global) return;
+    const KeyRange<int64_t> middle = middle_keys(start + t, p_.n_global, p_.n_local);
+    if (middle.empty()) return;
     for (int64_t g = 0; g < group_; ++g) {
       float* q = ws.q_middle.data() + g * dp_;
       std::fill(q, q + dp_, 0.f);
@@ -608,12 +611,11 @@ class LambdaAttentionCpu {
     // Candidates: the middle store (tokens before the chunk) and the chunk's own early tokens.
     const int64_t* slot_positions = p_.middle_positions.of(b);
     for (int64_t slot = 0; slot < p_.middle_len; ++slot) {
-      const int64_t j = slot_positions[slot];
-      if (j >= p_.n_global && j <= highest)
+      if (middle.contains(slot_positions[slot]))
         consider(p_.middle_k.as<const T>().at(b, kv_head, slot),
                  p_.middle_v.as<const T>().at(b, kv_head, slot));
     }
-    for (int64_t s = std::max(pad, p_.n_global - start); start + s <= highest; ++s) {
+    for (int64_t s = std::max(pad, middle.first - start); middle.contains(start + s); ++s) {
       const KeyRef<T> key = chunk_key(b, kv_head, s);
       consider(key.k, key.v);
     }

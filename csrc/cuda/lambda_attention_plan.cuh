@@ -35,6 +35,16 @@ auto dispatch_kernel_types(const LambdaAttentionParams& p, Launch&& launch) {
               : launch(ElementType<__half>{}, HeadDim<128>{});
 }
 
+// Launcher<T, D>::run(args...) for the params' case: a kernel file's public launcher in one
+// line, where Launcher<T, D> names the file's launch function for that instance
+// (`template <typename T, int D> struct Launcher { static constexpr auto run = launch<T, D>; };`).
+template <template <typename, int> class Launcher, typename... Args>
+Status launch_kernel_types(const LambdaAttentionParams& p, Args&&... args) {
+  return dispatch_kernel_types(p, [&](auto t, auto d) {
+    return Launcher<typename decltype(t)::type, decltype(d)::value>::run(args...);
+  });
+}
+
 enum class AttentionPath : int {
   kTensorCore = 0,  // bf16/fp16, head_dim 64 or 128: lambda_attention_mma.cu
   kGeneric = 1,     // anything else up to head_dim 256: lambda_attention_generic.cu
@@ -147,6 +157,12 @@ inline SplitPartials split_partials(const AttentionPlan& plan, void* workspace) 
   if (plan.n_splits <= 1) return {};
   return {static_cast<float*>(workspace),
           reinterpret_cast<float*>(static_cast<char*>(workspace) + plan.partial_lse_offset)};
+}
+
+// The grid of the tensor-core prefill kernels: (row tiles x key splits, query heads, batch).
+inline dim3 prefill_grid(const LambdaAttentionParams& p, const AttentionPlan& plan) {
+  return dim3(static_cast<unsigned>(plan.row_tiles * plan.n_splits),
+              static_cast<unsigned>(p.n_heads_q), static_cast<unsigned>(p.batch));
 }
 
 // Chooses the path and the split for these sizes on the current device.
