@@ -61,14 +61,6 @@ Status check_memory(const char* function, MemoryKind memory) {
 
 int64_t slots(const KVCacheShape& s) { return s.n_global + s.n_local; }
 
-// Element strides of a dense [batch, heads, rows, head_dim] tensor.
-struct DenseStrides {
-  int64_t batch, head, row;
-};
-DenseStrides dense(int64_t heads, int64_t rows, int64_t head_dim) {
-  return {heads * rows * head_dim, rows * head_dim, head_dim};
-}
-
 // How the kernels see the cache's positions: one shared row (uniform batch) or one row per
 // sequence, and the padding of a ragged chunk (null: none), in memory the kernels read.
 struct SequenceLayout {
@@ -82,42 +74,19 @@ LambdaAttentionParams chunk_attention_params(const KVCacheShape& shape,
                                              const AttentionConfig& attention, const void* q,
                                              const void* k, const void* v, int64_t n_tokens,
                                              void* out, SequenceLayout layout = {}) {
-  const int64_t d = shape.head_dim;
-  const DenseStrides q_strides = dense(attention.n_heads_q, n_tokens, d);
-  const DenseStrides kv_strides = dense(shape.n_heads_kv, n_tokens, d);
-  const DenseStrides cache_strides = dense(shape.n_heads_kv, slots(shape), d);
+  const int64_t d = shape.head_dim, heads_q = attention.n_heads_q, heads_kv = shape.n_heads_kv;
   LambdaAttentionParams p;
   p.dtype = shape.dtype;
-  p.q = q;
-  p.q_batch_stride = q_strides.batch;
-  p.q_head_stride = q_strides.head;
-  p.q_row_stride = q_strides.row;
-  p.k = k;
-  p.k_batch_stride = kv_strides.batch;
-  p.k_head_stride = kv_strides.head;
-  p.k_row_stride = kv_strides.row;
-  p.v = v;
-  p.v_batch_stride = kv_strides.batch;
-  p.v_head_stride = kv_strides.head;
-  p.v_row_stride = kv_strides.row;
-  p.cache_k = storage.keys;
-  p.cache_k_batch_stride = cache_strides.batch;
-  p.cache_k_head_stride = cache_strides.head;
-  p.cache_k_row_stride = cache_strides.row;
-  p.cache_v = storage.values;
-  p.cache_v_batch_stride = cache_strides.batch;
-  p.cache_v_head_stride = cache_strides.head;
-  p.cache_v_row_stride = cache_strides.row;
-  p.cache_positions = storage.slot_positions;
-  p.cache_positions_batch_stride = layout.uniform ? 0 : slots(shape);
+  p.q = dense_view(q, heads_q, n_tokens, d);
+  p.k = dense_view(k, heads_kv, n_tokens, d);
+  p.v = dense_view(v, heads_kv, n_tokens, d);
+  p.cache_k = dense_view<const void>(storage.keys, heads_kv, slots(shape), d);
+  p.cache_v = dense_view<const void>(storage.values, heads_kv, slots(shape), d);
+  p.cache_positions = {storage.slot_positions, layout.uniform ? 0 : slots(shape)};
   p.cache_len = slots(shape);
-  p.query_start = storage.next_position;
-  p.query_start_batch_stride = layout.uniform ? 0 : 1;
+  p.query_start = {storage.next_position, layout.uniform ? 0 : 1};
   p.padding = layout.padding;
-  p.out = out;
-  p.out_batch_stride = q_strides.batch;
-  p.out_head_stride = q_strides.head;
-  p.out_row_stride = q_strides.row;
+  p.out = dense_view(out, heads_q, n_tokens, d);
   p.inv_freq = attention.inv_freq;
   p.rotary_dim = attention.rotary_dim;
   p.batch = shape.batch;
@@ -136,30 +105,15 @@ LambdaAttentionParams chunk_attention_params(const KVCacheShape& shape,
 RingCacheAppendParams chunk_append_params(const KVCacheShape& shape, const KVCacheStorage& storage,
                                           const void* k, const void* v, int64_t n_tokens,
                                           SequenceLayout layout = {}) {
-  const DenseStrides kv_strides = dense(shape.n_heads_kv, n_tokens, shape.head_dim);
-  const DenseStrides cache_strides = dense(shape.n_heads_kv, slots(shape), shape.head_dim);
+  const int64_t d = shape.head_dim, heads_kv = shape.n_heads_kv;
   RingCacheAppendParams p;
   p.dtype = shape.dtype;
-  p.cache_k = storage.keys;
-  p.cache_k_batch_stride = cache_strides.batch;
-  p.cache_k_head_stride = cache_strides.head;
-  p.cache_k_row_stride = cache_strides.row;
-  p.cache_v = storage.values;
-  p.cache_v_batch_stride = cache_strides.batch;
-  p.cache_v_head_stride = cache_strides.head;
-  p.cache_v_row_stride = cache_strides.row;
-  p.cache_positions = storage.slot_positions;
-  p.cache_positions_batch_stride = layout.uniform ? 0 : slots(shape);
-  p.k = k;
-  p.k_batch_stride = kv_strides.batch;
-  p.k_head_stride = kv_strides.head;
-  p.k_row_stride = kv_strides.row;
-  p.v = v;
-  p.v_batch_stride = kv_strides.batch;
-  p.v_head_stride = kv_strides.head;
-  p.v_row_stride = kv_strides.row;
-  p.start_position = storage.next_position;
-  p.start_position_batch_stride = layout.uniform ? 0 : 1;
+  p.cache_k = dense_view(storage.keys, heads_kv, slots(shape), d);
+  p.cache_v = dense_view(storage.values, heads_kv, slots(shape), d);
+  p.cache_positions = {storage.slot_positions, layout.uniform ? 0 : slots(shape)};
+  p.k = dense_view(k, heads_kv, n_tokens, d);
+  p.v = dense_view(v, heads_kv, n_tokens, d);
+  p.start_position = {storage.next_position, layout.uniform ? 0 : 1};
   p.padding = layout.padding;
   p.batch = shape.batch;
   p.n_heads_kv = shape.n_heads_kv;

@@ -78,26 +78,29 @@ Status validate(const LambdaAttentionParams& p) {
                    p.rotary_dim);
   LMINF_RETURN_IF_ERROR(check_range("cache_len", p.cache_len, 0));
   if (!std::isfinite(p.scale)) return invalid("scale must be a finite number, got ", p.scale);
-  if (p.query_start == nullptr) return invalid("query_start must not be null");
-  LMINF_RETURN_IF_ERROR(check_sequence_stride("query_start_batch_stride", p.query_start_batch_stride));
-  LMINF_RETURN_IF_ERROR(check_positions_stride("cache_positions_batch_stride",
-                                               p.cache_positions_batch_stride, p.cache_len));
+  if (p.query_start.data == nullptr) return invalid("query_start must not be null");
+  LMINF_RETURN_IF_ERROR(
+      check_sequence_stride("query_start.batch_stride", p.query_start.batch_stride));
+  LMINF_RETURN_IF_ERROR(check_positions_stride("cache_positions.batch_stride",
+                                               p.cache_positions.batch_stride, p.cache_len));
   if (p.rotary_dim > 0 && p.inv_freq == nullptr) return invalid("inv_freq must not be null");
   const bool empty = p.batch == 0 || p.n_queries == 0;
-  if (!empty && (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.out == nullptr))
+  if (!empty &&
+      (p.q.data == nullptr || p.k.data == nullptr || p.v.data == nullptr || p.out.data == nullptr))
     return invalid("q, k, v and out must not be null");
   if (!empty && p.cache_len > 0 &&
-      (p.cache_k == nullptr || p.cache_v == nullptr || p.cache_positions == nullptr))
+      (p.cache_k.data == nullptr || p.cache_v.data == nullptr || p.cache_positions.data == nullptr))
     return invalid("cache_k, cache_v and cache_positions must not be null when cache_len > 0");
   LMINF_RETURN_IF_ERROR(check_range("top_k", p.top_k, 0));
   if (p.top_k > 0) {
     LMINF_RETURN_IF_ERROR(check_range("top_k_distance", p.top_k_distance, 0));
     LMINF_RETURN_IF_ERROR(check_range("top_k_first_row", p.top_k_first_row, 0));
     LMINF_RETURN_IF_ERROR(check_range("middle_len", p.middle_len, 0));
-    LMINF_RETURN_IF_ERROR(check_positions_stride("middle_positions_batch_stride",
-                                                 p.middle_positions_batch_stride, p.middle_len));
+    LMINF_RETURN_IF_ERROR(check_positions_stride("middle_positions.batch_stride",
+                                                 p.middle_positions.batch_stride, p.middle_len));
     if (!empty && p.middle_len > 0 &&
-        (p.middle_k == nullptr || p.middle_v == nullptr || p.middle_positions == nullptr))
+        (p.middle_k.data == nullptr || p.middle_v.data == nullptr ||
+         p.middle_positions.data == nullptr))
       return invalid("middle_k, middle_v and middle_positions must not be null when middle_len > 0");
   }
   return Status::Ok();
@@ -112,22 +115,23 @@ Status validate(const RingCacheAppendParams& p) {
   LMINF_RETURN_IF_ERROR(check_range("n_local", p.n_local, 1));
   LMINF_RETURN_IF_ERROR(check_range("n_global", p.n_global, 0));
   LMINF_RETURN_IF_ERROR(check_window(p.n_global, p.n_local));
-  if (p.start_position == nullptr) return invalid("start_position must not be null");
-  if (p.cache_positions == nullptr) return invalid("cache_positions must not be null");
+  if (p.start_position.data == nullptr) return invalid("start_position must not be null");
+  if (p.cache_positions.data == nullptr) return invalid("cache_positions must not be null");
   LMINF_RETURN_IF_ERROR(
-      check_sequence_stride("start_position_batch_stride", p.start_position_batch_stride));
-  LMINF_RETURN_IF_ERROR(check_positions_stride("cache_positions_batch_stride",
-                                               p.cache_positions_batch_stride,
+      check_sequence_stride("start_position.batch_stride", p.start_position.batch_stride));
+  LMINF_RETURN_IF_ERROR(check_positions_stride("cache_positions.batch_stride",
+                                               p.cache_positions.batch_stride,
                                                p.n_global + p.n_local));
   // One shared row of slot positions cannot record sequences that sit at different positions.
-  if (p.batch > 1 && p.cache_positions_batch_stride == 0 &&
-      (p.start_position_batch_stride != 0 || p.padding != nullptr))
-    return invalid("cache_positions_batch_stride must be at least n_global + n_local (",
+  if (p.batch > 1 && p.cache_positions.batch_stride == 0 &&
+      (p.start_position.batch_stride != 0 || p.padding != nullptr))
+    return invalid("cache_positions.batch_stride must be at least n_global + n_local (",
                    p.n_global + p.n_local, ", one row of slot positions per sequence) when ",
                    p.padding != nullptr ? "padding is given" : "start_position is per sequence",
                    ", got 0 (shared by the batch)");
   if (p.batch > 0 && p.n_new > 0 &&
-      (p.cache_k == nullptr || p.cache_v == nullptr || p.k == nullptr || p.v == nullptr))
+      (p.cache_k.data == nullptr || p.cache_v.data == nullptr || p.k.data == nullptr ||
+       p.v.data == nullptr))
     return invalid("cache_k, cache_v, k and v must not be null");
   return Status::Ok();
 }
@@ -138,11 +142,12 @@ Status validate(const DecodeLinearParams& p) {
   LMINF_RETURN_IF_ERROR(check_range("in_features", p.in_features, 1));
   LMINF_RETURN_IF_ERROR(check_range("out_features", p.out_features, 1));
   // Rows may be spaced further apart than their length, never overlap.
-  LMINF_RETURN_IF_ERROR(check_range("x_row_stride", p.x_row_stride, p.in_features));
-  LMINF_RETURN_IF_ERROR(check_range("weight_row_stride", p.weight_row_stride, p.in_features));
-  LMINF_RETURN_IF_ERROR(check_range("out_row_stride", p.out_row_stride, p.out_features));
-  if (p.weight == nullptr) return invalid("weight must not be null");
-  if (p.rows > 0 && (p.x == nullptr || p.out == nullptr)) return invalid("x and out must not be null");
+  LMINF_RETURN_IF_ERROR(check_range("x.row_stride", p.x.row_stride, p.in_features));
+  LMINF_RETURN_IF_ERROR(check_range("weight.row_stride", p.weight.row_stride, p.in_features));
+  LMINF_RETURN_IF_ERROR(check_range("out.row_stride", p.out.row_stride, p.out_features));
+  if (p.weight.data == nullptr) return invalid("weight must not be null");
+  if (p.rows > 0 && (p.x.data == nullptr || p.out.data == nullptr))
+    return invalid("x and out must not be null");
   return Status::Ok();
 }
 

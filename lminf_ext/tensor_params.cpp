@@ -73,10 +73,23 @@ void check_device(const char* op, const char* name, const torch::Tensor& t,
   });
 }
 
+// The core's view of a [batch, heads, rows, features] tensor: its pointer and first three
+// strides (in elements, as the core counts them).
+template <class T>
+lminf::StridedView<T> strided_view(const torch::Tensor& t) {
+  return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
 // A tensor the kernel reads through a pointer and a batch stride, with that stride.
 struct Strided {
   torch::Tensor tensor;
   int64_t batch_stride;
+
+  // The core's view: a row (or value) per sequence, or one shared (batch_stride 0).
+  template <class T>
+  lminf::PerSequence<T> view() const {
+    return {tensor.data_ptr<int64_t>(), batch_stride};
+  }
 };
 
 // Slot positions: int64 [length] shared by the batch (batch stride 0) or [batch, length], one
@@ -261,27 +274,16 @@ AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
 
   lminf::LambdaAttentionParams& p = in.params;
   p.dtype = dtype;
-  p.q = in.q.data_ptr();
-  p.q_batch_stride = in.q.stride(0), p.q_head_stride = in.q.stride(1), p.q_row_stride = in.q.stride(2);
-  p.k = in.k.data_ptr();
-  p.k_batch_stride = in.k.stride(0), p.k_head_stride = in.k.stride(1), p.k_row_stride = in.k.stride(2);
-  p.v = in.v.data_ptr();
-  p.v_batch_stride = in.v.stride(0), p.v_head_stride = in.v.stride(1), p.v_row_stride = in.v.stride(2);
-  p.cache_k = in.cache_k.data_ptr();
-  p.cache_k_batch_stride = in.cache_k.stride(0), p.cache_k_head_stride = in.cache_k.stride(1);
-  p.cache_k_row_stride = in.cache_k.stride(2);
-  p.cache_v = in.cache_v.data_ptr();
-  p.cache_v_batch_stride = in.cache_v.stride(0), p.cache_v_head_stride = in.cache_v.stride(1);
-  p.cache_v_row_stride = in.cache_v.stride(2);
-  p.cache_positions = in.cache_positions.data_ptr<int64_t>();
-  p.cache_positions_batch_stride = positions.batch_stride;
+  p.q = strided_view<const void>(in.q);
+  p.k = strided_view<const void>(in.k);
+  p.v = strided_view<const void>(in.v);
+  p.cache_k = strided_view<const void>(in.cache_k);
+  p.cache_v = strided_view<const void>(in.cache_v);
+  p.cache_positions = positions.view<const int64_t>();
   p.cache_len = slots;
-  p.query_start = in.query_start.data_ptr<int64_t>();
-  p.query_start_batch_stride = starts.batch_stride;
+  p.query_start = starts.view<const int64_t>();
   p.padding = in.padding.defined() ? in.padding.data_ptr<int64_t>() : nullptr;
-  p.out = in.out.data_ptr();
-  p.out_batch_stride = in.out.stride(0), p.out_head_stride = in.out.stride(1);
-  p.out_row_stride = in.out.stride(2);
+  p.out = strided_view<void>(in.out);
   p.inv_freq = in.inv_freq.data_ptr<float>();
   p.rotary_dim = 2 * in.inv_freq.size(0);
   p.batch = batch, p.n_heads_q = heads_q, p.n_heads_kv = heads_kv;
@@ -317,14 +319,9 @@ void attach_middle_store(const char* op, AttentionInputs& in,
   in.middle_k = rows_contiguous(*middle_k);
   in.middle_v = rows_contiguous(*middle_v);
   in.middle_positions = positions.tensor;
-  p.middle_positions_batch_stride = positions.batch_stride;
-  p.middle_k = in.middle_k.data_ptr();
-  p.middle_k_batch_stride = in.middle_k.stride(0), p.middle_k_head_stride = in.middle_k.stride(1);
-  p.middle_k_row_stride = in.middle_k.stride(2);
-  p.middle_v = in.middle_v.data_ptr();
-  p.middle_v_batch_stride = in.middle_v.stride(0), p.middle_v_head_stride = in.middle_v.stride(1);
-  p.middle_v_row_stride = in.middle_v.stride(2);
-  p.middle_positions = in.middle_positions.data_ptr<int64_t>();
+  p.middle_k = strided_view<const void>(in.middle_k);
+  p.middle_v = strided_view<const void>(in.middle_v);
+  p.middle_positions = positions.view<const int64_t>();
   p.middle_len = slots;
 }
 
@@ -384,20 +381,12 @@ AppendInputs make_append_inputs(const torch::Tensor& cache_k, const torch::Tenso
   in.padding = padding_rows(op, padding, batch, cache_k.device());
   lminf::RingCacheAppendParams& p = in.params;
   p.dtype = dtype;
-  p.cache_k = cache_k.data_ptr();
-  p.cache_k_batch_stride = cache_k.stride(0), p.cache_k_head_stride = cache_k.stride(1);
-  p.cache_k_row_stride = cache_k.stride(2);
-  p.cache_v = cache_v.data_ptr();
-  p.cache_v_batch_stride = cache_v.stride(0), p.cache_v_head_stride = cache_v.stride(1);
-  p.cache_v_row_stride = cache_v.stride(2);
-  p.cache_positions = cache_positions.data_ptr<int64_t>();
-  p.cache_positions_batch_stride = positions.batch_stride;
-  p.k = in.k.data_ptr();
-  p.k_batch_stride = in.k.stride(0), p.k_head_stride = in.k.stride(1), p.k_row_stride = in.k.stride(2);
-  p.v = in.v.data_ptr();
-  p.v_batch_stride = in.v.stride(0), p.v_head_stride = in.v.stride(1), p.v_row_stride = in.v.stride(2);
-  p.start_position = in.start_position.data_ptr<int64_t>();
-  p.start_position_batch_stride = starts.batch_stride;
+  p.cache_k = strided_view<void>(cache_k);
+  p.cache_v = strided_view<void>(cache_v);
+  p.cache_positions = {cache_positions.data_ptr<int64_t>(), positions.batch_stride};
+  p.k = strided_view<const void>(in.k);
+  p.v = strided_view<const void>(in.v);
+  p.start_position = starts.view<const int64_t>();
   p.padding = in.padding.defined() ? in.padding.data_ptr<int64_t>() : nullptr;
   p.batch = k.size(0), p.n_heads_kv = k.size(1), p.n_new = k.size(2), p.head_dim = k.size(3);
   p.n_global = n_global, p.n_local = n_local;
@@ -442,15 +431,16 @@ LinearInputs make_linear_inputs(const char* op, const torch::Tensor& x, const to
 
   lminf::DecodeLinearParams& p = in.params;
   p.dtype = dtype;
-  p.x = in.x.data_ptr(), p.x_row_stride = in.x.stride(0);
-  p.weight = in.weight.data_ptr(), p.weight_row_stride = in.weight.stride(0);
-  p.bias = in.bias.defined() ? in.bias.data_ptr() : nullptr;
-  p.out = in.out.data_ptr(), p.out_row_stride = in.out.stride(0);
-  p.rows = in.x.size(0), p.in_features = in_features, p.out_features = out_features;
   // One row (or one output feature) has no row stride to speak of: torch may report any
   // (out is allocated contiguous: its row stride is out_features already).
-  if (p.rows <= 1) p.x_row_stride = in_features;
-  if (out_features <= 1) p.weight_row_stride = in_features;
+  const auto rows_of = [](const torch::Tensor& t, bool one_row, int64_t length) {
+    return lminf::RowsView<const void>{t.data_ptr(), one_row ? length : t.stride(0)};
+  };
+  p.x = rows_of(in.x, in.x.size(0) <= 1, in_features);
+  p.weight = rows_of(in.weight, out_features <= 1, in_features);
+  p.bias = in.bias.defined() ? in.bias.data_ptr() : nullptr;
+  p.out = {in.out.data_ptr(), in.out.stride(0)};
+  p.rows = in.x.size(0), p.in_features = in_features, p.out_features = out_features;
   return in;
 }
 

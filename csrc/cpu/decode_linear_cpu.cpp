@@ -63,24 +63,25 @@ void run_typed(const DecodeLinearParams& p, int n_threads) {
   const int64_t xs = (k + kVecWidth - 1) / kVecWidth * kVecWidth;
   // x once as float32 rows, so the weight loop converts only W.
   std::vector<float> x(static_cast<size_t>(p.rows * xs), 0.f);
+  const RowsView<const T> x_rows = p.x.as<const T>();
   for (int64_t m = 0; m < p.rows; ++m)
-    row_to_float(static_cast<const T*>(p.x) + m * p.x_row_stride, x.data() + m * xs, k);
+    row_to_float(x_rows.row(m), x.data() + m * xs, k);
 
-  const auto* weight = static_cast<const T*>(p.weight);
+  const RowsView<const T> weight = p.weight.as<const T>();
   const auto* bias = static_cast<const T*>(p.bias);
-  auto* out = static_cast<T*>(p.out);
+  const RowsView<T> out = p.out.as<T>();
   const int64_t useful = std::max<int64_t>(1, p.out_features * k / kMinWeightsPerThread);
   const int threads = static_cast<int>(std::min<int64_t>(
       {n_threads > 0 ? n_threads : omp_get_max_threads(), p.out_features, useful}));
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < p.out_features; ++n) {
-    const T* w = weight + n * p.weight_row_stride;
+    const T* w = weight.row(n);
     const float b = bias == nullptr ? 0.f : to_float(bias[n]);
     for (int64_t m = 0; m < p.rows; m += kMaxRows) {
       const int n_rows = static_cast<int>(std::min<int64_t>(kMaxRows, p.rows - m));
       float sums[kMaxRows];
       dot_rows<T>(n_rows, x.data() + m * xs, xs, w, k_vec, k, sums);
-      for (int i = 0; i < n_rows; ++i) out[(m + i) * p.out_row_stride + n] = from_float<T>(sums[i] + b);
+      for (int i = 0; i < n_rows; ++i) out.row(m + i)[n] = from_float<T>(sums[i] + b);
     }
   }
 }

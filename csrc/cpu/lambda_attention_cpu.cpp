@@ -37,6 +37,7 @@
 #include "cpu/rope_table.h"
 #include "cpu/simd.h"
 #include "lminf/lambda_attention.h"
+#include "lminf/lambda_mask.h"
 
 namespace lminf {
 namespace cpu {
@@ -253,39 +254,18 @@ class LambdaAttentionCpu {
   }
 
  private:
-  const T* q_row(int64_t b, int64_t h, int64_t t) const {
-    return static_cast<const T*>(p_.q) + b * p_.q_batch_stride + h * p_.q_head_stride +
-           t * p_.q_row_stride;
-  }
-  T* out_row(int64_t b, int64_t h, int64_t t) const {
-    return static_cast<T*>(p_.out) + b * p_.out_batch_stride + h * p_.out_head_stride +
-           t * p_.out_row_stride;
-  }
+  const T* q_row(int64_t b, int64_t h, int64_t t) const { return p_.q.as<const T>().at(b, h, t); }
+  T* out_row(int64_t b, int64_t h, int64_t t) const { return p_.out.as<T>().at(b, h, t); }
   // Position of chunk row 0 of sequence b; row t >= padding(b) sits at origin(b) + t.
-  int64_t origin(int64_t b) const {
-    return p_.query_start[b * p_.query_start_batch_stride] - padding(b);
-  }
+  int64_t origin(int64_t b) const { return *p_.query_start.of(b) - padding(b); }
   int64_t padding(int64_t b) const { return p_.padding == nullptr ? 0 : p_.padding[b]; }
-  const int64_t* cache_positions(int64_t b) const {
-    return p_.cache_positions + b * p_.cache_positions_batch_stride;
-  }
-  const int64_t* middle_positions(int64_t b) const {
-    return p_.middle_positions + b * p_.middle_positions_batch_stride;
-  }
 
   KeyRef<T> chunk_key(int64_t b, int64_t h, int64_t s) const {
-    return {origin(b) + s,
-            static_cast<const T*>(p_.k) + b * p_.k_batch_stride + h * p_.k_head_stride +
-                s * p_.k_row_stride,
-            static_cast<const T*>(p_.v) + b * p_.v_batch_stride + h * p_.v_head_stride +
-                s * p_.v_row_stride};
+    return {origin(b) + s, p_.k.as<const T>().at(b, h, s), p_.v.as<const T>().at(b, h, s)};
   }
   KeyRef<T> cache_key(int64_t b, int64_t h, int64_t slot) const {
-    return {cache_positions(b)[slot],
-            static_cast<const T*>(p_.cache_k) + b * p_.cache_k_batch_stride +
-                h * p_.cache_k_head_stride + slot * p_.cache_k_row_stride,
-            static_cast<const T*>(p_.cache_v) + b * p_.cache_v_batch_stride +
-                h * p_.cache_v_head_stride + slot * p_.cache_v_row_stride};
+    return {p_.cache_positions.of(b)[slot], p_.cache_k.as<const T>().at(b, h, slot),
+            p_.cache_v.as<const T>().at(b, h, slot)};
   }
 
   // The keys one work item folds into a tile's rows: the cache slots [slot0, slot1) and, if
@@ -335,22 +315,23 @@ class LambdaAttentionCpu {
     std::fill(ws.row_sum.begin(), ws.row_sum.begin() + rows, 0.f);
     std::fill(ws.poisoned.begin(), ws.poisoned.begin() + rows, 0);
 
-    // Keys local to some row have first - n_local < j <= last; keys global to some row have
-    // j < n_global and last - j >= n_local. A key can be both (for different rows).
+    // The keys some row sees locally, and the global keys some row sees beyond its window
+    // (the last row sees them all). A key can be both (for different rows).
+    const KeyRange<int64_t> local = local_keys_of_any(first, last, p_.n_local);
+    const KeyRange<int64_t> global = global_keys(last, p_.n_global, p_.n_local);
     ws.local_keys.clear();
     ws.global_keys.clear();
     auto classify = [&](const KeyRef<T>& key) {
-      if (key.position > first - p_.n_local && key.position <= last) ws.local_keys.push_back(key);
-      if (key.position < p_.n_global && last - key.position >= p_.n_local)
-        ws.global_keys.push_back(key);
+      if (local.contains(key.position)) ws.local_keys.push_back(key);
+      if (global.contains(key.position)) ws.global_keys.push_back(key);
     };
-    const int64_t* slot_positions = cache_positions(b);
+    const int64_t* slot_positions = p_.cache_positions.of(b);
     for (int64_t slot = part.slot0; slot < part.slot1; ++slot)
       if (slot_positions[slot] >= 0) classify(cache_key(b, kv_head, slot));
     if (part.with_chunk) {
-      for (int64_t s = std::max<int64_t>(pad, t0 - p_.n_local + 1); s < t1; ++s)
+      for (int64_t s = std::max(pad, local.first - start); local.contains(start + s); ++s)
         ws.local_keys.push_back(chunk_key(b, kv_head, s));
-      for (int64_t s = pad; s < t1 && start + s < p_.n_global && t1 - 1 - s >= p_.n_local; ++s)
+      for (int64_t s = pad; global.contains(start + s); ++s)
         ws.global_keys.push_back(chunk_key(b, kv_head, s));
     }
 
@@ -528,11 +509,12 @@ class LambdaAttentionCpu {
     }
     if (!direct) score_block(q, rows, dp_, kt, scores);
 
-    // Whole-block tests first: most blocks lie entirely inside every row's band.
+    // Whole-block tests first: most blocks lie entirely inside every row's band (the first row
+    // sees the fewest global keys).
     const int64_t last = first + (rows - 1) / group_;
-    const bool all_visible = n_keys == kBlockKeys &&
-                             (kLocal ? first - highest >= 0 && last - lowest < p_.n_local
-                                     : first - highest >= p_.n_local);
+    const KeyRange<int64_t> seen_by_all = kLocal ? local_keys_of_all(first, last, p_.n_local)
+                                                 : global_keys(first, p_.n_global, p_.n_local);
+    const bool all_visible = n_keys == kBlockKeys && seen_by_all.contains(lowest, highest);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = first + r / group_;
       float* s = scores + r * kBlockKeys;
@@ -545,9 +527,10 @@ class LambdaAttentionCpu {
       bool bad = false;
       for (int c = 0; c < kBlockKeys; ++c) {
         bool visible = false;
-        if (c < n_keys) {
+        if (c < n_keys) {  // a global block holds global keys only
           const int64_t distance = i - keys[c].position;
-          visible = kLocal ? distance >= 0 && distance < p_.n_local : distance >= p_.n_local;
+          visible = kLocal ? is_local(distance, p_.n_local)
+                           : is_global(distance, /*key_is_global=*/true, p_.n_local);
         }
         if (visible)
           bad |= !is_finite(s[c]) || ws.value_bad[c];
@@ -602,9 +585,8 @@ class LambdaAttentionCpu {
   void attend_middle(TileWorkspace<T>& ws, int64_t b, int64_t kv_head, int64_t t,
                      int64_t row_in_tile) const {
     const int64_t start = origin(b), pad = padding(b);
-    const int64_t i = start + t;
-    const int64_t highest = i - p_.n_local;  // candidates: n_global <= j <= i - n_local
-    if (highest < p_.n_global) return;
+    const KeyRange<int64_t> middle = middle_keys(start + t, p_.n_global, p_.n_local);
+    if (middle.empty()) return;
     for (int64_t g = 0; g < group_; ++g) {
       float* q = ws.q_middle.data() + g * dp_;
       std::fill(q, q + dp_, 0.f);
@@ -627,16 +609,13 @@ class LambdaAttentionCpu {
       }
     };
     // Candidates: the middle store (tokens before the chunk) and the chunk's own early tokens.
-    const int64_t* slot_positions = middle_positions(b);
+    const int64_t* slot_positions = p_.middle_positions.of(b);
     for (int64_t slot = 0; slot < p_.middle_len; ++slot) {
-      const int64_t j = slot_positions[slot];
-      if (j >= p_.n_global && j <= highest)
-        consider(middle_row(p_.middle_k, b, kv_head, slot, p_.middle_k_batch_stride,
-                            p_.middle_k_head_stride, p_.middle_k_row_stride),
-                 middle_row(p_.middle_v, b, kv_head, slot, p_.middle_v_batch_stride,
-                            p_.middle_v_head_stride, p_.middle_v_row_stride));
+      if (middle.contains(slot_positions[slot]))
+        consider(p_.middle_k.as<const T>().at(b, kv_head, slot),
+                 p_.middle_v.as<const T>().at(b, kv_head, slot));
     }
-    for (int64_t s = std::max(pad, p_.n_global - start); start + s <= highest; ++s) {
+    for (int64_t s = std::max(pad, middle.first - start); middle.contains(start + s); ++s) {
       const KeyRef<T> key = chunk_key(b, kv_head, s);
       consider(key.k, key.v);
     }
@@ -675,11 +654,6 @@ class LambdaAttentionCpu {
     if (candidate.score > best[worst].score) best[worst] = candidate;
   }
 
-  static const T* middle_row(const void* base, int64_t b, int64_t h, int64_t slot,
-                             int64_t batch_stride, int64_t head_stride, int64_t row_stride) {
-    return static_cast<const T*>(base) + b * batch_stride + h * head_stride + slot * row_stride;
-  }
-
   void accumulate(const float* probs, int64_t rows, int n_keys, const float* const* values,
                   float* acc) const {
     switch (dp_ / kVecWidth) {
@@ -699,9 +673,9 @@ class LambdaAttentionCpu {
   const int64_t group_;
   // The largest query_start of the batch: bounds the relative offsets the rotary table holds.
   static int64_t max_query_start(const LambdaAttentionParams& p) {
-    int64_t highest = p.query_start[0];
-    for (int64_t b = 1; b < p.batch && p.query_start_batch_stride != 0; ++b)
-      highest = std::max(highest, p.query_start[b]);
+    int64_t highest = *p.query_start.of(0);
+    for (int64_t b = 1; b < p.batch && p.query_start.batch_stride != 0; ++b)
+      highest = std::max(highest, *p.query_start.of(b));
     return highest;
   }
 
@@ -735,8 +709,8 @@ Status run_typed(const LambdaAttentionParams& params, int n_threads) {
 
 // Values the CPU kernel reads from host memory: positions in range, finite frequencies.
 Status validate_host_values(const LambdaAttentionParams& p) {
-  Status status = validate_sequence_positions("query_start", p.query_start,
-                                              p.query_start_batch_stride, p.padding, p.batch,
+  Status status = validate_sequence_positions("query_start", p.query_start.data,
+                                              p.query_start.batch_stride, p.padding, p.batch,
                                               p.n_queries);
   if (!status.ok()) return status;
   for (int64_t f = 0; f < p.rotary_dim / 2; ++f)

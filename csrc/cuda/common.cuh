@@ -95,6 +95,22 @@ __device__ __forceinline__ void rope_sincos(int64_t delta, float inv_freq, float
                  cos_out, sin_out);
 }
 
+// One rotate_half pair of a query row, as the prefill kernels keep it in shared memory: the
+// packed word lo holds features (f, f + 1), hi their partners (f + half, f + half + 1). Rotated
+// in place by the angles (c, s) of the two frequencies, and by (cap_c, cap_s), the angles of
+// distance_cap, into cap_lo and cap_hi (R_D q, the global keys' query).
+template <typename T>
+__device__ __forceinline__ void rotate_query_pair(uint32_t* lo, uint32_t* hi, uint32_t* cap_lo,
+                                                  uint32_t* cap_hi, const float (&c)[2],
+                                                  const float (&s)[2], const float (&cap_c)[2],
+                                                  const float (&cap_s)[2]) {
+  const float2 x1 = unpack2<T>(*lo), x2 = unpack2<T>(*hi);
+  *lo = pack2<T>(x1.x * c[0] - x2.x * s[0], x1.y * c[1] - x2.y * s[1]);
+  *hi = pack2<T>(x2.x * c[0] + x1.x * s[0], x2.y * c[1] + x1.y * s[1]);
+  *cap_lo = pack2<T>(x1.x * cap_c[0] - x2.x * cap_s[0], x1.y * cap_c[1] - x2.y * cap_s[1]);
+  *cap_hi = pack2<T>(x2.x * cap_c[0] + x1.x * cap_s[0], x2.y * cap_c[1] + x1.y * cap_s[1]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Asynchronous global -> shared copies (sm_80+). `valid == false` zero-fills the destination
 // without reading the source (which must still be a mapped address: pass the tensor's base).
@@ -182,43 +198,15 @@ Status allow_dynamic_smem(Kernel* kernel, size_t bytes, const char* who) {
                 std::string(who) + ": cudaFuncSetAttribute failed: " + cudaGetErrorString(error));
 }
 
-// One online-softmax step over a warp's m16n8 score accumulators (element 2a + e of each tile
-// belongs to row lane / 4 + 8a): the running max, sum and output accumulators are rescaled and
-// the scores become probabilities in place. Scores are raw (unscaled); exp2 domain with
-// scale_log2. A row with nothing visible yet keeps max -inf and uses 0 as its reference, so
-// that exp2(-inf) gives 0 rather than NaN. Shared by the prefill and decode kernels.
-template <int kNTiles, int kDTiles>
-__device__ __forceinline__ void online_softmax_step(float (&score)[kNTiles][4], float (&row_max)[2],
-                                                    float (&row_sum)[2],
-                                                    float (&out_acc)[kDTiles][4],
-                                                    float scale_log2) {
-#pragma unroll
-  for (int a = 0; a < 2; ++a) {
-    float tile_max = -INFINITY;
-#pragma unroll
-    for (int n = 0; n < kNTiles; ++n)
-      tile_max = fmaxf(tile_max, fmaxf(score[n][2 * a], score[n][2 * a + 1]));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-    const float new_max = fmaxf(row_max[a], tile_max);
-    const float ref = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-    const float correction = exp2f(row_max[a] * scale_log2 - ref);
-    row_max[a] = new_max;
-    row_sum[a] *= correction;
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-      out_acc[dt][2 * a] *= correction;
-      out_acc[dt][2 * a + 1] *= correction;
-    }
-#pragma unroll
-    for (int n = 0; n < kNTiles; ++n)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float prob = exp2f(fmaf(score[n][2 * a + e], scale_log2, -ref));
-        score[n][2 * a + e] = prob;
-        row_sum[a] += prob;
-      }
-  }
+// Launches kernel<<<grid, threads, smem_bytes, stream>>>(args...), first raising the kernel's
+// dynamic shared-memory limit to smem_bytes; the status names the kernel.
+template <typename... Params, typename... Args>
+Status launch_kernel(void (*kernel)(Params...), const char* name, dim3 grid, int threads,
+                     size_t smem_bytes, cudaStream_t stream, const Args&... args) {
+  const Status status = allow_dynamic_smem(kernel, smem_bytes, name);
+  if (!status.ok()) return status;
+  kernel<<<grid, threads, smem_bytes, stream>>>(args...);
+  return launch_status(name);
 }
 
 // The value unchanged, but opaque to the optimiser: something computed once before a key loop

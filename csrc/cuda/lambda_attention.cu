@@ -45,10 +45,12 @@ int sm_count() {
   return count;
 }
 
-bool strides_multiple_of_8(std::initializer_list<int64_t> strides) {
-  for (int64_t stride : strides)
-    if (stride % 8 != 0) return false;
-  return true;
+// Whether the view's pointer is 16-byte aligned and its strides multiples of 8 elements (16
+// bytes of bf16/fp16): then every row it holds can move in 16-byte pieces.
+template <class T>
+bool rows_16_byte_aligned(const StridedView<T>& view) {
+  return aligned16(view.data) && view.batch_stride % 8 == 0 && view.head_stride % 8 == 0 &&
+         view.row_stride % 8 == 0;
 }
 
 // The tensor-core kernel moves rows in 16-byte pieces.
@@ -59,20 +61,10 @@ bool tensor_core_eligible(const LambdaAttentionParams& p) {
   // The kernels index the pre-pass rows (window + chunk, global) and their elements in int32.
   if ((p.n_queries + p.n_local + p.n_global + p.cache_len) * p.head_dim >= (int64_t(1) << 31))
     return false;
-  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out)) return false;
-  if (!strides_multiple_of_8({p.q_batch_stride, p.q_head_stride, p.q_row_stride,
-                              p.k_batch_stride, p.k_head_stride, p.k_row_stride,
-                              p.v_batch_stride, p.v_head_stride, p.v_row_stride,
-                              p.out_batch_stride, p.out_head_stride, p.out_row_stride}))
+  if (!rows_16_byte_aligned(p.q) || !rows_16_byte_aligned(p.k) || !rows_16_byte_aligned(p.v) ||
+      !rows_16_byte_aligned(p.out))
     return false;
-  if (p.cache_len > 0) {
-    if (!aligned16(p.cache_k) || !aligned16(p.cache_v)) return false;
-    if (!strides_multiple_of_8({p.cache_k_batch_stride, p.cache_k_head_stride,
-                                p.cache_k_row_stride, p.cache_v_batch_stride,
-                                p.cache_v_head_stride, p.cache_v_row_stride}))
-      return false;
-  }
-  return true;
+  return p.cache_len == 0 || (rows_16_byte_aligned(p.cache_k) && rows_16_byte_aligned(p.cache_v));
 }
 
 size_t round_up_256(size_t bytes) { return (bytes + 255) / 256 * 256; }

@@ -16,6 +16,8 @@
 
 #include "common.cuh"
 #include "lambda_attention_plan.cuh"
+#include "lminf/lambda_mask.h"
+#include "softmax.cuh"
 #include "tile_list.cuh"
 
 namespace lminf::cuda {
@@ -53,31 +55,36 @@ struct GenericSmem {
   }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    lambda_attention_generic_kernel(const LambdaAttentionParams p) {
-  extern __shared__ __align__(16) float smem_generic[];
-  const int64_t head_dim = p.head_dim, half = p.rotary_dim / 2;
-  GenericSmem sm(smem_generic, head_dim);
-  const int64_t ld = sm.stride;
-  const int64_t b = blockIdx.z, head = blockIdx.y;
-  const int64_t kv_head = head / (p.n_heads_q / p.n_heads_kv);
-  const int64_t n_q = p.n_queries;
-  const int64_t t0 = int64_t(blockIdx.x) * kRows;  // rows of q and out
-  const int64_t t_hi = min64(t0 + kRows, n_q) - 1;
-  // The sequence: row t >= pad is real row t - pad, at position qs + t - pad.
-  const SequenceRows seq(p, b);
-  const int64_t qs = seq.start, pad = seq.padding, n_real = n_q - pad;
-  const int64_t* const cache_positions = p.cache_positions + b * p.cache_positions_batch_stride;
-  const int64_t q0 = qs + t0 - pad;  // rotation anchor: the position row t0 would have
+// What a block owns: query rows [t0, t0 + kRows) of one head of sequence b. Row t >= pad is
+// real row t - pad, at position qs + t - pad; the block anchors its rotations at q0, the
+// position row t0 would have.
+struct GenericBlock {
+  int64_t b, head, kv_head, n_q, t0, t_hi, qs, pad, n_real, q0;
+  const int64_t* cache_positions;  // the sequence's row of slot positions
 
-  // Queries: q_local = R_{t - t0} q, q_cap = R_D q; padding rows and rows past the chunk are
-  // zero.
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + head * p.q_head_stride;
+  __device__ explicit GenericBlock(const LambdaAttentionParams& p)
+      : b(blockIdx.z), head(blockIdx.y), kv_head(head / (p.n_heads_q / p.n_heads_kv)),
+        n_q(p.n_queries), t0(int64_t(blockIdx.x) * kRows), t_hi(min64(t0 + kRows, n_q) - 1) {
+    const SequenceRows seq(p, b);  // read once
+    qs = seq.start, pad = seq.padding, n_real = n_q - pad;
+    q0 = qs + t0 - pad;
+    cache_positions = p.cache_positions.of(b);
+  }
+  // Whether tile row r is a real row of the chunk.
+  __device__ bool real_row(int64_t r) const { return t0 + r < n_q && t0 + r >= pad; }
+};
+
+// Queries in float32: q_local = R_{t - t0} q, q_cap = R_D q, and the row states emptied;
+// padding rows and rows past the chunk are zero.
+template <typename T>
+__device__ __forceinline__ void load_queries(const LambdaAttentionParams& p,
+                                             const GenericBlock& blk, const GenericSmem& sm) {
+  const int64_t head_dim = p.head_dim, half = p.rotary_dim / 2, ld = sm.stride;
+  const RowsView<const T> q = p.q.as<const T>().rows(blk.b, blk.head);
   for (int64_t idx = threadIdx.x; idx < kRows * head_dim; idx += kThreads) {
     const int64_t r = idx / head_dim, c = idx % head_dim;
-    const bool valid = t0 + r < n_q && t0 + r >= pad;
-    const T* row = q + (t0 + r) * p.q_row_stride;
+    const bool valid = blk.real_row(r);
+    const T* row = q.row(blk.t0 + r);
     float local = 0.f, cap = 0.f;
     if (valid && c < 2 * half) {
       const int64_t f = c < half ? c : c - half;
@@ -98,139 +105,161 @@ __global__ void __launch_bounds__(kThreads)
     sm.row_max[threadIdx.x] = -INFINITY;
     sm.row_sum[threadIdx.x] = 0.f;
   }
+}
 
-  const float scale_log2 = p.scale * 1.4426950408889634f;
-  // Tiles of the block's real rows, in real-row coordinates (chunk key row u is row pad + u).
-  const TileList<kKeys> tiles(p, qs, max64(t0 - pad, 0), t_hi - pad, n_real);
-  for (int64_t it = 0; it < tiles.count; ++it) {
-    const KeyTile tile = tiles[it];
-    __syncthreads();  // the previous tile is fully consumed (and the queries are ready)
-
-    // Positions, then keys and values in float32 (empty or missing rows: zero values).
-    if (threadIdx.x < kKeys) {
-      const int64_t row = tile.first + threadIdx.x;
-      int64_t j = -1;
-      if (tile.from_cache) {
-        if (row < p.cache_len) j = cache_positions[row];
-      } else if (row < n_real) {
-        j = qs + row;
-      }
-      sm.pos[threadIdx.x] = j;
-    }
-    __syncthreads();
-    const T *k_base, *v_base;
-    int64_t k_stride, v_stride;
-    if (tile.from_cache) {
-      k_base = static_cast<const T*>(p.cache_k) + b * p.cache_k_batch_stride +
-               kv_head * p.cache_k_head_stride;
-      v_base = static_cast<const T*>(p.cache_v) + b * p.cache_v_batch_stride +
-               kv_head * p.cache_v_head_stride;
-      k_stride = p.cache_k_row_stride;
-      v_stride = p.cache_v_row_stride;
-    } else {
-      k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride +
-               pad * p.k_row_stride;
-      v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride +
-               pad * p.v_row_stride;
-      k_stride = p.k_row_stride;
-      v_stride = p.v_row_stride;
-    }
-    for (int64_t idx = threadIdx.x; idx < kKeys * head_dim; idx += kThreads) {
-      const int64_t r = idx / head_dim, c = idx % head_dim;
-      const int64_t j = sm.pos[r];
-      const bool present = j >= 0;
-      const T* k_row = k_base + (tile.first + r) * k_stride;
-      const float k_value = present ? to_f32(k_row[c]) : 0.f;
-      sm.k_raw[r * ld + c] = k_value;
-      sm.v[r * ld + c] = present ? to_f32(v_base[(tile.first + r) * v_stride + c]) : 0.f;
-      // Rotate keys the block's queries can see locally: j - q0 in (-n_local, t_hi - t0].
-      const int64_t delta = j - q0;
-      float rotated = k_value;
-      if (present && delta > -p.n_local && delta <= t_hi - t0 && c < 2 * half) {
-        const int64_t f = c < half ? c : c - half;
-        const float x1 = to_f32(k_row[f]), x2 = to_f32(k_row[f + half]);
-        float cs, sn;
-        rope_sincos(delta, p.inv_freq[f], &cs, &sn);
-        rotated = c < half ? x1 * cs - x2 * sn : x2 * cs + x1 * sn;
-      }
-      sm.k_rot[r * ld + c] = rotated;
-    }
-    __syncthreads();
-
-    // Scores in the exp2 domain; -inf where masked.
-    for (int idx = threadIdx.x; idx < kRows * kKeys; idx += kThreads) {
-      const int r = idx / kKeys, key = idx % kKeys;
-      const int64_t j = sm.pos[key];
-      const int64_t d = q0 + r - j;
-      const float *qv = nullptr, *kv = nullptr;
-      if (t0 + r < n_q && t0 + r >= pad && j >= 0 && d >= 0) {
-        if (d < p.n_local) {
-          qv = sm.q_local + r * ld;
-          kv = sm.k_rot + key * ld;
-        } else if (j < p.n_global) {
-          qv = sm.q_cap + r * ld;
-          kv = sm.k_raw + key * ld;
-        }
-      }
-      float score = -INFINITY;
-      if (qv != nullptr) {
-        float dot = 0.f;
-        for (int64_t c = 0; c < head_dim; ++c) dot = fmaf(qv[c], kv[c], dot);
-        score = dot * scale_log2;
-      }
-      sm.prob[idx] = score;
-    }
-    __syncthreads();
-
-    // Online softmax, one thread per row.
-    if (threadIdx.x < kRows) {
-      const int r = threadIdx.x;
-      float tile_max = -INFINITY;
-      for (int key = 0; key < kKeys; ++key) tile_max = fmaxf(tile_max, sm.prob[r * kKeys + key]);
-      const float new_max = fmaxf(sm.row_max[r], tile_max);
-      const float ref = new_max == -INFINITY ? 0.f : new_max;
-      const float correction = exp2f(sm.row_max[r] - ref);
-      float sum = sm.row_sum[r] * correction;
-      for (int key = 0; key < kKeys; ++key) {
-        const float prob = exp2f(sm.prob[r * kKeys + key] - ref);
-        sm.prob[r * kKeys + key] = prob;
-        sum += prob;
-      }
-      sm.row_max[r] = new_max;
-      sm.row_sum[r] = sum;
-      sm.correction[r] = correction;
-    }
-    __syncthreads();
-
-    for (int64_t idx = threadIdx.x; idx < kRows * head_dim; idx += kThreads) {
-      const int64_t r = idx / head_dim, c = idx % head_dim;
-      float acc = sm.out[r * ld + c] * sm.correction[r];
-      for (int key = 0; key < kKeys; ++key)
-        acc = fmaf(sm.prob[r * kKeys + key], sm.v[key * ld + c], acc);
-      sm.out[r * ld + c] = acc;
-    }
+// The tile's key positions (-1: an empty slot, or past the sequence's real rows).
+__device__ __forceinline__ void load_positions(const LambdaAttentionParams& p,
+                                               const GenericBlock& blk, KeyTile tile,
+                                               const GenericSmem& sm) {
+  if (threadIdx.x >= kKeys) return;
+  const int64_t row = tile.first + threadIdx.x;
+  int64_t j = -1;
+  if (tile.from_cache) {
+    if (row < p.cache_len) j = blk.cache_positions[row];
+  } else if (row < blk.n_real) {
+    j = blk.qs + row;
   }
-  __syncthreads();
+  sm.pos[threadIdx.x] = j;
+}
 
-  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride;
+// The tile's keys and values in float32 (missing rows: zeros), keys raw and, where some query
+// of the block sees them locally, rotated by j - q0.
+template <typename T>
+__device__ __forceinline__ void load_keys(const LambdaAttentionParams& p, const GenericBlock& blk,
+                                          KeyTile tile, const GenericSmem& sm) {
+  const int64_t head_dim = p.head_dim, half = p.rotary_dim / 2, ld = sm.stride;
+  // The tile's rows: cache slots, or the chunk's real rows (from row pad on).
+  const StridedView<const T> k = (tile.from_cache ? p.cache_k : p.k).as<const T>();
+  const StridedView<const T> v = (tile.from_cache ? p.cache_v : p.v).as<const T>();
+  const int64_t first_row = tile.from_cache ? tile.first : blk.pad + tile.first;
+  const KeyRange<int64_t> rotated = local_keys_of_any(int64_t(0), blk.t_hi - blk.t0, p.n_local);
+  for (int64_t idx = threadIdx.x; idx < kKeys * head_dim; idx += kThreads) {
+    const int64_t r = idx / head_dim, c = idx % head_dim;
+    const int64_t j = sm.pos[r];
+    const bool present = j >= 0;
+    const T* k_row = k.at(blk.b, blk.kv_head, first_row + r);
+    const float k_value = present ? to_f32(k_row[c]) : 0.f;
+    sm.k_raw[r * ld + c] = k_value;
+    sm.v[r * ld + c] = present ? to_f32(v.at(blk.b, blk.kv_head, first_row + r)[c]) : 0.f;
+    const int64_t delta = j - blk.q0;  // relative to the anchor
+    float value = k_value;
+    if (present && rotated.contains(delta) && c < 2 * half) {
+      const int64_t f = c < half ? c : c - half;
+      const float x1 = to_f32(k_row[f]), x2 = to_f32(k_row[f + half]);
+      float cs, sn;
+      rope_sincos(delta, p.inv_freq[f], &cs, &sn);
+      value = c < half ? x1 * cs - x2 * sn : x2 * cs + x1 * sn;
+    }
+    sm.k_rot[r * ld + c] = value;
+  }
+}
+
+// Scores of every (query, key) pair of the tile, in the exp2 domain: local pairs meet the
+// rotated query and key, global ones R_D q and the raw key, the rest are -inf.
+__device__ __forceinline__ void score_pairs(const LambdaAttentionParams& p,
+                                            const GenericBlock& blk, const GenericSmem& sm,
+                                            float scale_log2) {
+  const int64_t ld = sm.stride;
+  for (int idx = threadIdx.x; idx < kRows * kKeys; idx += kThreads) {
+    const int r = idx / kKeys, key = idx % kKeys;
+    const int64_t j = sm.pos[key];
+    const KeyVisibility seen = blk.real_row(r) && j >= 0
+                                   ? key_visibility(blk.q0 + r - j, j < p.n_global, p.n_local)
+                                   : KeyVisibility::kMasked;
+    float score = -INFINITY;
+    if (seen != KeyVisibility::kMasked) {
+      const bool local = seen == KeyVisibility::kLocal;
+      const float* qv = (local ? sm.q_local : sm.q_cap) + r * ld;
+      const float* kv = (local ? sm.k_rot : sm.k_raw) + key * ld;
+      float dot = 0.f;
+      for (int64_t c = 0; c < p.head_dim; ++c) dot = fmaf(qv[c], kv[c], dot);
+      score = dot * scale_log2;
+    }
+    sm.prob[idx] = score;
+  }
+}
+
+// The online softmax, one thread per row: the tile's scores become probabilities, the row's
+// max and sum move on, and the correction of what the row accumulated so far is kept.
+__device__ __forceinline__ void softmax_rows(const GenericSmem& sm) {
+  if (threadIdx.x >= kRows) return;
+  const int r = threadIdx.x;
+  float tile_max = -INFINITY;
+  for (int key = 0; key < kKeys; ++key) tile_max = fmaxf(tile_max, sm.prob[r * kKeys + key]);
+  const float new_max = fmaxf(sm.row_max[r], tile_max);
+  const float ref = softmax_reference(new_max, 1.f);  // scores are scaled already
+  const float correction = exp2f(sm.row_max[r] - ref);
+  float sum = sm.row_sum[r] * correction;
+  for (int key = 0; key < kKeys; ++key) {
+    const float prob = exp2f(sm.prob[r * kKeys + key] - ref);
+    sm.prob[r * kKeys + key] = prob;
+    sum += prob;
+  }
+  sm.row_max[r] = new_max;
+  sm.row_sum[r] = sum;
+  sm.correction[r] = correction;
+}
+
+// out = out * correction + P V.
+__device__ __forceinline__ void accumulate_values(int64_t head_dim, const GenericSmem& sm) {
+  const int64_t ld = sm.stride;
   for (int64_t idx = threadIdx.x; idx < kRows * head_dim; idx += kThreads) {
     const int64_t r = idx / head_dim, c = idx % head_dim;
-    if (t0 + r >= n_q) continue;
-    const float sum = sm.row_sum[r];  // 0 for a padding row: it saw no key
-    out[(t0 + r) * p.out_row_stride + c] = from_f32<T>(sum > 0.f ? sm.out[r * ld + c] / sum : 0.f);
+    float acc = sm.out[r * ld + c] * sm.correction[r];
+    for (int key = 0; key < kKeys; ++key)
+      acc = fmaf(sm.prob[r * kKeys + key], sm.v[key * ld + c], acc);
+    sm.out[r * ld + c] = acc;
+  }
+}
+
+// Every row of the block normalised by its sum, in T (a padding row saw no key: zeros).
+template <typename T>
+__device__ __forceinline__ void store_rows(const LambdaAttentionParams& p, const GenericBlock& blk,
+                                           const GenericSmem& sm) {
+  const int64_t head_dim = p.head_dim, ld = sm.stride;
+  const RowsView<T> out = p.out.as<T>().rows(blk.b, blk.head);
+  for (int64_t idx = threadIdx.x; idx < kRows * head_dim; idx += kThreads) {
+    const int64_t r = idx / head_dim, c = idx % head_dim;
+    if (blk.t0 + r >= blk.n_q) continue;
+    const float sum = sm.row_sum[r];
+    out.row(blk.t0 + r)[c] = from_f32<T>(sum > 0.f ? sm.out[r * ld + c] / sum : 0.f);
   }
 }
 
 template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    lambda_attention_generic_kernel(const LambdaAttentionParams p) {
+  extern __shared__ __align__(16) float smem_generic[];
+  const GenericSmem sm(smem_generic, p.head_dim);
+  const GenericBlock blk(p);
+  load_queries<T>(p, blk, sm);
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+  // Tiles of the block's real rows, in real-row coordinates (chunk key row u is row pad + u).
+  const TileList<kKeys> tiles(p, blk.qs, max64(blk.t0 - blk.pad, 0), blk.t_hi - blk.pad,
+                              blk.n_real);
+  for (int64_t it = 0; it < tiles.count; ++it) {
+    const KeyTile tile = tiles[it];
+    __syncthreads();  // the previous tile is fully consumed (and the queries are ready)
+    load_positions(p, blk, tile, sm);
+    __syncthreads();
+    load_keys<T>(p, blk, tile, sm);
+    __syncthreads();
+    score_pairs(p, blk, sm, scale_log2);
+    __syncthreads();
+    softmax_rows(sm);
+    __syncthreads();
+    accumulate_values(p.head_dim, sm);
+  }
+  __syncthreads();
+  store_rows<T>(p, blk, sm);
+}
+
+template <typename T>
 Status launch(const LambdaAttentionParams& p, cudaStream_t stream) {
-  const size_t smem = GenericSmem::bytes(p.head_dim);
-  auto* kernel = lambda_attention_generic_kernel<T>;
-  const Status status = allow_dynamic_smem(kernel, smem, "lambda_attention");
-  if (!status.ok()) return status;
   const dim3 grid(static_cast<unsigned>((p.n_queries + kRows - 1) / kRows),
                   static_cast<unsigned>(p.n_heads_q), static_cast<unsigned>(p.batch));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  return launch_status("lambda_attention_generic_kernel");
+  return launch_kernel(lambda_attention_generic_kernel<T>, "lambda_attention_generic_kernel", grid,
+                       kThreads, GenericSmem::bytes(p.head_dim), stream, p);
 }
 
 }  // namespace

@@ -23,7 +23,7 @@
 // multiple of kPrefillRowAlign = 128 rows. Splits (few blocks) cut that list as the mma.sync
 // kernel does and write the same partials for lse_merge.cu.
 //
-// Positions, sequence by sequence: a = query_start[b * query_start_batch_stride], p =
+// Positions, sequence by sequence: a = *query_start.of(b), p =
 // padding[b] (0 without padding); chunk row t >= p is the query and key at position
 // a + t - p, rows t < p are padding (never a key; output zeros). Key row u of the pre-pass
 // sequence sits at position a - W + u in the window (u < W) and a + (u - W) - p in the chunk,
@@ -41,9 +41,13 @@
 #include <cmath>
 
 #include "common.cuh"
+#include "epilogue.cuh"
+#include "fragment.cuh"
 #include "hopper.cuh"
 #include "hopper_prefill.cuh"
 #include "lambda_attention_plan.cuh"
+#include "lminf/lambda_mask.h"
+#include "softmax.cuh"
 
 namespace lminf::cuda {
 namespace {
@@ -108,10 +112,11 @@ struct HopperTileList {
                             int r_lo, int r_hi) {
     global_tiles = window_tiles = count = window_begin = chunk_begin = 0;
     if (r_lo > r_hi) return;
-    const int64_t global_keys = max64(0, min64(n_global, a + r_hi - pad - n_local + 1));
-    global_tiles = static_cast<int>((global_keys + BN - 1) / BN);
-    const int band_lo = window_rows + r_lo - pad - n_local + 1;  // effective rows
-    const int band_hi = window_rows + r_hi - pad;
+    const int64_t n_global_keys = global_keys(a + r_hi - pad, n_global, int64_t(n_local)).size();
+    global_tiles = static_cast<int>((n_global_keys + BN - 1) / BN);
+    const KeyRange<int> band =  // effective rows
+        local_keys_of_any(window_rows + r_lo - pad, window_rows + r_hi - pad, n_local);
+    const int band_lo = band.first, band_hi = band.last;
     const int window_lo = max(0, band_lo), window_hi = min(window_rows - 1, band_hi);
     if (window_lo <= window_hi) {
       window_begin = window_lo / BN;
@@ -158,6 +163,233 @@ struct PrepassIndex {
   }
 };
 
+// What a block owns: 128 query rows [t_lo, t_lo + 128) of one head of sequence b, and split
+// `split` of its tile list (int32 throughout: the planner bounds every row count).
+struct HopperBlock {
+  int n_splits, split, b, head, kv_head, kv_row, n_q, window_rows, n_local, pad, t_lo;
+  int64_t a;  // the sequence's start: the position of its first real row
+  HopperTileList tiles;
+  int tile_begin, tile_end;
+
+  __device__ HopperBlock(const LambdaAttentionParams& p, const AttentionPlan& plan)
+      : n_splits(static_cast<int>(plan.n_splits)),
+        split(blockIdx.x % n_splits),
+        b(blockIdx.z),
+        head(blockIdx.y),
+        kv_head(head / (static_cast<int>(p.n_heads_q) / static_cast<int>(p.n_heads_kv))),
+        kv_row(b * static_cast<int>(p.n_heads_kv) + kv_head),  // of the 3D pre-pass maps
+        n_q(static_cast<int>(p.n_queries)),
+        window_rows(static_cast<int>(plan.prefill.window_rows)),
+        n_local(static_cast<int>(p.n_local)),
+        pad(p.padding != nullptr ? static_cast<int>(p.padding[b]) : 0),
+        // Heaviest row tiles (latest queries: the full band) first, for a balanced tail.
+        t_lo((static_cast<int>(plan.row_tiles) - 1 - static_cast<int>(blockIdx.x) / n_splits) * BM),
+        a(*p.query_start.of(b)),
+        tiles(a, pad, window_rows, n_local, p.n_global, max(t_lo, pad), min(t_lo + BM, n_q) - 1),
+        // int32: count < 2^31 / 64 / 128 (the planner's row bound), times at most 128 splits.
+        tile_begin(tiles.count * split / n_splits),
+        tile_end(tiles.count * (split + 1) / n_splits) {}
+};
+
+// The mbarriers in shared memory: Q landed; per stage, full (the producer's TMA bytes) and
+// empty (both consumer groups done with it).
+struct HopperBarriers {
+  uint64_t* q_full;
+  uint64_t* full;   // [kStages]
+  uint64_t* empty;  // [kStages]
+};
+
+// The device code of the roles: sm_90a only (hopper.cuh's building blocks exist nowhere else).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// The producer (one thread): Q once, both consumers' rows, then K and V of every tile the
+// block loads into the ring of stages, each once both consumers released the stage's last use.
+template <int D>
+__device__ __forceinline__ void produce_tiles(const HopperMaps& maps, unsigned char* smem,
+                                              const HopperBarriers& bar, const HopperBlock& blk,
+                                              const PrepassIndex& index) {
+  using namespace sm90;
+  using Smem = HopperSmem<D>;
+  constexpr int kPanels = D / kPanelElems;
+  prefetch_tensor_map(&maps.q);
+  prefetch_tensor_map(&maps.keys);
+  prefetch_tensor_map(&maps.chunk_values);
+  mbarrier_arrive_expect_tx(bar.q_full, 2 * Smem::kQBytes);
+  for (int c = 0; c < 2; ++c)
+    for (int panel = 0; panel < kPanels; ++panel)
+      tma_load_4d(smem + Smem::kQ + c * Smem::kQBytes + panel * kGroupRows * 128, &maps.q,
+                  panel * kPanelElems, blk.t_lo + c * kGroupRows, blk.head, blk.b, bar.q_full);
+  int n = 0;  // tiles loaded
+  for (int it = blk.tile_begin; it < blk.tile_end; ++it) {
+    const KeyTile tile = blk.tiles[it];
+    if (!index.needed(tile)) continue;
+    const int stage = n % Smem::kStages;
+    if (n >= Smem::kStages) mbarrier_wait(&bar.empty[stage], (n / Smem::kStages - 1) & 1);
+    mbarrier_arrive_expect_tx(&bar.full[stage], 2 * Smem::kTileBytes);
+    unsigned char* const k_st = smem + Smem::kK + stage * Smem::kTileBytes;
+    unsigned char* const v_st = smem + Smem::kV + stage * Smem::kTileBytes;
+    for (int panel = 0; panel < kPanels; ++panel) {
+      const int x = panel * kPanelElems, at = panel * BN * 128;
+      if (tile.kind == kGlobalTile) {
+        tma_load_3d(k_st + at, &maps.global_keys, x, tile.first, blk.kv_row, &bar.full[stage]);
+        tma_load_3d(v_st + at, &maps.global_values, x, tile.first, blk.kv_row, &bar.full[stage]);
+      } else {
+        tma_load_3d(k_st + at, &maps.keys, x, tile.first, blk.kv_row, &bar.full[stage]);
+        if (tile.kind == kWindowTile)
+          tma_load_3d(v_st + at, &maps.window_values, x, tile.first, blk.kv_row, &bar.full[stage]);
+        else  // rows past the chunk read zeros
+          tma_load_4d(v_st + at, &maps.chunk_values, x, tile.first - blk.window_rows, blk.kv_head,
+                      blk.b, &bar.full[stage]);
+      }
+    }
+    ++n;
+  }
+}
+
+// Waits for this consumer group's Q rows, then rotates them in place, s_q <- R_t q (local; t
+// the real row, first_t + r for row r), and writes s_qcap <- R_D q (global). Thread tid owns the
+// 32-bit word of features (f, f + 1), f = 2 (tid % (D / 2)), in rows tid / (D / 2) + k
+// kRowStep; plan_attention sends rotary_dim % 4 != 0 elsewhere, so a word is rotated whole or
+// not at all.
+template <typename T, int D>
+__device__ __forceinline__ void rotate_group_q(const LambdaAttentionParams& p,
+                                               unsigned char* s_q, unsigned char* s_qcap,
+                                               int first_t, int tid, uint64_t* q_full) {
+  constexpr int kWordsPerRow = D / 2, kRowStep = 128 / kWordsPerRow;
+  const int half = static_cast<int>(p.rotary_dim / 2);
+  const int f = 2 * (tid % kWordsPerRow);
+  float inv_freq[2] = {0.f, 0.f}, cap_cos[2] = {1.f, 1.f}, cap_sin[2] = {0.f, 0.f};
+  if (f < half) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      inv_freq[e] = p.inv_freq[f + e];
+      rope_sincos(p.distance_cap, inv_freq[e], &cap_cos[e], &cap_sin[e]);
+    }
+  }
+  sm90::mbarrier_wait(q_full, 0);
+  const auto word = [](unsigned char* tile, int r, int col) {
+    return reinterpret_cast<uint32_t*>(tile + swizzled(kGroupRows, r, col));
+  };
+  for (int r = tid / kWordsPerRow; r < kGroupRows; r += kRowStep) {
+    if (f < half) {
+      float c[2], s[2];
+      rope_sincos(first_t + r, inv_freq[0], &c[0], &s[0]);
+      rope_sincos(first_t + r, inv_freq[1], &c[1], &s[1]);
+      rotate_query_pair<T>(word(s_q, r, f), word(s_q, r, f + half), word(s_qcap, r, f),
+                           word(s_qcap, r, f + half), c, s, cap_cos, cap_sin);
+    } else if (f >= 2 * half) {  // past rotary_dim: R_D q = q
+      *word(s_qcap, r, f) = *word(s_q, r, f);
+    }
+  }
+  sm90::fence_proxy_async();  // these generic-proxy writes, before wgmma reads them
+}
+
+// The keys the two rows of a consumer thread's accumulators (warp rows lane / 4 and + 8) see,
+// as rows of the pre-pass: window rows local[h], chunk rows chunk[h] (the same effective rows,
+// u - pad in the chunk), global rows [0, global_last[h]]. Padding rows and rows past the chunk
+// see nothing.
+struct GroupRows {
+  int row_t[2];  // chunk rows (padding counted)
+  KeyRange<int> local[2], chunk[2];
+  int global_last[2];
+
+  __device__ GroupRows(const LambdaAttentionParams& p, const HopperBlock& blk, int warp_t0,
+                       int lane) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row_t[h] = warp_t0 + lane / 4 + 8 * h;
+      const bool real = row_t[h] >= blk.pad && row_t[h] < blk.n_q;
+      const KeyRange<int> seen = local_keys(blk.window_rows + row_t[h] - blk.pad, blk.n_local);
+      local[h] = real ? seen : KeyRange<int>{INT_MAX, INT_MIN};
+      chunk[h] = real ? KeyRange<int>{seen.first + blk.pad, seen.last + blk.pad}
+                      : KeyRange<int>{INT_MAX, INT_MIN};
+      global_last[h] = real ? static_cast<int>(max64(
+                                  -1, global_keys(blk.a + row_t[h] - blk.pad, p.n_global,
+                                                  p.n_local).last))
+                            : -1;
+    }
+  }
+};
+
+// Whether every row of the consumer group (rows [group_t0, group_t0 + 64), all real) sees every
+// key of the tile locally: then it needs no per-element mask.
+__device__ __forceinline__ bool group_sees_all(const HopperBlock& blk, const PrepassIndex& index,
+                                               KeyTile tile, int group_t0) {
+  if (tile.kind == kGlobalTile || group_t0 < blk.pad || group_t0 + kGroupRows > blk.n_q)
+    return false;
+  const KeyRange<int> band =  // effective rows
+      local_keys_of_all(blk.window_rows + group_t0 - blk.pad,
+                        blk.window_rows + group_t0 + kGroupRows - 1 - blk.pad, blk.n_local);
+  if (tile.kind == kWindowTile)
+    return band.contains(tile.first, tile.first + BN - 1) && index.window_full(tile);
+  return tile.first >= blk.window_rows + blk.pad && tile.first + BN <= blk.window_rows + blk.n_q &&
+         band.contains(tile.first - blk.pad, tile.first + BN - 1 - blk.pad);
+}
+
+// -inf at the scores of pairs the rows do not see (fragment.cuh: wgmma's accumulators have
+// mma's per-warp layout): keys the pre-pass has not (an empty slot, a missing global position,
+// past the chunk), and keys outside the row's range for the tile's kind.
+__device__ __forceinline__ void mask_tile(float (&s)[BN / 8][4], const HopperBlock& blk,
+                                          const PrepassIndex& index, const GroupRows& rows,
+                                          KeyTile tile, int lane) {
+  KeyRange<int> seen[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    seen[h] = tile.kind == kGlobalTile   ? KeyRange<int>{0, rows.global_last[h]}
+              : tile.kind == kWindowTile ? rows.local[h]
+                                         : rows.chunk[h];
+  mask_unseen(
+      s, lane,
+      [&](int col) {
+        const int u = tile.first + col;  // key row of the column
+        return tile.kind == kGlobalTile   ? index.global_source[u] >= 0
+               : tile.kind == kWindowTile ? index.window_slot[u] >= 0
+                                          : u >= blk.window_rows + blk.pad &&
+                                                u < blk.window_rows + blk.n_q;
+      },
+      [&](int h, int col) { return seen[h].contains(tile.first + col); });
+}
+
+// S = Q K^T for the group's 64 rows (A: Q, or R_D q on global tiles; both operands in shared
+// memory), issued in this group's turn, which it then hands to the other group (unless there
+// is nothing left for that group to take: hand_on false); returns once S is in registers.
+template <typename T, int D>
+__device__ __forceinline__ void score_tile_in_turn(float (&s)[BN / 8][4],
+                                                   const unsigned char* a_tile,
+                                                   const unsigned char* k_st, int consumer,
+                                                   bool hand_on) {
+  using namespace sm90;
+  named_barrier_sync(kTurnBarrier + consumer, 256);
+  fence_operands(s);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks)
+    Wgmma<T, BN>::ss(s, desc_k_major(a_tile, kGroupRows, ks), desc_k_major(k_st, BN, ks), ks > 0);
+  wgmma_commit();
+  if (hand_on) named_barrier_arrive(kTurnBarrier + (1 - consumer), 256);
+  wgmma_wait<0>();
+  fence_operands(s);
+}
+
+// O += P V: P rounded to T as the register A operand, V MN-major from shared memory.
+template <typename T, int D>
+__device__ __forceinline__ void accumulate_pv(float (&o)[D / 8][4], const float (&s)[BN / 8][4],
+                                              const unsigned char* v_st) {
+  using namespace sm90;
+  uint32_t pf[BN / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) probability_fragment<T>(s, kk, pf[kk]);
+  fence_operands(o);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) Wgmma<T, D>::rs(o, pf[kk], desc_mn_major(v_st, BN, kk), 1);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(o);
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     lambda_attention_hopper_kernel(const __grid_constant__ HopperMaps maps,
@@ -167,42 +399,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
   using Smem = HopperSmem<D>;
-  constexpr int kStages = Smem::kStages;
-  constexpr int kPanels = D / kPanelElems;
-  constexpr int kDTiles = D / 8;  // n8 blocks of O
-
   extern __shared__ unsigned char smem_raw[];
   unsigned char* const smem =
       smem_raw + (kPanelAlign - smem_addr(smem_raw) % kPanelAlign) % kPanelAlign;
-  auto* const q_full = reinterpret_cast<uint64_t*>(smem + Smem::kBarriers);
-  uint64_t* const full = q_full + 1;
-  uint64_t* const empty = full + kStages;
-
-  const int n_splits = static_cast<int>(plan.n_splits);
-  const int split = blockIdx.x % n_splits;
-  // Heaviest row tiles (latest queries: the full band) first, for a balanced tail.
-  const int row_tile = static_cast<int>(plan.row_tiles) - 1 - blockIdx.x / n_splits;
-  const int b = blockIdx.z, head = blockIdx.y;
-  const int kv_head = head / (static_cast<int>(p.n_heads_q) / static_cast<int>(p.n_heads_kv));
-  const int n_q = static_cast<int>(p.n_queries);
-  const int window_rows = static_cast<int>(plan.prefill.window_rows);
-  const int n_local = static_cast<int>(p.n_local);
-  const int64_t a = p.query_start[b * p.query_start_batch_stride];
-  const int pad = p.padding != nullptr ? static_cast<int>(p.padding[b]) : 0;
-  const int t_lo = row_tile * BM;
-  const HopperTileList tiles(a, pad, window_rows, n_local, p.n_global, max(t_lo, pad),
-                             min(t_lo + BM, n_q) - 1);
-  // int32: count < 2^31 / 64 / 128 (the planner's row bound), times at most 128 splits.
-  const int tile_begin = tiles.count * split / n_splits;
-  const int tile_end = tiles.count * (split + 1) / n_splits;
+  uint64_t* const q_full = reinterpret_cast<uint64_t*>(smem + Smem::kBarriers);
+  const HopperBarriers bar{q_full, q_full + 1, q_full + 1 + Smem::kStages};
+  const HopperBlock blk(p, plan);
   const PrepassIndex index(plan.prefill, workspace);
-  const int kv_row = b * static_cast<int>(p.n_heads_kv) + kv_head;  // of the 3D pre-pass maps
 
   if (threadIdx.x == 0) {
-    mbarrier_init(q_full, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full[s], 1);   // the producer's arrive.expect_tx
-      mbarrier_init(&empty[s], 2);  // one per consumer warpgroup
+    mbarrier_init(bar.q_full, 1);
+    for (int s = 0; s < Smem::kStages; ++s) {
+      mbarrier_init(&bar.full[s], 1);   // the producer's arrive.expect_tx
+      mbarrier_init(&bar.empty[s], 2);  // one per consumer warpgroup
     }
     fence_barrier_init();
   }
@@ -210,123 +419,31 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int group = threadIdx.x / 128;  // 0 producer, 1 and 2 consumers
   if (group == 0) {
-    // ---- Producer.
     setmaxnreg_dec<kProducerRegisters>();
-    if (threadIdx.x != 0) return;
-    prefetch_tensor_map(&maps.q);
-    prefetch_tensor_map(&maps.keys);
-    prefetch_tensor_map(&maps.chunk_values);
-    mbarrier_arrive_expect_tx(q_full, 2 * Smem::kQBytes);
-    for (int c = 0; c < 2; ++c)
-      for (int panel = 0; panel < kPanels; ++panel)
-        tma_load_4d(smem + Smem::kQ + c * Smem::kQBytes + panel * kGroupRows * 128, &maps.q,
-                    panel * kPanelElems, t_lo + c * kGroupRows, head, b, q_full);
-    int n = 0;  // tiles loaded
-    for (int it = tile_begin; it < tile_end; ++it) {
-      const KeyTile tile = tiles[it];
-      if (!index.needed(tile)) continue;
-      const int stage = n % kStages;
-      if (n >= kStages) mbarrier_wait(&empty[stage], (n / kStages - 1) & 1);
-      mbarrier_arrive_expect_tx(&full[stage], 2 * Smem::kTileBytes);
-      unsigned char* const k_st = smem + Smem::kK + stage * Smem::kTileBytes;
-      unsigned char* const v_st = smem + Smem::kV + stage * Smem::kTileBytes;
-      for (int panel = 0; panel < kPanels; ++panel) {
-        const int x = panel * kPanelElems, at = panel * BN * 128;
-        if (tile.kind == kGlobalTile) {
-          tma_load_3d(k_st + at, &maps.global_keys, x, tile.first, kv_row, &full[stage]);
-          tma_load_3d(v_st + at, &maps.global_values, x, tile.first, kv_row, &full[stage]);
-        } else {
-          tma_load_3d(k_st + at, &maps.keys, x, tile.first, kv_row, &full[stage]);
-          if (tile.kind == kWindowTile)
-            tma_load_3d(v_st + at, &maps.window_values, x, tile.first, kv_row, &full[stage]);
-          else  // rows past the chunk read zeros
-            tma_load_4d(v_st + at, &maps.chunk_values, x, tile.first - window_rows, kv_head, b,
-                        &full[stage]);
-        }
-      }
-      ++n;
-    }
+    if (threadIdx.x == 0) produce_tiles<D>(maps, smem, bar, blk, index);
     return;
   }
 
-  // ---- Consumers.
+  // ---- Consumers: rotate the group's Q rows, then walk the tiles the producer loads.
   setmaxnreg_inc<kConsumerRegisters>();
   const int consumer = group - 1;
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
   unsigned char* const s_q = smem + Smem::kQ + consumer * Smem::kQBytes;
   unsigned char* const s_qcap = smem + Smem::kQCap + consumer * Smem::kQBytes;
-  const int group_t0 = t_lo + consumer * kGroupRows;
-
-  // Rotate this group's Q rows in place: s_q <- R_{t-p} q (local), s_qcap <- R_D q (global).
-  // Thread tid owns the 32-bit word of features (f, f + 1), f = 2 (tid % (D / 2)), in rows
-  // tid / (D / 2) + k * kRowStep; plan_attention sends rotary_dim % 4 != 0 elsewhere, so a
-  // word is rotated whole or not at all.
-  {
-    constexpr int kWordsPerRow = D / 2, kRowStep = 128 / kWordsPerRow;
-    const int half = static_cast<int>(p.rotary_dim / 2);
-    const int f = 2 * (tid % kWordsPerRow);
-    float inv_freq[2] = {0.f, 0.f}, cap_cos[2] = {1.f, 1.f}, cap_sin[2] = {0.f, 0.f};
-    if (f < half) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        inv_freq[e] = p.inv_freq[f + e];
-        rope_sincos(p.distance_cap, inv_freq[e], &cap_cos[e], &cap_sin[e]);
-      }
-    }
-    mbarrier_wait(q_full, 0);
-    for (int r = tid / kWordsPerRow; r < kGroupRows; r += kRowStep) {
-      if (f < half) {
-        float c[2], s[2];
-        rope_sincos(group_t0 + r - pad, inv_freq[0], &c[0], &s[0]);
-        rope_sincos(group_t0 + r - pad, inv_freq[1], &c[1], &s[1]);
-        auto* const lo = reinterpret_cast<uint32_t*>(s_q + swizzled(kGroupRows, r, f));
-        auto* const hi = reinterpret_cast<uint32_t*>(s_q + swizzled(kGroupRows, r, f + half));
-        const float2 x1 = unpack2<T>(*lo), x2 = unpack2<T>(*hi);
-        *lo = pack2<T>(x1.x * c[0] - x2.x * s[0], x1.y * c[1] - x2.y * s[1]);
-        *hi = pack2<T>(x2.x * c[0] + x1.x * s[0], x2.y * c[1] + x1.y * s[1]);
-        *reinterpret_cast<uint32_t*>(s_qcap + swizzled(kGroupRows, r, f)) = pack2<T>(
-            x1.x * cap_cos[0] - x2.x * cap_sin[0], x1.y * cap_cos[1] - x2.y * cap_sin[1]);
-        *reinterpret_cast<uint32_t*>(s_qcap + swizzled(kGroupRows, r, f + half)) = pack2<T>(
-            x2.x * cap_cos[0] + x1.x * cap_sin[0], x2.y * cap_cos[1] + x1.y * cap_sin[1]);
-      } else if (f >= 2 * half) {  // past rotary_dim: R_D q = q
-        *reinterpret_cast<uint32_t*>(s_qcap + swizzled(kGroupRows, r, f)) =
-            *reinterpret_cast<const uint32_t*>(s_q + swizzled(kGroupRows, r, f));
-      }
-    }
-    fence_proxy_async();  // these generic-proxy writes, before wgmma reads them
-    named_barrier_sync(kGroupBarrier + consumer, 128);
-  }
-
-  // The two rows this thread holds in every accumulator fragment (warp row lane/4 and +8),
-  // as ranges of key rows: window rows [lo, hi], chunk rows [lo + p, hi + p], global rows
-  // [0, g_hi]. Padding rows and rows past the chunk see nothing.
-  int lo[2], hi[2], chunk_lo[2], chunk_hi[2], g_hi[2], row_t[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    row_t[h] = group_t0 + warp * 16 + lane / 4 + 8 * h;
-    const bool real = row_t[h] >= pad && row_t[h] < n_q;
-    lo[h] = real ? window_rows + row_t[h] - pad - n_local + 1 : INT_MAX;
-    hi[h] = real ? window_rows + row_t[h] - pad : INT_MIN;
-    chunk_lo[h] = real ? lo[h] + pad : INT_MAX;
-    chunk_hi[h] = real ? hi[h] + pad : INT_MIN;
-    g_hi[h] = real ? static_cast<int>(max64(-1, min64(a + row_t[h] - pad - p.n_local,
-                                                      plan.prefill.global_rows)))
-                   : -1;
-  }
-  // The key rows every row of the group sees (effective rows), for "no select on this tile".
-  const bool group_real = group_t0 >= pad && group_t0 + kGroupRows <= n_q;
-  const int band_lo = window_rows + group_t0 + kGroupRows - 1 - pad - n_local + 1;
-  const int band_hi = window_rows + group_t0 - pad;
+  const int group_t0 = blk.t_lo + consumer * kGroupRows;
+  rotate_group_q<T, D>(p, s_q, s_qcap, group_t0 - blk.pad, tid, bar.q_full);
+  named_barrier_sync(kGroupBarrier + consumer, 128);
+  const GroupRows rows(p, blk, group_t0 + warp * 16, lane);
 
   // Tiles this block loads (window tiles without a slot are skipped by every role), so that
   // the second consumer's last turn hands nothing on to a first consumer that has finished.
   int n_tiles = 0;
-  for (int it = tile_begin; it < tile_end; ++it) n_tiles += index.needed(tiles[it]);
+  for (int it = blk.tile_begin; it < blk.tile_end; ++it) n_tiles += index.needed(blk.tiles[it]);
   if (consumer == 1 && n_tiles > 0) named_barrier_arrive(kTurnBarrier + 0, 256);  // 0 goes first
 
-  float o[kDTiles][4];
+  float o[D / 8][4];
 #pragma unroll
-  for (int i = 0; i < kDTiles; ++i)
+  for (int i = 0; i < D / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[i][e] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY};  // raw scores (unscaled)
@@ -334,117 +451,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float scale_log2 = p.scale * 1.4426950408889634f;
 
   int n = 0;  // tiles consumed
-  for (int it = tile_begin; it < tile_end; ++it) {
-    const KeyTile tile = tiles[it];
+  for (int it = blk.tile_begin; it < blk.tile_end; ++it) {
+    const KeyTile tile = blk.tiles[it];
     if (!index.needed(tile)) continue;
-    const int stage = n % kStages;
-    const unsigned char* const k_st = smem + Smem::kK + stage * Smem::kTileBytes;
-    const unsigned char* const v_st = smem + Smem::kV + stage * Smem::kTileBytes;
-    mbarrier_wait(&full[stage], (n / kStages) & 1);
-
-    // S = Q K^T (R_D q K^T on global tiles), issued in this group's turn.
+    const int stage = n % Smem::kStages;
+    mbarrier_wait(&bar.full[stage], (n / Smem::kStages) & 1);
     float s[BN / 8][4];
-    named_barrier_sync(kTurnBarrier + consumer, 256);
-    const unsigned char* const a_tile = tile.kind == kGlobalTile ? s_qcap : s_q;
-    fence_operands(s);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks)
-      Wgmma<T, BN>::ss(s, desc_k_major(a_tile, kGroupRows, ks), desc_k_major(k_st, BN, ks),
-                       ks > 0);
-    wgmma_commit();
-    if (consumer == 0 || n + 1 < n_tiles) named_barrier_arrive(kTurnBarrier + (1 - consumer), 256);
-    wgmma_wait<0>();
-    fence_operands(s);
-
-    // The select, only where some pair of the tile is hidden from some row of the group.
-    bool all_seen = false;
-    if (tile.kind == kWindowTile)
-      all_seen = group_real && tile.first >= band_lo && tile.first + BN - 1 <= band_hi &&
-                 index.window_full(tile);
-    else if (tile.kind == kChunkTile)
-      all_seen = group_real && tile.first >= window_rows + pad &&
-                 tile.first + BN <= window_rows + n_q && tile.first - pad >= band_lo &&
-                 tile.first + BN - 1 - pad <= band_hi;
-    if (!all_seen) {
-#pragma unroll
-      for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int u = tile.first + 8 * i + 2 * (lane % 4) + e;  // key row of column
-          bool valid;
-          int key_lo[2], key_hi[2];
-          if (tile.kind == kGlobalTile) {
-            valid = index.global_source[u] >= 0;
-            key_lo[0] = key_lo[1] = 0;
-            key_hi[0] = g_hi[0];
-            key_hi[1] = g_hi[1];
-          } else if (tile.kind == kWindowTile) {
-            valid = index.window_slot[u] >= 0;
-            key_lo[0] = lo[0], key_lo[1] = lo[1], key_hi[0] = hi[0], key_hi[1] = hi[1];
-          } else {
-            valid = u >= window_rows + pad && u < window_rows + n_q;
-            key_lo[0] = chunk_lo[0], key_lo[1] = chunk_lo[1];
-            key_hi[0] = chunk_hi[0], key_hi[1] = chunk_hi[1];
-          }
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            if (!(valid && u >= key_lo[h] && u <= key_hi[h])) s[i][2 * h + e] = -INFINITY;
-        }
-    }
-
+    score_tile_in_turn<T, D>(s, tile.kind == kGlobalTile ? s_qcap : s_q,
+                             smem + Smem::kK + stage * Smem::kTileBytes, consumer,
+                             consumer == 0 || n + 1 < n_tiles);
+    if (!group_sees_all(blk, index, tile, group_t0)) mask_tile(s, blk, index, rows, tile, lane);
     online_softmax_step(s, row_max, row_sum, o, scale_log2);
-
-    // O += P V: k16 step kk of P is n8 blocks 2kk and 2kk + 1 of S, rounded to T.
-    uint32_t pf[BN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-        pf[kk][r] = pack2<T>(s[2 * kk + r / 2][2 * (r % 2)], s[2 * kk + r / 2][2 * (r % 2) + 1]);
-    fence_operands(o);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) Wgmma<T, D>::rs(o, pf[kk], desc_mn_major(v_st, BN, kk), 1);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(o);
-    if (tid == 0) mbarrier_arrive(&empty[stage]);  // this group is done with the stage
+    accumulate_pv<T, D>(o, s, smem + Smem::kV + stage * Smem::kTileBytes);
+    if (tid == 0) mbarrier_arrive(&bar.empty[stage]);  // this group is done with the stage
     ++n;
   }
 
-  // Epilogue: finish the row sums across the quad that shares each row, normalise, store.
-  // Padding rows saw nothing: zeros (or an empty split).
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float sum = row_sum[h];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    if (row_t[h] >= n_q) continue;
-    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
-    if (n_splits == 1) {
-      T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +
-               row_t[h] * p.out_row_stride;
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        const int col = 8 * dt + 2 * (lane % 4);
-        *reinterpret_cast<uint32_t*>(out + col) =
-            pack2<T>(o[dt][2 * h] * inv_sum, o[dt][2 * h + 1] * inv_sum);
-      }
-    } else {
-      const int64_t out_row = (int64_t(b) * p.n_heads_q + head) * n_q + row_t[h];
-      float* out = partial_out + (out_row * n_splits + split) * D;
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        const int col = 8 * dt + 2 * (lane % 4);
-        *reinterpret_cast<float2*>(out + col) =
-            make_float2(o[dt][2 * h] * inv_sum, o[dt][2 * h + 1] * inv_sum);
-      }
-      if (lane % 4 == 0)
-        partial_lse[out_row * n_splits + split] =
-            sum > 0.f ? row_max[h] * scale_log2 + log2f(sum) : -INFINITY;
-    }
-  }
+  const OutputRows<T> dst(p, partial_out, partial_lse, blk.n_splits, blk.split);
+  store_fragment_rows<T, D / 8>(dst, blk.b, blk.head, rows.row_t, blk.pad, o, row_max, row_sum,
+                                scale_log2, lane);
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
@@ -463,6 +488,23 @@ uint64_t stride_bytes(int64_t stride, int64_t extent, uint64_t packed) {
   return extent == 1 ? packed : static_cast<uint64_t>(stride) * 2;
 }
 
+// A 4D map {D, n_queries, heads, batch} over a strided [batch, heads, n_queries, D] tensor of
+// the call (q, or v read in place), boxes of box_rows rows of one 64-column panel.
+Status encode_view_map(CUtensorMap* map, const StridedView<const void>& view,
+                       const LambdaAttentionParams& p, int64_t heads, int box_rows,
+                       const char* which) {
+  const auto D = static_cast<uint64_t>(p.head_dim);
+  const uint64_t row = view.row_stride * 2;
+  const uint64_t head = stride_bytes(view.head_stride, heads, row * p.n_queries);
+  const uint64_t dims[4] = {D, static_cast<uint64_t>(p.n_queries), static_cast<uint64_t>(heads),
+                            static_cast<uint64_t>(p.batch)};
+  const uint64_t strides[3] = {stride_bytes(view.row_stride, p.n_queries, D * 2), head,
+                               stride_bytes(view.batch_stride, p.batch, head * heads)};
+  const cudaError_t error = sm90::encode_panel_map_nd(map, view.data, p.dtype == DType::kBFloat16,
+                                                      4, dims, strides, box_rows);
+  return error == cudaSuccess ? Status::Ok() : map_error(which, error);
+}
+
 Status encode_maps(const LambdaAttentionParams& p, const AttentionPlan& plan,
                    const unsigned char* workspace, HopperMaps* maps) {
   using sm90::encode_panel_map_nd;
@@ -472,33 +514,16 @@ Status encode_maps(const LambdaAttentionParams& p, const AttentionPlan& plan,
   const uint64_t kv_rows = static_cast<uint64_t>(p.batch * p.n_heads_kv);
   const PrefillWorkspace& ws = plan.prefill;
   const auto W = static_cast<uint64_t>(ws.window_rows), G = static_cast<uint64_t>(ws.global_rows);
-  cudaError_t error;
-  {
-    const uint64_t row = p.q_row_stride * 2;
-    const uint64_t head = stride_bytes(p.q_head_stride, p.n_heads_q, row * n_q);
-    const uint64_t dims[4] = {D, n_q, static_cast<uint64_t>(p.n_heads_q),
-                              static_cast<uint64_t>(p.batch)};
-    const uint64_t strides[3] = {stride_bytes(p.q_row_stride, p.n_queries, D * 2), head,
-                                 stride_bytes(p.q_batch_stride, p.batch, head * p.n_heads_q)};
-    if ((error = encode_panel_map_nd(&maps->q, p.q, bf16, 4, dims, strides, kGroupRows)))
-      return map_error("q", error);
-  }
-  {
-    const uint64_t row = p.v_row_stride * 2;
-    const uint64_t head = stride_bytes(p.v_head_stride, p.n_heads_kv, row * n_q);
-    const uint64_t dims[4] = {D, n_q, static_cast<uint64_t>(p.n_heads_kv),
-                              static_cast<uint64_t>(p.batch)};
-    const uint64_t strides[3] = {stride_bytes(p.v_row_stride, p.n_queries, D * 2), head,
-                                 stride_bytes(p.v_batch_stride, p.batch, head * p.n_heads_kv)};
-    if ((error = encode_panel_map_nd(&maps->chunk_values, p.v, bf16, 4, dims, strides, BN)))
-      return map_error("v", error);
-  }
+  Status status = encode_view_map(&maps->q, p.q, p, p.n_heads_q, kGroupRows, "q");
+  if (status.ok())
+    status = encode_view_map(&maps->chunk_values, p.v, p, p.n_heads_kv, BN, "v");  // in place
+  if (!status.ok()) return status;
   const auto packed_3d = [&](CUtensorMap* map, size_t offset, uint64_t rows, const char* which) {
     const uint64_t dims[3] = {D, rows, kv_rows}, strides[2] = {D * 2, rows * D * 2};
     const cudaError_t e = encode_panel_map_nd(map, workspace + offset, bf16, 3, dims, strides, BN);
     return e == cudaSuccess ? Status::Ok() : map_error(which, e);
   };
-  Status status = packed_3d(&maps->keys, ws.keys, W + n_q, "the rotated keys");
+  status = packed_3d(&maps->keys, ws.keys, W + n_q, "the rotated keys");
   if (status.ok() && W > 0) status = packed_3d(&maps->window_values, ws.values, W, "the window values");
   if (status.ok() && G > 0) status = packed_3d(&maps->global_keys, ws.global_keys, G, "the global keys");
   if (status.ok() && G > 0)
@@ -516,17 +541,15 @@ Status launch(const LambdaAttentionParams& params, const AttentionPlan& plan, vo
   HopperMaps maps;
   Status status = encode_maps(params, plan, static_cast<const unsigned char*>(workspace), &maps);
   if (!status.ok()) return status;
-  auto* kernel = lambda_attention_hopper_kernel<T, D>;
-  status = allow_dynamic_smem(kernel, kSmem, "lambda_attention_hopper");
-  if (!status.ok()) return status;
   const SplitPartials partials = split_partials(plan, workspace);
-  const dim3 grid(static_cast<unsigned>(plan.row_tiles * plan.n_splits),
-                  static_cast<unsigned>(params.n_heads_q), static_cast<unsigned>(params.batch));
-  kernel<<<grid, kThreads, kSmem, stream>>>(maps, params, plan,
-                                            static_cast<const unsigned char*>(workspace),
-                                            partials.out, partials.lse);
-  return launch_status("lambda_attention_hopper_kernel");
+  return launch_kernel(lambda_attention_hopper_kernel<T, D>, "lambda_attention_hopper_kernel",
+                       prefill_grid(params, plan), kThreads, kSmem, stream, maps, params, plan,
+                       static_cast<const unsigned char*>(workspace), partials.out, partials.lse);
 }
+
+template <typename T, int D> struct Launcher {
+  static constexpr auto run = launch<T, D>;
+};
 
 }  // namespace
 
@@ -548,9 +571,7 @@ void plan_hopper_prefill(const LambdaAttentionParams& p, int sm_count, Attention
 Status launch_lambda_attention_hopper(const LambdaAttentionParams& params,
                                       const AttentionPlan& plan, void* workspace,
                                       cudaStream_t stream) {
-  return dispatch_kernel_types(params, [&](auto t, auto d) {
-    return launch<typename decltype(t)::type, decltype(d)::value>(params, plan, workspace, stream);
-  });
+  return launch_kernel_types<Launcher>(params, params, plan, workspace, stream);
 }
 
 }  // namespace lminf::cuda

@@ -27,8 +27,12 @@
 #include <cmath>
 
 #include "common.cuh"
+#include "epilogue.cuh"
+#include "fragment.cuh"
 #include "lambda_attention_plan.cuh"
+#include "lminf/lambda_mask.h"
 #include "prefill_tile_list.cuh"
+#include "softmax.cuh"
 
 namespace lminf::cuda {
 namespace {
@@ -64,13 +68,12 @@ template <typename T, int D> struct SmemLayout {
 template <typename T, int D> struct KeySource {
   const T* keys;           // [W + n_queries][D] rotated key sequence
   const T* window_values;  // [W][D]
-  const T* chunk_values;   // v at (b, kv head) from the first real row; row stride v_row_stride
+  RowsView<const T> chunk_values;  // v at (b, kv head), from the first real row
   const T* global_keys;    // [global_rows][D] raw
   const T* global_values;  // [global_rows][D]
   const int32_t* window_slot;    // [W] cache slot or -1
   const int32_t* global_source;  // [global_rows] source or -1
   const uint8_t* window_tile_state;  // [W / BN]
-  int64_t v_row_stride;
   int window_rows, chunk_rows;  // chunk_rows: the real rows (key row W + t' is chunk row pad + t')
 
   __device__ KeySource(const LambdaAttentionParams& p, const PrefillWorkspace& ws,
@@ -86,9 +89,8 @@ template <typename T, int D> struct KeySource {
                   head_rows * ws.global_rows * D;
     global_values = reinterpret_cast<const T*>(workspace + ws.global_values) +
                     head_rows * ws.global_rows * D;
-    chunk_values = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride +
-                   pad * p.v_row_stride;  // the first real row
-    v_row_stride = p.v_row_stride;
+    chunk_values = p.v.as<const T>().rows(b, kv_head);
+    chunk_values.data = chunk_values.row(pad);  // the first real row
     // The sequence's index rows, formed once (opaque: not re-derived per tile).
     window_slot = opaque(reinterpret_cast<const int32_t*>(workspace + ws.window_slot) +
                          index_row * window_rows);
@@ -130,8 +132,8 @@ template <typename T, int D> struct KeySource {
       v_base = window_values + tile.first * D;
     } else {
       k_base = keys + tile.first * D;
-      v_base = chunk_values + (tile.first - window_rows) * v_row_stride;
-      v_stride = v_row_stride;
+      v_base = chunk_values.row(tile.first - window_rows);
+      v_stride = chunk_values.row_stride;
       rows = window_rows + chunk_rows - tile.first;
     }
     const int col = (threadIdx.x % kChunks) * 8;
@@ -141,7 +143,7 @@ template <typename T, int D> struct KeySource {
       const bool valid = r < rows;
       const int dst = swz<D>(r, col);
       cp_async_16(s_k + dst, valid ? k_base + r * D + col : keys, valid);
-      cp_async_16(s_v + dst, valid ? v_base + r * v_stride + col : chunk_values, valid);
+      cp_async_16(s_v + dst, valid ? v_base + r * v_stride + col : chunk_values.data, valid);
     }
     if (threadIdx.x < BN) {
       const int row = tile.first + threadIdx.x;
@@ -152,28 +154,193 @@ template <typename T, int D> struct KeySource {
   }
 };
 
+// The double-buffered key and value stages in shared memory. Tile `it` of the list goes into
+// stage (it - tile_begin) % 2.
+template <typename T, int D> struct KeyStages {
+  T* k;            // [2][BN][D]
+  T* v;            // [2][BN][D]
+  uint8_t* valid;  // [2][BN]
+
+  // Issues the copies of tile `it` into `stage` when the block visits it and it is not an empty
+  // window tile; always one cp.async group (possibly empty), so that the wait counts hold.
+  __device__ void issue(const KeySource<T, D>& src, const PrefillTileList<BN>& tiles, int it,
+                        int tile_end, int stage) const {
+    if (it < tile_end && src.needed(tiles[it]))
+      src.load(tiles[it], k + stage * SmemLayout<T, D>::kKTile,
+               v + stage * SmemLayout<T, D>::kKTile, valid + stage * BN);
+    cp_async_commit();
+  }
+};
+
+// Copies the block's Q rows [t_lo, t_lo + BM) of (b, head) into s_q (one cp.async group; rows
+// past the chunk are zero-filled).
+template <typename T, int D>
+__device__ __forceinline__ void stage_q_tile(const LambdaAttentionParams& p, int64_t b,
+                                             int64_t head, int t_lo, T* s_q) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  const int n_q = static_cast<int>(p.n_queries);
+  const RowsView<const T> q = p.q.as<const T>().rows(b, head);
+  for (int c = threadIdx.x; c < BM * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool valid = t_lo + r < n_q;
+    cp_async_16(s_q + swz<D>(r, col), valid ? q.row(t_lo + r) + col : q.data, valid);
+  }
+  cp_async_commit();
+}
+
+// Rotates the staged Q rows in place, s_q <- R_t q (local; t = i - a, the row's real index),
+// and writes s_qcap <- R_D q (global). A lane owns the frequency pair (f, f + 1), f = 2 (lane %
+// kLanesPerRow), as one 32-bit word; a warp covers 32 / kLanesPerRow rows at once (2 for
+// head_dim 64). plan_attention sends rotary_dim % 4 != 0 to the generic kernel, so a lane
+// rotates both frequencies of its pair or neither. Constructed before the wait for Q, so that
+// R_D's angles overlap the copies.
+template <typename T, int D> struct QTileRotation {
+  static constexpr int kLanesPerRow = D / 4 < 32 ? D / 4 : 32;
+  static constexpr int kRowStep = kWarps * (32 / kLanesPerRow);
+  int half, f;
+  bool rotates;
+  float inv_freq[2] = {0.f, 0.f}, cap_cos[2], cap_sin[2];
+
+  __device__ QTileRotation(const LambdaAttentionParams& p, int lane)
+      : half(static_cast<int>(p.rotary_dim / 2)), f(2 * (lane % kLanesPerRow)), rotates(f < half) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      if (rotates) inv_freq[e] = p.inv_freq[f + e];
+      rope_sincos(p.distance_cap, inv_freq[e], &cap_cos[e], &cap_sin[e]);
+    }
+  }
+
+  // Row r of the tile is real row first_t + r (padding rows: unused).
+  __device__ void rotate(T* s_q, T* s_qcap, int first_t, int warp, int lane) const {
+    for (int r = warp + kWarps * (lane / kLanesPerRow); r < BM; r += kRowStep) {
+      if (rotates) {
+        float c[2], s[2];
+        rope_sincos(first_t + r, inv_freq[0], &c[0], &s[0]);
+        rope_sincos(first_t + r, inv_freq[1], &c[1], &s[1]);
+        rotate_query_pair<T>(reinterpret_cast<uint32_t*>(s_q + swz<D>(r, f)),
+                             reinterpret_cast<uint32_t*>(s_q + swz<D>(r, f + half)),
+                             reinterpret_cast<uint32_t*>(s_qcap + swz<D>(r, f)),
+                             reinterpret_cast<uint32_t*>(s_qcap + swz<D>(r, f + half)), c, s,
+                             cap_cos, cap_sin);
+      }
+      for (int col = 2 * half + f; col < D; col += 2 * kLanesPerRow)  // past rotary_dim
+        *reinterpret_cast<uint32_t*>(s_qcap + swz<D>(r, col)) =
+            *reinterpret_cast<const uint32_t*>(s_q + swz<D>(r, col));
+    }
+  }
+};
+
+// Element index (swizzled) of the address lane `lane` gives ldmatrix for k16 step ks of the
+// warp's 16 rows of a [BM][D] Q tile (an A fragment).
+template <int D> __device__ __forceinline__ int q_fragment_at(int warp, int lane, int ks) {
+  return swz<D>(warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2), ks * 16 + 8 * (lane / 16));
+}
+
+// The keys the two rows of a thread's accumulators (warp rows lane / 4 and + 8) see, as rows of
+// the pre-pass: locally the key rows local[h] (real row t' = t - pad is key row W + t'),
+// globally the global rows [0, global_last[h]]. Padding rows and rows past the chunk see
+// nothing.
+struct FragmentRows {
+  int row_t[2];  // chunk rows (padding counted)
+  KeyRange<int> local[2];
+  int global_last[2];
+
+  __device__ FragmentRows(const LambdaAttentionParams& p, int64_t a, int pad, int window_rows,
+                          int warp_t0, int lane) {
+    const int n_q = static_cast<int>(p.n_queries), n_local = static_cast<int>(p.n_local);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row_t[h] = warp_t0 + lane / 4 + 8 * h;
+      const int real = row_t[h] - pad;
+      const bool valid = row_t[h] < n_q && real >= 0;
+      local[h] = valid ? local_keys(real + window_rows, n_local) : KeyRange<int>{INT_MAX, INT_MIN};
+      global_last[h] =
+          valid ? static_cast<int>(max64(-1, global_keys(a + real, p.n_global, p.n_local).last))
+                : -1;
+    }
+  }
+
+  // Whether row half h sees key row `key` of the tile (global: a global row).
+  __device__ bool sees(int h, bool global, int key) const {
+    const bool seen_globally = key <= global_last[h], seen_locally = local[h].contains(key);
+    return global ? seen_globally : seen_locally;
+  }
+};
+
+// The key rows every real row of the warp sees locally, for the test "no mask on this tile" (a
+// mask-free tile leaves padding rows with scores they must not use: the epilogue writes zeros).
+// Opaque: kept in registers, not re-derived per tile.
+__device__ __forceinline__ KeyRange<int> warp_band(int warp_t0, int n_q, int pad,
+                                                   int window_rows, int n_local) {
+  const int first = max(warp_t0 - pad, 0), last = min(warp_t0 + 15, n_q - 1) - pad;
+  const KeyRange<int> band =
+      local_keys_of_all(first + window_rows, last + window_rows, n_local);
+  return {opaque(band.first), opaque(band.last)};
+}
+
+// S = Q K^T for the warp's 16 rows and the tile's BN keys, sixteen keys (two n8 tiles) at a
+// time. Global tiles take R_D q from shared memory (they are rare: ceil(n_global / 64) per
+// block), the others Q's fragments held in registers.
+template <typename T, int D>
+__device__ __forceinline__ void score_tile(float (&score)[BN / 8][4],
+                                           const uint32_t (&q_frag)[D / 16][4], bool global,
+                                           const T* s_qcap, const T* k_st, int warp, int lane) {
+#pragma unroll
+  for (int np = 0; np < BN / 16; ++np) {
+    float acc[2][4] = {};
+    const int key_row = np * 16 + (lane % 8) + 8 * (lane / 16);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t kf[4];
+      ldmatrix_x4(kf, k_st + swz<D>(key_row, ks * 16 + 8 * ((lane / 8) % 2)));
+      if (global) {
+        uint32_t qf[4];
+        ldmatrix_x4(qf, s_qcap + q_fragment_at<D>(warp, lane, ks));
+        mma_16816<T>(acc[0], qf, kf[0], kf[1]);
+        mma_16816<T>(acc[1], qf, kf[2], kf[3]);
+      } else {
+        mma_16816<T>(acc[0], q_frag[ks], kf[0], kf[1]);
+        mma_16816<T>(acc[1], q_frag[ks], kf[2], kf[3]);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) score[2 * np + h][e] = acc[h][e];
+  }
+}
+
+// O += P V: the probabilities of two n8 tiles are exactly an A fragment of m16n8k16.
+template <typename T, int D>
+__device__ __forceinline__ void accumulate_pv(float (&out_acc)[D / 8][4],
+                                              const float (&prob)[BN / 8][4], const T* v_st,
+                                              int lane) {
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    uint32_t pf[4];
+    probability_fragment<T>(prob, kk, pf);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t vf[4];
+      ldmatrix_x4_trans(vf, v_st + swz<D>(kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2),
+                                          dp * 16 + 8 * (lane / 16)));
+      mma_16816<T>(out_acc[2 * dp], pf, vf[0], vf[1]);
+      mma_16816<T>(out_acc[2 * dp + 1], pf, vf[2], vf[3]);
+    }
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2)
     lambda_attention_mma_kernel(const LambdaAttentionParams p, const AttentionPlan plan,
                                 const unsigned char* workspace, float* partial_out,
                                 float* partial_lse) {
-  constexpr int kChunks = D / 8;       // 16-byte chunks per row
-  constexpr int kKSteps = D / 16;      // k16 steps of Q K^T
-  constexpr int kKeySteps = BN / 16;   // k16 steps of P V
-  constexpr int kNTiles = BN / 8;      // n8 tiles of S
-  constexpr int kDTiles = D / 8;       // n8 tiles of O
-  // Q rotation: a lane owns the frequency pair (f, f + 1), f = 2 * (lane % kLanesPerRow), and
-  // moves it as one 32-bit word; a warp covers kRowsPerPass rows at once (2 for head_dim 64).
-  constexpr int kLanesPerRow = D / 4 < 32 ? D / 4 : 32;
-  constexpr int kRowStep = kWarps * (32 / kLanesPerRow);
   using Layout = SmemLayout<T, D>;
-
   extern __shared__ __align__(128) unsigned char smem[];
   T* const s_qcap = reinterpret_cast<T*>(smem + Layout::kQCap);
   T* const s_q = reinterpret_cast<T*>(smem + Layout::kQ);
-  T* const s_k = reinterpret_cast<T*>(smem + Layout::kK);
-  T* const s_v = reinterpret_cast<T*>(smem + Layout::kV);
-  uint8_t* const s_valid = smem + Layout::kValid;
+  const KeyStages<T, D> stages{reinterpret_cast<T*>(smem + Layout::kK),
+                               reinterpret_cast<T*>(smem + Layout::kV), smem + Layout::kValid};
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n_splits = static_cast<int>(plan.n_splits);
@@ -197,255 +364,91 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tile_end = static_cast<int>(int64_t(tiles.count) * (split + 1) / n_splits);
 
   // Stage the Q tile and the first two key tiles (three cp.async groups, some possibly
-  // empty), so that both key loads are in flight from the start.
-  {
-    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + head * p.q_head_stride;
-    for (int c = threadIdx.x; c < BM * kChunks; c += kThreads) {
-      const int r = c / kChunks, col = (c % kChunks) * 8;
-      const bool valid = t_lo + r < n_q;
-      cp_async_16(s_q + swz<D>(r, col), valid ? q + (t_lo + r) * p.q_row_stride + col : q, valid);
-    }
-    cp_async_commit();
-    for (int st = 0; st < 2; ++st) {
-      if (tile_begin + st < tile_end && src.needed(tiles[tile_begin + st]))
-        src.load(tiles[tile_begin + st], s_k + st * Layout::kKTile, s_v + st * Layout::kKTile,
-                 s_valid + st * BN);
-      cp_async_commit();
-    }
-  }
-
-  // Rotate the staged Q rows: s_q <- R_t q (local; t = i - a), s_qcap <- R_D q (global).
-  // plan_attention sends rotary_dim % 4 != 0 to the generic kernel, so a lane rotates both
-  // frequencies of its pair or neither.
-  {
-    const int half = static_cast<int>(p.rotary_dim / 2);
-    const int f = 2 * (lane % kLanesPerRow);
-    const bool rotates = f < half;
-    float inv_freq[2] = {0.f, 0.f}, cap_cos[2], cap_sin[2];
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      if (rotates) inv_freq[e] = p.inv_freq[f + e];
-      rope_sincos(p.distance_cap, inv_freq[e], &cap_cos[e], &cap_sin[e]);
-    }
-    cp_async_wait<2>();  // the Q group
-    __syncthreads();
-    for (int r = warp + kWarps * (lane / kLanesPerRow); r < BM; r += kRowStep) {
-      if (rotates) {
-        float c[2], s[2];
-        rope_sincos(t_lo + r - pad, inv_freq[0], &c[0], &s[0]);  // padding rows: unused
-        rope_sincos(t_lo + r - pad, inv_freq[1], &c[1], &s[1]);
-        uint32_t* const lo = reinterpret_cast<uint32_t*>(s_q + swz<D>(r, f));
-        uint32_t* const hi = reinterpret_cast<uint32_t*>(s_q + swz<D>(r, f + half));
-        const float2 x1 = unpack2<T>(*lo), x2 = unpack2<T>(*hi);
-        *lo = pack2<T>(x1.x * c[0] - x2.x * s[0], x1.y * c[1] - x2.y * s[1]);
-        *hi = pack2<T>(x2.x * c[0] + x1.x * s[0], x2.y * c[1] + x1.y * s[1]);
-        *reinterpret_cast<uint32_t*>(s_qcap + swz<D>(r, f)) = pack2<T>(
-            x1.x * cap_cos[0] - x2.x * cap_sin[0], x1.y * cap_cos[1] - x2.y * cap_sin[1]);
-        *reinterpret_cast<uint32_t*>(s_qcap + swz<D>(r, f + half)) = pack2<T>(
-            x2.x * cap_cos[0] + x1.x * cap_sin[0], x2.y * cap_cos[1] + x1.y * cap_sin[1]);
-      }
-      for (int col = 2 * half + f; col < D; col += 2 * kLanesPerRow)  // past rotary_dim
-        *reinterpret_cast<uint32_t*>(s_qcap + swz<D>(r, col)) =
-            *reinterpret_cast<const uint32_t*>(s_q + swz<D>(r, col));
-    }
-    __syncthreads();
-  }
+  // empty), so that both key loads are in flight from the start; then rotate Q.
+  stage_q_tile<T, D>(p, b, head, t_lo, s_q);
+  stages.issue(src, tiles, tile_begin, tile_end, 0);
+  stages.issue(src, tiles, tile_begin + 1, tile_end, 1);
+  const QTileRotation<T, D> rotation(p, lane);
+  cp_async_wait<2>();  // the Q group
+  __syncthreads();
+  rotation.rotate(s_q, s_qcap, t_lo - pad, warp, lane);
+  __syncthreads();
 
   // This warp's 16 rows: Q (local rotation) as mma A fragments for the whole kernel.
-  uint32_t q_frag[kKSteps][4];
+  uint32_t q_frag[D / 16][4];
 #pragma unroll
-  for (int ks = 0; ks < kKSteps; ++ks)
-    ldmatrix_x4(q_frag[ks], s_q + swz<D>(warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2),
-                                         ks * 16 + 8 * (lane / 16)));
+  for (int ks = 0; ks < D / 16; ++ks)
+    ldmatrix_x4(q_frag[ks], s_q + q_fragment_at<D>(warp, lane, ks));
 
-  // The two rows this thread holds in every accumulator fragment: warp row lane/4 and +8.
-  // Real row t' = t - pad sees key row u locally for u in [u_lo, u_hi] (i - j in [0, L)), and
-  // global row j for j <= g_hi (i - j >= L); padding rows and rows past the chunk see nothing.
   const int warp_t0 = t_lo + warp * 16;
   const bool warp_active = opaque(warp_t0 < n_q && warp_t0 + 15 >= pad);  // holds a real row
-  int row_t[2], u_lo[2], u_hi[2], g_hi[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    row_t[h] = warp_t0 + lane / 4 + 8 * h;
-    const int real = row_t[h] - pad;
-    const bool valid = row_t[h] < n_q && real >= 0;
-    u_lo[h] = valid ? real + window_rows - static_cast<int>(p.n_local) + 1 : INT_MAX;
-    u_hi[h] = valid ? real + window_rows : INT_MIN;
-    g_hi[h] = valid ? static_cast<int>(max64(-1, min64(a + real - p.n_local,
-                                                       plan.prefill.global_rows)))
-                    : -1;
-  }
-  // Band covered by every real row of the warp, for the test "no select on this tile" (the
-  // shortcut leaves padding rows with scores they must not use: the epilogue writes zeros).
-  const int warp_r0 = max(warp_t0 - pad, 0), warp_r1 = min(warp_t0 + 15, n_q - 1) - pad;
-  const int band_lo = opaque(warp_r1 + window_rows - static_cast<int>(p.n_local) + 1);
-  const int band_hi = opaque(warp_r0 + window_rows);
+  const FragmentRows rows(p, a, pad, window_rows, warp_t0, lane);
+  const KeyRange<int> band =
+      warp_band(warp_t0, n_q, pad, window_rows, static_cast<int>(p.n_local));
 
-  float out_acc[kDTiles][4] = {};
+  float out_acc[D / 8][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};  // raw scores (unscaled)
   float row_sum[2] = {0.f, 0.f};              // this thread's share; reduced at the end
   const float scale_log2 = p.scale * 1.4426950408889634f;
 
   for (int it = tile_begin; it < tile_end; ++it) {
     const int stage = (it - tile_begin) & 1;
-    const T* const k_st = s_k + stage * Layout::kKTile;
-    const T* const v_st = s_v + stage * Layout::kKTile;
-    const uint8_t* const valid_st = s_valid + stage * BN;
     const PrefillTile tile = tiles[it];
-
     // Double buffer: tile it + 1 goes into the stage tile it - 1 used, as soon as every warp is
     // done with it (tile it + 1 was issued by the prologue when it == tile_begin).
     if (it > tile_begin) {
       __syncthreads();
-      if (it + 1 < tile_end && src.needed(tiles[it + 1]))
-        src.load(tiles[it + 1], s_k + (stage ^ 1) * Layout::kKTile,
-                 s_v + (stage ^ 1) * Layout::kKTile, s_valid + (stage ^ 1) * BN);
-      cp_async_commit();
+      stages.issue(src, tiles, it + 1, tile_end, stage ^ 1);
     }
     if (!src.needed(tile)) continue;  // never loaded; the same in every thread
     cp_async_wait<1>();  // tile it has landed (the latest group, tile it + 1, may be in flight)
     __syncthreads();
     if (!warp_active) continue;
 
-    // Which (row, key) pairs are visible: bit 4 n + 2 h + e is accumulator element (row
-    // lane/4 + 8h, key 8n + 2(lane%4) + e), the fragment order of mma's C.
-    const bool select = !(src.full(tile) && tile.first >= band_lo && tile.first + BN - 1 <= band_hi);
+    // The Λ mask, only on mixed tiles: which (row, key) pairs are visible (fragment.cuh).
+    const uint8_t* const valid_st = stages.valid + stage * BN;
+    const bool select = !(src.full(tile) && band.contains(tile.first, tile.first + BN - 1));
     uint32_t visible = ~0u;
     if (select) {
-      visible = 0;
-#pragma unroll
-      for (int n = 0; n < kNTiles; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = 8 * n + 2 * (lane % 4) + e, key = tile.first + col;
-          if (!valid_st[col]) continue;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const bool seen = tile.global ? key <= g_hi[h] : key >= u_lo[h] && key <= u_hi[h];
-            if (seen) visible |= 1u << (4 * n + 2 * h + e);
-          }
-        }
+      visible = visible_elements<BN / 8>(
+          lane, [&](int col) { return valid_st[col] != 0; },
+          [&](int h, int col) { return rows.sees(h, tile.global, tile.first + col); });
       if (!__any_sync(0xffffffffu, visible != 0)) continue;
     }
 
-    // S = Q K^T, sixteen keys (two n8 tiles) at a time; the global tiles take R_D q from
-    // shared memory (they are rare: ceil(n_global / 64) per block).
-    float score[kNTiles][4];
-#pragma unroll
-    for (int np = 0; np < kNTiles / 2; ++np) {
-      float acc[2][4] = {};
-      const int key_row = np * 16 + (lane % 8) + 8 * (lane / 16);
-#pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        uint32_t kf[4];
-        ldmatrix_x4(kf, k_st + swz<D>(key_row, ks * 16 + 8 * ((lane / 8) % 2)));
-        if (tile.global) {
-          uint32_t qf[4];
-          ldmatrix_x4(qf, s_qcap + swz<D>(warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2),
-                                          ks * 16 + 8 * (lane / 16)));
-          mma_16816<T>(acc[0], qf, kf[0], kf[1]);
-          mma_16816<T>(acc[1], qf, kf[2], kf[3]);
-        } else {
-          mma_16816<T>(acc[0], q_frag[ks], kf[0], kf[1]);
-          mma_16816<T>(acc[1], q_frag[ks], kf[2], kf[3]);
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) score[2 * np + h][e] = acc[h][e];
-    }
-    if (select) {
-#pragma unroll
-      for (int n = 0; n < kNTiles; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!((visible >> (4 * n + e)) & 1u)) score[n][e] = -INFINITY;
-    }
-
+    float score[BN / 8][4];
+    score_tile<T, D>(score, q_frag, tile.global, s_qcap, stages.k + stage * Layout::kKTile, warp,
+                     lane);
+    if (select) mask_invisible(score, visible);
     online_softmax_step(score, row_max, row_sum, out_acc, scale_log2);
-
-    // O += P V: the S accumulators of two n8 tiles are exactly an A fragment of m16n8k16.
-#pragma unroll
-    for (int kk = 0; kk < kKeySteps; ++kk) {
-      const uint32_t pf[4] = {pack2<T>(score[2 * kk][0], score[2 * kk][1]),
-                              pack2<T>(score[2 * kk][2], score[2 * kk][3]),
-                              pack2<T>(score[2 * kk + 1][0], score[2 * kk + 1][1]),
-                              pack2<T>(score[2 * kk + 1][2], score[2 * kk + 1][3])};
-#pragma unroll
-      for (int dp = 0; dp < kDTiles / 2; ++dp) {
-        uint32_t vf[4];
-        ldmatrix_x4_trans(vf, v_st + swz<D>(kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2),
-                                            dp * 16 + 8 * (lane / 16)));
-        mma_16816<T>(out_acc[2 * dp], pf, vf[0], vf[1]);
-        mma_16816<T>(out_acc[2 * dp + 1], pf, vf[2], vf[3]);
-      }
-    }
+    accumulate_pv<T, D>(out_acc, score, stages.v + stage * Layout::kKTile, lane);
   }
 
   if (warp_t0 >= n_q) return;
-  // Epilogue: finish the row sums across the quad that shares each row, normalise, store.
-  // Padding rows are zeros (and, split, partials that weigh nothing).
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float sum = row_sum[h];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    if (row_t[h] >= n_q) continue;
-    if (row_t[h] < pad) {  // whatever a no-select tile left in the row (even NaN) goes
-      sum = 0.f;
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) out_acc[dt][2 * h] = out_acc[dt][2 * h + 1] = 0.f;
-    }
-    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
-    if (n_splits == 1) {
-      T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +
-               row_t[h] * p.out_row_stride;
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        const int col = 8 * dt + 2 * (lane % 4);
-        *reinterpret_cast<uint32_t*>(out + col) =
-            pack2<T>(out_acc[dt][2 * h] * inv_sum, out_acc[dt][2 * h + 1] * inv_sum);
-      }
-    } else {
-      const int64_t out_row = (b * p.n_heads_q + head) * n_q + row_t[h];
-      float* out = partial_out + (out_row * n_splits + split) * D;
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        const int col = 8 * dt + 2 * (lane % 4);
-        *reinterpret_cast<float2*>(out + col) =
-            make_float2(out_acc[dt][2 * h] * inv_sum, out_acc[dt][2 * h + 1] * inv_sum);
-      }
-      if (lane % 4 == 0)
-        partial_lse[out_row * n_splits + split] =
-            sum > 0.f ? row_max[h] * scale_log2 + log2f(sum) : -INFINITY;
-    }
-  }
+  const OutputRows<T> dst(p, partial_out, partial_lse, n_splits, split);
+  store_fragment_rows<T, D / 8>(dst, b, head, rows.row_t, pad, out_acc, row_max, row_sum,
+                                scale_log2, lane);
 }
 
 template <typename T, int D>
 Status launch(const LambdaAttentionParams& params, const AttentionPlan& plan, void* workspace,
               cudaStream_t stream) {
-  constexpr size_t kSmem = SmemLayout<T, D>::kBytes;
-  auto* kernel = lambda_attention_mma_kernel<T, D>;
-  const Status status = allow_dynamic_smem(kernel, kSmem, "lambda_attention");
-  if (!status.ok()) return status;
   const SplitPartials partials = split_partials(plan, workspace);
-  const dim3 grid(static_cast<unsigned>(plan.row_tiles * plan.n_splits),
-                  static_cast<unsigned>(params.n_heads_q), static_cast<unsigned>(params.batch));
-  kernel<<<grid, kThreads, kSmem, stream>>>(params, plan,
-                                            static_cast<const unsigned char*>(workspace),
-                                            partials.out, partials.lse);
-  return launch_status("lambda_attention_mma_kernel");
+  return launch_kernel(lambda_attention_mma_kernel<T, D>, "lambda_attention_mma_kernel",
+                       prefill_grid(params, plan), kThreads, SmemLayout<T, D>::kBytes, stream,
+                       params, plan, static_cast<const unsigned char*>(workspace), partials.out,
+                       partials.lse);
 }
+
+template <typename T, int D> struct Launcher {
+  static constexpr auto run = launch<T, D>;
+};
 
 }  // namespace
 
 Status launch_lambda_attention_mma(const LambdaAttentionParams& params, const AttentionPlan& plan,
                                    void* workspace, cudaStream_t stream) {
-  return dispatch_kernel_types(params, [&](auto t, auto d) {
-    return launch<typename decltype(t)::type, decltype(d)::value>(params, plan, workspace, stream);
-  });
+  return launch_kernel_types<Launcher>(params, params, plan, workspace, stream);
 }
 
 }  // namespace lminf::cuda

@@ -35,6 +35,16 @@ auto dispatch_kernel_types(const LambdaAttentionParams& p, Launch&& launch) {
               : launch(ElementType<__half>{}, HeadDim<128>{});
 }
 
+// Launcher<T, D>::run(args...) for the params' case: a kernel file's public launcher in one
+// line, where Launcher<T, D> names the file's launch function for that instance
+// (`template <typename T, int D> struct Launcher { static constexpr auto run = launch<T, D>; };`).
+template <template <typename, int> class Launcher, typename... Args>
+Status launch_kernel_types(const LambdaAttentionParams& p, Args&&... args) {
+  return dispatch_kernel_types(p, [&](auto t, auto d) {
+    return Launcher<typename decltype(t)::type, decltype(d)::value>::run(args...);
+  });
+}
+
 enum class AttentionPath : int {
   kTensorCore = 0,  // bf16/fp16, head_dim 64 or 128: lambda_attention_mma.cu
   kGeneric = 1,     // anything else up to head_dim 256: lambda_attention_generic.cu
@@ -48,20 +58,20 @@ inline constexpr int kMmaBlockRows = 16 * kMmaWarps;
 inline constexpr int kMmaBlockKeys = 64;
 
 // Sequence b of a batch (LambdaAttentionParams): rows t < padding are padding, row t >= padding
-// sits at position start + (t - padding). Read once per block; with query_start_batch_stride 0
+// sits at position start + (t - padding). Read once per block; with query_start.batch_stride 0
 // and no padding every sequence reads the same start and 0.
 struct SequenceRows {
   int64_t start;    // position of the first real row
   int64_t padding;  // leading padding rows
   __device__ SequenceRows(const LambdaAttentionParams& p, int64_t b)
-      : start(p.query_start[b * p.query_start_batch_stride]),
+      : start(*p.query_start.of(b)),
         padding(p.padding != nullptr ? p.padding[b] : 0) {}
 };
 
 // Whether every sequence of the batch sits at the same positions (shared query start and cache
 // positions, no padding): then the pre-pass's index (below) is built once for the whole batch.
 inline bool sequences_share_positions(const LambdaAttentionParams& p) {
-  return p.query_start_batch_stride == 0 && p.cache_positions_batch_stride == 0 &&
+  return p.query_start.batch_stride == 0 && p.cache_positions.batch_stride == 0 &&
          p.padding == nullptr;
 }
 
@@ -147,6 +157,12 @@ inline SplitPartials split_partials(const AttentionPlan& plan, void* workspace) 
   if (plan.n_splits <= 1) return {};
   return {static_cast<float*>(workspace),
           reinterpret_cast<float*>(static_cast<char*>(workspace) + plan.partial_lse_offset)};
+}
+
+// The grid of the tensor-core prefill kernels: (row tiles x key splits, query heads, batch).
+inline dim3 prefill_grid(const LambdaAttentionParams& p, const AttentionPlan& plan) {
+  return dim3(static_cast<unsigned>(plan.row_tiles * plan.n_splits),
+              static_cast<unsigned>(p.n_heads_q), static_cast<unsigned>(p.batch));
 }
 
 // Chooses the path and the split for these sizes on the current device.

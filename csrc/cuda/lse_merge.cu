@@ -9,6 +9,7 @@
 
 #include "common.cuh"
 #include "lambda_attention_plan.cuh"
+#include "softmax.cuh"
 
 namespace lminf::cuda {
 namespace {
@@ -33,15 +34,14 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   for (int64_t z = lane; z < n_splits; z += 32) lse_max = fmaxf(lse_max, lse[z]);
   for (int offset = 16; offset > 0; offset /= 2)
     lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, offset));
-  const float ref = lse_max == -INFINITY ? 0.f : lse_max;
+  const float ref = softmax_reference(lse_max, 1.f);  // log2-sum-exps: already scaled
   float total = 0.f;
   for (int64_t z = lane; z < n_splits; z += 32) total += exp2f(lse[z] - ref);
   for (int offset = 16; offset > 0; offset /= 2)
     total += __shfl_xor_sync(0xffffffffu, total, offset);
-  const float inv_total = total > 0.f ? 1.f / total : 0.f;
+  const float inv_total = inverse_or_zero(total);
 
-  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + head * p.out_head_stride +
-           t * p.out_row_stride;
+  T* out = p.out.as<T>().at(b, head, t);
   for (int64_t col = lane; col < p.head_dim; col += 32) {
     float acc = 0.f;
     for (int64_t z = 0; z < n_splits; ++z) acc += exp2f(lse[z] - ref) * out_z[z * p.head_dim + col];

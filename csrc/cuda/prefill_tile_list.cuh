@@ -6,6 +6,7 @@
 
 #include "common.cuh"
 #include "lambda_attention_plan.cuh"
+#include "lminf/lambda_mask.h"
 
 namespace lminf::cuda {
 
@@ -26,10 +27,14 @@ template <int kTileKeys> struct PrefillTileList {
 
   __device__ PrefillTileList(const LambdaAttentionParams& p, int64_t a, int window_rows, int t_lo,
                       int t_hi) {
-    const int64_t global_keys = max64(0, min64(p.n_global, a + t_hi - p.n_local + 1));
-    global_tiles = static_cast<int>((global_keys + kTileKeys - 1) / kTileKeys);
-    band_begin = max(0, t_lo + window_rows - static_cast<int>(p.n_local) + 1) / kTileKeys;
-    const int band_end = (t_hi + window_rows) / kTileKeys + 1;
+    // The last row sees every global key any row sees; the band, in key rows (the key of real
+    // row t is key row t + window_rows).
+    const int64_t n_global_keys = global_keys(a + t_hi, p.n_global, p.n_local).size();
+    global_tiles = static_cast<int>((n_global_keys + kTileKeys - 1) / kTileKeys);
+    const KeyRange<int> band = local_keys_of_any(t_lo + window_rows, t_hi + window_rows,
+                                                 static_cast<int>(p.n_local));
+    band_begin = max(0, band.first) / kTileKeys;
+    const int band_end = band.last / kTileKeys + 1;
     count = t_hi < t_lo ? 0 : global_tiles + band_end - band_begin;
   }
 

@@ -1,7 +1,7 @@
 // ring_cache_append_cuda: writes a chunk of keys/values into the ring-buffer cache.
 //
 // Sequence b's real rows are t >= pad = padding[b] (0 without padding); row t is the token at
-// position p = start + (t - pad), start = start_position[b * start_position_batch_stride], and
+// position p = start + (t - pad), start = *start_position.of(b), and
 // goes to slot ring_slot(p) of sequence b's cache (its own row of cache_positions, or the
 // shared row). Padding rows are never written. Only the tokens that survive the chunk are
 // copied: those at p < n_global, and the last n_local (an earlier token with p >= n_global
@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kThreads) ring_cache_append_kernel(const RingC
                                                                      int element_bytes) {
   const int64_t b = blockIdx.z, head = blockIdx.y;
   // The sequence's start and padding: one read per block (stride 0 / null: shared, none).
-  const int64_t start = p.start_position[b * p.start_position_batch_stride];
+  const int64_t start = *p.start_position.of(b);
   const int64_t pad = p.padding != nullptr ? p.padding[b] : 0;
   const int64_t n_real = p.n_new - pad, n_global = p.n_global, n_local = p.n_local;
   // Survivors among the real rows t' = t - pad: t' in [0, n_prefix) (global positions), then
@@ -43,22 +43,17 @@ __global__ void __launch_bounds__(kThreads) ring_cache_append_kernel(const RingC
   if (real_row >= n_real) return;
   const int64_t position = start + real_row;
   const int64_t t = pad + real_row;  // the row in k and v
-  const int64_t slot = position < n_global ? position : n_global + (position - n_global) % n_local;
-  if ((b == 0 || p.cache_positions_batch_stride != 0) && head == 0 && threadIdx.x == 0)
-    p.cache_positions[b * p.cache_positions_batch_stride + slot] = position;
+  const int64_t slot = ring_slot(position, n_global, n_local);
+  if ((b == 0 || p.cache_positions.batch_stride != 0) && head == 0 && threadIdx.x == 0)
+    p.cache_positions.of(b)[slot] = position;
 
-  const char* k_src = static_cast<const char*>(p.k) +
-                      (b * p.k_batch_stride + head * p.k_head_stride + t * p.k_row_stride) *
-                          element_bytes;
-  const char* v_src = static_cast<const char*>(p.v) +
-                      (b * p.v_batch_stride + head * p.v_head_stride + t * p.v_row_stride) *
-                          element_bytes;
-  char* k_dst = static_cast<char*>(p.cache_k) + (b * p.cache_k_batch_stride +
-                                                 head * p.cache_k_head_stride +
-                                                 slot * p.cache_k_row_stride) * element_bytes;
-  char* v_dst = static_cast<char*>(p.cache_v) + (b * p.cache_v_batch_stride +
-                                                 head * p.cache_v_head_stride +
-                                                 slot * p.cache_v_row_stride) * element_bytes;
+  // Byte addresses: the kernel copies words, whatever the element type.
+  const auto* k_src = static_cast<const char*>(p.k.data) + p.k.offset(b, head, t) * element_bytes;
+  const auto* v_src = static_cast<const char*>(p.v.data) + p.v.offset(b, head, t) * element_bytes;
+  auto* k_dst = static_cast<char*>(p.cache_k.data) +
+                p.cache_k.offset(b, head, slot) * element_bytes;
+  auto* v_dst = static_cast<char*>(p.cache_v.data) +
+                p.cache_v.offset(b, head, slot) * element_bytes;
   const int64_t n_words = p.head_dim / kElemsPerWord;
   // A row is at most a few iterations; unrolling only made ptxas spill around the 64-bit
   // remainder above.
@@ -71,12 +66,13 @@ __global__ void __launch_bounds__(kThreads) ring_cache_append_kernel(const RingC
 
 bool rows_16_byte_aligned(const RingCacheAppendParams& p, int element_bytes) {
   const int64_t per_word = 16 / element_bytes;
-  for (int64_t stride : {p.k_batch_stride, p.k_head_stride, p.k_row_stride, p.v_batch_stride,
-                         p.v_head_stride, p.v_row_stride, p.cache_k_batch_stride,
-                         p.cache_k_head_stride, p.cache_k_row_stride, p.cache_v_batch_stride,
-                         p.cache_v_head_stride, p.cache_v_row_stride, p.head_dim})
+  for (int64_t stride : {p.k.batch_stride, p.k.head_stride, p.k.row_stride, p.v.batch_stride,
+                         p.v.head_stride, p.v.row_stride, p.cache_k.batch_stride,
+                         p.cache_k.head_stride, p.cache_k.row_stride, p.cache_v.batch_stride,
+                         p.cache_v.head_stride, p.cache_v.row_stride, p.head_dim})
     if (stride % per_word != 0) return false;
-  return aligned16(p.k) && aligned16(p.v) && aligned16(p.cache_k) && aligned16(p.cache_v);
+  return aligned16(p.k.data) && aligned16(p.v.data) && aligned16(p.cache_k.data) &&
+         aligned16(p.cache_v.data);
 }
 
 }  // namespace

@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kIndexThreads)
   const int64_t b = blockIdx.x;  // the index row (= the sequence, or 0 for a shared index)
   const SequenceRows seq(p, b);
   const int64_t a = seq.start, n_real = p.n_queries - seq.padding;
-  const int64_t* const cache_positions = p.cache_positions + b * p.cache_positions_batch_stride;
+  const int64_t* const cache_positions = p.cache_positions.of(b);
   const int window_rows = static_cast<int>(ws.window_rows);
   const int global_rows = static_cast<int>(ws.global_rows);
   int32_t* const window_slot = reinterpret_cast<int32_t*>(workspace + ws.window_slot) +
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kRotateThreads)
                         index_row * window_rows;
   const auto* source_of = reinterpret_cast<const int32_t*>(workspace + ws.global_source) +
                           index_row * ws.global_rows;
-  const int64_t* const cache_positions = p.cache_positions + b * p.cache_positions_batch_stride;
+  const int64_t* const cache_positions = p.cache_positions.of(b);
   const int64_t head_rows = b * p.n_heads_kv + kv_head;
 
   // Where the row's key and value come from, where they go, and its rotation offset.
@@ -111,12 +111,10 @@ __global__ void __launch_bounds__(kRotateThreads)
   T* dst_v = nullptr;
   bool rotate = true;
   int64_t delta = 0;
-  const T* cache_k = static_cast<const T*>(p.cache_k) + b * p.cache_k_batch_stride +
-                     kv_head * p.cache_k_head_stride;
-  const T* cache_v = static_cast<const T*>(p.cache_v) + b * p.cache_v_batch_stride +
-                     kv_head * p.cache_v_head_stride;
-  const T* chunk_k = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride;
-  const T* chunk_v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride;
+  const RowsView<const T> cache_k = p.cache_k.as<const T>().rows(b, kv_head);
+  const RowsView<const T> cache_v = p.cache_v.as<const T>().rows(b, kv_head);
+  const RowsView<const T> chunk_k = p.k.as<const T>().rows(b, kv_head);
+  const RowsView<const T> chunk_v = p.v.as<const T>().rows(b, kv_head);
   T* const keys = reinterpret_cast<T*>(workspace + ws.keys) +
                   head_rows * (window_rows + chunk_rows) * D;
   if (row < window_rows) {
@@ -124,15 +122,15 @@ __global__ void __launch_bounds__(kRotateThreads)
     dst_k = keys + int64_t(row) * D;
     dst_v = reinterpret_cast<T*>(workspace + ws.values) + (head_rows * window_rows + row) * D;
     if (slot >= 0) {
-      src_k = cache_k + slot * p.cache_k_row_stride;
-      src_v = cache_v + slot * p.cache_v_row_stride;
+      src_k = cache_k.row(slot);
+      src_v = cache_v.row(slot);
       delta = cache_positions[slot] - a;  // in [-window_rows, 0)
     }
   } else if (row < window_rows + chunk_rows) {
     const int t = row - window_rows;  // the real row: chunk row pad + t, offset t from a
     if (t >= chunk_rows - pad) return;  // past the real rows: never read
     dst_k = keys + int64_t(row) * D;
-    src_k = chunk_k + int64_t(pad + t) * p.k_row_stride;  // the values stay where they are
+    src_k = chunk_k.row(pad + t);  // the values stay where they are
     delta = t;
   } else {
     const int j = row - window_rows - chunk_rows;
@@ -142,11 +140,11 @@ __global__ void __launch_bounds__(kRotateThreads)
     rotate = false;  // global keys are scored unrotated, against R_D q
     const int32_t source = source_of[j];
     if (source >= 0 && source < p.cache_len) {
-      src_k = cache_k + source * p.cache_k_row_stride;
-      src_v = cache_v + source * p.cache_v_row_stride;
+      src_k = cache_k.row(source);
+      src_v = cache_v.row(source);
     } else if (source >= 0) {
-      src_k = chunk_k + (source - p.cache_len) * p.k_row_stride;
-      src_v = chunk_v + (source - p.cache_len) * p.v_row_stride;
+      src_k = chunk_k.row(source - p.cache_len);
+      src_v = chunk_v.row(source - p.cache_len);
     }
   }
 

@@ -5,6 +5,7 @@
 
 #include "common.cuh"
 #include "lminf/lambda_attention.h"
+#include "lminf/lambda_mask.h"
 
 namespace lminf::cuda {
 
@@ -25,10 +26,12 @@ template <int kTileKeys> struct TileList {
   __device__ TileList(const LambdaAttentionParams& p, int64_t qs, int64_t t_lo, int64_t t_hi,
                       int64_t n_chunk) {
     cache_tiles = (p.cache_len + kTileKeys - 1) / kTileKeys;
-    local_begin = max64(0, t_lo - p.n_local + 1) / kTileKeys;
-    const int64_t local_end = t_hi / kTileKeys + 1;
+    const KeyRange<int64_t> band = local_keys_of_any(t_lo, t_hi, p.n_local);  // chunk rows
+    local_begin = max64(0, band.first) / kTileKeys;
+    const int64_t local_end = band.last / kTileKeys + 1;
+    // Chunk rows holding the global keys the last row sees (positions qs + u).
     const int64_t n_global_keys =
-        max64(0, min64(min64(p.n_global - qs, t_hi - p.n_local + 1), n_chunk));
+        max64(0, min64(global_keys(qs + t_hi, p.n_global, p.n_local).last + 1 - qs, n_chunk));
     // Global tiles that the band does not already cover.
     global_tiles = min64((n_global_keys + kTileKeys - 1) / kTileKeys, local_begin);
     count = t_hi < t_lo ? 0 : cache_tiles + global_tiles + (local_end - local_begin);

@@ -48,15 +48,10 @@ struct ValidAttention {
 
   lminf::LambdaAttentionParams params() {
     lminf::LambdaAttentionParams p;
-    p.q = q.data();
-    p.k = p.v = kv.data();
-    p.out = out.data();
-    p.q_row_stride = p.k_row_stride = p.v_row_stride = p.out_row_stride = kHeadDim;
-    p.q_head_stride = p.k_head_stride = p.v_head_stride = p.out_head_stride = kTokens * kHeadDim;
-    p.q_batch_stride = p.out_batch_stride = 2 * kTokens * kHeadDim;
-    p.k_batch_stride = p.v_batch_stride = kTokens * kHeadDim;
-    p.query_start = &query_start;
-    p.query_start_batch_stride = per_sequence ? 1 : 0;
+    p.q = lminf::dense_view(q.data(), 2, kTokens, kHeadDim);
+    p.k = p.v = lminf::dense_view(kv.data(), 1, kTokens, kHeadDim);
+    p.out = lminf::dense_view(out.data(), 2, kTokens, kHeadDim);
+    p.query_start = {&query_start, per_sequence ? 1 : 0};
     p.padding = padding ? &*padding : nullptr;
     p.inv_freq = inv_freq.data();
     p.rotary_dim = kHeadDim;
@@ -101,9 +96,9 @@ TEST(lambda_attention_cpu_names_the_bad_field) {
       {"rotary_dim", [](Params& p) { p.rotary_dim = 5; }},
       {"rotary_dim", [](Params& p) { p.rotary_dim = 10; }},
       {"inv_freq", [](Params& p) { p.inv_freq = nullptr; }},
-      {"query_start", [](Params& p) { p.query_start = nullptr; }},
-      {"q", [](Params& p) { p.q = nullptr; }},
-      {"out", [](Params& p) { p.out = nullptr; }},
+      {"query_start", [](Params& p) { p.query_start.data = nullptr; }},
+      {"q", [](Params& p) { p.q.data = nullptr; }},
+      {"out", [](Params& p) { p.out.data = nullptr; }},
       {"cache_positions", [](Params& p) { p.cache_len = 4; }},
       {"n_queries", [](Params& p) { p.n_queries = -1; }},
       // Sizes whose sums the kernels form must stay far from int64's end (limits.h).
@@ -117,22 +112,21 @@ TEST(lambda_attention_cpu_names_the_bad_field) {
       {"scale", [](Params& p) { p.scale = std::numeric_limits<float>::infinity(); }},
       // Per-sequence layouts (issue #16): a start per sequence or one shared, slot rows that
       // never overlap.
-      {"query_start_batch_stride must be 0 (one value shared by the batch) or 1",
-       [](Params& p) { p.query_start_batch_stride = 2; }},
-      {"query_start_batch_stride", [](Params& p) { p.query_start_batch_stride = -1; }},
-      {"cache_positions_batch_stride must be 0 (shared by the batch) or in [4, 2^62]",
+      {"query_start.batch_stride must be 0 (one value shared by the batch) or 1",
+       [](Params& p) { p.query_start.batch_stride = 2; }},
+      {"query_start.batch_stride", [](Params& p) { p.query_start.batch_stride = -1; }},
+      {"cache_positions.batch_stride must be 0 (shared by the batch) or in [4, 2^62]",
        [](Params& p) {
          p.cache_len = 4;
          p.cache_k = p.cache_v = p.q;
-         p.cache_positions_batch_stride = 3;
+         p.cache_positions.batch_stride = 3;
        }},
-      {"middle_positions_batch_stride must be 0 (shared by the batch) or in [2, 2^62]",
+      {"middle_positions.batch_stride must be 0 (shared by the batch) or in [2, 2^62]",
        [](Params& p) {
          p.top_k = 1;
          p.middle_len = 2;
          p.middle_k = p.middle_v = p.q;
-         p.middle_positions = p.query_start;
-         p.middle_positions_batch_stride = 1;
+         p.middle_positions = {p.query_start.data, 1};
        }},
   };
   for (const auto& [field, corrupt] : cases) {
@@ -219,42 +213,42 @@ TEST(ring_cache_append_cpu_names_the_bad_field) {
       {"n_local", [](Params& p) { p.n_local = 0; }},
       {"n_global", [](Params& p) { p.n_global = -1; }},
       {"n_new", [](Params& p) { p.n_new = -1; }},
-      {"start_position", [](Params& p) { p.start_position = nullptr; }},
-      {"cache_positions", [](Params& p) { p.cache_positions = nullptr; }},
-      {"k", [](Params& p) { p.k = nullptr; }},
+      {"start_position", [](Params& p) { p.start_position.data = nullptr; }},
+      {"cache_positions", [](Params& p) { p.cache_positions.data = nullptr; }},
+      {"k", [](Params& p) { p.k.data = nullptr; }},
       {"n_local", [](Params& p) { p.n_local = INT64_MAX; }},
       {"n_global", [](Params& p) { p.n_global = lminf::kMaxPosition + 1; }},
       // Near 2^63 the positions wrapped negative and overwrote the global slots.
       {"start_position must be in [0, 2^62 - 2]",
-       [](Params& p) { *const_cast<int64_t*>(p.start_position) = INT64_MAX - 1; }},
+       [](Params& p) { *const_cast<int64_t*>(p.start_position.data) = INT64_MAX - 1; }},
       {"start_position must be in [0, 2^62 - 2]",
-       [](Params& p) { *const_cast<int64_t*>(p.start_position) = -1; }},
-      {"start_position_batch_stride must be 0 (one value shared by the batch) or 1",
-       [](Params& p) { p.start_position_batch_stride = 3; }},
-      {"cache_positions_batch_stride must be 0 (shared by the batch) or in [4, 2^62]",
-       [](Params& p) { p.cache_positions_batch_stride = 2; }},
+       [](Params& p) { *const_cast<int64_t*>(p.start_position.data) = -1; }},
+      {"start_position.batch_stride must be 0 (one value shared by the batch) or 1",
+       [](Params& p) { p.start_position.batch_stride = 3; }},
+      {"cache_positions.batch_stride must be 0 (shared by the batch) or in [4, 2^62]",
+       [](Params& p) { p.cache_positions.batch_stride = 2; }},
       // Two sequences at different positions cannot share one row of slot positions.
-      {"cache_positions_batch_stride must be at least n_global + n_local (4, one row of slot "
+      {"cache_positions.batch_stride must be at least n_global + n_local (4, one row of slot "
        "positions per sequence) when start_position is per sequence, got 0",
        [](Params& p) {
          p.batch = 2;
-         p.start_position_batch_stride = 1;
+         p.start_position.batch_stride = 1;
        }},
-      {"cache_positions_batch_stride must be at least n_global + n_local (4, one row of slot "
+      {"cache_positions.batch_stride must be at least n_global + n_local (4, one row of slot "
        "positions per sequence) when padding is given, got 0",
        [](Params& p) {
          p.batch = 2;
-         p.padding = p.start_position;  // [0, 0]
+         p.padding = p.start_position.data;  // [0, 0]
        }},
       {"padding must be in [0, 2] (leading padding rows of the chunk), got 3 for sequence 0",
-       [](Params& p) { p.padding = p.start_position + 2; }},  // holds 3
+       [](Params& p) { p.padding = p.start_position.data + 2; }},  // holds 3
       {"start_position must be in [0, 2^62 - 1] (the chunk's 1 positions must stay below 2^62), "
        "got 4611686018427387904 for sequence 1",
        [](Params& p) {
          p.batch = 2;
-         p.cache_positions_batch_stride = 4;
-         p.start_position_batch_stride = 1;
-         p.padding = p.start_position + 3;  // [1, 1]
+         p.cache_positions.batch_stride = 4;
+         p.start_position.batch_stride = 1;
+         p.padding = p.start_position.data + 3;  // [1, 1]
        }},
   };
   for (const auto& [field, corrupt] : cases) {
@@ -266,15 +260,10 @@ TEST(ring_cache_append_cpu_names_the_bad_field) {
     int64_t start[5] = {0, field.find("for sequence 1") != std::string::npos ? lminf::kMaxPosition : 0,
                         3, 1, 1};
     Params p;
-    p.cache_k = p.cache_v = cache.data();
-    p.cache_k_row_stride = p.cache_v_row_stride = p.k_row_stride = p.v_row_stride = 8;
-    p.cache_k_head_stride = p.cache_v_head_stride = 32;
-    p.cache_k_batch_stride = p.cache_v_batch_stride = 0;
-    p.k_head_stride = p.v_head_stride = 16;
-    p.k_batch_stride = p.v_batch_stride = 0;
-    p.cache_positions = positions.data();
-    p.k = p.v = chunk.data();
-    p.start_position = start;
+    p.cache_k = p.cache_v = {cache.data(), 0, 32, 8};
+    p.cache_positions.data = positions.data();
+    p.k = p.v = {chunk.data(), 0, 16, 8};
+    p.start_position.data = start;
     p.batch = p.n_heads_kv = 1;
     p.n_new = 2;
     p.head_dim = 8;

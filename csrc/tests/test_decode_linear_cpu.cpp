@@ -53,10 +53,10 @@ struct Problem {
   lminf::DecodeLinearParams params() {
     lminf::DecodeLinearParams p;
     p.dtype = dtype;
-    p.x = x.data(), p.x_row_stride = shape.x_stride;
-    p.weight = weight.data(), p.weight_row_stride = shape.weight_stride;
+    p.x = {x.data(), shape.x_stride};
+    p.weight = {weight.data(), shape.weight_stride};
     p.bias = shape.bias ? bias.data() : nullptr;
-    p.out = out.data(), p.out_row_stride = shape.out_stride;
+    p.out = {out.data(), shape.out_stride};
     p.rows = shape.rows, p.in_features = shape.in_features, p.out_features = shape.out_features;
     return p;
   }
@@ -132,11 +132,11 @@ TEST(decode_linear_bad_arguments_name_the_field) {
       {"rows", [](lminf::DecodeLinearParams& p) { p.rows = -1; }},
       {"in_features", [](lminf::DecodeLinearParams& p) { p.in_features = 0; }},
       {"out_features", [](lminf::DecodeLinearParams& p) { p.out_features = 0; }},
-      {"x_row_stride", [](lminf::DecodeLinearParams& p) { p.x_row_stride = p.in_features - 1; }},
-      {"weight_row_stride", [](lminf::DecodeLinearParams& p) { p.weight_row_stride = 3; }},
-      {"out_row_stride", [](lminf::DecodeLinearParams& p) { p.out_row_stride = 1; }},
-      {"weight", [](lminf::DecodeLinearParams& p) { p.weight = nullptr; }},
-      {"x and out", [](lminf::DecodeLinearParams& p) { p.out = nullptr; }},
+      {"x.row_stride", [](lminf::DecodeLinearParams& p) { p.x.row_stride = p.in_features - 1; }},
+      {"weight.row_stride", [](lminf::DecodeLinearParams& p) { p.weight.row_stride = 3; }},
+      {"out.row_stride", [](lminf::DecodeLinearParams& p) { p.out.row_stride = 1; }},
+      {"weight", [](lminf::DecodeLinearParams& p) { p.weight.data = nullptr; }},
+      {"x and out", [](lminf::DecodeLinearParams& p) { p.out.data = nullptr; }},
   };
   for (const BadCase& bad : cases) {
     Problem problem({2, 16, 4, 16, 16, 4, true}, DType::kFloat32, 3);

@@ -13,20 +13,18 @@
 #include "lminf/dtype.h"
 #include "lminf/export.h"
 #include "lminf/status.h"
+#include "lminf/strided_view.h"
 
 namespace lminf {
 
-// Strides are in elements; the last dimension of every tensor is contiguous.
+// Matrices are row views (strided_view.h: row strides in elements, each row contiguous).
 struct DecodeLinearParams {
   DType dtype = DType::kFloat32;  // element type of x, weight, bias and out
 
-  const void* x = nullptr;  // [rows, in_features]
-  int64_t x_row_stride = 0;
-  const void* weight = nullptr;  // [out_features, in_features]
-  int64_t weight_row_stride = 0;
-  const void* bias = nullptr;  // [out_features] contiguous, or null for none
-  void* out = nullptr;         // [rows, out_features], written in dtype (float32 rounded once)
-  int64_t out_row_stride = 0;
+  RowsView<const void> x;       // [rows, in_features]
+  RowsView<const void> weight;  // [out_features, in_features]
+  const void* bias = nullptr;   // [out_features] contiguous, or null for none
+  RowsView<void> out;           // [rows, out_features], written in dtype (float32 rounded once)
 
   int64_t rows = 0;  // >= 0; up to four share each read of the weights
   int64_t in_features = 0;

@@ -34,6 +34,7 @@
 #include "lminf/export.h"
 #include "lminf/limits.h"
 #include "lminf/status.h"
+#include "lminf/strided_view.h"
 
 namespace lminf {
 
@@ -42,57 +43,49 @@ namespace lminf {
 //   (b) an optional cache of earlier tokens (cache_k, cache_v) whose slots carry explicit
 //       positions (for example the ring buffer of ring_kv_cache.h).
 // A whole sequence is the special case cache_len == 0, query_start == 0.
-// Strides are in elements; the last (head_dim) dimension of every tensor is contiguous.
-// All pointers refer to host memory for the CPU entry point and to device memory for CUDA.
+// Tensors are strided views (strided_view.h: strides in elements, the last (head_dim)
+// dimension contiguous). All pointers refer to host memory for the CPU entry point and to
+// device memory for CUDA.
 struct LambdaAttentionParams {
   DType dtype = DType::kFloat32;  // element type of q, k, v, cache_k, cache_v and out
 
-  const void* q = nullptr;  // [batch, n_heads_q, n_queries, head_dim]
-  int64_t q_batch_stride = 0, q_head_stride = 0, q_row_stride = 0;
+  StridedView<const void> q;  // [batch, n_heads_q, n_queries, head_dim]
+  // The chunk's own tokens: keys and values [batch, n_heads_kv, n_queries, head_dim].
+  StridedView<const void> k;
+  StridedView<const void> v;
 
-  const void* k = nullptr;  // [batch, n_heads_kv, n_queries, head_dim] keys of the chunk's tokens
-  int64_t k_batch_stride = 0, k_head_stride = 0, k_row_stride = 0;
-  const void* v = nullptr;  // [batch, n_heads_kv, n_queries, head_dim] values of the chunk's tokens
-  int64_t v_batch_stride = 0, v_head_stride = 0, v_row_stride = 0;
-
-  const void* cache_k = nullptr;  // [batch, n_heads_kv, cache_len, head_dim]; null if cache_len == 0
-  int64_t cache_k_batch_stride = 0, cache_k_head_stride = 0, cache_k_row_stride = 0;
-  const void* cache_v = nullptr;  // [batch, n_heads_kv, cache_len, head_dim]; null if cache_len == 0
-  int64_t cache_v_batch_stride = 0, cache_v_head_stride = 0, cache_v_row_stride = 0;
+  // [batch, n_heads_kv, cache_len, head_dim] each; data null if cache_len == 0.
+  StridedView<const void> cache_k;
+  StridedView<const void> cache_v;
   // Absolute position of each cache slot, negative = empty: [cache_len] shared by the batch
-  // (cache_positions_batch_stride 0) or [batch, cache_len] with that row stride (>= cache_len).
+  // (batch_stride 0) or [batch, cache_len] with that row stride (>= cache_len).
   // Every present slot of sequence b must hold a position < query_start of b (an earlier token).
-  const int64_t* cache_positions = nullptr;
-  int64_t cache_positions_batch_stride = 0;
+  PerSequence<const int64_t> cache_positions;
   int64_t cache_len = 0;
 
   // Positions of the chunk's rows, sequence by sequence, so that a batch of different lengths
   // behaves as if each sequence ran alone. Rows t < padding[b] are padding: no query attends to
   // them and their output rows are zeros. Row t >= padding[b] sits at position
-  //   query_start[b * query_start_batch_stride] + (t - padding[b]),
+  //   *query_start.of(b) + (t - padding[b]),
   // so query_start is the position of the sequence's first real row. Pointers (device memory
   // for CUDA) so that a captured CUDA graph can advance them without re-capture.
-  const int64_t* query_start = nullptr;  // [batch], or [1] shared (query_start_batch_stride 0)
-  int64_t query_start_batch_stride = 0;  // 0 or 1
-  const int64_t* padding = nullptr;      // [batch] leading padding rows, in [0, n_queries]; null: none
+  PerSequence<const int64_t> query_start;  // [batch] (batch_stride 1), or [1] shared (0)
+  const int64_t* padding = nullptr;  // [batch] leading padding rows, in [0, n_queries]; null: none
 
   // Optional middle store for top-k attention: [batch, n_heads_kv, middle_len, head_dim] and
   // positions (negative = empty) laid out like cache_positions, tokens before the chunk. Only
   // positions in [n_global, i - n_local] are candidates for query i, so the store may also hold
   // keys that the window still covers.
-  const void* middle_k = nullptr;
-  int64_t middle_k_batch_stride = 0, middle_k_head_stride = 0, middle_k_row_stride = 0;
-  const void* middle_v = nullptr;
-  int64_t middle_v_batch_stride = 0, middle_v_head_stride = 0, middle_v_row_stride = 0;
-  const int64_t* middle_positions = nullptr;
-  int64_t middle_positions_batch_stride = 0;  // 0: [middle_len] shared; else [batch, middle_len]
+  StridedView<const void> middle_k;  // [batch, n_heads_kv, middle_len, head_dim]
+  StridedView<const void> middle_v;  // [batch, n_heads_kv, middle_len, head_dim]
+  // [middle_len] shared (batch_stride 0), or [batch, middle_len] with that row stride
+  PerSequence<const int64_t> middle_positions;
   int64_t middle_len = 0;
   int64_t top_k = 0;             // middle keys per query head and row; 0 disables the variant
   int64_t top_k_distance = 0;    // rotary distance at which the chosen middle keys are placed
   int64_t top_k_first_row = 0;   // first chunk row (0-based, padding rows counted) using top-k
 
-  void* out = nullptr;  // [batch, n_heads_q, n_queries, head_dim], written in dtype
-  int64_t out_batch_stride = 0, out_head_stride = 0, out_row_stride = 0;
+  StridedView<void> out;  // [batch, n_heads_q, n_queries, head_dim], written in dtype
 
   const float* inv_freq = nullptr;  // [rotary_dim / 2] rotary frequencies, float32
   int64_t rotary_dim = 0;  // even, <= head_dim; rotate_half over the first rotary_dim features

@@ -3,6 +3,7 @@
 //   status.h            Status, the error type every entry point returns (nothing throws)
 //   dtype.h             element types (float32, bfloat16, float16)
 //   limits.h            the largest size or position accepted (2^62)
+//   strided_view.h      StridedView, RowsView, PerSequence: the tensors of every params struct
 //   decode_linear.h     x W^T for the few rows of a decode step (CPU)
 //   lambda_attention.h  Λ-attention kernels over raw strided pointers (CPU and CUDA)
 //   ring_kv_cache.h     the ring-buffer cache layout and its append kernels
@@ -17,4 +18,5 @@
 #include "lminf/limits.h"
 #include "lminf/ring_kv_cache.h"
 #include "lminf/status.h"
+#include "lminf/strided_view.h"
 #include "lminf/version.h"
