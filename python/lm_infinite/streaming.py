@@ -90,6 +90,22 @@ class LambdaStream:
         twin.next_logits = None if self.next_logits is None else self.next_logits.clone()
         return twin
 
+    def save(self, path) -> None:
+        """Write the stream (its cache, next-token logits and settings, with a fingerprint of
+        the model) to `path`, atomically: a crash leaves the old file or the new one. The file
+        holds tensors and plain values only (lm_infinite.saved_stream describes it)."""
+        from .saved_stream import save_stream
+        save_stream(self, path)
+
+    @classmethod
+    def load(cls, path, model: torch.nn.Module, **options) -> "LambdaStream":
+        """The stream saved at `path`, continued on `model` (enabled with the same settings):
+        what it feeds and generates is bit-identical to what the saved stream would have.
+        ValueError naming what differs for another model or other settings. options: the
+        constructor's (chunk_size: the saved stream's by default)."""
+        from .saved_stream import load_stream
+        return load_stream(cls, path, model, **options)
+
     @property
     def position(self) -> int:
         """Tokens fed so far, i.e. the position of the next token. In a batch of different

@@ -19,10 +19,12 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int_at_least(1), default=8000)
     parser.add_argument("--max-conversations", type=non_negative_int, default=8,
-                        help="idle conversations kept for reuse, least recently used evicted "
-                             "(each holds one fixed LambdaCache; 0: no reuse)")
+                        help="idle conversations kept in memory for reuse, least recently used evicted "
+                             "(each holds one fixed LambdaCache; 0: none; with --state-dir an evicted "
+                             "one is still found on disk) (default: %(default)s)")
     parser.add_argument("--max-tokens-limit", type=positive_int, default=2048,
-                        help="the largest max_tokens a request may ask for, and the default")
+                        help="the largest max_tokens a request may ask for, and the default "
+                             "(default: %(default)s)")
     parser.add_argument("--max-prompt-tokens", type=positive_int,
                         help="refuse longer prompts (default: no limit; a kept conversation "
                              "only feeds its new tokens)")
@@ -32,6 +34,13 @@ def register(subparsers) -> None:
                         help="requests waiting for a slot before more are refused with 429 (default: %(default)s)")
     parser.add_argument("--max-request-mb", type=positive_int, default=4,
                         help="refuse request bodies over this many MiB with 413 (default: %(default)s)")
+    parser.add_argument("--state-dir", type=Path,
+                        help="keep conversations in this directory too: each is written after every "
+                             "request (a crash loses at most the turn in progress) and found again "
+                             "after a restart or once evicted from memory (default: none, memory only)")
+    parser.add_argument("--max-state-mb", type=positive_int, default=4096,
+                        help="disk the --state-dir files may take, in MiB; the least recently written "
+                             "are removed first (default: %(default)s)")
     parser.add_argument("--model-name", help="the model id clients use (default: the model's "
                                              "directory or file name)")
     add_model_options(parser)
@@ -55,7 +64,8 @@ def run(args) -> int:
     enable(model, n_global=settings.n_global, n_local=settings.n_local, distance_cap=settings.distance_cap)
     engine = Engine(model, tokenizer, chunk_size=args.chunk_size, max_conversations=args.max_conversations,
                     max_prompt_tokens=args.max_prompt_tokens, max_active=args.max_active,
-                    max_queued=args.max_queued)
+                    max_queued=args.max_queued, state_dir=args.state_dir,
+                    max_state_bytes=args.max_state_mb * 2**20)
     name = args.model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else _DEFAULT_MODEL_NAME)
     uvicorn.run(create_app(engine, model_name=name, max_tokens_limit=args.max_tokens_limit,
                            max_request_bytes=args.max_request_mb * 2**20),

@@ -158,6 +158,8 @@ def create_app(engine: Engine, *, model_name: str, max_tokens_limit: int,
                 "conversations": len(engine.store), "max_conversations": engine.store.capacity,
                 "max_active_requests": engine.max_active, "max_queued_requests": engine.max_queued,
                 "max_live_conversations": engine.max_live_conversations,
+                "saved_conversations": None if engine.store.saved is None else len(engine.store.saved),
+                "saved_conversation_bytes": None if engine.store.saved is None else engine.store.saved.bytes,
                 "conversation_bytes": per_conversation,
                 # What the kept and in-flight conversations can hold at most, beside the model.
                 "max_conversation_bytes": (None if per_conversation is None

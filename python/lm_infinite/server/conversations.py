@@ -8,6 +8,10 @@ only an exact prefix can be continued; anything else starts a fresh stream.
 Each stream is identified by (number of tokens fed, digest of those tokens), kept up to date
 as tokens are fed, so a conversation costs its fixed LambdaCache and a few bytes whatever its
 length; no token list grows with it.
+
+With a state directory (SavedConversations), every conversation checked in is also written to
+disk, and a prompt whose prefix no idle conversation holds is looked up there: conversations
+outlive their eviction from memory and the server's restarts.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from ..streaming import LambdaStream
+from .saved import SavedConversations
 
 __all__ = ["Conversation", "ConversationStore", "PrefixKey"]
 
@@ -38,10 +43,15 @@ class Conversation:
     """A stream and the key of the tokens it holds. Feed it through here only, so that the
     key always says exactly what the stream holds."""
 
-    def __init__(self, stream: LambdaStream) -> None:
+    def __init__(self, stream: LambdaStream, tokens: Sequence[int] = ()) -> None:
+        """tokens: what the stream holds already (a stream loaded from disk)."""
         self.stream = stream
         self._hash = hashlib.blake2b(digest_size=16)
         self._length = 0
+        # The key of this conversation's file in the state directory, if it has one.
+        self.saved_key: PrefixKey | None = None
+        if tokens:
+            self.record(tokens)
 
     @property
     def key(self) -> PrefixKey:
@@ -72,10 +82,11 @@ class ConversationStore:
     thread that runs the model, is its only user.
     """
 
-    def __init__(self, capacity: int, new_stream: Callable[[], LambdaStream]) -> None:
+    def __init__(self, capacity: int, new_stream: Callable[[], LambdaStream],
+                 saved: SavedConversations | None = None) -> None:
         if capacity < 0:
             raise ValueError(f"ConversationStore: capacity must be >= 0, got {capacity}")
-        self.capacity, self._new_stream = capacity, new_stream
+        self.capacity, self._new_stream, self.saved = capacity, new_stream, saved
         self._idle: OrderedDict[PrefixKey, Conversation] = OrderedDict()
 
     def __len__(self) -> int:
@@ -83,28 +94,43 @@ class ConversationStore:
 
     def checkout(self, prompt: Sequence[int]) -> tuple[Conversation, int]:
         """The idle conversation holding the longest prefix of `prompt` (removed from the
-        store) and that prefix's length; a fresh conversation and 0 if none does."""
-        for key in sorted(self._prefix_keys(prompt) & self._idle.keys(), reverse=True):
-            return self._idle.pop(key), key.length
+        store) and that prefix's length; with a state directory, the longest of those and of
+        the saved ones; a fresh conversation and 0 if none does."""
+        saved = self.saved.keys() if self.saved is not None else {}
+        for key in sorted(self._prefix_keys(prompt, saved) & (self._idle.keys() | saved), reverse=True):
+            if key in self._idle:
+                return self._idle.pop(key), key.length
+            stream = self.saved.load(key)
+            if stream is not None:
+                conversation = Conversation(stream, prompt[:key.length])
+                conversation.saved_key = key
+                return conversation, key.length
         return Conversation(self._new_stream()), 0
 
     def checkin(self, conversation: Conversation) -> None:
         """Keep a conversation for later requests (as the most recently used), evicting the
         least recently used beyond capacity. An inconsistent one is dropped, and so is an
         empty one (nothing to reuse). A conversation with the same tokens as an idle one
-        replaces it: one copy is enough."""
+        replaces it: one copy is enough. With a state directory the conversation is written
+        there (replacing the file it came from) before it is kept: a crash later loses
+        nothing of it."""
         if not conversation.consistent or conversation.stream.position == 0:
             return
         key = conversation.key
+        if self.saved is not None and key != conversation.saved_key:
+            if self.saved.save(key, conversation.stream):
+                if conversation.saved_key is not None:
+                    self.saved.remove(conversation.saved_key)
+                conversation.saved_key = key
         self._idle.pop(key, None)
         self._idle[key] = conversation
         while len(self._idle) > self.capacity:
             self._idle.popitem(last=False)
 
-    def _prefix_keys(self, prompt: Sequence[int]) -> set[PrefixKey]:
-        """The keys of prompt[:n] for every length n that an idle conversation has: one pass
-        over the prompt."""
-        lengths = sorted({key.length for key in self._idle if key.length <= len(prompt)})
+    def _prefix_keys(self, prompt: Sequence[int], saved=()) -> set[PrefixKey]:
+        """The keys of prompt[:n] for every length n that an idle (or saved) conversation
+        has: one pass over the prompt."""
+        lengths = sorted({key.length for key in (*self._idle, *saved) if key.length <= len(prompt)})
         running, done, keys = hashlib.blake2b(digest_size=16), 0, set()
         for length in lengths:
             running.update(_token_bytes(prompt[done:length]))

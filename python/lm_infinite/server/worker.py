@@ -23,6 +23,7 @@ from jinja2 import TemplateError
 
 from ..streaming import LambdaStream
 from .conversations import Conversation, ConversationStore
+from .saved import SavedConversations
 from .errors import APIError
 from .schemas import Usage
 from .text import CompletionText
@@ -99,7 +100,8 @@ class Engine:
     """The model, its tokenizer, the conversation store and the worker thread that uses them."""
 
     def __init__(self, model, tokenizer, *, chunk_size: int, max_conversations: int,
-                 max_prompt_tokens: int | None = None, max_active: int = 8, max_queued: int = 64) -> None:
+                 max_prompt_tokens: int | None = None, max_active: int = 8, max_queued: int = 64,
+                 state_dir=None, max_state_bytes: int = 4 * 2**30) -> None:
         if max_active < 1 or max_queued < 0:
             raise ValueError(f"Engine: max_active must be >= 1 and max_queued >= 0, got {max_active}, {max_queued}")
         self.tokenizer, self.chunk_size, self.max_prompt_tokens = tokenizer, chunk_size, max_prompt_tokens
@@ -110,7 +112,12 @@ class Engine:
         # (max_conversations + max_active) caches, however many clients call.
         self.max_active, self.max_queued = max_active, max_queued
         self.queued_requests = 0  # submitted, not yet started by the worker
-        self.store = ConversationStore(max_conversations, functools.partial(LambdaStream, model, chunk_size=chunk_size))
+        # With a state directory every conversation is also written to disk after each request
+        # (and found there again after a restart), in at most max_state_bytes.
+        saved = None if state_dir is None else SavedConversations(
+            state_dir, max_state_bytes, functools.partial(LambdaStream.load, model=model, chunk_size=chunk_size))
+        self.store = ConversationStore(max_conversations, functools.partial(LambdaStream, model, chunk_size=chunk_size),
+                                       saved)
         self.stop_token_ids = _end_of_turn_ids(model, tokenizer)
         self.active_requests = 0
         self.cancelled_requests = 0  # stopped early because their client went away
@@ -187,6 +194,7 @@ class Engine:
             return
         conversation, cached = self.store.checkout(prompt)
         self.active_requests += 1
+        finished = None
         try:
             job.emit(Started(len(prompt), cached))
             new = prompt[cached:]
@@ -196,13 +204,18 @@ class Engine:
                     return
                 conversation.feed(new[start:start + self.chunk_size])
                 yield
-            yield from self._generate(job, conversation, Usage(len(prompt), cached))
+            finished = yield from self._generate(job, conversation, Usage(len(prompt), cached))
         finally:
             self.active_requests -= 1
             self.conversation_bytes = conversation.stream.cache.nbytes() or self.conversation_bytes
             self.store.checkin(conversation)
+        # After the checkin: once a client has its answer, a saved conversation holds it.
+        if finished is not None:
+            job.emit(finished)
 
-    def _generate(self, job: Job, conversation: Conversation, usage: Usage) -> Iterator[None]:
+    def _generate(self, job: Job, conversation: Conversation, usage: Usage):
+        """Steps of the job's generation (one `yield` per token); returns its Finished event
+        (None if the job was cancelled), which the caller sends."""
         sampling = job.sampling
         generator = torch.Generator(device=self._device)
         if sampling.seed is None:
@@ -230,13 +243,13 @@ class Engine:
                     break
                 if job.cancelled:
                     self.cancelled_requests += 1
-                    return
+                    return None
                 yield
         finally:
             tokens.close()
         if rest := text.flush():
             job.emit(TextDelta(rest))
-        job.emit(Finished(finish_reason, usage))
+        return Finished(finish_reason, usage)
 
     def _prompt_ids(self, prompt: str | list[dict]) -> list[int]:
         if isinstance(prompt, str):
