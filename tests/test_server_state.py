@@ -121,9 +121,10 @@ def _chat(client, messages, max_tokens=6):
     return body["choices"][0]["message"]["content"], body["usage"]
 
 
-def test_a_conversation_evicted_from_memory_is_continued_from_disk(model_and_tokenizer, tmp_path):
+@pytest.mark.parametrize("batch_decode", [True, False])
+def test_a_conversation_evicted_from_memory_is_continued_from_disk(model_and_tokenizer, tmp_path, batch_decode):
     # max_conversations=0: nothing idle stays in memory, every reuse comes from the disk.
-    client, engine = _client(model_and_tokenizer, tmp_path)
+    client, engine = _client(model_and_tokenizer, tmp_path, batch_decode=batch_decode)
     with client:
         messages = [{"role": "user", "content": "Count the waves of the sea, one by one."}]
         answer, usage = _chat(client, messages)

@@ -25,9 +25,10 @@ from .decode_linears import decode_linears_if
 from .decode_step import StaticDecodeStep, choose_tokens, draw_noise, positive_float32
 from .distributed import broadcast_from_first_rank, tensor_parallel_size
 from .hf import ForwardContext, LambdaCache, cache_argument_name, decoder_of, state_of
+from .hf.cache import RowCaches
 from .hf.padding import padding_from_mask
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "LambdaStream"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "LambdaStream", "decode_rows"]
 
 _ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -361,6 +362,28 @@ class LambdaStream:
             yield out
             if not any(running):
                 return
+
+
+@torch.inference_mode()
+def decode_rows(streams: Sequence[LambdaStream], tokens: Sequence[int]) -> torch.Tensor:
+    """Feed tokens[b] to streams[b] (independent batch-1 streams of one model) in one forward:
+    each stream's own ring serves its row's attention (RowCaches), the linear layers run once
+    for all rows. Sets each stream's next_logits and returns them, float32 [len(streams), vocab].
+    One row computes exactly what the stream's own decode step computes; several rows may
+    differ from it in the last bits, as any batched matrix product does."""
+    first = streams[0]
+    if any(stream.model is not first.model for stream in streams):
+        raise ValueError("decode_rows: every stream must be of one model")
+    ids = torch.tensor(list(tokens), dtype=torch.int64, device=first._device).view(-1, 1)
+    positions = torch.cat([stream.cache.layers[0].ring.next_position for stream in streams]).view(-1, 1)
+    cache = RowCaches([stream.cache for stream in streams])
+    with first._linears:
+        hidden = first._decoder(input_ids=ids, position_ids=positions, use_cache=True,
+                                lminf_context=ForwardContext(), **{first._cache_keyword: cache}).last_hidden_state
+        logits = first._head(hidden[:, -1]).float()
+    for b, stream in enumerate(streams):
+        stream.next_logits = logits[b:b + 1]
+    return logits
 
 
 def _stop_set(stop_token_ids) -> set[int]:

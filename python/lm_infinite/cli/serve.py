@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def register(subparsers) -> None:
                         help="requests waiting for a slot before more are refused with 429 (default: %(default)s)")
     parser.add_argument("--max-request-mb", type=positive_int, default=4,
                         help="refuse request bodies over this many MiB with 413 (default: %(default)s)")
+    parser.add_argument("--batch-decode", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode steps of all requests in progress as one forward (continuous "
+                             "batching); --no-batch-decode steps each request alone (default: on for a "
+                             "model on the CPU, off on a GPU, where each request's step replays a CUDA graph)")
     parser.add_argument("--state-dir", type=Path,
                         help="keep conversations in this directory too: each is written after every "
                              "request (a crash loses at most the turn in progress) and found again "
@@ -65,7 +70,7 @@ def run(args) -> int:
     engine = Engine(model, tokenizer, chunk_size=args.chunk_size, max_conversations=args.max_conversations,
                     max_prompt_tokens=args.max_prompt_tokens, max_active=args.max_active,
                     max_queued=args.max_queued, state_dir=args.state_dir,
-                    max_state_bytes=args.max_state_mb * 2**20)
+                    max_state_bytes=args.max_state_mb * 2**20, batch_decode=args.batch_decode)
     name = args.model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else _DEFAULT_MODEL_NAME)
     uvicorn.run(create_app(engine, model_name=name, max_tokens_limit=args.max_tokens_limit,
                            max_request_bytes=args.max_request_mb * 2**20),

@@ -10,7 +10,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..cache import RingKVCache
 from .state import state_of
 
-__all__ = ["LambdaCache", "LambdaLayer"]
+__all__ = ["LambdaCache", "LambdaLayer", "RowCaches"]
 
 
 class LambdaLayer(CacheLayerMixin):
@@ -111,3 +111,56 @@ class LambdaCache(Cache):
         top-k middle stores, which grow with the stream, included)."""
         rings = [layer.ring for layer in self.layers if layer.ring is not None]
         return sum(r.nbytes() + (r.middle.nbytes() if r.middle is not None else 0) for r in rings)
+
+
+class _RowLayers(CacheLayerMixin):
+    """One layer of a RowCaches: row b of a forward goes to row_layers[b] (a batch-1
+    LambdaLayer of its own stream)."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, row_layers: list[LambdaLayer]) -> None:
+        super().__init__()
+        self.row_layers = row_layers
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass  # every row's layer is filled already
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+    def attend_and_append(self, query, key, value, inv_freq, *, padding=None, **attend_options):
+        if padding is not None:
+            raise ValueError("RowCaches: the rows of a batched step carry no padding")
+        return torch.cat([layer.attend_and_append(query[b:b + 1], key[b:b + 1], value[b:b + 1], inv_freq,
+                                                  **attend_options)
+                          for b, layer in enumerate(self.row_layers)])
+
+    def get_seq_length(self) -> int:
+        return max(layer.get_seq_length() for layer in self.row_layers)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return max(layer.get_mask_sizes(query_length)[0] for layer in self.row_layers), 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class RowCaches(LambdaCache):
+    """Several streams' caches (each of batch 1, filled) as the rows of one forward: row b
+    reads and appends to caches[b]'s rings, while everything else of the forward (the
+    linear layers) runs once for all rows. For batching the decode steps of independent
+    conversations (the server's worker). Holds the caches' layers, not the caches."""
+
+    def __init__(self, caches: list[LambdaCache]) -> None:  # noqa: D107 (no Cache.__init__: layers are given)
+        if not caches:
+            raise ValueError("RowCaches: no caches")
+        settings = caches[0].settings
+        for cache in caches:
+            if cache.settings != settings or any(layer.ring is None or layer.ring.k.shape[0] != 1
+                                                 for layer in cache.layers):
+                raise ValueError("RowCaches: every cache must be filled, of batch 1, with the same settings")
+        self.__dict__.update(copy.copy(caches[0].__dict__))
+        self.layers = [_RowLayers([cache.layers[i] for cache in caches]) for i in range(len(caches[0].layers))]

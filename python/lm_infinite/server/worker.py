@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from jinja2 import TemplateError
 
-from ..streaming import LambdaStream
+from ..decode_step import choose_tokens, draw_noise, positive_float32
+from ..streaming import LambdaStream, decode_rows
 from .conversations import Conversation, ConversationStore
 from .saved import SavedConversations
 from .errors import APIError
@@ -101,7 +102,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, chunk_size: int, max_conversations: int,
                  max_prompt_tokens: int | None = None, max_active: int = 8, max_queued: int = 64,
-                 state_dir=None, max_state_bytes: int = 4 * 2**30) -> None:
+                 state_dir=None, max_state_bytes: int = 4 * 2**30, batch_decode: bool | None = None) -> None:
         if max_active < 1 or max_queued < 0:
             raise ValueError(f"Engine: max_active must be >= 1 and max_queued >= 0, got {max_active}, {max_queued}")
         self.tokenizer, self.chunk_size, self.max_prompt_tokens = tokenizer, chunk_size, max_prompt_tokens
@@ -111,6 +112,10 @@ class Engine:
         # of them, and further ones are refused. So memory is the model plus
         # (max_conversations + max_active) caches, however many clients call.
         self.max_active, self.max_queued = max_active, max_queued
+        # Decode steps of all generating requests as one forward (continuous batching). None:
+        # on the CPU; off on a GPU, where each request's own step replays a CUDA graph (not yet
+        # measured against one batched eager step).
+        self.batch_decode = self._device.type == "cpu" if batch_decode is None else batch_decode
         self.queued_requests = 0  # submitted, not yet started by the worker
         # With a state directory every conversation is also written to disk after each request
         # (and found there again after a restart), in at most max_state_bytes.
@@ -156,34 +161,57 @@ class Engine:
         return job
 
     def _run(self) -> None:
-        active: deque[tuple[Job, Iterator[None]]] = deque()
+        active: deque[_Slot] = deque()
         waiting: deque[Job] = deque()
         while True:
             while not (active or waiting) or not self._incoming.empty():  # block only when idle
                 job = self._incoming.get()
                 if job is None:
-                    for job, steps in active:
-                        steps.close()
-                    for job in [job for job, _ in active] + list(waiting):
+                    for slot in active:
+                        slot.steps.close()
+                    for job in [slot.job for slot in active] + list(waiting):
                         job.emit(Failed(APIError(503, "the server is shutting down", type="server_error")))
                     return
                 waiting.append(job)
             while waiting and len(active) < self.max_active:
                 job = waiting.popleft()
                 self.queued_requests -= 1
-                active.append((job, self._steps(job)))
-            if not active:
-                continue
-            job, steps = active.popleft()
-            try:
-                next(steps)
-            except StopIteration:
-                continue
-            except Exception:  # a bug or a device failure: this request fails, the server lives
-                log.exception("generation failed")
-                job.emit(Failed(APIError(500, "generation failed", type="server_error")))
-                continue
-            active.append((job, steps))
+                active.append(_Slot(job, self._steps(job)))
+            # A round: one step of each job in turn, as before continuous batching (so that all
+            # progress together): its own step for a job not waiting on a decode step (a prompt
+            # chunk, or the start of its generation) ...
+            for slot in [slot for slot in active if slot.pending is None]:
+                self._advance(active, slot)
+            # ... and one decode step of every generating job, batched into one forward.
+            decoding = [slot for slot in active if slot.pending is not None]
+            if decoding:
+                self._decode(active, decoding)
+
+    def _advance(self, active: deque[_Slot], slot: _Slot) -> None:
+        """Run the slot's job to its next step; drop the slot when the job is done or failed."""
+        try:
+            slot.pending = next(slot.steps)
+        except StopIteration:
+            active.remove(slot)
+        except Exception:  # a bug or a device failure: this request fails, the server lives
+            log.exception("generation failed")
+            slot.job.emit(Failed(APIError(500, "generation failed", type="server_error")))
+            active.remove(slot)
+
+    def _decode(self, active: deque[_Slot], decoding: list[_Slot]) -> None:
+        """Feed each decoding job its token, one forward for all of them (decode_rows; only
+        batch_decode's _generate waits on one); then resume them."""
+        try:
+            decode_rows([slot.pending.stream for slot in decoding], [slot.pending.token for slot in decoding])
+        except Exception:
+            log.exception("generation failed")
+            for slot in decoding:
+                slot.steps.close()  # the conversation is checked in (or dropped if inconsistent)
+                slot.job.emit(Failed(APIError(500, "generation failed", type="server_error")))
+                active.remove(slot)
+            return
+        for slot in decoding:
+            self._advance(active, slot)
 
     def _steps(self, job: Job) -> Iterator[None]:
         """The job's work, one step per `yield`; every event it sends, in order."""
@@ -204,7 +232,8 @@ class Engine:
                     return
                 conversation.feed(new[start:start + self.chunk_size])
                 yield
-            finished = yield from self._generate(job, conversation, Usage(len(prompt), cached))
+            generate = self._generate if self.batch_decode else self._generate_alone
+            finished = yield from generate(job, conversation, Usage(len(prompt), cached))
         finally:
             self.active_requests -= 1
             self.conversation_bytes = conversation.stream.cache.nbytes() or self.conversation_bytes
@@ -214,8 +243,54 @@ class Engine:
             job.emit(finished)
 
     def _generate(self, job: Job, conversation: Conversation, usage: Usage):
-        """Steps of the job's generation (one `yield` per token); returns its Finished event
-        (None if the job was cancelled), which the caller sends."""
+        """Steps of the job's generation: each yields a _Decode (the token to feed), which the
+        engine feeds, batched with the other jobs' (see _run); returns the job's Finished event
+        (None if the job was cancelled), which the caller sends. Tokens are chosen as
+        LambdaStream.generate chooses them (the same draws from the same generator)."""
+        sampling = job.sampling
+        generator = torch.Generator(device=self._device)
+        if sampling.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(sampling.seed)
+        text = CompletionText(self.tokenizer, sampling.stop)
+        stream = conversation.stream
+        sample = sampling.temperature > 0
+        temperature = positive_float32(sampling.temperature) if sample else None
+        nucleus = sampling.top_p if sample and sampling.top_p < 1 else None
+        noise = draw_noise(torch.empty_like(stream.next_logits), generator) if sample else None
+        token = int(choose_tokens(stream.next_logits, temperature, noise, nucleus)[0])
+        if sample:  # the decode step's float32 [1] settings, as StaticDecodeStep holds them
+            temperature = torch.full((1,), temperature, dtype=torch.float32, device=self._device)
+            if nucleus is not None:
+                nucleus = torch.full((1,), nucleus, dtype=torch.float32, device=self._device)
+        finish_reason = "length"
+        for _ in range(sampling.max_tokens):
+            if sample:  # drawn before the step, as the decode step does
+                noise = draw_noise(torch.empty_like(stream.next_logits), generator)
+            yield _Decode(stream, token)
+            conversation.record([token])  # fed by the engine's step
+            usage.completion_tokens += 1
+            if token in self.stop_token_ids:
+                finish_reason = "stop"
+                break
+            delta = text.push(token)
+            if delta:
+                job.emit(TextDelta(delta))
+            if text.stopped:
+                finish_reason = "stop"
+                break
+            if job.cancelled:
+                self.cancelled_requests += 1
+                return None
+            token = int(choose_tokens(stream.next_logits, temperature, noise, nucleus)[0])
+        if rest := text.flush():
+            job.emit(TextDelta(rest))
+        return Finished(finish_reason, usage)
+
+    def _generate_alone(self, job: Job, conversation: Conversation, usage: Usage):
+        """_generate with batch_decode off: the stream's own generate() (its StaticDecodeStep,
+        a CUDA graph on a GPU), one `yield` per token."""
         sampling = job.sampling
         generator = torch.Generator(device=self._device)
         if sampling.seed is None:
@@ -273,6 +348,21 @@ class Engine:
                            code="context_length_exceeded")
         return ids
 
+
+class _Slot:
+    """A job in progress: its steps, and the _Decode it waits on (None: its next step is its
+    own). Compared by identity."""
+    __slots__ = ("job", "steps", "pending")
+
+    def __init__(self, job: Job, steps: Iterator) -> None:
+        self.job, self.steps, self.pending = job, steps, None
+
+
+@dataclass(frozen=True, eq=False)
+class _Decode:
+    """A generating job's request to the engine: feed `token` to `stream`."""
+    stream: LambdaStream
+    token: int
 
 def _end_of_turn_ids(model, tokenizer) -> frozenset[int]:
     """The tokens that end a reply: the tokenizer's EOS and the generation config's (often
