@@ -2,7 +2,9 @@
 
 There is one model, so its compute is serialised; a scheduler over the requests in progress
 gives each, in turn, one step (a piece of its prompt or one generated token), so that many
-clients progress together and a long prompt does not stall the others for long. The worker
+clients progress together and a long prompt does not stall the others for long. With
+batch_decode (continuous batching), the generated tokens of one round are one forward for all
+generating requests (streaming.decode_rows), each reading its own conversation's cache. The worker
 thread is the only user of the model, the tokenizer and the conversation store: they need
 no lock. Requests talk to it through a Job: events come back on the job's asyncio queue.
 """
@@ -213,8 +215,9 @@ class Engine:
         for slot in decoding:
             self._advance(active, slot)
 
-    def _steps(self, job: Job) -> Iterator[None]:
-        """The job's work, one step per `yield`; every event it sends, in order."""
+    def _steps(self, job: Job) -> Iterator[_Decode | None]:
+        """The job's work, one step per `yield` (a _Decode: a token for the engine's batched
+        decode step; None: a step done here); every event it sends, in order."""
         try:
             prompt = self._prompt_ids(job.prompt)
         except APIError as error:
