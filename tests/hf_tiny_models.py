@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+    Gemma3ForCausalLM, Gemma3TextConfig, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
     Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
@@ -50,8 +50,36 @@ def _phi3():
     return Phi3ForCausalLM(config)
 
 
+GEMMA3_SLIDING_WINDOW = 7  # below TRAINING_LENGTH: the sliding layers wrap inside the Λ window
+
+
+def _gemma3():
+    # Sliding layers 0 and 2 (local RoPE base), a full layer 1 with linearly scaled global RoPE;
+    # query_pre_attn_scalar != head_dim so that the model's own scaling is checked; QK-norm.
+    rope = {"full_attention": dict(rope_type="linear", rope_theta=1000000.0, factor=2.0),
+            "sliding_attention": dict(rope_type="default", rope_theta=10000.0)}
+    config = Gemma3TextConfig(**{**_SIZES, "num_hidden_layers": 3}, head_dim=16, query_pre_attn_scalar=24,
+                              max_position_embeddings=TRAINING_LENGTH, sliding_window=GEMMA3_SLIDING_WINDOW,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                              rope_parameters=rope, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return Gemma3ForCausalLM(config)
+
+
+def _gpt_neox(rotary_pct: float, parallel_residual: bool):
+    def builder():
+        config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=TRAINING_LENGTH,
+                               rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                    partial_rotary_factor=rotary_pct),
+                               use_parallel_residual=parallel_residual, tie_word_embeddings=False)
+        return GPTNeoXForCausalLM(config)
+    return builder
+
+
 BUILDERS = {"llama": _llama, "llama3-scaled": _llama3_scaled, "mistral": _mistral,
-            "qwen2-yarn": _qwen2_yarn, "qwen3": _qwen3, "phi3-partial": _phi3}
+            "qwen2-yarn": _qwen2_yarn, "qwen3": _qwen3, "phi3-partial": _phi3, "gemma3": _gemma3,
+            # Pythia's partial rotary (25% of each head) and parallel residual; and the other way.
+            "gpt-neox": _gpt_neox(0.25, True), "gpt-neox-full-rotary": _gpt_neox(1.0, False)}
 
 
 def build(name: str, seed: int = 0) -> torch.nn.Module:
@@ -73,14 +101,15 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     from lm_infinite.reference import lambda_attention_reference
 
     state = module._lm_infinite
+    rule = state.layer(module.layer_idx)  # Gemma 3's sliding layers: G = 0, L = their window
     top_k = {}
     if state.uses_top_k(module.layer_idx):
         top_k = dict(top_k=state.top_k, top_k_distance=state.top_k_distance,
                      top_k_first_row=state.top_k_first_row(query.shape[-2]))
     out = lambda_attention_reference(
-        query.double(), key.double(), value.double(), state.inv_freq, n_global=state.n_global,
-        n_local=state.n_local, distance_cap=state.distance_cap,
-        scale=scaling * state.attention_scaling**2, **top_k,
+        query.double(), key.double(), value.double(), rule.inv_freq, n_global=rule.n_global,
+        n_local=rule.n_local, distance_cap=rule.distance_cap,
+        scale=scaling * rule.attention_scaling**2, **top_k,
     )
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 

@@ -41,10 +41,11 @@ def lambda_attention_forward(
     lminf_context: the forward's ForwardContext (hf/state.py), put in the forward's keywords
     by the decoder's hook; transformers passes it on to here."""
     state = module._lm_infinite
+    rule = state.layer(module.layer_idx)  # this layer's window and RoPE
     context = lminf_context or _NO_CONTEXT
-    inv_freq = state.inv_freq_on(query.device)
-    scale = (module.scaling if scaling is None else scaling) * state.attention_scaling**2
-    settings = dict(distance_cap=state.distance_cap, scale=scale)
+    inv_freq = rule.inv_freq_on(query.device)
+    scale = (module.scaling if scaling is None else scaling) * rule.attention_scaling**2
+    settings = dict(distance_cap=rule.distance_cap, scale=scale)
     cache = context.cache
     n_query, n_key = query.shape[-2], key.shape[-2]
     if state.uses_top_k(module.layer_idx):
@@ -59,7 +60,7 @@ def lambda_attention_forward(
     elif n_key == n_query and "top_k" not in settings:
         # No cache, or a fresh one: the whole sequence, row t of sequence b at t - padding[b].
         out = ops.lambda_attention(
-            query, key, value, inv_freq, n_global=state.n_global, n_local=state.n_local,
+            query, key, value, inv_freq, n_global=rule.n_global, n_local=rule.n_local,
             padding=padding, **settings,
         )
     else:
@@ -69,19 +70,23 @@ def lambda_attention_forward(
         # store for top-k (the chunk's own keys are candidates too, so a cacheless forward with
         # top-k also lands here, with past = 0).
         past = n_key - n_query
-        positions = torch.arange(past, dtype=torch.int64, device=key.device)
-        query_start = past
+        # A sliding-window layer of a standard cache (transformers' DynamicSlidingWindowLayer,
+        # for Gemma 3's sliding layers) returns only the last keys: they start at column
+        # `first`, the columns it has seen minus those it returned.
+        first = 0 if cache is None else max(0, cache.get_seq_length(module.layer_idx) - n_key)
+        positions = torch.arange(first, first + past, dtype=torch.int64, device=key.device)
+        query_start = first + past
         sequence = None if context.mask_padding is None else context.mask_padding.sequence
         if sequence is not None:
             positions = positions - sequence[:, None]
             positions = positions.masked_fill(positions < 0, -1)  # [batch, past]
-            query_start = (past - sequence).clamp(min=0)  # each sequence's first real chunk row
+            query_start = (query_start - sequence).clamp(min=0)  # each sequence's first real chunk row
         past_k, past_v = key[:, :, :past], value[:, :, :past]
         if "top_k" in settings:
             settings.update(middle_k=past_k, middle_v=past_v, middle_positions=positions)
         out = ops.lambda_attention_chunk(
             query, key[:, :, past:], value[:, :, past:], past_k, past_v,
-            positions, query_start, inv_freq, n_global=state.n_global, n_local=state.n_local,
+            positions, query_start, inv_freq, n_global=rule.n_global, n_local=rule.n_local,
             padding=padding, **settings,
         )
     return out.transpose(1, 2).contiguous(), None

@@ -23,6 +23,8 @@ class LambdaLayer(CacheLayerMixin):
     """
 
     is_compileable = False
+    # A sliding layer of the model (Gemma 3) is a LambdaLayer with n_global = 0 too; transformers
+    # only reads this to size masks, which the LM-Infinite attention does not use.
     is_sliding = False
 
     def __init__(self, n_global: int, n_local: int, keep_middle: bool = False,
@@ -81,8 +83,9 @@ class LambdaCache(Cache):
         state = state_of(model)
         self.settings = state.settings  # checked against the model's at each forward
         middle = dict(kind=state.top_k_store, **dict(state.top_k_store_options))
-        super().__init__(layers=[LambdaLayer(state.n_global, state.n_local, state.uses_top_k(i), middle)
-                                 for i in range(state.num_layers)])
+        rules = [state.layer(i) for i in range(state.num_layers)]
+        super().__init__(layers=[LambdaLayer(rule.n_global, rule.n_local, state.uses_top_k(i), middle)
+                                 for i, rule in enumerate(rules)])
 
     def allocate(self, batch: int, n_heads_kv: int, head_dim: int, dtype: torch.dtype, device) -> None:
         """Allocate every layer's ring for `batch` sequences now, instead of at the first forward

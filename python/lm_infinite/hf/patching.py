@@ -10,11 +10,11 @@ from torch import nn
 
 from .attention import ATTENTION_NAME
 from .cache import LambdaCache
-from .families import decoder_of
+from .families import attention_of, decoder_of, sliding_layers
 from .padding import padding_from_mask
 from .rotary import UnrotatedRotaryEmbedding
 from .settings import LambdaSettings, settings_from_keywords, top_k_defaults
-from .state import CONTEXT_KEYWORD, ForwardContext, LambdaState, state_of
+from .state import CONTEXT_KEYWORD, ForwardContext, LambdaState, LayerRule, state_of
 from .tensor_parallel import check_head_split
 
 __all__ = ["enable", "disable", "cache_argument_name", "top_k_defaults"]
@@ -56,10 +56,11 @@ def enable(model: nn.Module, settings: LambdaSettings | None = None, *, preset: 
 
     _own_config(model)
     rotary = UnrotatedRotaryEmbedding(decoder.rotary_emb)
-    state = LambdaState(resolved, inv_freq=rotary.inv_freq, attention_scaling=rotary.attention_scaling)
+    state = LambdaState(resolved, inv_freq=rotary.inv_freq, attention_scaling=rotary.attention_scaling,
+                        layers=_layer_rules(model.config, resolved, rotary, len(decoder.layers)))
     decoder.rotary_emb = rotary
     for layer in decoder.layers:
-        layer.self_attn._lm_infinite = state
+        attention_of(layer)._lm_infinite = state
     state.previous_attn_implementation = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     state.hooks = (decoder.register_forward_pre_hook(_binder(state, cache_argument_name(decoder)),
@@ -74,7 +75,7 @@ def disable(model: nn.Module) -> nn.Module:
     decoder = decoder_of(model)
     decoder.rotary_emb = decoder.rotary_emb.original
     for layer in decoder.layers:
-        del layer.self_attn._lm_infinite
+        del attention_of(layer)._lm_infinite
     for hook in state.hooks:
         hook.remove()
     model.set_attn_implementation(state.previous_attn_implementation)
@@ -82,6 +83,22 @@ def disable(model: nn.Module) -> nn.Module:
     if model is not decoder:
         del model._lm_infinite
     return model
+
+
+def _layer_rules(config, settings, rotary: UnrotatedRotaryEmbedding, n_layers: int) -> tuple:
+    """One LayerRule per layer: the layers the model restricts to a sliding window keep it
+    (G = 0, L = window); the others follow `settings`. Each rotates with its layer type's RoPE."""
+    windows = sliding_layers(config)
+    layer_types = getattr(config, "layer_types", None) or [None] * n_layers
+    rules = []
+    for i in range(n_layers):
+        inv_freq, scaling = rotary.frequencies(layer_types[i])
+        if i in windows:
+            rules.append(LayerRule(0, windows[i], windows[i], inv_freq, scaling, sliding=True))
+        else:
+            rules.append(LayerRule(settings.n_global, settings.n_local, settings.distance_cap,
+                                   inv_freq, scaling))
+    return tuple(rules)
 
 
 def _own_config(model: nn.Module) -> None:

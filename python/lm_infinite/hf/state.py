@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache
 from .padding import ForwardPadding
 from .settings import ResolvedSettings
 
-__all__ = ["CONTEXT_KEYWORD", "ForwardContext", "LambdaState", "state_of"]
+__all__ = ["CONTEXT_KEYWORD", "ForwardContext", "LambdaState", "LayerRule", "state_of"]
 
 # The forward keyword that carries the ForwardContext down to the attention function.
 CONTEXT_KEYWORD = "lminf_context"
@@ -40,22 +40,21 @@ class ForwardContext:
 
 
 @dataclass
-class LambdaState:
-    settings: ResolvedSettings
-    # float32 [rotary_dim / 2], the model's RoPE frequencies at its training length.
+class LayerRule:
+    """What one layer attends to and how it rotates. A Λ layer: the settings' n_global,
+    n_local and distance_cap. A layer the model itself restricts to a sliding window (Gemma
+    3's sliding layers, `sliding`): n_global = 0 and n_local = its window, which is plain
+    causal sliding-window attention, without top-k. inv_freq and attention_scaling are the
+    layer's own RoPE (Gemma 3 rotates its sliding layers with another base)."""
+    n_global: int
+    n_local: int
+    distance_cap: int
+    # float32 [rotary_dim / 2], the layer's RoPE frequencies at the model's training length.
     inv_freq: torch.Tensor
     # Scaled RoPE multiplies cos and sin by this; every score carries its square.
     attention_scaling: float
-    # What `disable` restores.
-    previous_attn_implementation: str | None = None
-    hooks: tuple = ()
+    sliding: bool = False
     _inv_freq_by_device: dict = field(default_factory=dict, repr=False)
-
-    def __getattr__(self, name: str):
-        # The settings' fields read as the state's own (state.n_local, state.top_k, ...).
-        if name.startswith("_") or name == "settings":
-            raise AttributeError(name)
-        return getattr(self.settings, name)
 
     def inv_freq_on(self, device: torch.device) -> torch.Tensor:
         """inv_freq on `device`, copied once per device (it is not a buffer, so that
@@ -63,6 +62,35 @@ class LambdaState:
         if device not in self._inv_freq_by_device:
             self._inv_freq_by_device[device] = self.inv_freq.to(device)
         return self._inv_freq_by_device[device]
+
+
+@dataclass
+class LambdaState:
+    settings: ResolvedSettings
+    # float32 [rotary_dim / 2], the model's RoPE frequencies at its training length (of its
+    # full-attention layers, where layer types differ).
+    inv_freq: torch.Tensor
+    # Scaled RoPE multiplies cos and sin by this; every score carries its square.
+    attention_scaling: float
+    # One LayerRule per decoder layer (what its attention and its cache layer follow).
+    layers: tuple = ()
+    # What `disable` restores.
+    previous_attn_implementation: str | None = None
+    hooks: tuple = ()
+
+    def __getattr__(self, name: str):
+        # The settings' fields read as the state's own (state.n_local, state.top_k, ...).
+        if name.startswith("_") or name in ("settings", "layers"):
+            raise AttributeError(name)
+        return getattr(self.settings, name)
+
+    def layer(self, layer_idx: int) -> LayerRule:
+        """The rule of decoder layer `layer_idx`."""
+        return self.layers[layer_idx]
+
+    def uses_top_k(self, layer_idx: int) -> bool:
+        """Top-k middle attention applies to Λ layers from the settings' first layer on."""
+        return self.settings.uses_top_k(layer_idx) and not self.layer(layer_idx).sliding
 
 
 def state_of(model) -> LambdaState:

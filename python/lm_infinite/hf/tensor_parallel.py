@@ -38,7 +38,9 @@ def check_head_split(model: nn.Module) -> None:
     if n_ranks == 1:
         return
     plan = getattr(model, "tp_plan", None) or {}
-    if not any(".self_attn." in key and style in _HEAD_SHARDING_STYLES for key, style in plan.items()):
+    attention_keys = (".self_attn.", ".attention.")  # GPT-NeoX: layers.*.attention.query_key_value
+    if not any(any(name in key for name in attention_keys) and style in _HEAD_SHARDING_STYLES
+               for key, style in plan.items()):
         return  # attention replicated on every rank: nothing is split
     config = model.config
     n_heads = config.num_attention_heads
