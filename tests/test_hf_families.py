@@ -67,7 +67,8 @@ def test_defaults_come_from_training_length():
     ids=["gpt2-absolute", "bloom-alibi"],
 )
 def test_non_rope_models_are_rejected_naming_supported_families(model):
-    with pytest.raises(lminf_hf.UnsupportedModelError, match="llama, mistral, qwen2, qwen3, phi3, gemma3_text, gpt_neox"):
+    with pytest.raises(lminf_hf.UnsupportedModelError,
+                       match="llama, mistral, qwen2, qwen3, phi3, gemma3_text, gpt_neox"):
         lminf_hf.enable(model())
 
 
