@@ -43,7 +43,8 @@ def test_gemma3_sliding_layers_keep_their_window_and_local_rope():
     state = model._lm_infinite
     sliding, full = state.layer(0), state.layer(1)
     assert (sliding.n_global, sliding.n_local, sliding.sliding) == (0, GEMMA3_SLIDING_WINDOW, True)
-    assert (full.n_global, full.n_local, full.distance_cap, full.sliding) == (N_GLOBAL, N_LOCAL, N_LOCAL, False)
+    assert (full.n_global, full.n_local, full.distance_cap) == (N_GLOBAL, N_LOCAL, N_LOCAL)
+    assert not full.sliding
     rotary = model.model.rotary_emb.original
     torch.testing.assert_close(sliding.inv_freq, rotary.sliding_attention_inv_freq.float())
     torch.testing.assert_close(full.inv_freq, rotary.full_attention_inv_freq.float())
@@ -75,6 +76,13 @@ def test_gemma3_with_every_window_at_least_the_sequence_is_the_stock_model_with_
         expected = torch.cat([stock(ids[:, i:i + 5], **_cache_kwargs(stock, cache)).logits
                               for i in range(0, ids.shape[1], 5)], 1)
     torch.testing.assert_close(_feed(enabled, ids, 5, lminf_hf.LambdaCache(enabled)), expected, **TOL)
+
+
+def test_bidirectional_gemma3_is_refused():
+    model = build("gemma3")
+    model.config.use_bidirectional_attention = True
+    with pytest.raises(lminf_hf.UnsupportedModelError, match="use_bidirectional_attention"):
+        lminf_hf.enable(model)
 
 
 def test_gpt_neox_rotates_only_its_rotary_fraction():

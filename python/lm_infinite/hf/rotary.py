@@ -41,7 +41,8 @@ class UnrotatedRotaryEmbedding(nn.Module):
         else:
             self._by_type = {None: _frequencies(original)}
         # The model-wide (full-attention) frequencies.
-        self.inv_freq, self.attention_scaling = self._by_type.get("full_attention", next(iter(self._by_type.values())))
+        model_wide = self._by_type.get("full_attention", next(iter(self._by_type.values())))
+        self.inv_freq, self.attention_scaling = model_wide
         self.rotary_dim = 2 * self.inv_freq.numel()
 
     def frequencies(self, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
