@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 import lm_infinite.hf as lminf_hf
 from hf_tiny_models import GEMMA3_SLIDING_WINDOW, TRAINING_LENGTH, VOCAB, build, reference_logits
-from lm_infinite.streaming import LambdaStream
+from lm_infinite.streaming import LambdaStream, decode_rows
 
 FAMILIES = ["gemma3", "gpt-neox", "gpt-neox-full-rotary"]
 N_GLOBAL, N_LOCAL = 2, 10
@@ -204,3 +204,32 @@ def test_stream_fed_a_list_gives_each_sequence_its_logits_and_tokens_alone(model
         alone = LambdaStream(model, chunk_size=chunk_size)
         torch.testing.assert_close(batched[b], alone.feed(prompt[None])[0], **TOL)
         assert [step[b] for step in steps] == list(alone.generate(N_LOCAL))
+
+
+# --- saved streams and batched decode rows (the server's paths) --------------------------------
+
+def test_a_saved_stream_continues_bit_identically(model, tmp_path):
+    kept = LambdaStream(model, chunk_size=7)
+    kept.feed(_ids(4 * N_LOCAL + 3, batch=1))
+    kept.save(tmp_path / "s.lminf")
+    loaded = LambdaStream.load(tmp_path / "s.lminf", model)
+    more = _ids(9, batch=1, seed=4)
+    assert torch.equal(kept.feed(more), loaded.feed(more))
+    assert list(kept.generate(N_LOCAL)) == list(loaded.generate(N_LOCAL))
+
+
+def test_decode_rows_of_different_streams_each_continue_their_own(model):
+    alone = []
+    for length in (5, 3 * N_LOCAL + 1, 12):
+        stream = LambdaStream(model, chunk_size=8)
+        stream.feed(_ids(length, batch=1, seed=length))
+        alone.append(stream)
+    batched = [stream.fork() for stream in alone]
+    expected = [list(stream.generate(N_LOCAL)) for stream in alone]
+    tokens = [int(stream.next_logits.argmax()) for stream in batched]
+    got = [[] for _ in alone]
+    for _ in range(N_LOCAL):
+        for row, token in zip(got, tokens):
+            row.append(token)
+        tokens = decode_rows(batched, tokens).argmax(dim=-1).tolist()
+    assert got == expected
