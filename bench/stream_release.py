@@ -25,8 +25,9 @@ from lm_infinite.models import load_model
 from lm_infinite.streaming import LambdaStream
 from stream_memory import rss_mib
 
-SERIES = {"compiled step": dict(settings={}, compile=True),
-          "retrieval preset (top-k, paged store)": dict(settings={"preset": "retrieval"}, compile=False)}
+# The compiled decode step; the retrieval preset (top-k middle attention, paged store: eager).
+SERIES = {"compiled": dict(settings={}, compile=True),
+          "top-k-retrieval": dict(settings={"preset": "retrieval"}, compile=False)}
 
 
 def run_series(model, ids, name: str, streams: int, generate: int, chunk_size: int, n_local: int) -> dict:
