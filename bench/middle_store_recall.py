@@ -36,7 +36,7 @@ from lm_infinite.hf.families import decoder_of, training_length
 from lm_infinite.models import load_model
 from lm_infinite.paged_middle import PagedMiddleStore
 from lm_infinite.streaming import LambdaStream
-from lm_infinite.top_k_rows import _rotate
+from lm_infinite.reference import apply_rotary
 
 N_GLOBAL, BLOCK_SIZE = 10, 64
 
@@ -93,7 +93,7 @@ def layer_recall(keys, queries, inv_freq, *, n_local, top_k, top_k_distance, blo
     group = heads_q // heads_kv
     stored = n_tokens - rows  # the store holds the tokens before the query rows
     first = stored             # position of the first query row
-    placed = _rotate(queries, torch.full((rows,), top_k_distance), inv_freq)  # [heads_q, rows, d]
+    placed = apply_rotary(queries, torch.full((rows,), top_k_distance), inv_freq)  # [heads_q, rows, d]
     middle = keys[:, :stored]
     scores = torch.einsum("hgrd,hnd->hgrn", placed.reshape(heads_kv, group, rows, head_dim),
                           middle).reshape(heads_q, rows, stored)

@@ -91,18 +91,23 @@ Status validate(const LambdaAttentionParams& p) {
   if (!empty && p.cache_len > 0 &&
       (p.cache_k.data == nullptr || p.cache_v.data == nullptr || p.cache_positions.data == nullptr))
     return invalid("cache_k, cache_v and cache_positions must not be null when cache_len > 0");
-  LMINF_RETURN_IF_ERROR(check_range("top_k", p.top_k, 0));
-  if (p.top_k > 0) {
-    LMINF_RETURN_IF_ERROR(check_range("top_k_distance", p.top_k_distance, 0));
-    LMINF_RETURN_IF_ERROR(check_range("top_k_first_row", p.top_k_first_row, 0));
-    LMINF_RETURN_IF_ERROR(check_range("middle_len", p.middle_len, 0));
-    LMINF_RETURN_IF_ERROR(check_positions_stride("middle_positions.batch_stride",
-                                                 p.middle_positions.batch_stride, p.middle_len));
-    if (!empty && p.middle_len > 0 &&
-        (p.middle_k.data == nullptr || p.middle_v.data == nullptr ||
-         p.middle_positions.data == nullptr))
-      return invalid("middle_k, middle_v and middle_positions must not be null when middle_len > 0");
-  }
+  return Status::Ok();
+}
+
+Status validate(const LambdaAttentionParams& p, const TopKMiddleParams& m) {
+  LMINF_RETURN_IF_ERROR(validate(p));
+  LMINF_RETURN_IF_ERROR(check_range("top_k", m.top_k, 0));
+  if (m.top_k == 0) return Status::Ok();  // plain Λ attention: the store is not read
+  LMINF_RETURN_IF_ERROR(check_range("top_k_distance", m.top_k_distance, 0));
+  LMINF_RETURN_IF_ERROR(check_range("top_k_first_row", m.top_k_first_row, 0));
+  LMINF_RETURN_IF_ERROR(check_range("middle_len", m.middle_len, 0));
+  LMINF_RETURN_IF_ERROR(check_positions_stride("middle_positions.batch_stride",
+                                               m.middle_positions.batch_stride, m.middle_len));
+  const bool empty = p.batch == 0 || p.n_queries == 0;
+  if (!empty && m.middle_len > 0 &&
+      (m.middle_k.data == nullptr || m.middle_v.data == nullptr ||
+       m.middle_positions.data == nullptr))
+    return invalid("middle_k, middle_v and middle_positions must not be null when middle_len > 0");
   return Status::Ok();
 }
 

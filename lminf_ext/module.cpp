@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "lminf/version.h"
+#include "op_impls.h"
 
 namespace {
 
@@ -49,9 +50,27 @@ pybind11::dict build_info() {
   return info;
 }
 
+// The checks of lminf::lambda_attention_chunk_top_k (raising its errors), without running it:
+// what its CUDA implementation, composed in Python (lm_infinite.ops), calls first.
+void check_lambda_attention_chunk_top_k(
+    const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+    const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+    const torch::Tensor& cache_positions, const torch::Tensor& query_start,
+    const torch::Tensor& inv_freq, int64_t n_global, int64_t n_local, int64_t distance_cap,
+    double scale, const torch::Tensor& middle_k, const torch::Tensor& middle_v,
+    const torch::Tensor& middle_positions, int64_t top_k, int64_t top_k_distance,
+    int64_t top_k_first_row, const std::optional<torch::Tensor>& padding) {
+  lminf_ext::lambda_attention_chunk_top_k_inputs(
+      q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, n_global, n_local,
+      distance_cap, scale, middle_k, middle_v, middle_positions, top_k, top_k_distance,
+      top_k_first_row, padding);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lm-infinite compiled extension: registers torch.ops.lminf";
   m.def("build_info", &build_info, "Version, compiled backends, compiler, CUDA version and archs");
+  m.def("check_lambda_attention_chunk_top_k", &check_lambda_attention_chunk_top_k,
+        "Raises lminf::lambda_attention_chunk_top_k's error for these arguments, if any");
 }

@@ -21,20 +21,35 @@ torch::Tensor lambda_attention_chunk(const torch::Tensor& q, const torch::Tensor
                                      const torch::Tensor& query_start,
                                      const torch::Tensor& inv_freq, int64_t n_global,
                                      int64_t n_local, int64_t distance_cap, double scale,
-                                     const std::optional<torch::Tensor>& middle_k,
-                                     const std::optional<torch::Tensor>& middle_v,
-                                     const std::optional<torch::Tensor>& middle_positions,
-                                     int64_t top_k, int64_t top_k_distance,
-                                     int64_t top_k_first_row,
                                      const std::optional<torch::Tensor>& padding) {
   const char* op = "lminf::lambda_attention_chunk";
   AttentionInputs in = make_attention_inputs(op, q, k, v, cache_k, cache_v, cache_positions,
                                              query_start, inv_freq, n_global, n_local,
                                              distance_cap, scale, padding);
-  attach_middle_store(op, in, middle_k, middle_v, middle_positions, top_k, top_k_distance,
-                      top_k_first_row);
   launch(op, in);
   return in.out;
+}
+
+// lambda_attention_chunk_top_k's arguments, checked (the glue's structure checks and the core's
+// validate) and converted: what its CPU kernel runs on, and what the Python composition that
+// serves CUDA calls first (lm_infinite._C.check_lambda_attention_chunk_top_k), so both
+// refuse the same inputs with the same messages.
+inline AttentionInputs lambda_attention_chunk_top_k_inputs(
+    const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+    const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+    const torch::Tensor& cache_positions, const torch::Tensor& query_start,
+    const torch::Tensor& inv_freq, int64_t n_global, int64_t n_local, int64_t distance_cap,
+    double scale, const torch::Tensor& middle_k, const torch::Tensor& middle_v,
+    const torch::Tensor& middle_positions, int64_t top_k, int64_t top_k_distance,
+    int64_t top_k_first_row, const std::optional<torch::Tensor>& padding) {
+  const char* op = "lminf::lambda_attention_chunk_top_k";
+  AttentionInputs in = make_attention_inputs(op, q, k, v, cache_k, cache_v, cache_positions,
+                                             query_start, inv_freq, n_global, n_local,
+                                             distance_cap, scale, padding);
+  attach_middle_store(op, in, middle_k, middle_v, middle_positions, top_k, top_k_distance,
+                      top_k_first_row);
+  check_status(op, lminf::validate(in.params, in.top_k));
+  return in;
 }
 
 template <AttentionLauncher launch>

@@ -11,11 +11,6 @@ namespace lminf_ext {
 namespace {
 
 void attend_cuda(const char* op, AttentionInputs& in) {
-  require(in.params.top_k == 0, op, [] {
-    return std::string(
-        "top-k middle attention has no CUDA kernel yet; call lm_infinite.lambda_attention_chunk, "
-        "which composes it on CUDA, or pass top_k=0");
-  });
   // The workspace is sized from the params, so they are checked before it is allocated.
   check_status(op, lminf::validate(in.params));
   const c10::cuda::CUDAGuard guard(in.q.device());
@@ -32,6 +27,8 @@ void append_cuda(const char* op, AppendInputs& in) {
 
 }  // namespace
 
+// lambda_attention_chunk_top_k has no CUDA kernel here: lm_infinite.ops registers its CUDA
+// implementation (the plain kernel, then PyTorch ops for the top-k rows).
 TORCH_LIBRARY_IMPL(lminf, CUDA, m) {
   m.impl("lambda_attention", &lambda_attention<attend_cuda>);
   m.impl("lambda_attention_chunk", &lambda_attention_chunk<attend_cuda>);

@@ -295,34 +295,29 @@ AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
   return in;
 }
 
-void attach_middle_store(const char* op, AttentionInputs& in,
-                         const std::optional<torch::Tensor>& middle_k,
-                         const std::optional<torch::Tensor>& middle_v,
-                         const std::optional<torch::Tensor>& middle_positions, int64_t top_k,
-                         int64_t top_k_distance, int64_t top_k_first_row) {
-  lminf::LambdaAttentionParams& p = in.params;
-  p.top_k = top_k, p.top_k_distance = top_k_distance, p.top_k_first_row = top_k_first_row;
-  if (top_k <= 0) return;  // 0 disables the variant; a negative top_k is validate()'s to refuse
-  require(middle_k && middle_v && middle_positions, op,
-          [] { return std::string("top_k > 0 needs middle_k, middle_v and middle_positions"); });
+void attach_middle_store(const char* op, AttentionInputs& in, const torch::Tensor& middle_k,
+                         const torch::Tensor& middle_v, const torch::Tensor& middle_positions,
+                         int64_t top_k, int64_t top_k_distance, int64_t top_k_first_row) {
   const torch::Tensor& q = in.q;
-  check_4d(op, "middle_k", *middle_k, "[batch, heads_kv, slots, head_dim]");
-  check_like(op, "middle_k", *middle_k, q, "q");
-  check_like(op, "middle_v", *middle_v, q, "q");
-  check_dim(op, "middle_k", *middle_k, 0, q.size(0), "q.size(0), the batch");
-  check_dim(op, "middle_k", *middle_k, 1, in.k.size(1), "k.size(1), heads_kv");
-  check_dim(op, "middle_k", *middle_k, 3, q.size(3), "q.size(3), head_dim");
-  check_same_shape(op, "middle_v", *middle_v, "middle_k", *middle_k);
-  const int64_t slots = middle_k->size(2);
-  Strided positions = slot_positions(op, "middle_positions", *middle_positions, q.size(0), slots,
+  check_4d(op, "middle_k", middle_k, "[batch, heads_kv, slots, head_dim]");
+  check_like(op, "middle_k", middle_k, q, "q");
+  check_like(op, "middle_v", middle_v, q, "q");
+  check_dim(op, "middle_k", middle_k, 0, q.size(0), "q.size(0), the batch");
+  check_dim(op, "middle_k", middle_k, 1, in.k.size(1), "k.size(1), heads_kv");
+  check_dim(op, "middle_k", middle_k, 3, q.size(3), "q.size(3), head_dim");
+  check_same_shape(op, "middle_v", middle_v, "middle_k", middle_k);
+  const int64_t slots = middle_k.size(2);
+  Strided positions = slot_positions(op, "middle_positions", middle_positions, q.size(0), slots,
                                      q.device(), "one per middle slot");
-  in.middle_k = rows_contiguous(*middle_k);
-  in.middle_v = rows_contiguous(*middle_v);
+  in.middle_k = rows_contiguous(middle_k);
+  in.middle_v = rows_contiguous(middle_v);
   in.middle_positions = positions.tensor;
-  p.middle_k = strided_view<const void>(in.middle_k);
-  p.middle_v = strided_view<const void>(in.middle_v);
-  p.middle_positions = positions.view<const int64_t>();
-  p.middle_len = slots;
+  lminf::TopKMiddleParams& m = in.top_k;
+  m.middle_k = strided_view<const void>(in.middle_k);
+  m.middle_v = strided_view<const void>(in.middle_v);
+  m.middle_positions = positions.view<const int64_t>();
+  m.middle_len = slots;
+  m.top_k = top_k, m.top_k_distance = top_k_distance, m.top_k_first_row = top_k_first_row;
 }
 
 AppendInputs make_append_inputs(const torch::Tensor& cache_k, const torch::Tensor& cache_v,

@@ -19,6 +19,7 @@ struct AttentionInputs {
   torch::Tensor q, k, v, cache_k, cache_v, cache_positions, query_start, padding, inv_freq, out;
   torch::Tensor middle_k, middle_v, middle_positions;
   lminf::LambdaAttentionParams params;
+  lminf::TopKMiddleParams top_k;  // top_k == 0 unless attach_middle_store set it
 };
 
 AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
@@ -30,13 +31,11 @@ AttentionInputs make_attention_inputs(const char* op, const torch::Tensor& q,
                                       int64_t n_local, int64_t distance_cap, double scale,
                                       const std::optional<torch::Tensor>& padding);
 
-// Adds the optional top-k middle store to `in` (all three tensors given, or none when
-// top_k == 0).
-void attach_middle_store(const char* op, AttentionInputs& in,
-                         const std::optional<torch::Tensor>& middle_k,
-                         const std::optional<torch::Tensor>& middle_v,
-                         const std::optional<torch::Tensor>& middle_positions, int64_t top_k,
-                         int64_t top_k_distance, int64_t top_k_first_row);
+// Adds the top-k middle store to `in` (in.top_k), after checking the tensors against the
+// chunk's; the scalars' ranges are lminf::validate(params, top_k)'s.
+void attach_middle_store(const char* op, AttentionInputs& in, const torch::Tensor& middle_k,
+                         const torch::Tensor& middle_v, const torch::Tensor& middle_positions,
+                         int64_t top_k, int64_t top_k_distance, int64_t top_k_first_row);
 
 struct AppendInputs {
   torch::Tensor k, v, start_position, padding;

@@ -206,6 +206,8 @@ def row_positions(start, padding, batch, n):
 
 
 def run(op, case):
+    if op == "lambda_attention_chunk" and "top_k" in case:
+        op = "lambda_attention_chunk_top_k"  # the chunk with a middle store
     print(f"example {counts['examples']}: {op}({describe(case)})", file=sys.stderr, flush=True)
     counts["examples"] += 1
     try:

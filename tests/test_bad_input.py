@@ -135,14 +135,14 @@ def test_huge_top_k_chooses_every_candidate():
     args = dict(n_global=2, n_local=3, middle_k=middle_k, middle_v=middle_v,
                 middle_positions=torch.arange(2, 22))
     empty = torch.zeros(1, 1, 0, 32)
-    out = li.lambda_attention_chunk(q, k, v, empty, empty, torch.zeros(0, dtype=torch.int64), 22,
-                                    rope_inv_freq(32), top_k=2**60, top_k_distance=1, **args)
-    every = li.lambda_attention_chunk(q, k, v, empty, empty, torch.zeros(0, dtype=torch.int64), 22,
-                                      rope_inv_freq(32), top_k=25, top_k_distance=1, **args)
+    out = li.lambda_attention_chunk_top_k(q, k, v, empty, empty, torch.zeros(0, dtype=torch.int64), 22,
+                                          rope_inv_freq(32), top_k=2**60, top_k_distance=1, **args)
+    every = li.lambda_attention_chunk_top_k(q, k, v, empty, empty, torch.zeros(0, dtype=torch.int64), 22,
+                                            rope_inv_freq(32), top_k=25, top_k_distance=1, **args)
     torch.testing.assert_close(out, every)
     with pytest.raises(RuntimeError, match="top_k must be in \\[0, 2\\^62\\]"):
-        li.lambda_attention_chunk(q, k, v, empty, empty, torch.zeros(0, dtype=torch.int64), 22,
-                                  rope_inv_freq(32), top_k=2**63 - 1, top_k_distance=1, **args)
+        li.lambda_attention_chunk_top_k(q, k, v, empty, empty, torch.zeros(0, dtype=torch.int64), 22,
+                                        rope_inv_freq(32), top_k=2**63 - 1, top_k_distance=1, **args)
 
 
 def test_huge_head_dim_is_an_error_or_a_result_never_an_abort():
@@ -215,7 +215,8 @@ def batch_chunk_call(**kw):
                 cache_positions=torch.full((2, 6), -1), query_start=torch.tensor([0, 5]),
                 inv_freq=rope_inv_freq(32), padding=torch.tensor([1, 0]))
     args.update(kw)
-    return li.lambda_attention_chunk(**args, n_global=2, n_local=4)
+    attend = li.lambda_attention_chunk_top_k if "top_k" in args else li.lambda_attention_chunk
+    return attend(**args, n_global=2, n_local=4)
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lm_infinite as li
-from lm_infinite.ops import lambda_attention_chunk, ring_cache_append
+from lm_infinite.ops import lambda_attention_chunk, lambda_attention_chunk_top_k, ring_cache_append
 from lm_infinite.top_k_rows import top_k_rows_attention
 from helpers import rel_error, rope_inv_freq
 
@@ -281,9 +281,9 @@ def test_chunk_top_k_per_sequence_equals_each_sequence_alone(starts, n_new, padd
                top_k_distance=5)
     top_on = dict(top, middle_k=hk.to(device), middle_v=hv.to(device),
                   middle_positions=middle_positions.to(device))
-    out = lambda_attention_chunk(*on(device, q, k, v, ck, cv, cpos, qs, INV_FREQ), n_global=n_global,
-                                 n_local=n_local, padding=pad.to(device),
-                                 top_k_first_row=top_k_first_row, **top_on).cpu()
+    out = lambda_attention_chunk_top_k(*on(device, q, k, v, ck, cv, cpos, qs, INV_FREQ), n_global=n_global,
+                                       n_local=n_local, padding=pad.to(device),
+                                       top_k_first_row=top_k_first_row, **top_on).cpu()
     positions = chunk_positions(qs, pad, n_new)
     ref = reference(q, torch.cat([hk, k], 2), torch.cat([hv, v], 2), n_global=n_global,
                     n_local=n_local, query_positions=positions,
@@ -297,7 +297,7 @@ def test_chunk_top_k_per_sequence_equals_each_sequence_alone(starts, n_new, padd
         assert (out[b, :, :p] == 0).all() and (composed[b, :, :p] == 0).all()
         if p == n_new:
             continue
-        alone = lambda_attention_chunk(
+        alone = lambda_attention_chunk_top_k(
             *on(device, q[b:b + 1, :, real], k[b:b + 1, :, real], v[b:b + 1, :, real], ck[b:b + 1],
                 cv[b:b + 1], cpos[b]), starts[b], INV_FREQ.to(device), n_global=n_global,
             n_local=n_local, middle_k=hk[b:b + 1].to(device), middle_v=hv[b:b + 1].to(device),
@@ -399,6 +399,8 @@ def test_opcheck_with_padding_and_per_sequence_positions():
     torch.library.opcheck(torch.ops.lminf.lambda_attention,
                           (q, k, v, INV_FREQ, 2, 6, 6, 0.2, pad))
     torch.library.opcheck(torch.ops.lminf.lambda_attention_chunk,
+                          (q, k, v, ck, cv, cpos, qs, INV_FREQ, 2, 6, 6, 0.2, pad))
+    torch.library.opcheck(torch.ops.lminf.lambda_attention_chunk_top_k,
                           (q, k, v, ck, cv, cpos, qs, INV_FREQ, 2, 6, 6, 0.2, middle_k, middle_v,
                            middle_positions, 2, 3, 1, pad))
     torch.library.opcheck(torch.ops.lminf.ring_cache_append,

@@ -68,8 +68,8 @@ def test_top_k_candidates_count_as_seen():
     empty = torch.zeros(1, 1, 0, 32)
     args = dict(n_global=1, n_local=3, middle_k=middle_k, middle_v=middle_v,
                 middle_positions=torch.arange(1, 11), top_k=2, top_k_distance=2, top_k_first_row=1)
-    out = li.lambda_attention_chunk(q, k, v, empty, empty, torch.zeros(0, dtype=torch.int64), 11,
-                                    INV, **args)
+    out = li.lambda_attention_chunk_top_k(q, k, v, empty, empty, torch.zeros(0, dtype=torch.int64), 11,
+                                          INV, **args)
     ref = li.lambda_attention_reference(
         q.double(), k.double(), v.double(), INV, query_positions=torch.arange(11, 13),
         **{**args, "middle_k": middle_k.double(), "middle_v": middle_v.double()})

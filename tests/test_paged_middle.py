@@ -12,7 +12,7 @@ import torch
 from lm_infinite import ops
 from lm_infinite.cache import MiddleStore, RingKVCache
 from lm_infinite.paged_middle import PagedMiddleStore
-from lm_infinite.top_k_rows import _rotate
+from lm_infinite.reference import apply_rotary
 
 BATCH, HEADS_Q, HEADS_KV, DIM = 2, 6, 2, 16
 N_GLOBAL, N_LOCAL, TOP_K, DISTANCE = 3, 16, 4, 8
@@ -52,8 +52,8 @@ def _true_top_k_positions(store: MiddleStore, q, first_position):
     n = store.length
     group = HEADS_Q // HEADS_KV
     rows = q.shape[2]
-    placed = _rotate(q.reshape(BATCH, HEADS_KV, group, rows, DIM),
-                     torch.full((rows,), DISTANCE), INV_FREQ)
+    placed = apply_rotary(q.reshape(BATCH, HEADS_KV, group, rows, DIM),
+                          torch.full((rows,), DISTANCE), INV_FREQ)
     scores = placed @ store.k[:, :, None, :n].transpose(-1, -2)  # [b, kv, group, rows, n]
     positions = store.positions[0, :n]  # [batch, n]: every sequence alike here
     row_positions = first_position + torch.arange(rows)
@@ -80,8 +80,8 @@ def test_fetched_blocks_holding_the_true_top_k_give_the_exact_result():
                                      for p in wanted}))
         assert 0 < slots.numel() < store.n_blocks  # a real subset
         options = dict(top_k=TOP_K, top_k_distance=DISTANCE, n_global=N_GLOBAL, n_local=N_LOCAL)
-        subset = ops.lambda_attention_chunk(q, k, v, paged.k, paged.v, paged.positions, paged.n_seen,
-                                            INV_FREQ, **store.gather(slots), **options)
+        subset = ops.lambda_attention_chunk_top_k(q, k, v, paged.k, paged.v, paged.positions, paged.n_seen,
+                                                  INV_FREQ, **store.gather(slots), **options)
         torch.testing.assert_close(subset, _attend(exact, q, k, v), atol=1e-6, rtol=1e-6)
         paged.append(k, v)
 
@@ -93,7 +93,7 @@ def test_summary_bound_is_an_upper_bound_and_selection_keeps_visible_blocks():
     store = paged.middle
     q = next(_chunks([2], seed=3))[0]
     n = store.n_blocks
-    placed = _rotate(q.reshape(BATCH, HEADS_KV, HEADS_Q // HEADS_KV, 2, DIM), torch.full((2,), DISTANCE), INV_FREQ)
+    placed = apply_rotary(q.reshape(BATCH, HEADS_KV, HEADS_Q // HEADS_KV, 2, DIM), torch.full((2,), DISTANCE), INV_FREQ)
     bound = placed.clamp(min=0) @ store.kmax[:, :, None, :n].transpose(-1, -2) \
         + placed.clamp(max=0) @ store.kmin[:, :, None, :n].transpose(-1, -2)
     keys = store.k[:, :, :n]  # [b, kv, blocks, block, dim]
@@ -118,7 +118,7 @@ def test_max_middle_tokens_drops_the_oldest_whole_blocks():
         if history_k:
             oldest = int(store.block_start[: store.n_blocks].min())
             reference.append(torch.cat(history_k, 2)[:, :, oldest:], torch.cat(history_v, 2)[:, :, oldest:], oldest)
-        expected = ops.lambda_attention_chunk(
+        expected = ops.lambda_attention_chunk_top_k(
             q, k, v, paged.k, paged.v, paged.positions, paged.n_seen, INV_FREQ, n_global=N_GLOBAL,
             n_local=N_LOCAL, top_k=TOP_K, top_k_distance=DISTANCE, **reference.views())
         torch.testing.assert_close(_attend(paged, q, k, v), expected, atol=0, rtol=0)
@@ -187,9 +187,9 @@ def test_a_copied_store_is_independent():
 
 
 def _op_with(ring, q, k, v, middle):
-    return ops.lambda_attention_chunk(q, k, v, ring.k, ring.v, ring.positions, ring.n_seen, INV_FREQ,
-                                      top_k=TOP_K, top_k_distance=DISTANCE, n_global=N_GLOBAL,
-                                      n_local=N_LOCAL, **middle)
+    return ops.lambda_attention_chunk_top_k(q, k, v, ring.k, ring.v, ring.positions, ring.n_seen,
+                                            INV_FREQ, top_k=TOP_K, top_k_distance=DISTANCE,
+                                            n_global=N_GLOBAL, n_local=N_LOCAL, **middle)
 
 
 @pytest.mark.parametrize("top_k_blocks", [1, 2, 3, 40])

@@ -25,16 +25,31 @@ def chunk_samples():
     cache_k, cache_v = torch.randn(1, 3, 9, 64), torch.randn(1, 3, 9, 64)
     positions = torch.tensor([0, 1, 2, 93, 94, 95, 96, -1, 97])
     yield (q, k, v, cache_k, cache_v, positions, torch.tensor([98]), rope_inv_freq(64), 3, 5, 4, 0.1)
+    # A ragged batch: per-sequence starts and slot positions, padding.
+    q, k, v = random_qkv(2, 6, 3, 7, 64)
+    cache_k, cache_v = torch.randn(2, 3, 9, 64), torch.randn(2, 3, 9, 64)
+    positions = torch.tensor([[0, 1, 2, 93, 94, 95, 96, -1, 97], [0, 1, 2, 3, -1, -1, -1, -1, -1]])
+    yield (q, k, v, cache_k, cache_v, positions, torch.tensor([98, 4]), rope_inv_freq(64), 3, 5, 4,
+           0.1, torch.tensor([0, 3]))
+
+
+def chunk_top_k_samples():
+    q, k, v = random_qkv(1, 6, 3, 7, 64)
+    cache_k, cache_v = torch.randn(1, 3, 9, 64), torch.randn(1, 3, 9, 64)
+    positions = torch.tensor([0, 1, 2, 93, 94, 95, 96, -1, 97])
     middle_k, middle_v = torch.randn(1, 3, 90, 64), torch.randn(1, 3, 90, 64)
     yield (q, k, v, cache_k, cache_v, positions, torch.tensor([98]), rope_inv_freq(64), 3, 5, 4, 0.1,
            middle_k, middle_v, torch.arange(3, 93), 4, 2, 6)
+    # top_k = 0: the plain chunk, the store unread.
+    yield (q, k, v, cache_k, cache_v, positions, torch.tensor([98]), rope_inv_freq(64), 3, 5, 4, 0.1,
+           middle_k, middle_v, torch.arange(3, 93), 0, 2, 0)
     # A ragged batch: per-sequence starts, slot and middle positions, padding.
     q, k, v = random_qkv(2, 6, 3, 7, 64)
     cache_k, cache_v = torch.randn(2, 3, 9, 64), torch.randn(2, 3, 9, 64)
     positions = torch.tensor([[0, 1, 2, 93, 94, 95, 96, -1, 97], [0, 1, 2, 3, -1, -1, -1, -1, -1]])
     middle_k, middle_v = torch.randn(2, 3, 90, 64), torch.randn(2, 3, 90, 64)
     yield (q, k, v, cache_k, cache_v, positions, torch.tensor([98, 4]), rope_inv_freq(64), 3, 5, 4,
-           0.1, middle_k, middle_v, torch.stack([torch.arange(3, 93), torch.arange(-86, 4)]), 4, 2, 6,
+           0.1, middle_k, middle_v, torch.stack([torch.arange(3, 93), torch.arange(-86, 4)]), 4, 2, 0,
            torch.tensor([0, 3]))
 
 
@@ -56,6 +71,7 @@ def linear_samples():
 @pytest.mark.parametrize("op,samples", [
     (torch.ops.lminf.lambda_attention.default, attention_samples),
     (torch.ops.lminf.lambda_attention_chunk.default, chunk_samples),
+    (torch.ops.lminf.lambda_attention_chunk_top_k.default, chunk_top_k_samples),
     (torch.ops.lminf.ring_cache_append.default, append_samples),
     (torch.ops.lminf.decode_linear.default, linear_samples),
 ])

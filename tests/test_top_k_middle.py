@@ -72,8 +72,8 @@ def test_top_k_changes_only_the_chosen_rows():
     empty = dict(cache_k=k[:, :, :0], cache_v=v[:, :, :0], cache_positions=torch.empty(0, dtype=torch.int64))
     plain = li.lambda_attention(q, k, v, inv_freq, n_global=n_global, n_local=n_local)
     store = dict(middle_k=k[:, :, :0], middle_v=v[:, :, :0], middle_positions=torch.empty(0, dtype=torch.int64))
-    with_top_k = li.lambda_attention_chunk(q, k, v, query_start=0, inv_freq=inv_freq, n_global=n_global,
-                                           n_local=n_local, top_k=4, top_k_first_row=90, **empty, **store)
+    with_top_k = li.lambda_attention_chunk_top_k(q, k, v, query_start=0, inv_freq=inv_freq, n_global=n_global,
+                                                 n_local=n_local, top_k=4, top_k_first_row=90, **empty, **store)
     torch.testing.assert_close(with_top_k[:, :, :90], plain[:, :, :90], rtol=0, atol=0)
     assert (with_top_k[:, :, 90:] - plain[:, :, 90:]).abs().max() > 1e-3
     ref = li.lambda_attention_reference(q.double(), k.double(), v.double(), inv_freq, n_global=n_global,
@@ -113,6 +113,44 @@ def test_top_k_needs_a_middle_store():
     x = torch.randn(1, 1, 1, 8)
     with pytest.raises(ValueError, match="keep_middle=True"):
         cache.attend(x, x, x, rope_inv_freq(8), top_k=2)
-    with pytest.raises(RuntimeError, match="top_k > 0 needs middle_k"):
+    with pytest.raises(TypeError, match="middle_k"):
+        li.lambda_attention_chunk_top_k(x, x, x, cache.k, cache.v, cache.positions, 0, rope_inv_freq(8),
+                                        n_global=3, n_local=4, top_k=2)
+    with pytest.raises(TypeError, match="top_k"):  # the plain op has no top-k arguments
         li.lambda_attention_chunk(x, x, x, cache.k, cache.v, cache.positions, 0, rope_inv_freq(8),
                                   n_global=3, n_local=4, top_k=2)
+
+
+@pytest.mark.parametrize("first_row", [0, 4, 7, 9])
+def test_cuda_composition_agrees_with_the_cpu_kernel(first_row):
+    """The op's CUDA implementation (the plain kernel, then PyTorch ops for the top-k rows),
+    run here on CPU tensors, gives the CPU kernel's result; first_row 9 is past the chunk."""
+    from lm_infinite.ops import _lambda_attention_chunk_top_k_cuda
+
+    n_global, n_local = 3, 8
+    q, k, v = random_qkv(2, 6, 2, 7, 32)
+    cache_k, cache_v = torch.randn(2, 2, 11, 32), torch.randn(2, 2, 11, 32)
+    cache_positions = torch.tensor([0, 1, 2, 32, 33, 34, 35, 36, 37, 38, 39])
+    middle_k, middle_v = torch.randn(2, 2, 29, 32), torch.randn(2, 2, 29, 32)
+    args = (q, k, v, cache_k, cache_v, cache_positions, torch.tensor([40]), rope_inv_freq(32),
+            n_global, n_local, n_local, 32**-0.5, middle_k, middle_v, torch.arange(3, 32), 3, 4,
+            first_row, torch.tensor([2, 0]))
+    kernel = torch.ops.lminf.lambda_attention_chunk_top_k(*args)
+    composed = _lambda_attention_chunk_top_k_cuda(*args)
+    assert rel_error(composed, kernel) < 1e-5
+
+
+def test_cuda_composition_checks_as_the_glue_does():
+    """Its arguments are checked by the glue (the same message as the CPU kernel's)."""
+    from lm_infinite.ops import _lambda_attention_chunk_top_k_cuda
+
+    q, k, v = random_qkv(1, 2, 1, 3, 32)
+    empty = torch.zeros(1, 1, 0, 32)
+    middle = torch.zeros(1, 1, 4, 32)
+    for top_k, positions, message in ((1, torch.zeros(5, dtype=torch.int64), "middle_positions must be int64"),
+                                      (-1, torch.zeros(4, dtype=torch.int64), "top_k must be in")):
+        args = (q, k, v, empty, empty, torch.zeros(0, dtype=torch.int64), torch.tensor([9]),
+                rope_inv_freq(32), 2, 4, 4, 0.2, middle, middle, positions, top_k, 2, 0, None)
+        for run in (torch.ops.lminf.lambda_attention_chunk_top_k, _lambda_attention_chunk_top_k_cuda):
+            with pytest.raises(RuntimeError, match=f"lminf::lambda_attention_chunk_top_k: {message}"):
+                run(*args)

@@ -172,12 +172,13 @@ struct PartialStates {
 template <typename T>
 class LambdaAttentionCpu {
  public:
-  explicit LambdaAttentionCpu(const LambdaAttentionParams& p)
+  LambdaAttentionCpu(const LambdaAttentionParams& p, const TopKMiddleParams& m)
       : p_(p),
+        m_(m),
         group_(p.n_heads_q / p.n_heads_kv),
         max_query_start_(max_query_start(p)),
         // More than the candidates (the middle store and the chunk) would choose them all.
-        top_k_(std::min(p.top_k, p.middle_len + p.n_queries)),
+        top_k_(std::min(m.top_k, m.middle_len + p.n_queries)),
         dp_(round_up(p.head_dim, kVecWidth)),
         half_(p.rotary_dim / 2),
         whole_vectors_(p.head_dim == dp_ && half_ % kVecWidth == 0),
@@ -194,7 +195,7 @@ class LambdaAttentionCpu {
       const double angle = static_cast<double>(p.distance_cap) * p.inv_freq[f];
       global_cos_[f] = static_cast<float>(std::cos(angle));
       global_sin_[f] = static_cast<float>(std::sin(angle));
-      const double middle_angle = static_cast<double>(p.top_k_distance) * p.inv_freq[f];
+      const double middle_angle = static_cast<double>(m.top_k_distance) * p.inv_freq[f];
       middle_cos_[f] = static_cast<float>(std::cos(middle_angle));
       middle_sin_[f] = static_cast<float>(std::sin(middle_angle));
     }
@@ -347,7 +348,7 @@ class LambdaAttentionCpu {
                           base);
 
     if (top_k_ > 0 && part.with_chunk)
-      for (int64_t t = std::max(t0, p_.top_k_first_row); t < t1; ++t)
+      for (int64_t t = std::max(t0, m_.top_k_first_row); t < t1; ++t)
         attend_middle(ws, b, kv_head, t, t - t0);
 
     if (part.partials != nullptr) {
@@ -609,11 +610,11 @@ class LambdaAttentionCpu {
       }
     };
     // Candidates: the middle store (tokens before the chunk) and the chunk's own early tokens.
-    const int64_t* slot_positions = p_.middle_positions.of(b);
-    for (int64_t slot = 0; slot < p_.middle_len; ++slot) {
+    const int64_t* slot_positions = m_.middle_positions.of(b);
+    for (int64_t slot = 0; slot < m_.middle_len; ++slot) {
       if (middle.contains(slot_positions[slot]))
-        consider(p_.middle_k.as<const T>().at(b, kv_head, slot),
-                 p_.middle_v.as<const T>().at(b, kv_head, slot));
+        consider(m_.middle_k.as<const T>().at(b, kv_head, slot),
+                 m_.middle_v.as<const T>().at(b, kv_head, slot));
     }
     for (int64_t s = std::max(pad, middle.first - start); middle.contains(start + s); ++s) {
       const KeyRef<T> key = chunk_key(b, kv_head, s);
@@ -670,6 +671,7 @@ class LambdaAttentionCpu {
   }
 
   const LambdaAttentionParams& p_;
+  const TopKMiddleParams& m_;  // top_k == 0: no top-k rows
   const int64_t group_;
   // The largest query_start of the batch: bounds the relative offsets the rotary table holds.
   static int64_t max_query_start(const LambdaAttentionParams& p) {
@@ -680,7 +682,7 @@ class LambdaAttentionCpu {
   }
 
   const int64_t max_query_start_;
-  const int64_t top_k_;  // middle keys chosen per head: p.top_k, at most the candidates
+  const int64_t top_k_;  // middle keys chosen per head: m.top_k, at most the candidates
   const int64_t dp_;    // head_dim rounded up to whole vectors (zero padded)
   const int64_t half_;  // rotary_dim / 2
   const bool whole_vectors_;  // head_dim and half_ are multiples of kVecWidth
@@ -691,11 +693,12 @@ class LambdaAttentionCpu {
 };
 
 template <typename T>
-Status run_typed(const LambdaAttentionParams& params, int n_threads) {
+Status run_typed(const LambdaAttentionParams& params, const TopKMiddleParams& top_k,
+                 int n_threads) {
   // The only exceptions are allocation failures (the rotary table, the workspaces), all
   // raised before the parallel region.
   try {
-    LambdaAttentionCpu<T>(params).run(n_threads);
+    LambdaAttentionCpu<T>(params, top_k).run(n_threads);
   } catch (const std::bad_alloc&) {
     return Status::OutOfMemory("lambda_attention_cpu: cannot allocate the workspace for head_dim=" +
                                std::to_string(params.head_dim) + ", n_local=" +
@@ -724,18 +727,23 @@ Status validate_host_values(const LambdaAttentionParams& p) {
 }  // namespace
 }  // namespace cpu
 
-Status lambda_attention_cpu(const LambdaAttentionParams& params, int n_threads) {
-  Status status = validate(params);
+Status lambda_attention_top_k_cpu(const LambdaAttentionParams& params,
+                                  const TopKMiddleParams& top_k, int n_threads) {
+  Status status = validate(params, top_k);
   if (!status.ok()) return status;
   status = cpu::validate_host_values(params);
   if (!status.ok()) return status;
   if (params.batch == 0 || params.n_queries == 0) return Status::Ok();
   switch (params.dtype) {
-    case DType::kFloat32: return cpu::run_typed<float>(params, n_threads);
-    case DType::kBFloat16: return cpu::run_typed<bf16_t>(params, n_threads);
-    case DType::kFloat16: return cpu::run_typed<fp16_t>(params, n_threads);
+    case DType::kFloat32: return cpu::run_typed<float>(params, top_k, n_threads);
+    case DType::kBFloat16: return cpu::run_typed<bf16_t>(params, top_k, n_threads);
+    case DType::kFloat16: return cpu::run_typed<fp16_t>(params, top_k, n_threads);
   }
   return Status::Ok();
+}
+
+Status lambda_attention_cpu(const LambdaAttentionParams& params, int n_threads) {
+  return lambda_attention_top_k_cpu(params, TopKMiddleParams{}, n_threads);
 }
 
 }  // namespace lminf

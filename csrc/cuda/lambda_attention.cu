@@ -142,10 +142,6 @@ Status lambda_attention_cuda(const LambdaAttentionParams& params, void* workspac
   Status status = validate(params);
   if (!status.ok()) return status;
   if (params.batch == 0 || params.n_queries == 0) return Status::Ok();
-  if (params.top_k > 0)
-    return Status::Unsupported("lambda_attention_cuda: top_k=" + std::to_string(params.top_k) +
-                               " (top-k middle attention) has no CUDA kernel; pass top_k=0 or "
-                               "run on the CPU");
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   const cuda::AttentionPlan plan = cuda::plan_attention(params);
 

@@ -107,7 +107,6 @@ TEST(lambda_attention_cpu_names_the_bad_field) {
       {"n_global + n_local", [](Params& p) { p.n_global = p.n_local = lminf::kMaxPosition; }},
       {"distance_cap", [](Params& p) { p.distance_cap = INT64_MAX; }},
       {"cache_len", [](Params& p) { p.cache_len = INT64_MAX; }},
-      {"top_k", [](Params& p) { p.top_k = INT64_MAX; }},
       {"scale", [](Params& p) { p.scale = std::numeric_limits<float>::quiet_NaN(); }},
       {"scale", [](Params& p) { p.scale = std::numeric_limits<float>::infinity(); }},
       // Per-sequence layouts (issue #16): a start per sequence or one shared, slot rows that
@@ -121,13 +120,6 @@ TEST(lambda_attention_cpu_names_the_bad_field) {
          p.cache_k = p.cache_v = p.q;
          p.cache_positions.batch_stride = 3;
        }},
-      {"middle_positions.batch_stride must be 0 (shared by the batch) or in [2, 2^62]",
-       [](Params& p) {
-         p.top_k = 1;
-         p.middle_len = 2;
-         p.middle_k = p.middle_v = p.q;
-         p.middle_positions = {p.query_start.data, 1};
-       }},
   };
   for (const auto& [field, corrupt] : cases) {
     ValidAttention valid;
@@ -138,6 +130,40 @@ TEST(lambda_attention_cpu_names_the_bad_field) {
   }
   ValidAttention valid;
   CHECK_OK(lminf::lambda_attention_cpu(valid.params())) << "the unmodified problem is valid";
+}
+
+// The top-k entry point checks its own fields as well as the attention's.
+TEST(lambda_attention_top_k_cpu_names_the_bad_field) {
+  using TopK = lminf::TopKMiddleParams;
+  const std::vector<std::pair<std::string, std::function<void(TopK&, const void*)>>> cases = {
+      {"top_k", [](TopK& m, const void*) { m.top_k = INT64_MAX; }},
+      {"top_k", [](TopK& m, const void*) { m.top_k = -1; }},
+      {"top_k_distance", [](TopK& m, const void*) { m.top_k_distance = -1; }},
+      {"top_k_first_row", [](TopK& m, const void*) { m.top_k_first_row = INT64_MAX; }},
+      {"middle_k, middle_v and middle_positions must not be null",
+       [](TopK& m, const void*) { m.middle_len = 2; }},
+      {"middle_positions.batch_stride must be 0 (shared by the batch) or in [2, 2^62]",
+       [](TopK& m, const void* q) {
+         static const int64_t positions[4] = {};
+         m.middle_len = 2;
+         m.middle_k = m.middle_v = {q, 0, 0, 0};
+         m.middle_positions = {positions, 1};
+       }},
+  };
+  for (const auto& [field, corrupt] : cases) {
+    ValidAttention valid;
+    const lminf::LambdaAttentionParams params = valid.params();
+    TopK top_k;
+    top_k.top_k = 1;
+    corrupt(top_k, params.q.data);
+    expect_error(lminf::lambda_attention_top_k_cpu(params, top_k), StatusCode::kInvalidArgument,
+                 field, field);
+    CHECK(all_nan(valid.out)) << field << ": the output was written";
+  }
+  ValidAttention valid;
+  TopK top_k;
+  top_k.top_k = 1;
+  CHECK_OK(lminf::lambda_attention_top_k_cpu(valid.params(), top_k)) << "an empty store is valid";
 }
 
 // Values the CPU entry point reads from host memory: positions and frequencies.
@@ -190,9 +216,10 @@ TEST(lambda_attention_cpu_huge_window_and_top_k_are_results_not_aborts) {
   ValidAttention top_k;
   p = top_k.params();
   p.n_local = 1;
-  p.top_k = lminf::kMaxPosition;  // more than the 5 candidates: all of them
-  p.top_k_distance = 1;
-  CHECK_OK(lminf::lambda_attention_cpu(p));
+  lminf::TopKMiddleParams middle;
+  middle.top_k = lminf::kMaxPosition;  // more than the 5 candidates: all of them
+  middle.top_k_distance = 1;
+  CHECK_OK(lminf::lambda_attention_top_k_cpu(p, middle));
 }
 
 // NaN in a query gives NaN in that row only.

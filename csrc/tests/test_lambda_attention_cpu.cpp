@@ -319,13 +319,6 @@ struct RaggedBatch {
     p.cache_len = kSlots;
     p.query_start = {starts.data() + b0, alone ? 0 : 1};
     p.padding = alone ? nullptr : padding.data();
-    p.middle_k = rows_of(middle_k.data(), kHeadsKV, kMiddle, 0);
-    p.middle_v = rows_of(middle_v.data(), kHeadsKV, kMiddle, 0);
-    p.middle_positions = {middle_positions.data() + b0 * kMiddle, alone ? 0 : kMiddle};
-    p.middle_len = kMiddle;
-    p.top_k = top_k;
-    p.top_k_distance = 3;
-    p.top_k_first_row = alone ? std::max<int64_t>(0, 4 - from) : 4;  // counts padding rows
     p.out = lminf::dense_view(out.data() + (alone ? from * kDim : 0), kHeadsQ, kRows, kDim);
     p.inv_freq = inv_freq.data();
     p.rotary_dim = kDim;
@@ -340,6 +333,26 @@ struct RaggedBatch {
     p.scale = 0.25f;
     return p;
   }
+
+  // The middle store and top-k settings to go with params(out, only).
+  lminf::TopKMiddleParams top_k_params(int64_t only = -1) const {
+    const bool alone = only >= 0;
+    const int64_t b0 = alone ? only : 0, from = alone ? padding[only] : 0;
+    lminf::TopKMiddleParams m;
+    const auto store = [&](const float* data) {
+      lminf::StridedView<const void> view = lminf::dense_view(data, kHeadsKV, kMiddle, kDim);
+      view.data = data + view.offset(b0, 0, 0);
+      return view;
+    };
+    m.middle_k = store(middle_k.data());
+    m.middle_v = store(middle_v.data());
+    m.middle_positions = {middle_positions.data() + b0 * kMiddle, alone ? 0 : kMiddle};
+    m.middle_len = kMiddle;
+    m.top_k = top_k;
+    m.top_k_distance = 3;
+    m.top_k_first_row = alone ? std::max<int64_t>(0, 4 - from) : 4;  // counts padding rows
+    return m;
+  }
 };
 
 }  // namespace
@@ -351,12 +364,12 @@ TEST(a_ragged_batch_gives_each_sequence_its_result_alone) {
     B batch({0, 3, 40, 17}, {2, 0, 5, 9}, 11 + top_k);
     batch.top_k = top_k;
     std::vector<float> out(batch.batch * B::kHeadsQ * B::kRows * B::kDim, std::nanf(""));
-    CHECK_OK(lminf::lambda_attention_cpu(batch.params(out)));
+    CHECK_OK(lminf::lambda_attention_top_k_cpu(batch.params(out), batch.top_k_params()));
     for (int64_t b = 0; b < batch.batch; ++b) {
       // Alone: a batch of one, shared layout, only the real rows; written into its own buffer.
       std::vector<float> alone(B::kHeadsQ * B::kRows * B::kDim, 0.f);
       if (batch.padding[b] < B::kRows) {
-        CHECK_OK(lminf::lambda_attention_cpu(batch.params(alone, b)));
+        CHECK_OK(lminf::lambda_attention_top_k_cpu(batch.params(alone, b), batch.top_k_params(b)));
       }
       std::vector<double> got, want;
       for (int64_t i = 0; i < B::kHeadsQ * B::kRows * B::kDim; ++i) {

@@ -5,7 +5,8 @@ import torch as _torch  # noqa: F401  (libtorch must be loaded before the extens
 from ._version import __version__
 from .build import build_info
 from .cache import RingKVCache
-from .ops import lambda_attention, lambda_attention_chunk, ring_cache_append
+from .ops import (lambda_attention, lambda_attention_chunk, lambda_attention_chunk_top_k,
+                  ring_cache_append)
 from .reference import lambda_attention_reference
 
 # The Hugging Face integration imports transformers (seconds); load it on first use.
@@ -30,6 +31,7 @@ __all__ = [
     "build_info",
     "lambda_attention",
     "lambda_attention_chunk",
+    "lambda_attention_chunk_top_k",
     "ring_cache_append",
     "RingKVCache",
     "lambda_attention_reference",

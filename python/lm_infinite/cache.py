@@ -243,21 +243,23 @@ class RingKVCache:
         padding: int64 [batch] leading padding rows per sequence (their output rows are
         zeros), or None. Does not append. top_k > 0 (needs keep_middle=True): rows
         top_k_first_row.. (padding rows counted) also attend to their top_k middle keys (see
-        ops.lambda_attention_chunk)."""
-        middle = {}
-        if top_k > 0:
-            if self.middle is None:
-                raise ValueError("top_k > 0 needs a RingKVCache built with keep_middle=True")
-            top_k_distance = self.n_local // 2 if top_k_distance is None else top_k_distance
-            first_row = max(0, top_k_first_row)
-            positions = row_positions(self.next_position, q.shape[2], padding)[:, first_row:]
-            middle = self.middle.candidates(q[:, :, first_row:], positions, inv_freq,
-                                            top_k_distance=top_k_distance, n_local=self.n_local)
-        return ops.lambda_attention_chunk(
+        ops.lambda_attention_chunk_top_k)."""
+        window = dict(n_global=self.n_global, n_local=self.n_local, distance_cap=distance_cap,
+                      scale=scale, padding=padding)
+        if top_k <= 0:
+            return ops.lambda_attention_chunk(q, k, v, self.k, self.v, self.positions,
+                                              self.next_position, inv_freq, **window)
+        if self.middle is None:
+            raise ValueError("top_k > 0 needs a RingKVCache built with keep_middle=True")
+        top_k_distance = self.n_local // 2 if top_k_distance is None else top_k_distance
+        first_row = max(0, top_k_first_row)
+        positions = row_positions(self.next_position, q.shape[2], padding)[:, first_row:]
+        middle = self.middle.candidates(q[:, :, first_row:], positions, inv_freq,
+                                        top_k_distance=top_k_distance, n_local=self.n_local)
+        return ops.lambda_attention_chunk_top_k(
             q, k, v, self.k, self.v, self.positions, self.next_position, inv_freq,
-            n_global=self.n_global, n_local=self.n_local, distance_cap=distance_cap, scale=scale,
             top_k=top_k, top_k_distance=top_k_distance, top_k_first_row=top_k_first_row,
-            padding=padding, **middle,
+            **middle, **window,
         )
 
     def append(self, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None = None) -> None:

@@ -14,10 +14,11 @@ import numbers
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers torch.ops.lminf)
+from . import _C  # loading the library registers torch.ops.lminf
 from .top_k_rows import top_k_rows_attention
 
-__all__ = ["decode_linear", "lambda_attention", "lambda_attention_chunk", "ring_cache_append"]
+__all__ = ["decode_linear", "lambda_attention", "lambda_attention_chunk",
+           "lambda_attention_chunk_top_k", "ring_cache_append"]
 
 
 # The largest position or size the kernels accept (lminf/limits.h).
@@ -64,29 +65,6 @@ def _check_ints(op: str, **values) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
-
-
-def _check_middle_store(k, top_k_distance, middle_k, middle_v, middle_positions) -> None:
-    """What the C++ glue checks for the kernels' top-k path, for the composed CUDA one."""
-    op = "lambda_attention_chunk"
-    if middle_k is None or middle_v is None or middle_positions is None:
-        raise ValueError(f"{op}: top_k > 0 needs middle_k, middle_v and middle_positions")
-    for name, store in (("middle_k", middle_k), ("middle_v", middle_v)):
-        if store.dim() != 4 or store.shape[:2] != k.shape[:2] or store.shape[3] != k.shape[3]:
-            raise ValueError(f"{op}: {name} must be [batch, heads_kv, slots, head_dim] = "
-                             f"[{k.shape[0]}, {k.shape[1]}, slots, {k.shape[3]}], got {tuple(store.shape)}")
-        if store.dtype != k.dtype:
-            raise ValueError(f"{op}: {name} must have k's dtype ({k.dtype}), got {store.dtype}")
-    if middle_v.shape != middle_k.shape:
-        raise ValueError(f"{op}: middle_v must have middle_k's shape {tuple(middle_k.shape)}, "
-                         f"got {tuple(middle_v.shape)}")
-    slots = middle_k.shape[2]
-    if middle_positions.dtype != torch.int64 or middle_positions.shape not in (
-            (slots,), (k.shape[0], slots)):
-        raise ValueError(f"{op}: middle_positions must be int64 [{slots}] or [{k.shape[0]}, {slots}], "
-                         f"got {middle_positions.dtype} {list(middle_positions.shape)}")
-    if top_k_distance < 0:
-        raise ValueError(f"{op}: top_k_distance must be >= 0, got {top_k_distance}")
 
 
 def _defaults(op: str, q: torch.Tensor, n_global, n_local, distance_cap, scale):
@@ -148,12 +126,6 @@ def lambda_attention_chunk(
     n_local: int,
     distance_cap: int | None = None,
     scale: float | None = None,
-    middle_k: torch.Tensor | None = None,
-    middle_v: torch.Tensor | None = None,
-    middle_positions: torch.Tensor | None = None,
-    top_k: int = 0,
-    top_k_distance: int | None = None,
-    top_k_first_row: int = 0,
     padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend a chunk of queries at positions [query_start, query_start + seq) to the chunk's
@@ -167,44 +139,97 @@ def lambda_attention_chunk(
     query_start[b] + t - padding[b], so query_start is the position of the first real row.
     Padding rows are no key of any query and come out as zeros.
 
-    Top-k middle attention (top_k > 0): rows top_k_first_row.. of the chunk also attend, per
-    query head, to the top_k keys of the middle store (middle_k, middle_v, middle_positions,
-    laid out like the cache) at positions in [n_global, i - n_local], scored and placed at
-    rotary distance top_k_distance (default: n_local // 2). top_k_first_row counts chunk rows,
-    padding rows included."""
+    Top-k middle attention: lambda_attention_chunk_top_k."""
     op = "lambda_attention_chunk"
     _check_tensors(op, q=q)
     query_start = _position_tensor(op, "query_start", query_start, q.device)
-    middle = dict(middle_k=middle_k, middle_v=middle_v, middle_positions=middle_positions)
     _check_tensors(op, q=q, k=k, v=v, cache_k=cache_k, cache_v=cache_v,
                    cache_positions=cache_positions, query_start=query_start, inv_freq=inv_freq,
-                   **_given(**middle, padding=padding))
+                   **_given(padding=padding))
     distance_cap, scale = _defaults(op, q, n_global, n_local, distance_cap, scale)
-    _check_ints(op, top_k=top_k, top_k_first_row=top_k_first_row)
-    top_k_distance = n_local // 2 if top_k_distance is None else top_k_distance
-    _check_ints(op, top_k_distance=top_k_distance)
-    if q.is_cuda and top_k > 0 and top_k_first_row >= q.shape[2]:
-        top_k = 0  # no row of this chunk uses top-k
-    if q.is_cuda and top_k > 0:
-        # No CUDA top-k kernel yet: the kernel computes the chunk, PyTorch ops its top-k rows.
-        _check_middle_store(k, top_k_distance, **middle)
-        out = torch.ops.lminf.lambda_attention_chunk(
-            q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq,
-            n_global, n_local, distance_cap, scale, None, None, None, 0, 0, 0, padding,
-        )
-        first_row = max(0, top_k_first_row)
-        out[:, :, first_row:] = top_k_rows_attention(
-            q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, first_row=first_row,
-            n_global=n_global, n_local=n_local, distance_cap=distance_cap, scale=scale,
-            middle_k=middle_k, middle_v=middle_v, middle_positions=middle_positions, top_k=top_k,
-            top_k_distance=top_k_distance, padding=padding,
-        ).to(out.dtype)
-        return out
     return torch.ops.lminf.lambda_attention_chunk(
+        q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq,
+        n_global, n_local, distance_cap, scale, padding,
+    )
+
+
+def lambda_attention_chunk_top_k(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    cache_positions: torch.Tensor,
+    query_start: int | torch.Tensor,
+    inv_freq: torch.Tensor,
+    *,
+    middle_k: torch.Tensor,
+    middle_v: torch.Tensor,
+    middle_positions: torch.Tensor,
+    top_k: int,
+    top_k_distance: int | None = None,
+    top_k_first_row: int = 0,
+    n_global: int = 10,
+    n_local: int,
+    distance_cap: int | None = None,
+    scale: float | None = None,
+    padding: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """lambda_attention_chunk with top-k middle attention: rows top_k_first_row.. of the chunk
+    also attend, per query head, to the top_k keys of the middle store (middle_k, middle_v:
+    [batch, heads_kv, slots, head_dim]; middle_positions: int64 [slots] or [batch, slots],
+    negative = empty; laid out like the cache) and of the chunk itself at positions in
+    [n_global, i - n_local], scored and placed at rotary distance top_k_distance (default:
+    n_local // 2), in the same softmax. top_k_first_row counts chunk rows, padding rows
+    included. top_k = 0 gives lambda_attention_chunk's result.
+
+    The CPU kernel computes it in one pass; on CUDA (no kernel yet) the plain kernel computes
+    the chunk and PyTorch ops recompute its top-k rows (lm_infinite.top_k_rows)."""
+    op = "lambda_attention_chunk_top_k"
+    _check_tensors(op, q=q)
+    query_start = _position_tensor(op, "query_start", query_start, q.device)
+    _check_tensors(op, q=q, k=k, v=v, cache_k=cache_k, cache_v=cache_v,
+                   cache_positions=cache_positions, query_start=query_start, inv_freq=inv_freq,
+                   middle_k=middle_k, middle_v=middle_v, middle_positions=middle_positions,
+                   **_given(padding=padding))
+    distance_cap, scale = _defaults(op, q, n_global, n_local, distance_cap, scale)
+    top_k_distance = n_local // 2 if top_k_distance is None else top_k_distance
+    _check_ints(op, top_k=top_k, top_k_distance=top_k_distance, top_k_first_row=top_k_first_row)
+    return torch.ops.lminf.lambda_attention_chunk_top_k(
         q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq,
         n_global, n_local, distance_cap, scale, middle_k, middle_v, middle_positions,
         top_k, top_k_distance, top_k_first_row, padding,
     )
+
+
+def _lambda_attention_chunk_top_k_cuda(q, k, v, cache_k, cache_v, cache_positions, query_start,
+                                       inv_freq, n_global, n_local, distance_cap, scale, middle_k,
+                                       middle_v, middle_positions, top_k, top_k_distance,
+                                       top_k_first_row, padding=None):
+    """The op's CUDA implementation until a CUDA kernel exists: the plain kernel computes the
+    chunk, then PyTorch ops recompute the rows that use top-k (a handful: a prompt's last rows,
+    each decode step). The glue checks the arguments first, as for the CPU kernel."""
+    _C.check_lambda_attention_chunk_top_k(
+        q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, n_global, n_local,
+        distance_cap, scale, middle_k, middle_v, middle_positions, top_k, top_k_distance,
+        top_k_first_row, padding)
+    out = torch.ops.lminf.lambda_attention_chunk(
+        q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq,
+        n_global, n_local, distance_cap, scale, padding,
+    )
+    if top_k > 0 and top_k_first_row < q.shape[2]:
+        out[:, :, top_k_first_row:] = top_k_rows_attention(
+            q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq,
+            first_row=top_k_first_row, n_global=n_global, n_local=n_local,
+            distance_cap=distance_cap, scale=scale, middle_k=middle_k, middle_v=middle_v,
+            middle_positions=middle_positions, top_k=top_k, top_k_distance=top_k_distance,
+            padding=padding,
+        ).to(out.dtype)
+    return out
+
+
+torch.library.register_kernel("lminf::lambda_attention_chunk_top_k", "cuda",
+                              _lambda_attention_chunk_top_k_cuda)
 
 
 def ring_cache_append(
@@ -265,8 +290,14 @@ def _(q, k, v, inv_freq, n_global, n_local, distance_cap, scale, padding=None):
 
 @torch.library.register_fake("lminf::lambda_attention_chunk")
 def _(q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, n_global, n_local,
-      distance_cap, scale, middle_k=None, middle_v=None, middle_positions=None, top_k=0,
-      top_k_distance=0, top_k_first_row=0, padding=None):
+      distance_cap, scale, padding=None):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("lminf::lambda_attention_chunk_top_k")
+def _(q, k, v, cache_k, cache_v, cache_positions, query_start, inv_freq, n_global, n_local,
+      distance_cap, scale, middle_k, middle_v, middle_positions, top_k, top_k_distance,
+      top_k_first_row, padding=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -309,5 +340,6 @@ def _(grad, op, shape):
     return grad.new_empty(shape)
 
 
-for _op in ("decode_linear", "lambda_attention", "lambda_attention_chunk"):
+for _op in ("decode_linear", "lambda_attention", "lambda_attention_chunk",
+            "lambda_attention_chunk_top_k"):
     torch.library.register_autograd(f"lminf::{_op}", _no_backward(_op), setup_context=_remember_inputs)

@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from .top_k_rows import _rotate
+from .reference import apply_rotary
 
 __all__ = ["PagedMiddleStore"]
 
@@ -248,8 +248,8 @@ class PagedMiddleStore:
         batch, heads_q, rows, head_dim = queries.shape
         heads_kv, n = self.kmin.shape[1], self.n_blocks
         group = heads_q // heads_kv
-        placed = _rotate(queries.float().reshape(batch, heads_kv, group * rows, head_dim),
-                         torch.full((group * rows,), top_k_distance, device=queries.device), inv_freq)
+        placed = apply_rotary(queries.float().reshape(batch, heads_kv, group * rows, head_dim),
+                              torch.full((group * rows,), top_k_distance, device=queries.device), inv_freq)
         placed = placed.reshape(batch * heads_kv, group * rows, head_dim)
         kmax = self.kmax[:, :, :n].view(batch * heads_kv, n, head_dim).transpose(1, 2)
         kmin = self.kmin[:, :, :n].view(batch * heads_kv, n, head_dim).transpose(1, 2)

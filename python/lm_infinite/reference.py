@@ -22,10 +22,13 @@ __all__ = ["apply_rotary", "lambda_attention_reference"]
 
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate the first 2*len(inv_freq) features of x ([..., seq, head_dim]) by
-    positions (any real dtype; [seq], or [batch, seq] for x [batch, heads, seq, head_dim]) in
-    Hugging Face's rotate_half convention."""
+    positions (any real dtype; [seq], or [batch, seq] for x [batch, heads, seq, head_dim], or
+    of 3 or more dimensions broadcasting against x's [..., seq]) in Hugging Face's rotate_half
+    convention. Angles are taken in float64, then cos and sin rounded to x's dtype. The one
+    rotation of the Python package: the reference, the top-k rows (top_k_rows.py) and the paged
+    store's block bounds (paged_middle.py) all use it."""
     half = inv_freq.numel()
-    angles = positions.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+    angles = positions.to(torch.float64)[..., None] * inv_freq.to(x.device, torch.float64)
     if positions.dim() == 2:
         angles = angles[:, None]  # [batch, 1 (heads), seq, half]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)

@@ -1,11 +1,12 @@
 """Top-k middle attention for a few query rows, composed from PyTorch ops.
 
-The CUDA kernels have no top-k path yet. On CUDA, `ops.lambda_attention_chunk` lets the kernel
-compute every row of the chunk and then recomputes here the rows that use top-k: the last rows
-of a prompt and each decode step, a handful. That costs O(rows x (slots + middle)) work in a
-few batched matmuls and a torch.topk, small next to the chunk's own attention, and keeps the
-CPU kernel's semantics exactly (DESIGN.md 1 and ops.lambda_attention_chunk): candidates are the
-middle store and the chunk's own keys at positions in [n_global, i - n_local].
+The CUDA kernels have no top-k path yet. On CUDA, the op lambda_attention_chunk_top_k (its CUDA
+implementation is registered in ops.py) lets the plain kernel compute every row of the chunk and
+then recomputes here the rows that use top-k: the last rows of a prompt and each decode step, a
+handful. That costs O(rows x (slots + middle)) work in a few batched matmuls and a torch.topk,
+small next to the chunk's own attention, and keeps the CPU kernel's semantics exactly (DESIGN.md 1
+and ops.lambda_attention_chunk_top_k): candidates are the middle store and the chunk's own keys
+at positions in [n_global, i - n_local].
 
 Computed in float32. RoPE uses offsets from each sequence's first real row, clamped to the window,
 so positions near 10^9 lose nothing: keys beyond the window are never scored as local.
@@ -15,17 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from .reference import apply_rotary
+
 __all__ = ["top_k_rows_attention"]
-
-
-def _rotate(x: torch.Tensor, offsets: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x [..., n, head_dim] rotated by offsets [..., n] (broadcast against x's leading
-    dimensions; rotate_half, first 2*len(inv_freq) features)."""
-    half = inv_freq.numel()
-    angles = offsets.to(torch.float64)[..., None] * inv_freq.to(x.device, torch.float64)
-    cos, sin = angles.cos().float(), angles.sin().float()
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
 def _slot_rows(positions: torch.Tensor, batch: int) -> torch.Tensor:
@@ -57,7 +50,7 @@ def top_k_rows_attention(q, k, v, cache_k, cache_v, cache_positions, query_start
     rows = q[:, :, first_row:].float().reshape(batch, heads_kv, group, n_rows, head_dim)
 
     def placed(distance: int) -> torch.Tensor:
-        return _rotate(rows, torch.full((n_rows,), distance, device=q.device), inv_freq)
+        return apply_rotary(rows, torch.full((n_rows,), distance, device=q.device), inv_freq)
 
     def scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return (queries @ keys.float()[:, :, None].transpose(-1, -2)) * scale
@@ -80,8 +73,8 @@ def top_k_rows_attention(q, k, v, cache_k, cache_v, cache_positions, query_start
                        torch.iinfo(torch.int64).max).amin(1, keepdim=True).clamp(max=2**62)
     key_offsets = (key_positions - base).clamp(-n_local - n_rows, n_rows)
     row_offsets = (row_positions - base).clamp(-n_rows, n_rows)
-    local_scores = scores(_rotate(rows, row_offsets[:, None, None], inv_freq),
-                          _rotate(keys.float(), key_offsets[:, None], inv_freq))
+    local_scores = scores(apply_rotary(rows, row_offsets[:, None, None], inv_freq),
+                          apply_rotary(keys.float(), key_offsets, inv_freq))
     global_scores = scores(placed(distance_cap), keys)
     minus_inf = torch.tensor(float("-inf"), device=q.device)
     lambda_scores = torch.where(per_row(local), local_scores,

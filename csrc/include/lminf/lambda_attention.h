@@ -7,10 +7,11 @@
 //   else    masked
 // One softmax over the unmasked keys of the row; output = weights . v.
 //
-// Optional top-k middle attention (the paper's variant for retrieval): rows t >= top_k_first_row
-// also attend, per query head, to the top_k keys at positions in [n_global, i - n_local] (the
-// keys the Λ mask hides), each scored s * (R_top_k_distance q) . k, in the same softmax.
-// Candidates are the middle store's keys (earlier tokens) and the chunk's own keys.
+// Top-k middle attention (the paper's variant for retrieval; lambda_attention_top_k_cpu): rows
+// t >= top_k_first_row also attend, per query head, to the top_k keys at positions in
+// [n_global, i - n_local] (the keys the Λ mask hides), each scored s * (R_top_k_distance q) . k,
+// in the same softmax. Candidates are the middle store's keys (earlier tokens) and the chunk's
+// own keys.
 //
 // Angles are only ever taken of small relative numbers: the kernels subtract int64 positions
 // first, so a stream at position 10^9 gives the same result as one at 10^3.
@@ -72,19 +73,6 @@ struct LambdaAttentionParams {
   PerSequence<const int64_t> query_start;  // [batch] (batch_stride 1), or [1] shared (0)
   const int64_t* padding = nullptr;  // [batch] leading padding rows, in [0, n_queries]; null: none
 
-  // Optional middle store for top-k attention: [batch, n_heads_kv, middle_len, head_dim] and
-  // positions (negative = empty) laid out like cache_positions, tokens before the chunk. Only
-  // positions in [n_global, i - n_local] are candidates for query i, so the store may also hold
-  // keys that the window still covers.
-  StridedView<const void> middle_k;  // [batch, n_heads_kv, middle_len, head_dim]
-  StridedView<const void> middle_v;  // [batch, n_heads_kv, middle_len, head_dim]
-  // [middle_len] shared (batch_stride 0), or [batch, middle_len] with that row stride
-  PerSequence<const int64_t> middle_positions;
-  int64_t middle_len = 0;
-  int64_t top_k = 0;             // middle keys per query head and row; 0 disables the variant
-  int64_t top_k_distance = 0;    // rotary distance at which the chosen middle keys are placed
-  int64_t top_k_first_row = 0;   // first chunk row (0-based, padding rows counted) using top-k
-
   StridedView<void> out;  // [batch, n_heads_q, n_queries, head_dim], written in dtype
 
   const float* inv_freq = nullptr;  // [rotary_dim / 2] rotary frequencies, float32
@@ -102,13 +90,42 @@ struct LambdaAttentionParams {
   float scale = 0.f;           // score multiplier, usually head_dim^-0.5
 };
 
+// Top-k middle attention's extra inputs (lambda_attention_top_k_cpu): a middle store of earlier
+// tokens laid out like the cache, and how many of its keys each row takes. Pointers follow the
+// LambdaAttentionParams they go with (host memory for the CPU entry point).
+struct TopKMiddleParams {
+  // Keys and values of the store; data null if middle_len == 0. Only positions in
+  // [n_global, i - n_local] are candidates for query i, so the store may also hold keys that
+  // the window still covers.
+  StridedView<const void> middle_k;  // [batch, n_heads_kv, middle_len, head_dim]
+  StridedView<const void> middle_v;  // [batch, n_heads_kv, middle_len, head_dim]
+  // Position of each slot, negative = empty: [middle_len] shared (batch_stride 0), or
+  // [batch, middle_len] with that row stride (>= middle_len).
+  PerSequence<const int64_t> middle_positions;
+  int64_t middle_len = 0;        // slots in the store
+  int64_t top_k = 0;             // middle keys per query head and row; 0: plain Λ attention
+  int64_t top_k_distance = 0;    // rotary distance at which the chosen middle keys are placed
+  int64_t top_k_first_row = 0;   // first chunk row (0-based, padding rows counted) using top-k
+};
+
 // Checks sizes, strides and pointers (not the contents of device memory). The message names
 // the first offending field and the value it expects.
 LMINF_API Status validate(const LambdaAttentionParams& params);
 
+// validate(params), then the top-k fields (ranges, the middle store's stride and pointers).
+LMINF_API Status validate(const LambdaAttentionParams& params, const TopKMiddleParams& top_k);
+
 // CPU implementation: tiled, online softmax, vectorised, multi-threaded with OpenMP.
 // n_threads <= 0 uses the OpenMP default. Work grows as n_queries * (n_global + n_local).
 LMINF_API Status lambda_attention_cpu(const LambdaAttentionParams& params, int n_threads = 0);
+
+// CPU implementation with top-k middle attention: lambda_attention_cpu's result, except that rows
+// t >= top_k.top_k_first_row also attend to their top_k middle keys (see the top of this file).
+// Extra work per such row: (middle_len + n_queries) * head_dim per query head. top_k == 0 is
+// lambda_attention_cpu. No CUDA counterpart yet (the Python package composes it from PyTorch
+// ops on CUDA).
+LMINF_API Status lambda_attention_top_k_cpu(const LambdaAttentionParams& params,
+                                            const TopKMiddleParams& top_k, int n_threads = 0);
 
 // Bytes of device scratch lambda_attention_cuda needs for these sizes (the tensor-core path's
 // keys rotated relative to the chunk start and its gathered cache window, split-key partials).

@@ -82,9 +82,11 @@ def lambda_attention_forward(
             positions = positions.masked_fill(positions < 0, -1)  # [batch, past]
             query_start = (query_start - sequence).clamp(min=0)  # each sequence's first real chunk row
         past_k, past_v = key[:, :, :past], value[:, :, :past]
+        attend = ops.lambda_attention_chunk
         if "top_k" in settings:
             settings.update(middle_k=past_k, middle_v=past_v, middle_positions=positions)
-        out = ops.lambda_attention_chunk(
+            attend = ops.lambda_attention_chunk_top_k
+        out = attend(
             query, key[:, :, past:], value[:, :, past:], past_k, past_v,
             positions, query_start, inv_freq, n_global=rule.n_global, n_local=rule.n_local,
             padding=padding, **settings,
