@@ -1,7 +1,9 @@
 """The extension's ops, with Python defaults and fake (meta) implementations.
 
-Every op is defined once in lminf_ext/ (TORCH_LIBRARY) with CPU and CUDA kernels; the fakes
-here let torch.compile and opcheck trace them without running a kernel.
+Every op is defined once in lminf_ext/ (TORCH_LIBRARY) with CPU and CUDA kernels, except the
+CUDA implementation of lambda_attention_chunk_top_k, registered here (a composition of the plain
+kernel and PyTorch ops until a CUDA kernel exists); the fakes here let torch.compile and opcheck
+trace them without running a kernel.
 
 Validation: the wrappers check what only Python can see (a numpy array is not a tensor, a
 bool is not an int, a position must fit in int64); the C++ glue and core check every shape,
