@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 import lm_infinite.hf as lminf_hf
-from lm_infinite.eval.corpus import default_corpus_tokens
-from lm_infinite.eval.report import write_json
+from lm_infinite.apps.eval.corpus import default_corpus_tokens
+from lm_infinite.apps.eval.report import write_json
 from lm_infinite.models import default_model_path, load_model
 from lm_infinite.streaming import LambdaStream
 

@@ -25,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lm_infinite.hf as lminf_hf
-from lm_infinite.eval.report import atomic_write, write_json
+from lm_infinite.apps.eval.report import atomic_write, write_json
 from lm_infinite.streaming import LambdaStream
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -23,9 +23,9 @@ import time
 import torch
 
 import lm_infinite.hf as lminf_hf
-from lm_infinite.cli.common import DTYPES
-from lm_infinite.eval.corpus import default_corpus_tokens
-from lm_infinite.eval.report import atomic_write, write_json
+from lm_infinite.apps.bench_common import DTYPES
+from lm_infinite.apps.eval.corpus import default_corpus_tokens
+from lm_infinite.apps.eval.report import atomic_write, write_json
 from lm_infinite.models import load_model
 from lm_infinite.streaming import DEFAULT_CHUNK_SIZE, LambdaStream
 

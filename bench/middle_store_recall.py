@@ -31,12 +31,12 @@ import time
 import torch
 
 from lm_infinite import enable
-from lm_infinite.eval.corpus import default_corpus_tokens
-from lm_infinite.hf.families import decoder_of, training_length
+from lm_infinite.apps.eval.corpus import default_corpus_tokens
+from lm_infinite.hf import decoder_of, training_length
 from lm_infinite.models import load_model
 from lm_infinite.paged_middle import PagedMiddleStore
-from lm_infinite.streaming import LambdaStream
 from lm_infinite.reference import apply_rotary
+from lm_infinite.streaming import LambdaStream
 
 N_GLOBAL, BLOCK_SIZE = 10, 64
 

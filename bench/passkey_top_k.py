@@ -28,8 +28,8 @@ from dataclasses import replace
 import torch
 
 import lm_infinite.hf as lminf_hf
-from lm_infinite.cli.common import DTYPES
-from lm_infinite.eval.passkey import build_passkey_prompt, passkey_answer
+from lm_infinite.apps.bench_common import DTYPES
+from lm_infinite.apps.eval.passkey import build_passkey_prompt, passkey_answer
 from lm_infinite.hf import LambdaSettings, TopK, state_of, training_length
 from lm_infinite.models import load_model
 from lm_infinite.streaming import LambdaStream

@@ -14,8 +14,8 @@ import sys
 import threading
 import time
 
-from lm_infinite.eval.report import write_json
-from server_turns import MODEL_NAME, Server, rss_mib, user_messages
+from lm_infinite.apps.bench_common import MODEL_NAME, Server, rss_mib, user_messages
+from lm_infinite.apps.eval.report import write_json
 
 
 def conversation(client, turns: int, messages_text: list[str], reply_tokens: int) -> None:

@@ -20,71 +20,14 @@ cost of each token, not the shape of the curves.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
-import httpx
 import openai
 
-from lm_infinite.eval.report import atomic_write, write_json
-
-MODEL_NAME = "bench-model"
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def user_messages(n: int, chars: int) -> list[str]:
-    """Successive pieces of the pydoc topics (text every Python has), one per turn."""
-    from pydoc_data.topics import topics
-
-    text = " ".join(" ".join(topics[key].split()) for key in sorted(topics))
-    return [f"Explain briefly: {text[i * chars:(i + 1) * chars]}" for i in range(n)]
-
-
-class Server:
-    """`lminf serve` in a subprocess on a free port, stopped on exit."""
-
-    def __init__(self, args, max_conversations: int) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        command = [sys.executable, "-m", "lm_infinite.cli", "serve", "--port", str(self.port),
-                   "--model-name", MODEL_NAME, "--n-local", str(args.n_local),
-                   "--max-conversations", str(max_conversations)] + (["--model", args.model] if args.model else [])
-        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "Server":
-        deadline = time.monotonic() + 300
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError("the server exited during startup")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not start in 300 s")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.5)
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", timeout=600, max_retries=0)
-
+from lm_infinite.apps.bench_common import MODEL_NAME, Server, rss_mib, user_messages
+from lm_infinite.apps.eval.report import atomic_write, write_json
 
 def timed_turn(client: openai.OpenAI, messages: list[dict], reply_tokens: int) -> dict:
     """One streamed greedy turn: the reply, time to first text, decode tokens/s, usage."""

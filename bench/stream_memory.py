@@ -18,20 +18,12 @@ import time
 import torch
 
 import lm_infinite.hf as lminf_hf
-from lm_infinite.eval.corpus import default_corpus_tokens
-from lm_infinite.eval.methods import whole_sequence_nll
-from lm_infinite.eval.report import atomic_write, write_json
+from lm_infinite.apps.bench_common import rss_mib
+from lm_infinite.apps.eval.corpus import default_corpus_tokens
+from lm_infinite.apps.eval.methods import whole_sequence_nll
+from lm_infinite.apps.eval.report import atomic_write, write_json
 from lm_infinite.models import load_model
 from lm_infinite.streaming import LambdaStream
-
-
-def rss_mib() -> float:
-    """Current (not peak) resident set size of this process."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def main() -> int:

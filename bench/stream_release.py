@@ -19,11 +19,11 @@ import time
 import torch
 
 import lm_infinite.hf as lminf_hf
-from lm_infinite.eval.corpus import default_corpus_tokens
-from lm_infinite.eval.report import write_json
+from lm_infinite.apps.bench_common import rss_mib
+from lm_infinite.apps.eval.corpus import default_corpus_tokens
+from lm_infinite.apps.eval.report import write_json
 from lm_infinite.models import load_model
 from lm_infinite.streaming import LambdaStream
-from stream_memory import rss_mib
 
 # The compiled decode step; the retrieval preset (top-k middle attention, paged store: eager).
 SERIES = {"compiled": dict(settings={}, compile=True),

@@ -39,7 +39,7 @@ if [[ $PHASES == *" main "* ]]; then
   done
 fi
 if [[ $PHASES == *" ppl "* ]]; then
-  timeout 120 "$PY" -m lm_infinite.cli ppl "${MODEL[@]}" "${GPU[@]}" --tokens 16384 \
+  timeout 120 "$PY" -m lm_infinite.apps.cli ppl "${MODEL[@]}" "${GPU[@]}" --tokens 16384 \
     --methods lm-infinite,lm-infinite+top-k --top-k 5 --top-k-first-layer 4 --top-k-distance 4096 \
     --top-k-rows all --no-progress --json "$OUT/ppl_top_k.json" >"$OUT/ppl.log" 2>&1
   tail -10 "$OUT/ppl.log"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import lm_infinite.hf as lminf_hf
-from lm_infinite.cli import main
-from lm_infinite.eval.passkey import build_passkey_prompt
+from lm_infinite.apps.cli import main
+from lm_infinite.apps.eval.passkey import build_passkey_prompt
 from lm_infinite.models import load_model
 from lm_infinite.streaming import LambdaStream
 from tiny_model_dir import TRAINING_LENGTH, save_tiny_model
@@ -180,7 +180,7 @@ def test_malformed_options_exit_with_usage_error(argv, capsys):
 
 
 def test_module_entry_point_runs():
-    done = subprocess.run([sys.executable, "-m", "lm_infinite.cli", "--help"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "lm_infinite.apps.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
     assert all(command in done.stdout for command in ("ppl", "passkey", "generate", "demo"))
 
@@ -265,7 +265,7 @@ def test_sampling_options_out_of_range_are_usage_errors(text_file, capsys, optio
 
 
 def test_sigint_during_start_up_exits_130_quietly(model_dir, text_file):
-    child = subprocess.Popen([sys.executable, "-m", "lm_infinite.cli", "ppl", str(text_file), "--model",
+    child = subprocess.Popen([sys.executable, "-m", "lm_infinite.apps.cli", "ppl", str(text_file), "--model",
                               str(model_dir), "--no-progress"], stderr=subprocess.PIPE, text=True)
     line = child.stderr.readline()
     assert "loading model" in line, line
@@ -317,7 +317,7 @@ def test_unbounded_inputs_are_refused_before_memory_grows(model_dir, text_file, 
 def test_generate_refuses_endless_stdin_in_bounded_memory(model_dir):
     """`lminf generate - < /dev/zero` grew to 3.1 GB in 9.5 s; now it reads at most the limit."""
     with open("/dev/zero", "rb") as zeros:
-        done = subprocess.run([sys.executable, "-m", "lm_infinite.cli", "generate", "-", "--model", str(model_dir),
+        done = subprocess.run([sys.executable, "-m", "lm_infinite.apps.cli", "generate", "-", "--model", str(model_dir),
                                "--max-input-mb", "2"], stdin=zeros, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
     assert "the prompt on stdin is larger than the input limit of 2 MiB" in done.stderr

@@ -127,7 +127,7 @@ def test_cuda_graph_step_equals_the_cpu_stream():
 
 @pytest.mark.slow
 def test_smollm2_step_equals_the_eager_stream():
-    from lm_infinite.eval.corpus import default_corpus_tokens
+    from lm_infinite.apps.eval.corpus import default_corpus_tokens
     from lm_infinite.models import load_model
 
     model, tokenizer = load_model()
@@ -144,7 +144,7 @@ def test_smollm2_step_equals_the_eager_stream():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_smollm2_cuda_graph_stream_generates_the_cpu_stream_tokens():
-    from lm_infinite.eval.corpus import default_corpus_tokens
+    from lm_infinite.apps.eval.corpus import default_corpus_tokens
     from lm_infinite.models import load_model
 
     model, tokenizer = load_model()

@@ -11,7 +11,7 @@ import torch
 
 import lm_infinite.hf as lminf_hf
 from hf_tiny_models import VOCAB, build
-from lm_infinite.cli import main
+from lm_infinite.apps.cli import main
 from lm_infinite.hf import LambdaSettings, TopK, state_of
 from lm_infinite.paged_middle import PagedMiddleStore
 from lm_infinite.streaming import LambdaStream

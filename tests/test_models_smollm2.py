@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import lm_infinite.hf as lminf_hf
-from lm_infinite.eval.corpus import default_corpus_tokens
-from lm_infinite.eval.methods import Settings
-from lm_infinite.eval.perplexity import perplexity, perplexity_run
+from lm_infinite.apps.eval.corpus import default_corpus_tokens
+from lm_infinite.apps.eval.methods import Settings
+from lm_infinite.apps.eval.perplexity import perplexity, perplexity_run
 from lm_infinite.models import load_model
 
 TRAINING_LENGTH = 8192

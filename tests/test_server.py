@@ -18,8 +18,8 @@ import torch
 
 import lm_infinite.hf as lminf_hf
 from lm_infinite.models import load_model
-from lm_infinite.server.conversations import ConversationStore
-from lm_infinite.server.text import CompletionText
+from lm_infinite.apps.server.conversations import ConversationStore
+from lm_infinite.apps.server.text import CompletionText
 from lm_infinite.streaming import LambdaStream
 from tiny_chat_model import save_tiny_chat_model
 
@@ -41,7 +41,7 @@ def server(model_dir, tmp_path_factory):
         port = probe.getsockname()[1]
     log = (tmp_path_factory.mktemp("server") / "server.log").open("w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "lm_infinite.cli", "serve", "--model", str(model_dir), "--port", str(port),
+        [sys.executable, "-m", "lm_infinite.apps.cli", "serve", "--model", str(model_dir), "--port", str(port),
          "--n-global", str(SETTINGS["n_global"]), "--n-local", str(SETTINGS["n_local"]),
          "--model-name", "tiny-chat-model", "--chunk-size", "8", "--max-conversations", "16", "--max-prompt-tokens", str(MAX_PROMPT_TOKENS),
          "--max-tokens-limit", str(MAX_TOKENS_LIMIT)],

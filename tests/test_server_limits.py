@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 import lm_infinite.hf as lminf_hf
 from lm_infinite.models import load_model
-from lm_infinite.server import Engine, create_app
-from lm_infinite.server.errors import APIError
-from lm_infinite.server.worker import Sampling
+from lm_infinite.apps.server import Engine, create_app
+from lm_infinite.apps.server.errors import APIError
+from lm_infinite.apps.server.worker import Sampling
 from tiny_chat_model import save_tiny_chat_model
 
 MODEL_NAME = "tiny-chat-model"

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 import lm_infinite.hf as lminf_hf
 from lm_infinite.models import load_model
-from lm_infinite.server import Engine, create_app
+from lm_infinite.apps.server import Engine, create_app
 from lm_infinite.streaming import LambdaStream
 from tiny_chat_model import save_tiny_chat_model
 
@@ -43,7 +43,7 @@ def _start_server(model_dir, state_dir, log_path):
         port = probe.getsockname()[1]
     log = open(log_path, "a")
     process = subprocess.Popen(
-        [sys.executable, "-m", "lm_infinite.cli", "serve", "--model", str(model_dir), "--port", str(port),
+        [sys.executable, "-m", "lm_infinite.apps.cli", "serve", "--model", str(model_dir), "--port", str(port),
          "--n-global", str(N_GLOBAL), "--n-local", str(N_LOCAL), "--model-name", MODEL_NAME,
          "--chunk-size", "8", "--state-dir", str(state_dir)],
         stdout=log, stderr=subprocess.STDOUT)

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import tp_worker
 from tiny_model_dir import tiny_tokenizer
-from lm_infinite.cli import main
+from lm_infinite.apps.cli import main
 from lm_infinite.hf.tensor_parallel import rank_counts
 from lm_infinite.models import load_model
 
@@ -139,7 +139,7 @@ def test_cli_ppl_under_torchrun_reports_once_what_one_process_does(model_dirs, t
                "--chunk-size", "25"]
     assert main(["ppl", *options, "--json", str(tmp_path / "one.json"), "--no-progress"]) == 0
     single_table = capsys.readouterr().out
-    stdout, stderr = launch_ranks("-m", "lm_infinite.cli", "ppl", *options,
+    stdout, stderr = launch_ranks("-m", "lm_infinite.apps.cli", "ppl", *options,
                                   "--json", str(tmp_path / "ranks.json"))
     assert stdout == single_table  # rank 0's table, once
     assert stderr.count("loading model") == 1
@@ -159,7 +159,7 @@ def test_cli_generate_under_torchrun_prints_the_one_process_continuation(model_d
     options = [str(prompt), "--model", str(model_dirs[0]), "--max-new-tokens", "24",
                "--n-global", "2", "--n-local", "16", "--chunk-size", "25"]
     assert main(["generate", *options]) == 0
-    stdout, _ = launch_ranks("-m", "lm_infinite.cli", "generate", *options)
+    stdout, _ = launch_ranks("-m", "lm_infinite.apps.cli", "generate", *options)
     assert stdout == capsys.readouterr().out
 
 

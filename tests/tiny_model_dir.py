@@ -8,7 +8,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lm_infinite.eval.passkey import FILLER, INSTRUCTION, NEEDLE, QUESTION
+from lm_infinite.apps.eval.passkey import FILLER, INSTRUCTION, NEEDLE, QUESTION
 
 TRAINING_LENGTH = 32
 

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from jinja2 import TemplateError
 
-from ..decode_step import choose_tokens, draw_noise, positive_float32
-from ..streaming import LambdaStream, decode_rows
+from lm_infinite.decode_step import choose_tokens, draw_noise, positive_float32
+from lm_infinite.streaming import LambdaStream, decode_rows
+
 from .conversations import Conversation, ConversationStore
 from .saved import SavedConversations
 from .errors import APIError

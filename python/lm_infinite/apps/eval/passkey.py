@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..streaming import LambdaStream
+from lm_infinite.streaming import LambdaStream
 from .methods import METHODS, TOP_K_METHOD, Settings, lm_infinite_enabled
 
 __all__ = ["PasskeyPrompt", "build_passkey_prompt", "passkey_answer", "passkey_run"]

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..streaming import LambdaStream
+from lm_infinite.streaming import LambdaStream
 from .methods import METHODS, TOP_K_METHOD, Settings, lm_infinite_enabled, stock_nll, truncated_window_nll
 
 __all__ = ["bucket_perplexity", "perplexity", "perplexity_run"]

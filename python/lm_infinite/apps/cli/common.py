@@ -10,12 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import is_main_process, launched_with_several_processes
+from lm_infinite.distributed import is_main_process, launched_with_several_processes
+from lm_infinite.hf import PRESETS, check_head_split, decoder_of
+
 from ..eval.methods import Settings
 from ..eval.report import check_regular_output
-from ..hf.families import decoder_of
-from ..hf.tensor_parallel import check_head_split
-from ..hf.presets import PRESETS
 
 __all__ = ["add_input_limit_option", "add_model_options", "add_top_k_options", "check_output_paths", "device_option", "load", "max_input_bytes",
            "number_where", "positive_int", "progress_bars", "settings_from"]
@@ -174,7 +173,7 @@ def load(args):
     """(model, tokenizer, model name) for the --model/--device/--dtype/--tp options; fails early
     on a model LM-Infinite does not support. Under tensor parallelism every rank loads its
     shard and runs the whole command; rank 0 alone prints, shows progress and writes files."""
-    from ..models import load_model
+    from lm_infinite.models import load_model
 
     tensor_parallel = args.tp or launched_with_several_processes()
     if tensor_parallel:
@@ -193,7 +192,7 @@ def load(args):
 def _check_tensor_parallel_launch(args) -> None:
     if "WORLD_SIZE" not in os.environ:
         raise ValueError(f"--tp needs one process per rank: start the command with torchrun, e.g. "
-                         f"torchrun --nproc-per-node 2 -m lm_infinite.cli {args.command} ...")
+                         f"torchrun --nproc-per-node 2 -m lm_infinite.apps.cli {args.command} ...")
     # transformers puts each rank on the machine's accelerator (or the CPU without one).
     accelerator = torch.accelerator.current_accelerator()
     ranks_on = "cpu" if accelerator is None else accelerator.type

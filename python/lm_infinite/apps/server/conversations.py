@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..streaming import LambdaStream
+from lm_infinite.streaming import LambdaStream
+
 from .saved import SavedConversations
 
 __all__ = ["Conversation", "ConversationStore", "PrefixKey"]

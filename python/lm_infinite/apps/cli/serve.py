@@ -62,7 +62,7 @@ def run(args) -> int:
     except ImportError as error:
         print(f"lminf serve: error: {error.name} is missing: pip install 'lm-infinite[serve]'", file=sys.stderr)
         return 1
-    from ..hf import enable
+    from lm_infinite.hf import enable
 
     model, tokenizer, _ = load(args)
     settings = settings_from(args)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..hf import (LambdaSettings, TopK, decoder_of, disable, enable, preset_settings, top_k_defaults,
-                  training_length)
+from lm_infinite.hf import (LambdaSettings, TopK, decoder_of, disable, enable, preset_settings, top_k_defaults,
+                            training_length)
 
 __all__ = ["METHODS", "TOP_K_METHOD", "Settings", "lm_infinite_enabled", "stock_nll", "token_nll",
            "truncated_window_nll", "whole_sequence_nll"]

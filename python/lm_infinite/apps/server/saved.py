@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from ..streaming import LambdaStream
+from lm_infinite.streaming import LambdaStream
 
 __all__ = ["SUFFIX", "SavedConversations"]
 

@@ -7,9 +7,10 @@ import sys
 
 import torch
 
+from lm_infinite.streaming import LambdaStream
+
 from ..eval.corpus import read_text_file, read_text_stream
 from ..eval.methods import lm_infinite_enabled
-from ..streaming import LambdaStream
 from .common import (add_input_limit_option, add_model_options, load, max_input_bytes, non_negative_int,
                      number_where, positive_int, settings_from)
 

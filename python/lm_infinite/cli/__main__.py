@@ -1,7 +1,0 @@
-"""python -m lm_infinite.cli: the same as the lminf console script."""
-
-import sys
-
-from . import main
-
-sys.exit(main())
