@@ -104,7 +104,7 @@ def test_hf_reorder_cache_reorders_the_middle_store():
     cache = lminf_hf.LambdaCache(model)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **{lminf_hf.cache_argument_name(model): cache})
     layer = cache.layers[0]
     before = layer.ring.middle.k.clone()
     cache.reorder_cache(torch.tensor([1, 0]))

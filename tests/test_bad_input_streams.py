@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lm_infinite as li
+import lm_infinite.hf as lminf_hf
 from hf_tiny_models import build
 from lm_infinite.decode_step import choose_tokens, outside_nucleus
 from lm_infinite.streaming import LambdaStream
@@ -90,7 +91,7 @@ def test_a_cache_made_under_other_settings_is_refused(stream, model):
             stream.feed(ids)
         fresh = li.LambdaCache(model)
         with torch.inference_mode():
-            model(ids, past_key_values=fresh, use_cache=True)  # a new cache is fine
+            model(ids, use_cache=True, **{lminf_hf.cache_argument_name(model): fresh})  # a new cache is fine
     finally:
         li.enable(model, n_global=2, n_local=8)
 
@@ -102,7 +103,7 @@ def test_a_cache_of_another_model_is_refused(model):
     li.enable(deeper, n_global=2, n_local=8)
     cache = li.LambdaCache(model)  # 2 layers
     with pytest.raises(ValueError, match="this LambdaCache was made for other settings"), torch.inference_mode():
-        deeper(torch.randint(0, VOCAB, (1, 4)), past_key_values=cache, use_cache=True)
+        deeper(torch.randint(0, VOCAB, (1, 4)), use_cache=True, **{lminf_hf.cache_argument_name(deeper): cache})
 
 
 def test_compiled_forward_with_gradients_works_as_eager_and_backward_is_refused():

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import lm_infinite as li
+import lm_infinite.hf as lminf_hf
 from hf_tiny_models import build
 from lm_infinite.decode_step import StaticDecodeStep
 from lm_infinite.streaming import LambdaStream
@@ -107,7 +108,7 @@ def test_hf_generate_with_a_lambda_cache_frees_it():
     with collector_off():
         cache = li.LambdaCache(model)
         model.generate(torch.randint(0, VOCAB, (1, 30)), max_new_tokens=4, do_sample=False,
-                       past_key_values=cache, pad_token_id=0)
+                       pad_token_id=0, **{lminf_hf.cache_argument_name(model): cache})
         refs = [weakref.ref(cache), weakref.ref(cache.layers[0].ring.k)]
         del cache
         assert not alive(refs)
