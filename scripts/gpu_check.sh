@@ -7,7 +7,7 @@
 #   bash scripts/gpu_check.sh build decode_tests # named phases only
 #
 # Phases, by priority (limits in seconds; expected times are in csrc/cuda/NOTES.md):
-#   first:  build (pip install -e ., LDFLAGS -v for the link line) with diag (toolchain and a
+#   first:  build (pip install --no-build-isolation -e ., LDFLAGS -v for the link line) with diag (toolchain and a
 #           one-check extension linked three ways, scripts/libstdcxx_check.py) and wgmma_tile
 #           (csrc/tests/test_wgmma_tile.cu on one tile) alongside; link_inspect (the built
 #           _C.so's libstdc++ linkage and one bad call); bad_input (tests/test_bad_input.py,

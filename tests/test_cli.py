@@ -1,5 +1,6 @@
 """The lminf command line on a tiny local model: outputs, their agreement, and bad input."""
 
+import argparse
 import json
 import os
 import signal
@@ -102,6 +103,65 @@ def test_generate_prints_the_greedy_stream_continuation(model_dir, text_file, ca
     assert printed == tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
 
 
+def test_generate_shows_its_progress_and_speeds_on_stderr(model_dir, text_file, capsys):
+    """Loading says how long it took; reading the prompt shows a bar with tokens/s (unless
+    --no-progress); the end reports prompt and decode speeds. stdout holds the continuation only."""
+    assert _run("generate", text_file, "--model", model_dir, "--max-new-tokens", 5, "--n-local", 16,
+                "--chunk-size", 8) == 0
+    out, err = capsys.readouterr()
+    n_prompt = len(load_model(model_dir)[1](text_file.read_text()).input_ids)
+    assert "loading model" in err and "model loaded in" in err
+    assert "reading the prompt" in err and f"{n_prompt}/{n_prompt}" in err and "tok/s" in err
+    assert f"prompt: {n_prompt} tokens in " in err and " tokens/s); decode: " in err
+    assert "reading the prompt" not in out and "tokens/s" not in out
+    assert _run("generate", text_file, "--model", model_dir, "--max-new-tokens", 5, "--n-local", 16,
+                "--no-progress") == 0
+    out_quiet, err = capsys.readouterr()
+    assert out_quiet == out
+    assert "reading the prompt" not in err and f"prompt: {n_prompt} tokens in " in err
+
+
+def _option_blocks(help_text: str) -> dict[str, str]:
+    """{option string: its lines of --help, joined and whitespace-normalised}."""
+    blocks, current = {}, None
+    for line in help_text.splitlines():
+        stripped = line.strip()
+        if line.startswith("  -"):
+            names = stripped.split("  ")[0].split(", ")  # "-h, --help", "--port PORT"
+            current = [o.split(" ")[0] for o in names]
+            for option in current:
+                blocks[option] = stripped
+        elif current and line.startswith("    ") and stripped:
+            for option in current:
+                blocks[option] += " " + stripped
+        else:
+            current = None
+    return {option: " ".join(text.split()) for option, text in blocks.items()}
+
+
+@pytest.mark.parametrize("command", ["demo", "ppl", "passkey", "generate", "serve"])
+def test_every_option_help_shows_its_default(command, capsys, monkeypatch):
+    from lm_infinite.apps.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside a default (lminf-demo.png)
+
+    parser = build_parser()
+    subparser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    blocks = _option_blocks(capsys.readouterr().out)
+    checked = 0
+    for action in subparser._actions:
+        default = action.default
+        if not action.option_strings or default is None or default is False or default is argparse.SUPPRESS:
+            continue
+        shown = ",".join(map(str, default)) if isinstance(default, list) else str(default)
+        text = blocks[action.option_strings[-1]]
+        assert f"default: {shown}" in text, (action.option_strings, text)
+        checked += 1
+    assert checked >= 5
+
+
 def test_generate_with_several_prompt_files_prints_each_continuation_as_alone(model_dir, text_file,
                                                                               tmp_path, capsys):
     """Prompt files of different lengths run as one batch; each continuation, under its file's
@@ -183,6 +243,28 @@ def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "lm_infinite.apps.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
     assert all(command in done.stdout for command in ("ppl", "passkey", "generate", "demo"))
+
+
+def test_the_old_module_paths_still_work_and_warn():
+    """lm_infinite.cli, .server and .eval moved to lm_infinite.apps; the old paths are aliases
+    that say so (DeprecationWarning) and give the very same objects."""
+    done = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-m", "lm_infinite.cli", "--version"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("lminf "), done.stderr
+    assert "lm_infinite.cli moved to lm_infinite.apps.cli" in done.stderr
+    check = ("import warnings\n"
+             "with warnings.catch_warnings(record=True) as caught:\n"
+             "    warnings.simplefilter('always')\n"
+             "    import lm_infinite.eval.corpus, lm_infinite.server.worker\n"
+             "    from lm_infinite.cli import main\n"
+             "import lm_infinite.apps.eval.corpus as new_corpus, lm_infinite.apps.server.worker as new_worker\n"
+             "import lm_infinite.apps.cli as new_cli\n"
+             "assert lm_infinite.eval.corpus is new_corpus and lm_infinite.server.worker is new_worker\n"
+             "assert main is new_cli.main and lm_infinite.server.Engine is new_worker.Engine\n"
+             "moved = sorted(str(w.message).split()[0] for w in caught if w.category is DeprecationWarning)\n"
+             "assert moved == ['lm_infinite.cli', 'lm_infinite.eval', 'lm_infinite.server'], moved\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_version_is_the_package_version(capsys):

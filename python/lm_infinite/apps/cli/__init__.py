@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Imported here, inside main's handlers: they load transformers (seconds), and a Ctrl-C
     # during that must exit quietly like one during a run.
     from . import demo, generate, passkey, ppl, serve
+    from .common import DefaultsHelpFormatter
 
     parser = argparse.ArgumentParser(
         prog="lminf", description="LM-Infinite: RoPE language models on texts far past their training length.")
@@ -21,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in (demo, ppl, passkey, generate, serve):
         command.register(subparsers)
+    for subparser in subparsers.choices.values():
+        subparser.formatter_class = DefaultsHelpFormatter  # every option's help shows its default
     return parser
 
 

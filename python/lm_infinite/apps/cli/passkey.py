@@ -30,17 +30,17 @@ def register(subparsers) -> None:
         description="A pass key hidden at a given depth of filler text; greedy decoding, scored "
                     "on the first integer of the answer.")
     parser.add_argument("--lengths", type=int_list, default=[4096, 8192, 16384],
-                        help="prompt lengths in tokens (default 4096,8192,16384)")
+                        help="prompt lengths in tokens")
     parser.add_argument("--depths", type=depth_list, default=[0.0, 0.5, 1.0],
-                        help="needle depths in [0, 1] (default 0,0.5,1)")
+                        help="needle depths in [0, 1]")
     parser.add_argument("--trials", type=positive_int, default=1, help="random keys per length and depth")
     parser.add_argument("--methods", type=method_list, default=list(METHODS),
-                        help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+                        help=f"comma-separated subset of {','.join(METHODS)} ")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8, help="answer tokens generated")
+    parser.add_argument("--seed", type=int, default=0, help="of the random keys")
     parser.add_argument("--json", metavar="PATH", help="write every trial as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of accuracy against length")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_input_limit_option(parser)
     add_model_options(parser)
     add_top_k_options(parser)

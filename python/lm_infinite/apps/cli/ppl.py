@@ -23,7 +23,7 @@ def method_list(text: str) -> list[str]:
 
 def add_text_options(parser: argparse.ArgumentParser, default_tokens: int) -> None:
     parser.add_argument("--tokens", type=positive_int, default=default_tokens,
-                        help=f"read the first TOKENS tokens of the text (default {default_tokens})")
+                        help="read the first TOKENS tokens of the text")
     parser.add_argument("--bucket", type=positive_int, default=2048, help="tokens per table row")
     parser.add_argument("--stock-max-tokens", type=positive_int, default=32768,
                         help="skip the stock model beyond this length (its cache grows with the text)")
@@ -41,7 +41,7 @@ def register(subparsers) -> None:
                     "perplexity per position bucket, JSON and a plot.")
     parser.add_argument("files", nargs="*", metavar="FILE", help="text files to read instead of the default text")
     parser.add_argument("--methods", type=method_list, default=[m for m in METHODS if m != TOP_K_METHOD],
-                        help=f"comma-separated subset of {','.join(METHODS)} (default: all but {TOP_K_METHOD})")
+                        help=f"comma-separated subset of {','.join(METHODS)} ")
     parser.add_argument("--stride", type=positive_int, default=2048,
                         help="tokens scored per re-run of the truncated-window baseline")
     add_text_options(parser, default_tokens=16384)

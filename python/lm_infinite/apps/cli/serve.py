@@ -17,8 +17,8 @@ def register(subparsers) -> None:
         description="An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, "
                     "/v1/models, /health). Each conversation's LambdaStream is kept, so a request "
                     "that repeats the history feeds only its new tokens, however long the chat.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int_at_least(1), default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int_at_least(1), default=8000, help="TCP port")
     parser.add_argument("--max-conversations", type=non_negative_int, default=8,
                         help="idle conversations kept in memory for reuse, least recently used evicted "
                              "(each holds one fixed LambdaCache; 0: none; with --state-dir an evicted "
@@ -30,9 +30,9 @@ def register(subparsers) -> None:
                         help="refuse longer prompts (default: no limit; a kept conversation "
                              "only feeds its new tokens)")
     parser.add_argument("--max-active", type=positive_int, default=8,
-                        help="requests computed at once; more wait in a queue (default: %(default)s)")
+                        help="requests computed at once; more wait in a queue")
     parser.add_argument("--max-queued", type=non_negative_int, default=64,
-                        help="requests waiting for a slot before more are refused with 429 (default: %(default)s)")
+                        help="requests waiting for a slot before more are refused with 429")
     parser.add_argument("--max-request-mb", type=positive_int, default=4,
                         help="refuse request bodies over this many MiB with 413 (default: %(default)s)")
     parser.add_argument("--batch-decode", action=argparse.BooleanOptionalAction, default=None,
@@ -60,7 +60,10 @@ def run(args) -> int:
 
         from ..server import Engine, create_app
     except ImportError as error:
-        print(f"lminf serve: error: {error.name} is missing: pip install 'lm-infinite[serve]'", file=sys.stderr)
+        # --no-build-isolation: without it pip would rebuild the extension in an isolated
+        # environment that has no torch, and fail (a checkout: pip install --no-build-isolation -e '.[serve]').
+        print(f"lminf serve: error: {error.name} is missing: pip install --no-build-isolation 'lm-infinite[serve]'",
+              file=sys.stderr)
         return 1
     from lm_infinite.hf import enable
 
