@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import setuptools
@@ -215,6 +216,15 @@ if BuildExtension is not None:
             except BuildConfigError as error:
                 raise SystemExit(f"lm-infinite: error: {error}") from None
             print(f"lm-infinite: {build.summary}", flush=True)
+            if getattr(self, "editable_mode", False):
+                # pip install -e compiles in a throwaway folder, so a second install (README
+                # command 2 after command 1) would recompile everything. Keep the objects where
+                # `setup.py build_ext --inplace` does; ninja then recompiles only what changed
+                # (its dependencies include torch's headers), and `force` makes the link run
+                # rather than trust timestamps (a new torch or new flags leave sources unchanged).
+                platform = f"{self.plat_name}-{sys.implementation.cache_tag}"
+                self.build_temp = os.path.join(ROOT, "build", f"temp.{platform}")
+                self.force = True
             self.hopper_command = None
             hopper = build.cuda and hopper_kernel_wanted(archs, toolkit.nvcc_version)
             if build.cuda:  # torch compiles with its own guess of CUDA_HOME: make it ours
