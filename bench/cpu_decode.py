@@ -9,7 +9,7 @@ has AVX512-BF16 or AMX (else float32), decoding with the static step eagerly and
 linear layers instead of lminf's decode matrix-vector kernel (cpu_linears=False). Needs `pip install
 llama-cpp-python`. Medians in the table, every sample in the JSON.
 
-    python bench/cpu_decode.py --prompts 2048,8192 --threads 2 --json cpu_decode.json
+    python bench/cpu_decode.py --prompts 2048,8192 --threads 2 --json bench/results/cpu_decode.json
 """
 
 from __future__ import annotations

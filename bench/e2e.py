@@ -11,7 +11,7 @@ download) and SmolLM2-135M (real weights). Contenders, batch 1, random token ids
 A contender that runs out of memory is reported as OOM; one that fails otherwise, with its
 error. Writes a table (stdout), JSON and a PNG plot.
 
-    python bench/e2e.py --json e2e.json --plot e2e.png            # on the GPU, ~8 minutes
+    python bench/e2e.py --json bench/results/e2e.json --plot bench/results/e2e.png            # on the GPU, ~8 minutes
     python bench/e2e.py --smoke                                   # CPU, tiny sizes, seconds
 """
 

@@ -9,7 +9,7 @@ millions of times) changed anything, its bucket would score differently from the
 Progress on stderr; table, JSON and PNG plot at the end; tokens/s of the long stream.
 
     python bench/long_stream_ppl.py --tokens 10000000 --bucket 1000000 --dtype bfloat16 \\
-        --device cuda --json long_stream.json --plot long_stream.png
+        --device cuda --json bench/results/long_stream.json --plot bench/results/long_stream.png
     python bench/long_stream_ppl.py --tokens 3072 --bucket 1024 --n-local 256   # CPU smoke
 """
 

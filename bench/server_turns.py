@@ -14,7 +14,7 @@ The default --n-local 512 (SmolLM2 was trained at 8192) makes the history pass 3
 within ~50 turns and keeps the run near 10 minutes on 2 idle cores; the window's size changes the
 cost of each token, not the shape of the curves.
 
-    python bench/server_turns.py --json server_turns.json --plot server_turns.png
+    python bench/server_turns.py --json bench/results/server_turns.json --plot bench/results/server_turns.png
 """
 
 from __future__ import annotations

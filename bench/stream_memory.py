@@ -5,7 +5,7 @@ model with LambdaStream and records the process RSS after every chunk; checks th
 flat after the first window fills, and that the streamed NLL of a prefix equals a single
 whole-prefix forward (no cache, no chunks). Writes a JSON record and a PNG plot.
 
-    python bench/stream_memory.py --tokens 100000 --json stream_memory.json --plot stream_memory.png
+    python bench/stream_memory.py --tokens 100000 --json bench/results/stream_memory.json --plot bench/results/stream_memory.png
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh first --dry-run    # print the plan and the limits, run nothing
 #   bash scripts/gpu_check.sh build decode_tests # named phases only
 #
-# Phases, by priority (limits in seconds; expected times are in csrc/cuda/NOTES.md):
+# Phases, by priority (limits in seconds; expected times and pass bars are in scripts/README.md):
 #   first:  build (pip install --no-build-isolation -e ., LDFLAGS -v for the link line) with diag (toolchain and a
 #           one-check extension linked three ways, scripts/libstdcxx_check.py) and wgmma_tile
 #           (csrc/tests/test_wgmma_tile.cu on one tile) alongside; link_inspect (the built

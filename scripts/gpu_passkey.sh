@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU machine: the top-k middle attention study of the passkey task (README's table).
+# On the GPU machine: the top-k middle attention study of the passkey task (docs/top_k_passkey.md, docs/benchmarks.md).
 #
 #   bash scripts/gpu_passkey.sh [MODEL]                   # MODEL: .gguf or HF directory (default model if omitted)
 #   PHASES="main ppl" bash scripts/gpu_passkey.sh MODEL   # a subset of: sweep main ppl

@@ -1,4 +1,4 @@
-"""The CUDA kernels against the float64 reference (DESIGN.md section 1), through the public API.
+"""The CUDA kernels against the float64 reference (docs/design.md section 1), through the public API.
 
 Every kernel path is reached: the tensor-core kernel (bf16/fp16, head_dim 64 and 128) after
 its chunk-anchored pre-pass, whole sequences and chunks against a wrapped cache, in split-key

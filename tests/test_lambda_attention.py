@@ -1,4 +1,4 @@
-"""The whole-sequence op against the float64 reference (DESIGN.md section 1)."""
+"""The whole-sequence op against the float64 reference (docs/design.md section 1)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Defined NaN/Inf behaviour (README, "Low-level ops"): a row is NaN when a key it sees has a
+"""Defined NaN/Inf behaviour (docs/api.md, "Low-level ops"): a row is NaN when a key it sees has a
 non-finite score or value; keys it does not see never affect it. The kernel and the float64
 reference agree on it, and on a plain causal case both are the softmax over the keys each row sees."""
 

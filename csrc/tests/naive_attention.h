@@ -1,4 +1,4 @@
-// An independent double-precision implementation of DESIGN.md section 1, written for clarity
+// An independent double-precision implementation of docs/design.md section 1, written for clarity
 // as a plain loop over every (query, key) pair. The tests hold the library's kernels to it.
 #pragma once
 

@@ -30,7 +30,7 @@ MAX_POSITION = 2**62
 def _position_tensor(op: str, name: str, position: int | torch.Tensor,
                      device: torch.device) -> torch.Tensor:
     """Positions travel as int64 tensors on the op's device, so that a captured CUDA graph can
-    advance them in place. A Python int is converted (int64, not float: see DESIGN.md 1) and
+    advance them in place. A Python int is converted (int64, not float: see docs/design.md section 1) and
     range-checked here, where it is still on the host."""
     if isinstance(position, torch.Tensor):
         return position

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of LM-Infinite attention (DESIGN.md section 1).
+"""Pure-PyTorch reference of LM-Infinite attention (docs/design.md section 1).
 
 Written for clarity, not speed: it materialises the full query x key score matrix and
 expands K/V per query head. Tests compare every kernel against it in float64.

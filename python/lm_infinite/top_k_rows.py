@@ -4,8 +4,8 @@ The CUDA kernels have no top-k path yet. On CUDA, the op lambda_attention_chunk_
 implementation is registered in ops.py) lets the plain kernel compute every row of the chunk and
 then recomputes here the rows that use top-k: the last rows of a prompt and each decode step, a
 handful. That costs O(rows x (slots + middle)) work in a few batched matmuls and a torch.topk,
-small next to the chunk's own attention, and keeps the CPU kernel's semantics exactly (DESIGN.md 1
-and ops.lambda_attention_chunk_top_k): candidates are the middle store and the chunk's own keys
+small next to the chunk's own attention, and keeps the CPU kernel's semantics exactly (docs/design.md
+section 1 and ops.lambda_attention_chunk_top_k): candidates are the middle store and the chunk's own keys
 at positions in [n_global, i - n_local].
 
 Computed in float32. RoPE uses offsets from each sequence's first real row, clamped to the window,

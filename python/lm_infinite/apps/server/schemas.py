@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI endpoints the server speaks, and its response objects.
 
 Unknown fields are ignored, as OpenAI-compatible servers do: front-ends send fields such as
-`user` whatever the server. The README lists the fields honoured here.
+`user` whatever the server. docs/serving.md lists the fields honoured here.
 """
 
 from __future__ import annotations
