@@ -126,8 +126,8 @@ class counted:
 @contextlib.contextmanager
 def prompt_progress(model, total: int, enabled: bool):
     """A tqdm bar on stderr (tokens/s) over the prompt while the stream reads it: each forward
-    of the decoder advances it by the tokens of its chunk (padding of a padded batch counted as
-    read once the bar is full)."""
+    of the decoder, once done, advances it by the tokens of its chunk (padding of a padded
+    batch counted as read once the bar is full)."""
     if not enabled:
         yield
         return
@@ -135,12 +135,12 @@ def prompt_progress(model, total: int, enabled: bool):
 
     bar = tqdm(total=total, desc="reading the prompt", unit="tok", file=sys.stderr, dynamic_ncols=True)
 
-    def advance(module, args, kwargs):
+    def advance(module, args, kwargs, output):
         chunk = kwargs.get("input_ids", args[0] if args else None)
         if chunk is not None:
             bar.update(min(chunk.numel(), total - bar.n))
 
-    hook = decoder_of(model).register_forward_pre_hook(advance, with_kwargs=True)
+    hook = decoder_of(model).register_forward_hook(advance, with_kwargs=True)
     try:
         yield
     finally:
