@@ -1,5 +1,5 @@
 """The LM-Infinite attention backend alone (no engine) against the float64 reference of
-DESIGN.md section 1: a batch of requests with prefill chunks and decode rows mixed, GQA, a paged
+docs/design.md section 1: a batch of requests with prefill chunks and decode rows mixed, GQA, a paged
 cache whose freed and unattended slots hold NaN (so a read of one shows), and the new tokens'
 keys and values written to their slots."""
 

@@ -1,4 +1,4 @@
-"""The attention backend: LM-Infinite attention (DESIGN.md section 1) over vLLM's paged KV cache,
+"""The attention backend: LM-Infinite attention (docs/design.md section 1) over vLLM's paged KV cache,
 with the project's op `lambda_attention_chunk`.
 
 Keys and values are stored unrotated (the model's rotary embedding is an identity, see
