@@ -15,8 +15,7 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 
 TRANSFORMERS_OLDEST="${TRANSFORMERS_OLDEST:-5.17.0}"
 TORCH="torch==2.13.0"
-TESTS=(tests/test_hf_cache.py tests/test_hf_families.py tests/test_hf_top_k.py tests/test_hf_paged_middle.py
-       tests/test_streaming.py tests/test_batching.py)
+TESTS=(tests/test_hf_*.py tests/test_streaming.py tests/test_batching.py)
 
 # The venv's packages: the project's runtime dependencies (pyproject.toml) with transformers
 # pinned, and the test tools.
