@@ -135,6 +135,8 @@ phase_cuda_tests() {
     tests/test_top_k_middle.py tests/test_hf_cuda.py -k "not ($DECODE_TESTS)" || rc=$?
   # shellcheck disable=SC2086
   "$PY" -m pytest -q --maxfail=30 $XDIST tests/test_cuda_batched.py || rc=$?
+  # The vLLM plugin's backend over the CUDA ops (a skip where the machine has no vLLM).
+  PYTHON="$PY" bash scripts/vllm_ci.sh --gpu || rc=$?
   return "$rc"
 }
 # The Hopper kernel (auto) first, then the mma.sync fallback; a failing Hopper run stops at
