@@ -2,6 +2,7 @@
 request bodies; and a fuzz of the request schema that never gets a 500 or a hang."""
 
 import asyncio
+import functools
 import gc
 import json
 import weakref
@@ -15,8 +16,10 @@ from hypothesis import strategies as st
 import lm_infinite.hf as lminf_hf
 from lm_infinite.models import load_model
 from lm_infinite.apps.server import Engine, create_app
+from lm_infinite.apps.server.conversations import ConversationStore
 from lm_infinite.apps.server.errors import APIError
 from lm_infinite.apps.server.worker import Sampling
+from lm_infinite.streaming import LambdaStream
 from tiny_chat_model import save_tiny_chat_model
 
 MODEL_NAME = "tiny-chat-model"
@@ -51,8 +54,8 @@ def test_live_conversations_are_bounded_and_evicted_ones_freed(model_and_tokeniz
             assert chat(client, f"conversation {i}").status_code == 200
             evicted += [weakref.ref(c.stream) for c in list(engine.store._idle.values())]
         health = client.get("/health").json()
-        assert health["conversations"] == 2 and health["max_live_conversations"] == 4
-        assert health["max_conversation_bytes"] == 4 * health["conversation_bytes"] > 0
+        assert health["conversations"] == 2 and health["max_live_conversations"] == 2
+        assert health["max_conversation_bytes"] == 2 * health["conversation_bytes"] > 0
         gc.disable()  # freed by reference counting, not by a collector run
         try:
             kept = {id(c.stream) for c in engine.store._idle.values()}
@@ -60,6 +63,20 @@ def test_live_conversations_are_bounded_and_evicted_ones_freed(model_and_tokeniz
             assert not gone, f"{len(gone)} evicted conversations still alive"
         finally:
             gc.enable()
+
+
+def test_a_new_conversation_evicts_idle_ones_to_stay_within_the_live_bound(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    store = ConversationStore(3, functools.partial(LambdaStream, model, chunk_size=8))
+    for first in range(3):
+        conversation, _ = store.checkout([first + 1, 7, 7])
+        conversation.feed([first + 1, 7, 7])
+        store.checkin(conversation)
+    assert len(store) == 3
+    store.checkout([50, 51], max_live=3, in_flight=1)  # 3 idle + 1 in flight + the new one > 3
+    assert len(store) == 1
+    kept, cached = store.checkout([3, 7, 7, 9], max_live=3, in_flight=2)  # the newest stayed
+    assert cached == 3 and len(store) == 0
 
 
 def test_requests_beyond_the_queue_are_refused_with_429(model_and_tokenizer):

@@ -20,9 +20,10 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int_at_least(1), default=8000, help="TCP port")
     parser.add_argument("--max-conversations", type=non_negative_int, default=8,
-                        help="idle conversations kept in memory for reuse, least recently used evicted "
-                             "(each holds one fixed LambdaCache; 0: none; with --state-dir an evicted "
-                             "one is still found on disk) (default: %(default)s)")
+                        help="conversations kept in memory for reuse, idle and in flight together (at "
+                             "most the larger of this and --max-active), least recently used idle ones "
+                             "evicted (each holds one fixed LambdaCache; 0: none; with --state-dir an "
+                             "evicted one is still found on disk) (default: %(default)s)")
     parser.add_argument("--max-tokens-limit", type=positive_int, default=2048,
                         help="the largest max_tokens a request may ask for, and the default "
                              "(default: %(default)s)")

@@ -93,20 +93,29 @@ class ConversationStore:
     def __len__(self) -> int:
         return len(self._idle)
 
-    def checkout(self, prompt: Sequence[int]) -> tuple[Conversation, int]:
+    def checkout(self, prompt: Sequence[int], max_live: int | None = None,
+                 in_flight: int = 0) -> tuple[Conversation, int]:
         """The idle conversation holding the longest prefix of `prompt` (removed from the
         store) and that prefix's length; with a state directory, the longest of those and of
-        the saved ones; a fresh conversation and 0 if none does."""
+        the saved ones; a fresh conversation and 0 if none does. A conversation that is not
+        taken from the idle ones adds one to those alive: with max_live, the least recently
+        used idle ones go first, so that idle plus in_flight plus the new one stay within it."""
         saved = self.saved.keys() if self.saved is not None else {}
         for key in sorted(self._prefix_keys(prompt, saved) & (self._idle.keys() | saved), reverse=True):
             if key in self._idle:
                 return self._idle.pop(key), key.length
+            self._make_room(max_live, in_flight)
             stream = self.saved.load(key)
             if stream is not None:
                 conversation = Conversation(stream, prompt[:key.length])
                 conversation.saved_key = key
                 return conversation, key.length
+        self._make_room(max_live, in_flight)
         return Conversation(self._new_stream()), 0
+
+    def _make_room(self, max_live: int | None, in_flight: int) -> None:
+        while max_live is not None and self._idle and len(self._idle) + in_flight + 1 > max_live:
+            self._idle.popitem(last=False)  # a dropped stream frees its cache at once
 
     def checkin(self, conversation: Conversation) -> None:
         """Keep a conversation for later requests (as the most recently used), evicting the

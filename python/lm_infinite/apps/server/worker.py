@@ -110,10 +110,9 @@ class Engine:
             raise ValueError(f"Engine: max_active must be >= 1 and max_queued >= 0, got {max_active}, {max_queued}")
         self.tokenizer, self.chunk_size, self.max_prompt_tokens = tokenizer, chunk_size, max_prompt_tokens
         self._device = next(model.parameters()).device
-        # Live conversations: at most max_conversations idle (kept for reuse) plus max_active in
-        # flight, each one fixed LambdaCache; requests beyond max_active wait, up to max_queued
-        # of them, and further ones are refused. So memory is the model plus
-        # (max_conversations + max_active) caches, however many clients call.
+        # Live conversations, idle (kept for reuse) and in flight, each one fixed LambdaCache:
+        # at most max_live_conversations. Requests beyond max_active wait, up to max_queued of
+        # them, and further ones are refused.
         self.max_active, self.max_queued = max_active, max_queued
         # Decode steps of all generating requests as one forward (continuous batching). None:
         # on the CPU; off on a GPU, where each request's own step replays a CUDA graph (not yet
@@ -148,8 +147,11 @@ class Engine:
 
     @property
     def max_live_conversations(self) -> int:
-        """The most conversations (idle and in flight) this engine ever holds."""
-        return self.store.capacity + self.max_active
+        """The most conversations (idle and in flight) this engine ever holds: the kept ones'
+        bound, or the requests in flight if more may run at once. A request that needs a new
+        conversation first evicts idle ones beyond it, so memory is the model plus this many
+        fixed caches however many clients call."""
+        return max(self.store.capacity, self.max_active)
 
     def submit(self, prompt: str | list[dict], sampling: Sampling) -> Job:
         """Queue a request; APIError 429 when max_queued requests already wait for a slot."""
@@ -224,7 +226,7 @@ class Engine:
         except APIError as error:
             job.emit(Failed(error))
             return
-        conversation, cached = self.store.checkout(prompt)
+        conversation, cached = self.store.checkout(prompt, self.max_live_conversations, self.active_requests)
         self.active_requests += 1
         finished = None
         try:
