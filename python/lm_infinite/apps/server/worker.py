@@ -256,11 +256,7 @@ class Engine:
         (None if the job was cancelled), which the caller sends. Tokens are chosen as
         LambdaStream.generate chooses them (the same draws from the same generator)."""
         sampling = job.sampling
-        generator = torch.Generator(device=self._device)
-        if sampling.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(sampling.seed)
+        generator = self._generator(sampling.seed)
         text = CompletionText(self.tokenizer, sampling.stop)
         stream = conversation.stream
         sample = sampling.temperature > 0
@@ -277,34 +273,50 @@ class Engine:
             if sample:  # drawn before the step, as the decode step does
                 noise = draw_noise(torch.empty_like(stream.next_logits), generator)
             yield _Decode(stream, token)
-            conversation.record([token])  # fed by the engine's step
-            usage.completion_tokens += 1
-            if token in self.stop_token_ids:
-                finish_reason = "stop"
-                break
-            delta = text.push(token)
-            if delta:
-                job.emit(TextDelta(delta))
-            if text.stopped:
-                finish_reason = "stop"
-                break
-            if job.cancelled:
-                self.cancelled_requests += 1
+            outcome = self._took(job, conversation, usage, text, token)  # fed by the engine's step
+            if outcome == "cancelled":
                 return None
+            if outcome == "stop":
+                finish_reason = "stop"
+                break
             token = int(choose_tokens(stream.next_logits, temperature, noise, nucleus)[0])
         if rest := text.flush():
             job.emit(TextDelta(rest))
         return Finished(finish_reason, usage)
 
+    def _generator(self, seed: int | None) -> torch.Generator:
+        """The request's random generator: seeded by the request, or freshly."""
+        generator = torch.Generator(device=self._device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        return generator
+
+    def _took(self, job: Job, conversation: Conversation, usage: Usage, text: CompletionText,
+              token: int) -> str | None:
+        """Account for a token the stream has just been fed (both generation paths): recorded,
+        counted, its text sent. "stop" when it ends the reply (end of turn or a stop string),
+        "cancelled" when the client is gone, else None."""
+        conversation.record([token])
+        usage.completion_tokens += 1
+        if token in self.stop_token_ids:
+            return "stop"
+        delta = text.push(token)
+        if delta:
+            job.emit(TextDelta(delta))
+        if text.stopped:
+            return "stop"
+        if job.cancelled:
+            self.cancelled_requests += 1
+            return "cancelled"
+        return None
+
     def _generate_alone(self, job: Job, conversation: Conversation, usage: Usage):
         """_generate with batch_decode off: the stream's own generate() (its StaticDecodeStep,
         a CUDA graph on a GPU), one `yield` per token."""
         sampling = job.sampling
-        generator = torch.Generator(device=self._device)
-        if sampling.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(sampling.seed)
+        generator = self._generator(sampling.seed)
         text = CompletionText(self.tokenizer, sampling.stop)
         tokens = conversation.stream.generate(sampling.max_tokens, stop_token_ids=self.stop_token_ids,
                                               temperature=sampling.temperature, top_p=sampling.top_p,
@@ -313,20 +325,12 @@ class Engine:
         try:
             for token in tokens:
                 # The stream fed the token before yielding it: record it whatever happens next.
-                conversation.record([token])
-                usage.completion_tokens += 1
-                if token in self.stop_token_ids:
-                    finish_reason = "stop"
-                    break
-                delta = text.push(token)
-                if delta:
-                    job.emit(TextDelta(delta))
-                if text.stopped:
-                    finish_reason = "stop"
-                    break
-                if job.cancelled:
-                    self.cancelled_requests += 1
+                outcome = self._took(job, conversation, usage, text, token)
+                if outcome == "cancelled":
                     return None
+                if outcome == "stop":
+                    finish_reason = "stop"
+                    break
                 yield
         finally:
             tokens.close()
