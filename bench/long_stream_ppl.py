@@ -6,7 +6,10 @@ then the standard library's sources, repeated as needed); for each bucket of `--
 tokens, a fresh stream that starts one window (n_local tokens) before the bucket scores the
 same bucket text. If the long stream's state (positions in the billions, rings rewritten
 millions of times) changed anything, its bucket would score differently from the fresh one.
-Progress on stderr; table, JSON and PNG plot at the end; tokens/s of the long stream.
+Each bucket also records the long stream's own tokens/s over that bucket (wall clock, and per
+CPU-second of this process, which other jobs on the machine do not move) and the process's RSS
+after it: both must stay flat (constant memory, constant work per token).
+Progress on stderr; table, JSON and PNG plot at the end.
 
     python bench/long_stream_ppl.py --tokens 10000000 --bucket 1000000 --dtype bfloat16 \\
         --device cuda --json bench/results/long_stream.json --plot bench/results/long_stream.png
@@ -20,6 +23,7 @@ import math
 import sys
 import time
 
+import psutil
 import torch
 
 import lm_infinite.hf as lminf_hf
@@ -63,45 +67,59 @@ def main() -> int:
     streamed_seconds = 0.0
     for begin in range(0, ids.numel(), args.bucket):
         bucket = ids[begin:begin + args.bucket]
-        tick = time.perf_counter()
+        tick, cpu_tick = time.perf_counter(), time.process_time()
         long_nll = mean_nll(long_stream, bucket, args.chunk_size)
-        streamed_seconds += time.perf_counter() - tick
+        bucket_seconds, bucket_cpu_seconds = time.perf_counter() - tick, time.process_time() - cpu_tick
+        streamed_seconds += bucket_seconds
         # The fresh stream reads the window before the bucket, then scores the bucket itself.
         fresh = LambdaStream(model, chunk_size=args.chunk_size)
         if begin > 0:
             fresh.feed(ids[None, max(0, begin - n_local):begin])
         fresh_nll = mean_nll(fresh, bucket, args.chunk_size)
         row = dict(first_token=begin, tokens=bucket.numel(), ppl_long=math.exp(long_nll),
-                   ppl_fresh=math.exp(fresh_nll))
+                   ppl_fresh=math.exp(fresh_nll), tokens_per_s=bucket.numel() / bucket_seconds,
+                   # wall-clock speed moves with whatever else the machine runs; CPU time per token does not
+                   tokens_per_cpu_s=bucket.numel() / bucket_cpu_seconds)
         row["ratio"] = row["ppl_long"] / row["ppl_fresh"]
+        del fresh  # the RSS below is the long stream's and the model's, not a fresh stream's
+        row["rss_mib"] = psutil.Process().memory_info().rss / 2**20
         rows.append(row)
         print(f"tokens {begin:>11,}..{begin + bucket.numel():>11,}  long stream ppl {row['ppl_long']:8.3f}  "
               f"fresh stream ppl {row['ppl_fresh']:8.3f}  ratio {row['ratio']:.4f}  "
-              f"{long_stream.position / streamed_seconds:8.0f} tok/s  {time.perf_counter() - start:7.0f} s",
+              f"{row['tokens_per_s']:6.0f} tok/s  RSS {row['rss_mib']:6.0f} MiB  {time.perf_counter() - start:7.0f} s",
               file=sys.stderr, flush=True)
     tokens_per_s = long_stream.position / streamed_seconds
-    print(f"{'bucket start':>12} {'tokens':>9} {'long ppl':>9} {'fresh ppl':>9} {'ratio':>7}")
+    print(f"{'bucket start':>12} {'tokens':>9} {'long ppl':>9} {'fresh ppl':>9} {'ratio':>7} {'tok/s':>7} "
+          f"{'RSS MiB':>8}")
     for row in rows:
         print(f"{row['first_token']:>12} {row['tokens']:>9} {row['ppl_long']:9.3f} {row['ppl_fresh']:9.3f} "
-              f"{row['ratio']:7.4f}")
+              f"{row['ratio']:7.4f} {row['tokens_per_s']:7.0f} {row['rss_mib']:8.0f}")
+    summary = dict(max_ratio_error=max(abs(r["ratio"] - 1) for r in rows),
+                   tokens_per_s_last_over_first=rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"],
+                   rss_last_over_first=rows[-1]["rss_mib"] / rows[0]["rss_mib"])
     print(f"long stream: {long_stream.position} tokens at {tokens_per_s:.0f} tokens/s; "
-          f"largest |ratio - 1| = {max(abs(r['ratio'] - 1) for r in rows):.4f}")
+          f"largest |ratio - 1| = {summary['max_ratio_error']:.4f}; last bucket / first: "
+          f"tokens/s {summary['tokens_per_s_last_over_first']:.3f}, RSS {summary['rss_last_over_first']:.3f}")
     if args.json:
         write_json(args.json, dict(n_local=n_local, bucket=args.bucket, dtype=args.dtype, device=args.device,
-                                   tokens_per_s=tokens_per_s, rows=rows))
+                                   tokens_per_s=tokens_per_s, threads=torch.get_num_threads(),
+                                   **summary, rows=rows))
     if args.plot:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        figure, axis = plt.subplots(figsize=(7, 4))
+        figure, (ppl_axis, speed_axis, rss_axis) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
         starts = [r["first_token"] + r["tokens"] / 2 for r in rows]
-        axis.plot(starts, [r["ppl_long"] for r in rows], marker="o", label="one long stream")
-        axis.plot(starts, [r["ppl_fresh"] for r in rows], marker="x", label="fresh stream per bucket")
-        axis.set(xlabel="position in the stream (tokens)", ylabel="perplexity",
-                 title=f"LM-Infinite, bucket {args.bucket} tokens, window {n_local}")
-        axis.legend()
+        ppl_axis.plot(starts, [r["ppl_long"] for r in rows], marker="o", label="one long stream")
+        ppl_axis.plot(starts, [r["ppl_fresh"] for r in rows], marker="x", label="fresh stream per bucket")
+        ppl_axis.set(ylabel="perplexity", title=f"LM-Infinite, bucket {args.bucket} tokens, window {n_local}")
+        ppl_axis.legend()
+        speed_axis.plot(starts, [r["tokens_per_s"] for r in rows], marker="o")
+        speed_axis.set(ylabel="long stream tokens/s", ylim=(0, None))
+        rss_axis.plot(starts, [r["rss_mib"] for r in rows], marker="o")
+        rss_axis.set(xlabel="position in the stream (tokens)", ylabel="RSS (MiB)", ylim=(0, None))
         figure.tight_layout()
         atomic_write(args.plot, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
     return 0
