@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -346,12 +347,20 @@ def test_sampling_options_out_of_range_are_usage_errors(text_file, capsys, optio
     _fails_cleanly(capsys, "generate", [text_file, option, value], message, status=2)
 
 
-def test_sigint_during_start_up_exits_130_quietly(model_dir, text_file):
-    child = subprocess.Popen([sys.executable, "-m", "lm_infinite.apps.cli", "ppl", str(text_file), "--model",
-                              str(model_dir), "--no-progress"], stderr=subprocess.PIPE, text=True)
-    line = child.stderr.readline()
-    assert "loading model" in line, line
-    time.sleep(0.1)
+def test_sigint_during_a_run_exits_130_quietly(model_dir, tmp_path):
+    # A run of many seconds (a long text, a small stride), so that the signal lands inside the
+    # command: against a command that ends at once (bad arguments) it could land while the
+    # interpreter shuts down, which no program can turn into a status of its own.
+    text = tmp_path / "long.txt"
+    text.write_text("The grass is green. def f(x):\n    return x + 1\n" * 4000)
+    child = subprocess.Popen([sys.executable, "-m", "lm_infinite.apps.cli", "ppl", str(text), "--model",
+                              str(model_dir), "--stride", "4", "--no-progress"], stderr=subprocess.PIPE, text=True)
+    for line in child.stderr:
+        if "model loaded" in line:
+            break
+    else:
+        pytest.fail(f"the command ended before loading its model (status {child.wait()})")
+    time.sleep(0.2)
     child.send_signal(signal.SIGINT)
     err = child.stderr.read()
     assert child.wait(timeout=60) == 130, err
