@@ -10,6 +10,7 @@ torch.load(weights_only=True) reads it, and a file cannot run code):
                     cache and the logits, the parameters' dtype, a hash of a few weight tensors
     settings        the cache's resolved LambdaSettings, as plain values (settings.as_dict)
     chunk_size      the stream's prefill chunk size (the loaded stream takes it by default)
+    pinned_tokens   the stream's pinned prefix (LambdaCache; version 2 on, 0 in version 1)
     next_logits     float32 [batch, vocab] or None
     layers          per layer: None (an empty ring) or {k, v, positions, next_position (the
                     ring's tensors, whole), n_seen, padded, middle: None or {k, v, positions
@@ -36,10 +37,12 @@ from .distributed import tensor_parallel_size
 from .hf import state_of
 from .hf.settings import as_dict
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "model_fingerprint", "save_stream", "load_stream"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "model_fingerprint", "save_stream", "load_stream"]
 
 FORMAT = "lm_infinite.LambdaStream"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this one reads: version 1 had no pinned prefix (pinned_tokens 0).
+READABLE_VERSIONS = (1, 2)
 
 # Config values that decide the cache's shape and what the logits mean.
 _CONFIG_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -106,7 +109,7 @@ def stream_state(stream) -> dict:
                            padded=ring.padded, middle=middle))
     return dict(format=FORMAT, format_version=FORMAT_VERSION, lm_infinite=__version__,
                 model=model_fingerprint(stream.model), settings=_settings_dict(stream.cache.settings),
-                chunk_size=stream.chunk_size,
+                chunk_size=stream.chunk_size, pinned_tokens=stream.pinned_tokens,
                 next_logits=None if stream.next_logits is None else _cpu(stream.next_logits),
                 layers=layers)
 
@@ -160,16 +163,20 @@ def load_stream(cls, path, model, **stream_options):
         raise ValueError(f"LambdaStream.load: {path} is not a readable saved stream: {error}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"LambdaStream.load: {path} is not a saved LambdaStream")
-    if state.get("format_version") != FORMAT_VERSION:
+    if state.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"LambdaStream.load: {path} has format version {state.get('format_version')!r} "
                          f"(written by lm_infinite {state.get('lm_infinite')}); this lm_infinite "
-                         f"({__version__}) reads version {FORMAT_VERSION}")
+                         f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     differences = _differences("model", state["model"], model_fingerprint(model))
     differences += _differences("settings", state["settings"], _settings_dict(state_of(model).settings))
     if differences:
         raise ValueError(f"LambdaStream.load: {path} was saved from another model or with other "
                          f"LM-Infinite settings: {'; '.join(differences)}")
     stream_options.setdefault("chunk_size", state["chunk_size"])
+    pinned = state.get("pinned_tokens", 0)
+    if stream_options.setdefault("pinned_tokens", pinned) != pinned:
+        raise ValueError(f"LambdaStream.load: {path} was saved with pinned_tokens={pinned}, not "
+                         f"{stream_options['pinned_tokens']} (a ring's global slots cannot change)")
     stream = cls(model, **stream_options)
     layers = state["layers"]
     if len(layers) != len(stream.cache.layers):  # the fingerprint's layer count says the same

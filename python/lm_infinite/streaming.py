@@ -58,14 +58,19 @@ class LambdaStream:
     On the CPU, cpu_linears=True (the default) computes the linear layers of decode steps and
     of feeds of a few tokens with lminf's matrix-vector kernel (lm_infinite.decode_linears),
     which reads the weights at memory speed; False keeps PyTorch's.
+
+    pinned_tokens: the stream's first pinned_tokens tokens stay visible for its whole life as
+    global tokens (LambdaCache): feed a system prompt first and pin its length, and no query
+    ever loses sight of it, however long the conversation grows.
     """
 
     def __init__(self, model: torch.nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE, cuda_graphs: bool | None = None,
-                 compile: bool = False, cpu_linears: bool = True) -> None:
+                 compile: bool = False, cpu_linears: bool = True, pinned_tokens: int = 0) -> None:
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"LambdaStream: chunk_size must be an int >= 1, got {chunk_size!r}")
         self.model, self.chunk_size = model, chunk_size
-        self.cache = LambdaCache(model)  # raises unless lm_infinite.enable(model) was called
+        # Raises unless lm_infinite.enable(model) was called.
+        self.cache = LambdaCache(model, pinned_tokens=pinned_tokens)
         self._decoder = decoder_of(model)
         self._head = model.get_output_embeddings()
         self._cache_keyword = cache_argument_name(self._decoder)
@@ -106,6 +111,10 @@ class LambdaStream:
         constructor's (chunk_size: the saved stream's by default)."""
         from .saved_stream import load_stream
         return load_stream(cls, path, model, **options)
+
+    @property
+    def pinned_tokens(self) -> int:
+        return self.cache.pinned_tokens
 
     @property
     def position(self) -> int:

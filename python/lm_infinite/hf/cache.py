@@ -10,7 +10,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..cache import RingKVCache
 from .state import state_of
 
-__all__ = ["LambdaCache", "LambdaLayer", "RowCaches"]
+__all__ = ["MAX_PINNED_TOKENS", "LambdaCache", "LambdaLayer", "RowCaches"]
+
+# Pinned tokens are global tokens: each is scored by every query, so a pinned prefix costs what
+# a window that much longer costs. The bound keeps a mistaken value (a whole document) from
+# allocating and scoring far more than anyone meant to pin.
+MAX_PINNED_TOKENS = 65536
 
 
 class LambdaLayer(CacheLayerMixin):
@@ -77,15 +82,28 @@ class LambdaLayer(CacheLayerMixin):
 
 class LambdaCache(Cache):
     """The cache for an LM-Infinite-enabled model: G + L tokens per layer however long the
-    stream. Pass it as `past_key_values=` (or `cache=`) to the model's forward or `generate()`."""
+    stream. Pass it as `past_key_values=` (or `cache=`) to the model's forward or `generate()`.
 
-    def __init__(self, model) -> None:
+    pinned_tokens: each sequence's first pinned_tokens tokens (a system prompt, say) stay
+    visible for the stream's whole life, as global tokens: every Λ layer keeps
+    max(n_global, pinned_tokens) of them (docs/design.md, section 1, "Pinned prefix"). Layers that the
+    model itself restricts to a sliding window keep their window only."""
+
+    def __init__(self, model, *, pinned_tokens: int = 0) -> None:
         state = state_of(model)
+        if not isinstance(pinned_tokens, int) or isinstance(pinned_tokens, bool) \
+                or not 0 <= pinned_tokens <= MAX_PINNED_TOKENS:
+            raise ValueError(f"LambdaCache: pinned_tokens must be an int in [0, {MAX_PINNED_TOKENS}], "
+                             f"got {pinned_tokens!r}")
         self.settings = state.settings  # checked against the model's at each forward
+        self.pinned_tokens = pinned_tokens
         middle = dict(kind=state.top_k_store, **dict(state.top_k_store_options))
-        rules = [state.layer(i) for i in range(state.num_layers)]
-        super().__init__(layers=[LambdaLayer(rule.n_global, rule.n_local, state.uses_top_k(i), middle)
-                                 for i, rule in enumerate(rules)])
+        layers = []
+        for index in range(state.num_layers):
+            rule = state.layer(index)
+            n_global = rule.n_global if rule.sliding else max(rule.n_global, pinned_tokens)
+            layers.append(LambdaLayer(n_global, rule.n_local, state.uses_top_k(index), middle))
+        super().__init__(layers=layers)
 
     def allocate(self, batch: int, n_heads_kv: int, head_dim: int, dtype: torch.dtype, device) -> None:
         """Allocate every layer's ring for `batch` sequences now, instead of at the first forward
