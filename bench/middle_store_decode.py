@@ -111,7 +111,7 @@ def main() -> None:
         device_bytes = middle.device_nbytes() if hasattr(middle, "device_nbytes") else middle.nbytes()
         rows.append(dict(tokens=n, store=name, **{what: best[(n, name), what] for what in timers},
                          device_mib=device_bytes / 2**20, total_mib=middle.nbytes() / 2**20))
-    print(f"\n| store | " + " | ".join(f"{n // 1024}K: top-k ms (candidates; no top-k)" for n in args.lengths)
+    print("\n| store | " + " | ".join(f"{n // 1024}K: top-k ms (candidates; no top-k)" for n in args.lengths)
           + f" | growth {args.lengths[0] // 1024}K->{args.lengths[-1] // 1024}K | device MiB | total MiB |")
     print("|---|" + "---|" * (len(args.lengths) + 3))
     for name in args.stores:

@@ -22,31 +22,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
-import openai
-
-from lm_infinite.apps.bench_common import MODEL_NAME, Server, rss_mib, user_messages
+from lm_infinite.apps.bench_common import Server, rss_mib, timed_turn, user_messages
 from lm_infinite.apps.eval.report import atomic_write, write_json
-
-def timed_turn(client: openai.OpenAI, messages: list[dict], reply_tokens: int) -> dict:
-    """One streamed greedy turn: the reply, time to first text, decode tokens/s, usage."""
-    start = time.perf_counter()
-    first = None
-    parts, usage = [], None
-    for chunk in client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=reply_tokens,
-                                                temperature=0, stream=True, stream_options={"include_usage": True}):
-        if chunk.usage is not None:
-            usage = chunk.usage
-        elif chunk.choices and chunk.choices[0].delta.content:
-            first = first or time.perf_counter()
-            parts.append(chunk.choices[0].delta.content)
-    end = time.perf_counter()
-    decoded = usage.completion_tokens - 1  # tokens after the first
-    return {"reply": "".join(parts), "ttft_s": (first or end) - start,
-            "tokens_per_s": decoded / (end - first) if first and decoded > 0 and end > first else None,
-            "prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.prompt_tokens_details.cached_tokens,
-            "completion_tokens": usage.completion_tokens}
 
 
 def window_median(rows: list[dict], key: str, first: int, last: int) -> float:

@@ -11,7 +11,6 @@ times; the table gives the median ms per token of each. Both produce the same gr
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 

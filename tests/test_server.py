@@ -4,6 +4,7 @@ Every answer is checked against an independent reference: a fresh LambdaStream, 
 process, over the whole prompt the server should have built (chat template included).
 """
 
+import functools
 import json
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from lm_infinite.models import load_model
 from lm_infinite.apps.server.conversations import ConversationStore
 from lm_infinite.apps.server.text import CompletionText
 from lm_infinite.streaming import LambdaStream
-from tiny_chat_model import save_tiny_chat_model
+from tiny_chat_model import save_tiny_chat_model, system_message_tokens
 
 SETTINGS = dict(n_global=2, n_local=16)  # a window the conversations outgrow many times
 MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT = 600, 512
@@ -89,12 +90,14 @@ def reference(model_dir):
     eos = tokenizer.eos_token_id
 
     def run(prompt, max_tokens, *, temperature=0.0, seed=0, stop=()):
+        pinned = 0
         if isinstance(prompt, str):
             ids = tokenizer(prompt).input_ids
         else:
             ids = tokenizer(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False),
                             add_special_tokens=False).input_ids
-        stream = LambdaStream(model)
+            pinned = system_message_tokens(prompt)
+        stream = LambdaStream(model, pinned_tokens=pinned)
         stream.feed(torch.tensor([ids]))
         tokens = list(stream.generate(max_tokens, stop_token_ids=[eos], temperature=temperature,
                                       generator=torch.Generator().manual_seed(seed)))
@@ -124,6 +127,7 @@ def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny-chat-model"]
     health = httpx.get(f"{server}/health").json()
     assert health["status"] == "ok" and health["max_conversations"] == 16
+    assert health["max_pinned_tokens"] == 1024  # --pin-system-prompt is on by default
 
 
 def test_chat_streamed_and_not_give_the_fresh_stream_answer(client, reference):
@@ -333,7 +337,7 @@ def test_bad_requests_of_every_kind_get_the_openai_error_and_the_server_lives(se
 def test_the_store_continues_only_an_exact_prefix_and_evicts_the_least_recent(model_dir):
     model, _ = load_model(model_dir)
     lminf_hf.enable(model, **SETTINGS)
-    store = ConversationStore(2, lambda: LambdaStream(model))
+    store = ConversationStore(2, functools.partial(LambdaStream, model))
     first, cached = store.checkout([5, 6, 7])
     assert cached == 0
     first.feed([5, 6, 7])

@@ -18,7 +18,7 @@ import lm_infinite.hf as lminf_hf
 from lm_infinite.models import load_model
 from lm_infinite.apps.server import Engine, create_app
 from lm_infinite.streaming import LambdaStream
-from tiny_chat_model import save_tiny_chat_model
+from tiny_chat_model import save_tiny_chat_model, system_message_tokens
 
 N_GLOBAL, N_LOCAL = 2, 16
 MODEL_NAME = "tiny-chat-model"
@@ -69,11 +69,12 @@ def _ask(url, messages, max_tokens):
 
 
 def _reference_answer(model_and_tokenizer, messages, max_tokens):
-    """A fresh stream over the whole prompt: what the server answers without any restart."""
+    """A fresh stream over the whole prompt (its system message pinned, as the server does by
+    default): what the server answers without any restart."""
     model, tokenizer = model_and_tokenizer
     ids = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
                     add_special_tokens=False).input_ids
-    stream = LambdaStream(model)
+    stream = LambdaStream(model, pinned_tokens=system_message_tokens(messages))
     stream.feed(torch.tensor([ids]))
     tokens = list(stream.generate(max_tokens, stop_token_ids=[tokenizer.eos_token_id]))
     return tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id])

@@ -30,6 +30,14 @@ def _tokenizer() -> PreTrainedTokenizerFast:
                                    clean_up_tokenization_spaces=False)
 
 
+def system_message_tokens(messages) -> int:
+    """The tokens of a chat's system message in this template ("[system]" + content + EOS, one
+    token per character): what `lminf serve --pin-system-prompt` pins. 0 without one."""
+    if not messages or messages[0]["role"] != "system":
+        return 0
+    return len("[system]" + messages[0]["content"]) + 1
+
+
 def save_tiny_chat_model(directory: Path, seed: int = 0) -> Path:
     tokenizer = _tokenizer()
     model = tiny_llama(tokenizer, seed)

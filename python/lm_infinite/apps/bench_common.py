@@ -13,7 +13,7 @@ import time
 
 from .cli.common import DTYPES
 
-__all__ = ["DTYPES", "MODEL_NAME", "Server", "rss_mib", "user_messages"]
+__all__ = ["DTYPES", "MODEL_NAME", "Server", "rss_mib", "timed_turn", "user_messages"]
 
 MODEL_NAME = "bench-model"
 
@@ -38,15 +38,15 @@ def user_messages(n: int, chars: int) -> list[str]:
 
 class Server:
     """`lminf serve` in a subprocess on a free port, stopped on exit. `args` carries n_local,
-    model (or None) and threads (or None)."""
+    model (or None) and threads (or None); `options`: more of serve's options."""
 
-    def __init__(self, args, max_conversations: int) -> None:
+    def __init__(self, args, max_conversations: int, options: tuple[str, ...] = ()) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         command = [sys.executable, "-m", "lm_infinite.apps.cli", "serve", "--port", str(self.port),
                    "--model-name", MODEL_NAME, "--n-local", str(args.n_local),
-                   "--max-conversations", str(max_conversations)] + (["--model", args.model] if args.model else [])
+                   "--max-conversations", str(max_conversations), *options] + (["--model", args.model] if args.model else [])
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -75,3 +75,24 @@ class Server:
         import openai
 
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", timeout=600, max_retries=0)
+
+
+def timed_turn(client, messages: list[dict], reply_tokens: int) -> dict:
+    """One streamed greedy chat turn (client: an openai.OpenAI, e.g. Server.client()): the reply,
+    time to first text, decode tokens/s, usage."""
+    start = time.perf_counter()
+    first = None
+    parts, usage = [], None
+    for chunk in client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=reply_tokens,
+                                                temperature=0, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        elif chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            parts.append(chunk.choices[0].delta.content)
+    end = time.perf_counter()
+    decoded = usage.completion_tokens - 1  # tokens after the first
+    return {"reply": "".join(parts), "ttft_s": (first or end) - start,
+            "tokens_per_s": decoded / (end - first) if first and decoded > 0 and end > first else None,
+            "prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.prompt_tokens_details.cached_tokens,
+            "completion_tokens": usage.completion_tokens}

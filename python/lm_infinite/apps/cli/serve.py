@@ -10,6 +10,10 @@ from .common import add_model_options, int_at_least, load, non_negative_int, pos
 
 _DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
+# Whether --pin-system-prompt is on by default: chosen by bench/pinned_system_prompt.py
+# (docs/serving.md, "A system prompt that is never forgotten").
+PIN_BY_DEFAULT = True
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -47,6 +51,13 @@ def register(subparsers) -> None:
     parser.add_argument("--max-state-mb", type=positive_int, default=4096,
                         help="disk the --state-dir files may take, in MiB; the least recently written "
                              "are removed first (default: %(default)s)")
+    parser.add_argument("--pin-system-prompt", action=argparse.BooleanOptionalAction, default=PIN_BY_DEFAULT,
+                        help="keep each chat's system message visible for the conversation's whole life, "
+                             "as global tokens (up to --max-pinned-tokens of it); --no-pin-system-prompt: "
+                             "only the first --n-global tokens of a conversation stay visible past the window")
+    parser.add_argument("--max-pinned-tokens", type=positive_int, default=1024,
+                        help="the most tokens of a system message pinned; each adds one key and value "
+                             "per layer to the conversation's cache (default: %(default)s)")
     parser.add_argument("--model-name", help="the model id clients use (default: the model's "
                                              "directory or file name)")
     add_model_options(parser)
@@ -60,6 +71,7 @@ def run(args) -> int:
         import uvicorn
 
         from ..server import Engine, create_app
+        from ..server.worker import plan_malloc
     except ImportError as error:
         # --no-build-isolation: without it pip would rebuild the extension in an isolated
         # environment that has no torch, and fail (a checkout: pip install --no-build-isolation -e '.[serve]').
@@ -68,13 +80,15 @@ def run(args) -> int:
         return 1
     from lm_infinite.hf import enable
 
+    plan_malloc()  # before any thread allocates: the model's load starts torch's threads
     model, tokenizer, _ = load(args)
     settings = settings_from(args)
     enable(model, n_global=settings.n_global, n_local=settings.n_local, distance_cap=settings.distance_cap)
     engine = Engine(model, tokenizer, chunk_size=args.chunk_size, max_conversations=args.max_conversations,
                     max_prompt_tokens=args.max_prompt_tokens, max_active=args.max_active,
                     max_queued=args.max_queued, state_dir=args.state_dir,
-                    max_state_bytes=args.max_state_mb * 2**20, batch_decode=args.batch_decode)
+                    max_state_bytes=args.max_state_mb * 2**20, batch_decode=args.batch_decode,
+                    max_pinned_tokens=args.max_pinned_tokens if args.pin_system_prompt else 0)
     name = args.model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else _DEFAULT_MODEL_NAME)
     uvicorn.run(create_app(engine, model_name=name, max_tokens_limit=args.max_tokens_limit,
                            max_request_bytes=args.max_request_mb * 2**20),

@@ -83,7 +83,7 @@ class ConversationStore:
     thread that runs the model, is its only user.
     """
 
-    def __init__(self, capacity: int, new_stream: Callable[[], LambdaStream],
+    def __init__(self, capacity: int, new_stream: Callable[..., LambdaStream],
                  saved: SavedConversations | None = None) -> None:
         if capacity < 0:
             raise ValueError(f"ConversationStore: capacity must be >= 0, got {capacity}")
@@ -94,12 +94,13 @@ class ConversationStore:
         return len(self._idle)
 
     def checkout(self, prompt: Sequence[int], max_live: int | None = None,
-                 in_flight: int = 0) -> tuple[Conversation, int]:
+                 in_flight: int = 0, pinned_tokens: int = 0) -> tuple[Conversation, int]:
         """The idle conversation holding the longest prefix of `prompt` (removed from the
         store) and that prefix's length; with a state directory, the longest of those and of
-        the saved ones; a fresh conversation and 0 if none does. A conversation that is not
-        taken from the idle ones adds one to those alive: with max_live, the least recently
-        used idle ones go first, so that idle plus in_flight plus the new one stay within it."""
+        the saved ones; a fresh conversation, pinning its first pinned_tokens tokens, and 0 if
+        none does. A conversation that is not taken from the idle ones adds one to those alive:
+        with max_live, the least recently used idle ones go first, so that idle plus in_flight
+        plus the new one stay within it."""
         saved = self.saved.keys() if self.saved is not None else {}
         for key in sorted(self._prefix_keys(prompt, saved) & (self._idle.keys() | saved), reverse=True):
             if key in self._idle:
@@ -111,7 +112,7 @@ class ConversationStore:
                 conversation.saved_key = key
                 return conversation, key.length
         self._make_room(max_live, in_flight)
-        return Conversation(self._new_stream()), 0
+        return Conversation(self._new_stream(pinned_tokens=pinned_tokens)), 0
 
     def _make_room(self, max_live: int | None, in_flight: int) -> None:
         while max_live is not None and self._idle and len(self._idle) + in_flight + 1 > max_live:

@@ -25,15 +25,17 @@ import torch
 from jinja2 import TemplateError
 
 from lm_infinite.decode_step import choose_tokens, draw_noise, positive_float32
+from lm_infinite.hf import state_of
 from lm_infinite.streaming import LambdaStream, decode_rows
 
 from .conversations import Conversation, ConversationStore
 from .saved import SavedConversations
 from .errors import APIError
+from .pinning import system_prefix_length
 from .schemas import Usage
 from .text import CompletionText
 
-__all__ = ["ClientGone", "Engine", "Failed", "Finished", "Job", "Sampling", "Started", "TextDelta"]
+__all__ = ["ClientGone", "Engine", "Failed", "Finished", "Job", "Sampling", "Started", "TextDelta", "plan_malloc"]
 
 log = logging.getLogger("lm_infinite.server")
 
@@ -106,7 +108,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, chunk_size: int, max_conversations: int,
                  max_prompt_tokens: int | None = None, max_active: int = 8, max_queued: int = 64,
-                 state_dir=None, max_state_bytes: int = 4 * 2**30, batch_decode: bool | None = None) -> None:
+                 state_dir=None, max_state_bytes: int = 4 * 2**30, batch_decode: bool | None = None,
+                 max_pinned_tokens: int = 0) -> None:
         if max_active < 1 or max_queued < 0:
             raise ValueError(f"Engine: max_active must be >= 1 and max_queued >= 0, got {max_active}, {max_queued}")
         self.tokenizer, self.chunk_size, self.max_prompt_tokens = tokenizer, chunk_size, max_prompt_tokens
@@ -115,12 +118,15 @@ class Engine:
         # at most max_live_conversations. Requests beyond max_active wait, up to max_queued of
         # them, and further ones are refused.
         self.max_active, self.max_queued = max_active, max_queued
-        _map_large_blocks_apart()
+        plan_malloc()  # lminf serve calls it before loading the model, when it takes full effect
         # Decode steps of all generating requests as one forward (continuous batching). None:
         # on the CPU; off on a GPU, where each request's own step replays a CUDA graph (not yet
         # measured against one batched eager step).
         self.batch_decode = self._device.type == "cpu" if batch_decode is None else batch_decode
         self.queued_requests = 0  # submitted, not yet started by the worker
+        # A new chat conversation pins (LambdaStream pinned_tokens) the tokens of its system
+        # message, up to this many, so that it stays visible however long the chat; 0: off.
+        self.max_pinned_tokens = max_pinned_tokens
         # With a state directory every conversation is also written to disk after each request
         # (and found there again after a restart), in at most max_state_bytes.
         saved = None if state_dir is None else SavedConversations(
@@ -130,7 +136,12 @@ class Engine:
         self.stop_token_ids = _end_of_turn_ids(model, tokenizer)
         self.active_requests = 0
         self.cancelled_requests = 0  # stopped early because their client went away
-        self.conversation_bytes: int | None = None  # one conversation's cache, once known
+        # The most one conversation's cache holds (its rings, fixed; a pinned system prompt
+        # adds slots), known once a conversation has run: every ring slot costs the same bytes.
+        self.conversation_bytes: int | None = None
+        state = state_of(model)
+        self._widest_slots = sum(rule.n_local + (rule.n_global if rule.sliding else max(rule.n_global, max_pinned_tokens))
+                                 for rule in state.layers)
         self._incoming: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -228,7 +239,11 @@ class Engine:
         except APIError as error:
             job.emit(Failed(error))
             return
-        conversation, cached = self.store.checkout(prompt, self.max_live_conversations, self.active_requests)
+        pinned = 0
+        if isinstance(job.prompt, list):
+            pinned = system_prefix_length(self.tokenizer, job.prompt, prompt, self.max_pinned_tokens)
+        conversation, cached = self.store.checkout(prompt, self.max_live_conversations, self.active_requests,
+                                                   pinned_tokens=pinned)
         self.active_requests += 1
         finished = None
         try:
@@ -244,11 +259,18 @@ class Engine:
             finished = yield from generate(job, conversation, Usage(len(prompt), cached))
         finally:
             self.active_requests -= 1
-            self.conversation_bytes = conversation.stream.cache.nbytes() or self.conversation_bytes
+            self._note_cache_size(conversation.stream.cache)
             self.store.checkin(conversation)
         # After the checkin: once a client has its answer, a saved conversation holds it.
         if finished is not None:
             job.emit(finished)
+
+    def _note_cache_size(self, cache) -> None:
+        if self.conversation_bytes is None:
+            rings = [layer.ring for layer in cache.layers if layer.ring is not None]
+            slots = sum(ring.n_global + ring.n_local for ring in rings)
+            if slots:
+                self.conversation_bytes = cache.nbytes() * self._widest_slots // slots
 
     def _generate(self, job: Job, conversation: Conversation, usage: Usage):
         """Steps of the job's generation: each yields a _Decode (the token to feed), which the
@@ -376,20 +398,28 @@ class _Decode:
     stream: LambdaStream
     token: int
 
-def _map_large_blocks_apart() -> None:
-    """Make glibc map every allocation of 1 MiB or more on its own (each layer's ring is one),
-    so that a dropped conversation's memory goes back to the system at once. Left to its
-    dynamic threshold (up to 32 MiB), glibc keeps freed ring-sized blocks in its heaps, and a
-    server that evicts and creates conversations holds its high-water mark: RSS after 50
-    concurrent requests was 1.44x that after the first 8 conversations, with the same 8 alive
-    (bench/server_memory.py; 1.00x with this). Elsewhere than glibc, nothing to do."""
+def plan_malloc() -> None:
+    """Make glibc's malloc give memory back: map every allocation of 1 MiB or more on its own
+    (each layer's ring is one), so that a dropped conversation's memory goes back to the system
+    at once, and keep two heaps (arenas), not one per thread that ever allocated.
+    Left to its dynamic threshold (up to 32 MiB), glibc keeps freed ring-sized blocks in its
+    heaps, and a server that evicts and creates conversations holds its high-water mark: RSS
+    after 50 concurrent requests was 1.44x that after the first 8 conversations, with the same
+    8 alive (bench/server_memory.py; 1.00x with this). With an arena per thread, the small
+    objects of requests allocated on one thread and freed on another left RSS after 50
+    concurrent requests anywhere from 1.04x to 1.13x (tests/test_server_memory.py, tiny model);
+    two arenas: 1.04x to 1.08x, with no growth over rounds. The arena bound binds only heaps
+    made after it, so a process calls this first thing (lminf serve: before loading the
+    model). Elsewhere than glibc, nothing to do."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(_M_ARENA_MAX, 2)
     except (OSError, AttributeError):
         pass
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's malloc.h
 
 
 def _end_of_turn_ids(model, tokenizer) -> frozenset[int]:
