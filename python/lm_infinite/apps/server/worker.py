@@ -1,10 +1,11 @@
 """The generation worker: one thread runs every model call, requests interleave token by token.
 
 There is one model, so its compute is serialised; a scheduler over the requests in progress
-gives each, in turn, one step (a piece of its prompt or one generated token), so that many
-clients progress together and a long prompt does not stall the others for long. With
-batch_decode (continuous batching), the generated tokens of one round are one forward for all
-generating requests (streaming.decode_rows), each reading its own conversation's cache. The worker
+runs rounds: in each, every request advances by one step (its start, one generated token or
+one chunk of its prompt), the long prompts' chunks last, so that a short chat's first token
+never waits for a long prompt to be read, only for the chunk in progress. With batch_decode (continuous
+batching), the generated tokens of one round are one forward for all generating requests
+(streaming.decode_rows), each reading its own conversation's cache. The worker
 thread is the only user of the model, the tokenizer and the conversation store: they need
 no lock. Requests talk to it through a Job: events come back on the job's asyncio queue.
 """
@@ -195,20 +196,28 @@ class Engine:
                 job = waiting.popleft()
                 self.queued_requests -= 1
                 active.append(_Slot(job, self._steps(job)))
-            # A round: one step of each job in turn, as before continuous batching (so that all
-            # progress together): its own step for a job not waiting on a decode step (a prompt
-            # chunk, or the start of its generation) ...
-            for slot in [slot for slot in active if slot.pending is None]:
+            # A round: every job advances by one step. First the short ones: a job's start, the
+            # start of its generation, a token of its own decode step, and the last chunk of a
+            # prompt (after which its generation starts) ...
+            for slot in [slot for slot in active if slot.pending is None
+                         and (slot.prompt_left is None or slot.prompt_left <= self.chunk_size)]:
                 self._advance(active, slot)
-            # ... and one decode step of every generating job, batched into one forward.
+            # ... then one decode step of every generating job, batched into one forward ...
             decoding = [slot for slot in active if slot.pending is not None]
             if decoding:
                 self._decode(active, decoding)
+            # ... and last one chunk of each longer prompt: a short chat's first token never
+            # waits for a long prompt's chunk of this round, only for the one in progress.
+            for slot in [slot for slot in active if slot.pending is None and slot.prompt_left is not None
+                         and slot.prompt_left > self.chunk_size]:
+                self._advance(active, slot)
 
     def _advance(self, active: deque[_Slot], slot: _Slot) -> None:
         """Run the slot's job to its next step; drop the slot when the job is done or failed."""
         try:
-            slot.pending = next(slot.steps)
+            step = next(slot.steps)
+            slot.pending = step if isinstance(step, _Decode) else None
+            slot.prompt_left = step.tokens if isinstance(step, _PromptLeft) else None
         except StopIteration:
             active.remove(slot)
         except Exception:  # a bug or a device failure: this request fails, the server lives
@@ -231,9 +240,10 @@ class Engine:
         for slot in decoding:
             self._advance(active, slot)
 
-    def _steps(self, job: Job) -> Iterator[_Decode | None]:
+    def _steps(self, job: Job) -> Iterator[_Decode | _PromptLeft | None]:
         """The job's work, one step per `yield` (a _Decode: a token for the engine's batched
-        decode step; None: a step done here); every event it sends, in order."""
+        decode step; a _PromptLeft: its next step reads a prompt chunk, so many tokens are
+        left; None: a step done here); every event it sends, in order."""
         try:
             prompt = self._prompt_ids(job.prompt)
         except APIError as error:
@@ -250,11 +260,11 @@ class Engine:
             job.emit(Started(len(prompt), cached))
             new = prompt[cached:]
             for start in range(0, len(new), self.chunk_size):
+                yield _PromptLeft(len(new) - start)
                 if job.cancelled:
                     self.cancelled_requests += 1
                     return
                 conversation.feed(new[start:start + self.chunk_size])
-                yield
             generate = self._generate if self.batch_decode else self._generate_alone
             finished = yield from generate(job, conversation, Usage(len(prompt), cached))
         finally:
@@ -384,12 +394,19 @@ class Engine:
 
 
 class _Slot:
-    """A job in progress: its steps, and the _Decode it waits on (None: its next step is its
-    own). Compared by identity."""
-    __slots__ = ("job", "steps", "pending")
+    """A job in progress: its steps, the _Decode it waits on (None: its next step is its own)
+    and the prompt tokens its next step starts reading (None: its next step reads none).
+    Compared by identity."""
+    __slots__ = ("job", "steps", "pending", "prompt_left")
 
     def __init__(self, job: Job, steps: Iterator) -> None:
-        self.job, self.steps, self.pending = job, steps, None
+        self.job, self.steps, self.pending, self.prompt_left = job, steps, None, None
+
+
+@dataclass(frozen=True)
+class _PromptLeft:
+    """A job's next step reads a chunk of its prompt, of which `tokens` are left."""
+    tokens: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -397,6 +414,7 @@ class _Decode:
     """A generating job's request to the engine: feed `token` to `stream`."""
     stream: LambdaStream
     token: int
+
 
 def plan_malloc() -> None:
     """Make glibc's malloc give memory back: map every allocation of 1 MiB or more on its own
