@@ -4,7 +4,7 @@ A model's worth of weight matrices (SmolLM2-135M's by default: 30 layers of q, k
 up and down projections, then the tied head), more than the caches hold, multiplied by a few
 rows of activations, as one decode step of a batch does. Same weights, same inputs, same
 threads, interleaved; median of --repeats passes. Reports the weight bytes read per second and
-the ratio; the rows where the kernel stops winning set decode_linears.MAX_ROWS.
+the ratio; the rows where the kernel stops winning set decode_linears.MAX_ROWS (per dtype).
 
     python bench/decode_linear_cpu.py --threads 2
     python bench/decode_linear_cpu.py --dtype float32 --rows 1,4,8,16

@@ -100,14 +100,16 @@ class OwnLinear(nn.Linear):
 
 
 @torch.no_grad()
-def test_routes_few_rows_through_the_kernel_and_the_rest_to_pytorch():
-    model = Model()
-    few, many = torch.randn(MAX_ROWS, 16), torch.randn(MAX_ROWS + 1, 16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routes_few_rows_through_the_kernel_and_the_rest_to_pytorch(dtype):
+    model = Model().to(dtype)
+    few, many = torch.randn(MAX_ROWS[dtype], 16, dtype=dtype), torch.randn(MAX_ROWS[dtype] + 1, 16, dtype=dtype)
     with DecodeLinears([model]):
         routed_few, routed_many = model.up(few), model.up(many)
     assert torch.equal(routed_few, ops.decode_linear(few, model.up.weight, model.up.bias))
     assert torch.equal(routed_many, F.linear(many, model.up.weight, model.up.bias))
-    torch.testing.assert_close(routed_few, F.linear(few, model.up.weight, model.up.bias), rtol=1e-5, atol=1e-5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(routed_few, F.linear(few, model.up.weight, model.up.bias), rtol=tolerance, atol=tolerance)
 
 
 def test_a_forward_with_gradients_keeps_pytorch():

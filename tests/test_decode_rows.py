@@ -36,7 +36,7 @@ def test_one_row_is_bit_identical_to_the_streams_own_decode_step():
 
 def test_rows_of_different_streams_each_continue_their_own():
     model = lminf_hf.enable(build("llama"), n_global=2, n_local=16)
-    lengths = [5, 40, 73, 17, 30, 9]  # more rows than the CPU decode kernel takes (MAX_ROWS)
+    lengths = [5, 40, 73, 17, 30, 9, 22, 61, 12, 48]  # more rows than the CPU decode kernel takes (MAX_ROWS)
     alone, batched = _streams(model, lengths), None
     batched = [stream.fork() for stream in alone]
     expected = [list(stream.generate(10)) for stream in alone]

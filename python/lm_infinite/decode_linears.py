@@ -5,7 +5,7 @@ model, so its time is the time to read the weights. PyTorch's CPU linear runs th
 one thread at a fraction of the memory bandwidth; lminf::decode_linear streams the weights on
 every thread (bench/decode_linear_cpu.py measures both). `DecodeLinears(modules)` routes the
 nn.Linear layers under `modules` through it while the context is active, for inputs of at
-most MAX_ROWS rows; anything else (a prompt's chunk, another device, mixed dtypes, a forward
+most MAX_ROWS[dtype] rows; anything else (a prompt's chunk, another device, mixed dtypes, a forward
 with gradients) still goes to F.linear. StaticDecodeStep uses it on the CPU.
 """
 
@@ -24,11 +24,12 @@ from . import ops  # noqa: F401  (registers torch.ops.lminf)
 
 __all__ = ["DecodeLinears", "MAX_ROWS", "decode_linears_if"]
 
-# Rows up to which the kernel beats F.linear (bench/decode_linear_cpu.py, 2 cores, SmolLM2's
-# weights: bf16 2.12x at 1 row, 1.31x at 4, 0.76x at 8; float32 1.58x, 1.95x, 1.15x). Each row
-# costs a load of x per multiply-add here, which a GEMM library's register tiles avoid.
-MAX_ROWS = 4
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Rows up to which the kernel beats F.linear, per dtype (bench/decode_linear_cpu.py, 2 cores,
+# SmolLM2's weights: bf16 2.12x at 1 row, 1.31x at 4, 0.76x at 8; float32 1.58x, 1.95x, 1.15x,
+# and the server's batched step of 8 conversations 127 -> 73 ms). Each row costs a load of x per
+# multiply-add here, which a GEMM library's register tiles avoid.
+MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4, torch.float16: 4}
+_DTYPES = tuple(MAX_ROWS)
 
 
 # id(linear) -> how many active contexts route it: contexts may nest (a stream and its step)
@@ -38,7 +39,7 @@ _routed: dict[int, int] = {}
 
 class DecodeLinears:
     """Context manager: inside it, the plain nn.Linear layers of `modules` whose weights are on
-    the CPU compute inputs of at most MAX_ROWS rows with lminf::decode_linear. Their `forward`
+    the CPU compute inputs of at most MAX_ROWS[dtype] rows with lminf::decode_linear. Their `forward`
     is set on the instance on entry and removed when the last context routing it exits, so
     nothing outlives the contexts, and torch.compile traces (and guards on) whichever forward
     is in place."""
@@ -109,7 +110,7 @@ def _forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, bias = linear.weight, linear.bias
     # The kernel has no backward: a forward that may be differentiated stays PyTorch's.
     differentiable = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
-    if (x.device.type == "cpu" and x.dtype == weight.dtype and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+    if (x.device.type == "cpu" and x.dtype == weight.dtype and 0 < x.numel() <= MAX_ROWS[x.dtype] * x.shape[-1]
             and not differentiable):
         # The op itself: the wrapper's argument checks are settled here, once per layer call.
         return torch.ops.lminf.decode_linear(x, weight, bias)
