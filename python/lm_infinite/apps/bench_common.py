@@ -92,7 +92,7 @@ def timed_turn(client, messages: list[dict], reply_tokens: int) -> dict:
             parts.append(chunk.choices[0].delta.content)
     end = time.perf_counter()
     decoded = usage.completion_tokens - 1  # tokens after the first
-    return {"reply": "".join(parts), "ttft_s": (first or end) - start,
+    return {"reply": "".join(parts), "ttft_s": (first or end) - start, "first_text_at": first, "end_at": end,
             "tokens_per_s": decoded / (end - first) if first and decoded > 0 and end > first else None,
             "prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.prompt_tokens_details.cached_tokens,
             "completion_tokens": usage.completion_tokens}

@@ -260,7 +260,8 @@ class Engine:
             job.emit(Started(len(prompt), cached))
             new = prompt[cached:]
             for start in range(0, len(new), self.chunk_size):
-                yield _PromptLeft(len(new) - start)
+                if start or len(new) > self.chunk_size:  # a prompt of one chunk is read at the start
+                    yield _PromptLeft(len(new) - start)
                 if job.cancelled:
                     self.cancelled_requests += 1
                     return
