@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from lm_infinite.apps.bench_common import Server, timed_turn, user_messages
+from lm_infinite.apps.bench_common import Server, concurrently, timed_turn, user_messages
 from lm_infinite.apps.eval.report import atomic_write, write_json
 
 SERVER_CHUNK = 512  # lminf serve's --chunk-size default
@@ -39,26 +39,12 @@ def chats(n: int) -> list[list[dict]]:
 
 def concurrent(server: Server, conversations: list[list[dict]], reply_tokens: int) -> dict:
     """All conversations at once, one client (thread) each: replies, tokens, wall time."""
-    results, errors = [None] * len(conversations), []
-    barrier = threading.Barrier(len(conversations))
+    results = [None] * len(conversations)
 
-    def ask(i: int) -> None:
-        try:
-            client = server.client()
-            barrier.wait()
-            results[i] = timed_turn(client, conversations[i], reply_tokens)
-        except Exception as error:  # reported in the main thread
-            errors.append(error)
+    def ask(client, i: int) -> None:
+        results[i] = timed_turn(client, conversations[i], reply_tokens)
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(conversations))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    wall = time.perf_counter() - start
+    wall = concurrently(server, len(conversations), ask)
     tokens = sum(r["completion_tokens"] for r in results)
     # Decoding: the tokens after each reply's first, from the first reply's first token to the
     # last reply's end (the prompts' reading left out, as far as it does not overlap).

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
-import time
 
-from lm_infinite.apps.bench_common import MODEL_NAME, Server, rss_mib, user_messages
+from lm_infinite.apps.bench_common import MODEL_NAME, Server, concurrently, rss_mib, user_messages
 from lm_infinite.apps.eval.report import write_json
 
 
@@ -25,27 +23,6 @@ def conversation(client, turns: int, messages_text: list[str], reply_tokens: int
         answer = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=reply_tokens,
                                                 temperature=0)
         messages.append({"role": "assistant", "content": answer.choices[0].message.content})
-
-
-def concurrently(server, count: int, work) -> float:
-    """Run work(client, i) on `count` threads at once; the seconds it took. Errors are raised."""
-    errors = []
-
-    def run(i):
-        try:
-            work(server.client(), i)
-        except Exception as error:  # raised below, in the main thread
-            errors.append(error)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return time.perf_counter() - start
 
 
 def main() -> int:

@@ -9,11 +9,12 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from .cli.common import DTYPES
 
-__all__ = ["DTYPES", "MODEL_NAME", "Server", "rss_mib", "timed_turn", "user_messages"]
+__all__ = ["DTYPES", "MODEL_NAME", "Server", "concurrently", "rss_mib", "timed_turn", "user_messages"]
 
 MODEL_NAME = "bench-model"
 
@@ -96,3 +97,25 @@ def timed_turn(client, messages: list[dict], reply_tokens: int) -> dict:
             "tokens_per_s": decoded / (end - first) if first and decoded > 0 and end > first else None,
             "prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.prompt_tokens_details.cached_tokens,
             "completion_tokens": usage.completion_tokens}
+
+
+def concurrently(server, count: int, work) -> float:
+    """Run work(client, i) on `count` threads at once, each with its own client of `server`; the
+    seconds it took. The first error of any thread is raised."""
+    errors = []
+
+    def run(i):
+        try:
+            work(server.client(), i)
+        except Exception as error:  # raised below, in the main thread
+            errors.append(error)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - start
