@@ -1,6 +1,5 @@
 """LambdaCache: chunk independence, bounded memory, generate(), and both cache keywords."""
 
-import copy
 import inspect
 
 import pytest
