@@ -1,5 +1,7 @@
 """lminf serve --pin-system-prompt: a new chat conversation pins its system message's tokens."""
 
+import copy
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -60,3 +62,12 @@ def test_a_new_chat_conversation_pins_its_system_message(model_and_tokenizer, li
     layers = model.config.num_hidden_layers
     kv_bytes_per_slot = 2 * model.config.num_key_value_heads * model.config.head_dim * 4 + 8
     assert health["conversation_bytes"] == layers * (max(N_GLOBAL, limit) + N_LOCAL) * kv_bytes_per_slot
+
+
+def test_a_template_that_will_not_render_a_lone_system_message_pins_nothing(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    strict = copy.copy(tokenizer)
+    strict.chat_template = ("{% if messages|length < 2 %}{{ raise_exception('a user turn is needed') }}{% endif %}"
+                            + tokenizer.chat_template)
+    messages = [SYSTEM, {"role": "user", "content": "Where is the light?"}]
+    assert system_prefix_length(strict, messages, _ids(strict, messages), limit=1024) == 0
