@@ -127,3 +127,14 @@ def reference_logits(enabled_model, input_ids):
             return model(input_ids, use_cache=False).logits
     finally:
         model.set_attn_implementation("lm_infinite")
+
+
+def left_padded_ids(prompts, pad_id: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D token prompts as one left-padded [batch, width] block and its 0/1 attention mask."""
+    width = max(p.numel() for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - p.numel():] = p
+        mask[b, width - p.numel():] = 1
+    return ids, mask

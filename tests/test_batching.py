@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 import lm_infinite.hf as lminf_hf
 from lm_infinite.hf import LambdaSettings, TopK
-from hf_tiny_models import VOCAB, build
+from hf_tiny_models import VOCAB, build, left_padded_ids
 from lm_infinite.cache import RingKVCache
 from lm_infinite import streaming
 from lm_infinite.streaming import LambdaStream
@@ -42,16 +42,6 @@ def _prompts(lengths=LENGTHS, seed=5):
     return [torch.randint(3, VOCAB, (n,), generator=generator) for n in lengths]
 
 
-def _left_padded(prompts, pad_id=1):
-    width = max(p.numel() for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, width - p.numel():] = p
-        mask[b, width - p.numel():] = 1
-    return ids, mask
-
-
 def _cache_kwargs(model, cache):
     return {lminf_hf.cache_argument_name(model.model): cache}
 
@@ -61,7 +51,7 @@ def _cache_kwargs(model, cache):
 @pytest.mark.parametrize("use_cache", [False, True], ids=["no-cache", "lambda-cache"])
 def test_hf_forward_left_padded_rows_equal_each_sequence_alone(model, use_cache):
     prompts = _prompts()
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded_ids(prompts)
     with torch.no_grad():
         batched = model(ids, attention_mask=mask, use_cache=use_cache).logits
         for b, prompt in enumerate(prompts):
@@ -72,9 +62,9 @@ def test_hf_forward_left_padded_rows_equal_each_sequence_alone(model, use_cache)
 def test_pad_token_ids_do_not_matter(model):
     prompts = _prompts()
     with torch.no_grad():
-        a = model(*_left_padded(prompts, pad_id=1)).logits
-        b = model(*_left_padded(prompts, pad_id=VOCAB - 1)).logits
-    real = _left_padded(prompts)[1].bool()
+        a = model(*left_padded_ids(prompts, pad_id=1)).logits
+        b = model(*left_padded_ids(prompts, pad_id=VOCAB - 1)).logits
+    real = left_padded_ids(prompts)[1].bool()
     torch.testing.assert_close(a[real], b[real], atol=0, rtol=0)
 
 
@@ -84,7 +74,7 @@ def test_hf_forward_fed_in_chunks_with_the_growing_mask_equals_alone(model, chun
     column so far (as generate() does): the real rows' logits are each sequence's alone, fed
     in the same pieces (top-k serves the last row of each forward, padding rows counted)."""
     prompts = _prompts()
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded_ids(prompts)
     width = ids.shape[1]
     cache = lminf_hf.LambdaCache(model)
     pieces = []
@@ -111,7 +101,7 @@ def test_hf_forward_fed_in_chunks_with_the_growing_mask_equals_alone(model, chun
 @pytest.mark.parametrize("cache_kind", ["lambda", "dynamic", "default"])
 def test_hf_generate_left_padded_gives_each_sequence_its_greedy_tokens_alone(model, cache_kind):
     prompts = _prompts()
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded_ids(prompts)
     new = 2 * N_LOCAL
 
     def cache():
@@ -166,7 +156,7 @@ def test_stream_prefill_by_sequence_and_padded_prefill_agree(plain_model, monkey
 def test_stream_fed_a_padded_block_with_its_mask_equals_the_list(plain_model):
     prompts = _prompts()
     from_list = LambdaStream(plain_model, chunk_size=4).feed(prompts)
-    from_block = LambdaStream(plain_model, chunk_size=4).feed(*_left_padded(prompts))
+    from_block = LambdaStream(plain_model, chunk_size=4).feed(*left_padded_ids(prompts))
     torch.testing.assert_close(from_block, from_list, atol=0, rtol=0)
 
 
@@ -262,7 +252,7 @@ def test_ring_with_padding_rows_holds_what_separate_rings_hold():
 # --- what is refused -------------------------------------------------------------------------
 
 def test_masks_other_than_left_padding_are_refused_naming_what_is_supported(plain_model):
-    ids, mask = _left_padded(_prompts())
+    ids, mask = left_padded_ids(_prompts())
     hole = mask.clone()
     hole[1, 5] = 0
     right = torch.ones_like(mask)
@@ -278,7 +268,7 @@ def test_masks_other_than_left_padding_are_refused_naming_what_is_supported(plai
 
 
 def test_right_padding_in_a_cached_step_is_refused(plain_model):
-    ids, mask = _left_padded(_prompts())
+    ids, mask = left_padded_ids(_prompts())
     cache = lminf_hf.LambdaCache(plain_model)
     with torch.no_grad():
         plain_model(ids, attention_mask=mask, **_cache_kwargs(plain_model, cache))
@@ -296,7 +286,7 @@ def test_stream_refuses_empty_sequences_and_a_mask_with_a_list(plain_model):
         stream.feed([[4, 5], []])
     with pytest.raises(ValueError, match="attention_mask goes with a padded input_ids tensor"):
         stream.feed([[4, 5]], attention_mask=torch.ones(1, 2))
-    ids, mask = _left_padded(_prompts())
+    ids, mask = left_padded_ids(_prompts())
     mask[2] = 0
     with pytest.raises(ValueError, match="row 2 is all padding"):
         stream.feed(ids, attention_mask=mask)

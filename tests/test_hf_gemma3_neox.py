@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import lm_infinite.hf as lminf_hf
-from hf_tiny_models import GEMMA3_SLIDING_WINDOW, TRAINING_LENGTH, VOCAB, build, reference_logits
+from hf_tiny_models import GEMMA3_SLIDING_WINDOW, TRAINING_LENGTH, VOCAB, build, left_padded_ids, reference_logits
 from lm_infinite.streaming import LambdaStream, decode_rows
 
 FAMILIES = ["gemma3", "gpt-neox", "gpt-neox-full-rotary"]
@@ -163,19 +163,10 @@ def _prompts():
     return [torch.randint(3, VOCAB, (n,), generator=generator) for n in LENGTHS]
 
 
-def _left_padded(prompts, pad_id=1):
-    width = max(p.numel() for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, width - p.numel():], mask[b, width - p.numel():] = p, 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("use_cache", [False, True], ids=["no-cache", "lambda-cache"])
 def test_left_padded_batch_rows_equal_each_sequence_alone(model, use_cache):
     prompts = _prompts()
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded_ids(prompts)
     with torch.no_grad():
         batched = model(ids, attention_mask=mask, use_cache=use_cache).logits
         for b, prompt in enumerate(prompts):
@@ -185,7 +176,7 @@ def test_left_padded_batch_rows_equal_each_sequence_alone(model, use_cache):
 
 def test_left_padded_generate_gives_each_sequence_its_tokens_alone(model):
     prompts = _prompts()
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded_ids(prompts)
     options = dict(max_new_tokens=N_LOCAL, min_new_tokens=N_LOCAL, do_sample=False, pad_token_id=1)
     with torch.no_grad():
         batched = model.generate(ids, attention_mask=mask, **options)
