@@ -152,10 +152,17 @@ class Kernel:
 # Compilation and parsing.
 
 def find_tool(name: str) -> str:
-    """$NVCC / $NVDISASM, PATH, the CUDA toolkit, else the copy in triton's wheel (the toolkit
-    on the development machine ships no nvdisasm)."""
+    """$NVCC / $NVDISASM, PATH, the CUDA toolkit, else the copy in NVIDIA's nvdisasm wheel or
+    triton's (the toolkit on the development machine ships no nvdisasm)."""
     candidates = [os.environ.get(name.upper()), shutil.which(name), f"/usr/local/cuda/bin/{name}",
                   f"/work/.venv-sass/lib/python3.11/site-packages/triton/backends/nvidia/bin/{name}"]
+    try:  # pip install nvidia-cuda-nvdisasm: site-packages/nvidia/cu13/bin (cu12: cuda_nvdisasm/bin)
+        import nvidia
+
+        for root in nvidia.__path__:
+            candidates += [str(p) for p in pathlib.Path(root).glob(f"*/bin/{name}")]
+    except ImportError:
+        pass
     try:
         import triton
 
@@ -165,7 +172,8 @@ def find_tool(name: str) -> str:
     for c in candidates:
         if c and os.access(c, os.X_OK):
             return c
-    sys.exit(f"sass_check: {name} not found (CUDA toolkit, or `pip install triton`)")
+    sys.exit(f"sass_check: {name} not found (CUDA toolkit, `pip install nvidia-cuda-nvdisasm`, "
+             f"or set ${name.upper()})")
 
 
 @functools.cache
