@@ -29,7 +29,8 @@ def assert_close_to_reference(out, x, weight, bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,in_features,out_features", [
-    ((1,), 576, 1536), ((3,), 577, 7), ((2, 3), 15, 9), ((9,), 48, 64), ((1, 1, 5), 100, 33)])
+    ((1,), 576, 1536), ((3,), 577, 7), ((2, 3), 15, 9), ((9,), 48, 64), ((1, 1, 5), 100, 33),
+    ((17,), 200, 40)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_float64(dtype, shape, in_features, out_features, with_bias):
     generator = torch.Generator().manual_seed(in_features + out_features)
@@ -37,6 +38,20 @@ def test_matches_float64(dtype, shape, in_features, out_features, with_bias):
     weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
     bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
     assert_close_to_reference(ops.decode_linear(x, weight, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gets_the_same_bits_whatever_rows_share_the_call(dtype):
+    # A batched decode step must give each sequence what it gets alone: every pass of rows
+    # sums a row in one order (a change of rows per pass, or of partial sums by row count, fails).
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(17, 587, generator=generator).to(dtype)
+    weight = torch.randn(301, 587, generator=generator).to(dtype)
+    bias = torch.randn(301, generator=generator).to(dtype)
+    together = ops.decode_linear(x, weight, bias)
+    for rows in (1, 2, 3, 5, 8):
+        for start in range(0, 17 - rows + 1, 4):
+            assert torch.equal(ops.decode_linear(x[start:start + rows], weight, bias), together[start:start + rows])
 
 
 def test_strided_inputs():

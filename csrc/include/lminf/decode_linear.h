@@ -26,7 +26,7 @@ struct DecodeLinearParams {
   const void* bias = nullptr;   // [out_features] contiguous, or null for none
   RowsView<void> out;           // [rows, out_features], written in dtype (float32 rounded once)
 
-  int64_t rows = 0;  // >= 0; up to four share each read of the weights
+  int64_t rows = 0;  // >= 0; up to 4 (AVX2; 8 with 32 vector registers) share each read of W
   int64_t in_features = 0;
   int64_t out_features = 0;
 };
@@ -34,8 +34,10 @@ struct DecodeLinearParams {
 // Checks sizes, strides and pointers; the message names the first offending field.
 LMINF_API Status validate(const DecodeLinearParams& params);
 
-// n_threads <= 0 uses the OpenMP default. Any number of rows is computed correctly; past four
-// or so a GEMM library is faster (each row costs a load of x per multiply-add here).
+// n_threads <= 0 uses the OpenMP default. Any number of rows is computed correctly, and each
+// row's result is the same whatever the other rows (the order of its sum is fixed). Past a
+// few rows a GEMM library with a native kernel for the dtype is faster (each row costs a load
+// of x per multiply-add here).
 LMINF_API Status decode_linear_cpu(const DecodeLinearParams& params, int n_threads = 0);
 
 }  // namespace lminf
