@@ -25,9 +25,11 @@ from . import ops  # noqa: F401  (registers torch.ops.lminf)
 __all__ = ["DecodeLinears", "MAX_ROWS", "decode_linears_if"]
 
 # Rows up to which the kernel beats F.linear, per dtype (bench/decode_linear_cpu.py, 2 cores,
-# SmolLM2's weights: bf16 2.12x at 1 row, 1.31x at 4, 0.76x at 8; float32 1.58x, 1.95x, 1.15x,
-# and the server's batched step of 8 conversations 127 -> 73 ms). Each row costs a load of x per
-# multiply-add here, which a GEMM library's register tiles avoid.
+# SmolLM2's weights: bf16 2.12x at 1 row, 1.31x at 4, 0.76x at 8, F.linear taking 31 ms for 8
+# rows; float32 1.58x, 1.95x, 1.15x, and the server's batched step of 8 conversations 127 -> 73
+# ms). Each row costs a load of x per multiply-add here, which a GEMM library's register tiles
+# avoid. CPUs differ: on an AVX2-only EPYC, F.linear in bf16 took 145-153 ms for 8 rows against
+# the kernel's 57 (4 rows a pass over W); a choice by the CPU would route more rows there.
 MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4, torch.float16: 4}
 _DTYPES = tuple(MAX_ROWS)
 
