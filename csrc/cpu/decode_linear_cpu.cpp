@@ -69,7 +69,7 @@ void dot_row(const float* x, int64_t xs, const T* w, int64_t k, float* sums) {
   }
   if (c < k) {
     float tail[kStep] = {};
-    for (int64_t j = c; j < k; ++j) tail[j - c] = to_float(w[j]);
+    row_to_float(w + c, tail, k - c);
     for (int u = 0; u < kChains; ++u) wv[u] = vload(tail + u * kVecWidth);
     accumulate_step<kRows>(acc, x + c, xs, wv);
   }
